@@ -1,0 +1,250 @@
+"""Megatron-core GPT models built from layer specs Tandem owns.
+
+Variation is a spec, not a flag inside a layer (STYLE habit 7):
+- `local`: megatron's own local spec, but with Tandem's SP-capable RMSNorm (megatron's
+  WrappedTorchNorm refuses sequence parallelism); the baseline.
+- `sdpa`: the same with core attention through torch's fused
+  `scaled_dot_product_attention` (flash kernels on GPU); the default without TE.
+- `te`: megatron's transformer-engine spec, when transformer_engine imports.
+
+Sequences reach these models right-padded (real tokens from position 0, see
+`trainer.sequences`), so plain causal attention is exact and no mask is needed; RoPE in megatron
+uses positions 0..s-1 whatever position_ids say.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from tandem_core import cpu_compat
+from tandem_core.config import ParallelConfig
+
+VOCAB_PAD_MULTIPLE = 128
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """An architecture-neutral description of a decoder-only transformer (from an HF config)."""
+
+    arch: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    vocab_size: int
+    kv_channels: int
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Vocab rounded up so every TP rank holds an equal slice (megatron's convention)."""
+        multiple = VOCAB_PAD_MULTIPLE * tp
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+
+# ---- layers Tandem adds -----------------------------------------------------------------------
+class RMSNorm(torch.nn.Module):
+    """RMSNorm that supports sequence parallelism.
+
+    With SP each TP rank normalises its own sequence slice; the weight's grads are then
+    partial sums, so the weight carries `sequence_parallel=True` and megatron's grad
+    finalisation all-reduces it over TP.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__()
+        self.eps = eps
+        device = "cpu" if config.use_cpu_initialization else cpu_compat.device()
+        self.weight = torch.nn.Parameter(
+            torch.ones(hidden_size, dtype=config.params_dtype, device=device)
+        )
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class SDPACoreAttention(MegatronModule):
+    """Causal core attention through torch's fused SDPA on megatron's [s, b, heads, dim]."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type=None,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        **_,
+    ):
+        super().__init__(config=config)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if softmax_scale is None:
+            softmax_scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPACoreAttention: packed sequences need the TE spec")
+        # Right-padded sequences only: causal attention is exact for the real tokens.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self.softmax_scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+# ---- specs ------------------------------------------------------------------------------------
+def _local_layer_spec() -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    return spec
+
+
+def get_local_block_spec(num_layers: int) -> TransformerBlockSubmodules:
+    return TransformerBlockSubmodules(layer_specs=[_local_layer_spec()] * num_layers,
+                                      layer_norm=RMSNorm)
+
+
+def get_sdpa_block_spec(num_layers: int) -> TransformerBlockSubmodules:
+    spec = _local_layer_spec()
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
+
+
+def get_te_block_spec(num_layers: int):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    return get_gpt_layer_with_transformer_engine_spec()
+
+
+LAYER_SPECS = {"local": get_local_block_spec, "sdpa": get_sdpa_block_spec, "te": get_te_block_spec}
+
+
+def resolve_layer_spec(name: str) -> str:
+    if name == "auto":
+        te = importlib.util.find_spec("transformer_engine") is not None
+        return "te" if te and cpu_compat.cuda_available() else "sdpa"
+    if name not in LAYER_SPECS:
+        raise ValueError(f"model.layer_spec={name!r}; known: auto, {', '.join(LAYER_SPECS)}")
+    return name
+
+
+# ---- config and model -------------------------------------------------------------------------
+def build_transformer_config(
+    args: ModelArgs, parallel: ParallelConfig, dtype: str = "float32"
+) -> TransformerConfig:
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        ffn_hidden_size=args.ffn_hidden_size,
+        kv_channels=args.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=args.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=args.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        use_cpu_initialization=not cpu_compat.cuda_available(),
+        params_dtype=torch_dtype,
+        pipeline_dtype=torch_dtype,
+        bf16=torch_dtype == torch.bfloat16,
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # dense models; only to satisfy the check above
+        # Activations of the pipeline stay in fp32 on CPU tests so equality checks are tight.
+        deallocate_pipeline_outputs=True,
+    )
+
+
+class ValueHead(torch.nn.Module):
+    """hidden → 1 scalar per token; replicated over TP (megatron's output layer would need the
+    output size to divide TP). Mimics ColumnParallelLinear's call signature for GPTModel."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+        device = "cpu" if config.use_cpu_initialization else cpu_compat.device()
+        self.weight = torch.nn.Parameter(
+            torch.zeros(1, config.hidden_size, dtype=config.params_dtype, device=device)
+        )
+
+    def forward(self, hidden, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+        return F.linear(hidden, self.weight), None
+
+
+def build_gpt_model(
+    args: ModelArgs,
+    config: TransformerConfig,
+    layer_spec: str = "sdpa",
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    value_head: bool = False,
+) -> GPTModel:
+    """One model chunk (the layers this PP stage / VPP chunk owns)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    spec_name = resolve_layer_spec(layer_spec)
+    with cpu_compat.megatron_device_scope():
+        num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+        spec = LAYER_SPECS[spec_name](num_layers)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=args.padded_vocab_size(config.tensor_model_parallel_size),
+            max_sequence_length=args.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=args.tie_word_embeddings and not value_head,
+            position_embedding_type="rope",
+            rotary_base=int(args.rope_theta),
+            vp_stage=vp_stage,
+        )
+        if value_head and post_process:
+            model.output_layer = ValueHead(config)
+        if cpu_compat.cuda_available():
+            model.cuda(torch.cuda.current_device())
+    return model

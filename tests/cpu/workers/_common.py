@@ -1,0 +1,15 @@
+"""Helpers for torchrun worker scripts (imported by path from tests/cpu/workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch.distributed as dist
+
+
+def write_result(payload: dict) -> None:
+    """Rank 0 writes the worker's result for the pytest side to read."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(os.environ["TANDEM_RESULT"], "w") as f:
+            json.dump(payload, f)
