@@ -85,8 +85,13 @@ def test_micro_batch_invariance(mode, n_micro):
     for i in range(0, B, size):
         sl = slice(i, i + size)
         loss, _ = ca.ppo_clip_loss(
-            old[sl], theta[sl], adv[sl], mask[sl], loss_agg_mode=mode,
-            global_tokens=mask.sum(), global_seqs=B,
+            old[sl],
+            theta[sl],
+            adv[sl],
+            mask[sl],
+            loss_agg_mode=mode,
+            global_tokens=mask.sum(),
+            global_seqs=B,
         )
         loss.backward()
         total += loss.item()
@@ -120,9 +125,13 @@ def test_ppo_clip_against_reference_and_metrics():
     new = torch.tensor([log_ratios])
     adv = torch.tensor([[1.0, 1.0, -1.0, -2.0, 2.0, -1.0]])
     mask = torch.ones(1, 6)
-    loss, m = ca.ppo_clip_loss(old, new, adv, mask, clip_ratio_low=0.2, clip_ratio_high=0.28,
-                               clip_ratio_c=3.0)
-    ref = [_ppo_ref(0.0, lr, a, 0.2, 0.28, 3.0) for lr, a in zip(log_ratios, adv[0].tolist(), strict=True)]
+    loss, m = ca.ppo_clip_loss(
+        old, new, adv, mask, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0
+    )
+    ref = [
+        _ppo_ref(0.0, lr, a, 0.2, 0.28, 3.0)
+        for lr, a in zip(log_ratios, adv[0].tolist(), strict=True)
+    ]
     assert loss.item() == pytest.approx(sum(ref) / 6)
     # Clipped tokens: r=e^0.5>1.28 with A>0, r=e^-0.5<0.8 with A<0. (r=e^2 with A<0 is not:
     # the clip lowers its loss, so the max keeps the unclipped one; dual clip bounds it.)
@@ -138,8 +147,9 @@ def test_dual_clip_only_for_negative_advantages():
     adv = torch.tensor([[-1.0, 1.0]])
     mask = torch.ones(1, 2)
     new.requires_grad_()
-    loss, m = ca.ppo_clip_loss(old, new, adv, mask, loss_agg_mode="seq-mean-token-sum",
-                               clip_ratio_c=3.0)
+    loss, m = ca.ppo_clip_loss(
+        old, new, adv, mask, loss_agg_mode="seq-mean-token-sum", clip_ratio_c=3.0
+    )
     # A<0: unclipped loss 10 would be capped by dual clip at 3. A>0: clip(10)=1.2 -> -1.2.
     assert loss.item() == pytest.approx(3.0 - 1.2)
     assert m["pg_clipfrac_lower"].item() == pytest.approx(0.5)
@@ -147,8 +157,9 @@ def test_dual_clip_only_for_negative_advantages():
     assert new.grad[0].tolist() == [0.0, 0.0]  # both tokens clipped: no gradient
 
     # Without dual clip's effect (c huge), the A<0 token keeps the unbounded loss 10.
-    loss_nc, m_nc = ca.ppo_clip_loss(old, new.detach(), adv, mask,
-                                     loss_agg_mode="seq-mean-token-sum", clip_ratio_c=100.0)
+    loss_nc, m_nc = ca.ppo_clip_loss(
+        old, new.detach(), adv, mask, loss_agg_mode="seq-mean-token-sum", clip_ratio_c=100.0
+    )
     assert loss_nc.item() == pytest.approx(10.0 - 1.2)
     assert m_nc["pg_clipfrac_lower"].item() == 0.0
 
@@ -167,8 +178,9 @@ def test_clip_higher_is_asymmetric():
     loss, m = ca.ppo_clip_loss(old, up, torch.ones(1, 1), mask, **kw)
     assert loss.item() == pytest.approx(-1.25) and m["pg_clipfrac"].item() == 0.0
     # Symmetric 0.2 would clip the same token at 1.2.
-    loss, m = ca.ppo_clip_loss(old, up, torch.ones(1, 1), mask, clip_ratio_low=0.2,
-                               clip_ratio_high=0.2)
+    loss, m = ca.ppo_clip_loss(
+        old, up, torch.ones(1, 1), mask, clip_ratio_low=0.2, clip_ratio_high=0.2
+    )
     assert loss.item() == pytest.approx(-1.2) and m["pg_clipfrac"].item() == 1.0
     # A<0, r=0.75 below the lower bound 0.8: clipped at 0.8.
     loss, m = ca.ppo_clip_loss(old, down, -torch.ones(1, 1), mask, **kw)
@@ -181,15 +193,23 @@ def test_truncated_importance_sampling():
     adv = torch.tensor([[1.0, 1.0, 1.0]])
     rollout = torch.tensor([[-1.0, -1.5, -3.0]])  # old/rollout = 1, e^0.5, e^2
     mask = torch.ones(1, 3)
-    loss, _ = ca.ppo_clip_loss(old, new, adv, mask, loss_agg_mode="seq-mean-token-sum",
-                               rollout_log_probs=rollout, rollout_is_threshold=2.0)
+    loss, _ = ca.ppo_clip_loss(
+        old,
+        new,
+        adv,
+        mask,
+        loss_agg_mode="seq-mean-token-sum",
+        rollout_log_probs=rollout,
+        rollout_is_threshold=2.0,
+    )
     weights = [1.0, math.exp(0.5), 2.0]
     assert loss.item() == pytest.approx(-sum(weights))
     loss.backward()
     assert new.grad[0].tolist() == pytest.approx([-w for w in weights])
     # Off when no threshold is given.
-    loss_off, _ = ca.ppo_clip_loss(old, new.detach(), adv, mask,
-                                   loss_agg_mode="seq-mean-token-sum", rollout_log_probs=rollout)
+    loss_off, _ = ca.ppo_clip_loss(
+        old, new.detach(), adv, mask, loss_agg_mode="seq-mean-token-sum", rollout_log_probs=rollout
+    )
     assert loss_off.item() == pytest.approx(-3.0)
 
 
@@ -201,8 +221,15 @@ def test_gspo_sequence_ratio_and_gradient():
     new = (old + 0.01 * torch.randn(B, T, generator=g)).requires_grad_()
     adv = torch.tensor([[1.0], [-2.0], [0.5]]).expand(B, T)
     low, high = 3e-3, 4e-3
-    loss, m = ca.gspo_loss(old, new, adv, mask, clip_ratio_low=low, clip_ratio_high=high,
-                           loss_agg_mode="seq-mean-token-mean")
+    loss, m = ca.gspo_loss(
+        old,
+        new,
+        adv,
+        mask,
+        clip_ratio_low=low,
+        clip_ratio_high=high,
+        loss_agg_mode="seq-mean-token-mean",
+    )
     loss.backward()
 
     # Reference: the paper's objective written with one scalar ratio per sequence.
@@ -354,7 +381,9 @@ def test_grpo_group_normalisation():
     adv, ret = ca.ADV_ESTIMATORS["grpo"](rewards, mask, index=index)
     a = torch.tensor(scores[:4])
     b = torch.tensor(scores[4:6])
-    expect = ((a - a.mean()) / (a.std() + 1e-6)).tolist() + ((b - b.mean()) / (b.std() + 1e-6)).tolist()
+    expect = ((a - a.mean()) / (a.std() + 1e-6)).tolist() + (
+        (b - b.mean()) / (b.std() + 1e-6)
+    ).tolist()
     expect.append(0.7)  # a group of one: raw score
     got = [adv[i, 0].item() for i in range(7)]
     assert got == pytest.approx(expect)
@@ -365,8 +394,9 @@ def test_grpo_group_normalisation():
     adv_dr, _ = ca.ADV_ESTIMATORS["drgrpo"](rewards, mask, index=index)
     expect_dr = (a - a.mean()).tolist() + (b - b.mean()).tolist() + [0.7]
     assert [adv_dr[i, 0].item() for i in range(7)] == pytest.approx(expect_dr)
-    adv_nostd, _ = ca.ADV_ESTIMATORS["grpo"](rewards, mask, index=index,
-                                            norm_adv_by_std_in_grpo=False)
+    adv_nostd, _ = ca.ADV_ESTIMATORS["grpo"](
+        rewards, mask, index=index, norm_adv_by_std_in_grpo=False
+    )
     torch.testing.assert_close(adv_nostd, adv_dr)
 
 
@@ -394,13 +424,20 @@ def test_reinforce_plus_plus():
     expect_ret = torch.tensor([[0.25, 0.5, 1.0], [0.5, 0.0, 0.0]])
     torch.testing.assert_close(ret, expect_ret)
     real = expect_ret[mask.bool()]
-    torch.testing.assert_close(adv[mask.bool()], (real - real.mean()) / torch.sqrt(real.var() + 1e-8))
+    torch.testing.assert_close(
+        adv[mask.bool()], (real - real.mean()) / torch.sqrt(real.var() + 1e-8)
+    )
 
 
 def test_estimators_share_one_signature():
     rewards, mask = _outcome([1.0, 0.0, 1.0, 0.0], [2, 2, 1, 2], 2)
-    kwargs = dict(index=np.array([0, 0, 1, 1], dtype=object), values=torch.zeros(4, 2),
-                  gamma=1.0, lam=1.0, norm_adv_by_std_in_grpo=True)
+    kwargs = dict(
+        index=np.array([0, 0, 1, 1], dtype=object),
+        values=torch.zeros(4, 2),
+        gamma=1.0,
+        lam=1.0,
+        norm_adv_by_std_in_grpo=True,
+    )
     for name in ("gae", "grpo", "drgrpo", "rloo", "reinforce_plus_plus"):
         adv, ret = ca.ADV_ESTIMATORS[name](rewards, mask, **kwargs)
         assert adv.shape == ret.shape == (4, 2), name
