@@ -1,0 +1,101 @@
+"""Batch in, token lists out, batch back: the part of the contract every backend shares.
+
+A backend only turns prompt token lists into response token lists (+ their log-probs); these
+pure functions do the checking of the input and the building of the output tensors, so that
+padding, masks and positions are the same for every engine by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rollout.sampling import SamplingSettings
+from tandem_core.protocol import Batch
+
+PROMPT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+def prompt_token_lists(
+    prompts: Batch, *, max_model_len: int, response_length: int
+) -> list[list[int]]:
+    """The real (unpadded) token ids of each left-padded prompt, after checking them all.
+
+    Raises ValueError before any generation, so a bad row never yields a half-built batch.
+    """
+    missing = [k for k in PROMPT_KEYS if k not in prompts.tensors.keys()]
+    if missing:
+        raise ValueError(f"prompt batch lacks {missing}; it needs {list(PROMPT_KEYS)}")
+    if len(prompts) == 0:
+        raise ValueError("empty prompt batch (0 rows)")
+    ids, mask = prompts["input_ids"], prompts["attention_mask"]
+    if ids.dim() != 2 or ids.shape != mask.shape:
+        raise ValueError(
+            f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must both be [B, P]"
+        )
+    mask = mask.to(torch.bool).cpu()
+    lengths = mask.sum(dim=1)
+    for row in range(len(prompts)):
+        n = int(lengths[row])
+        if n == 0:
+            raise ValueError(f"empty prompt in row {row} (attention_mask is all zeros)")
+        if not bool(mask[row, -n:].all()):
+            raise ValueError(f"prompt row {row} is not left-padded (real tokens must be at the end)")
+        if n + response_length > max_model_len:
+            raise ValueError(
+                f"prompt row {row} is too long: {n} prompt tokens + response_length "
+                f"{response_length} > the engine's max_model_len {max_model_len}"
+            )
+    ids = ids.cpu()
+    return [ids[row, ids.shape[1] - int(lengths[row]) :].tolist() for row in range(len(prompts))]
+
+
+def cut_at_eos(tokens: list[int], s: SamplingSettings) -> int:
+    """Number of tokens to keep: up to and including the first EOS, at most response_length."""
+    eos = set(s.eos_token_ids)
+    for i, tok in enumerate(tokens[: s.response_length]):
+        if tok in eos:
+            return i + 1
+    return min(len(tokens), s.response_length)
+
+
+def build_output(
+    prompts: Batch,
+    responses: list[list[int]],
+    log_probs: list[list[float]],
+    s: SamplingSettings,
+) -> Batch:
+    """Assemble the rollout batch from the responses of B*n samples (prompt-major order).
+
+    Adds `prompts`, `responses` [B*n, R] right-padded with the pad id, `response_mask`,
+    `rollout_log_probs` (0 on padding), and rebuilds `input_ids` / `attention_mask` /
+    `position_ids` for prompt ++ response. Other fields of `prompts` are repeated n times.
+    """
+    rows, width = len(prompts) * s.n, s.response_length
+    if len(responses) != rows or len(log_probs) != rows:
+        raise RuntimeError(f"backend returned {len(responses)} responses for {rows} samples")
+    resp = torch.full((rows, width), s.pad_token_id, dtype=torch.long)
+    resp_mask = torch.zeros((rows, width), dtype=torch.long)
+    logp = torch.zeros((rows, width), dtype=torch.float32)
+    for i, (toks, lps) in enumerate(zip(responses, log_probs, strict=True)):
+        keep = cut_at_eos(toks, s)
+        if len(lps) < keep:
+            raise RuntimeError(f"backend returned {len(lps)} log-probs for {keep} tokens")
+        resp[i, :keep] = torch.tensor(toks[:keep], dtype=torch.long)
+        resp_mask[i, :keep] = 1
+        logp[i, :keep] = torch.tensor(lps[:keep], dtype=torch.float32)
+
+    out = prompts.repeat(s.n, interleave=True)
+    device = out["input_ids"].device
+    prompt_ids, prompt_mask, prompt_pos = (out[k] for k in PROMPT_KEYS)
+    resp, resp_mask, logp = resp.to(device), resp_mask.to(device), logp.to(device)
+    # Positions continue after the last prompt token, also over padding (it is masked out).
+    steps = torch.arange(1, width + 1, device=device, dtype=prompt_pos.dtype)
+    resp_pos = prompt_pos[:, -1:] + steps
+    out["prompts"] = prompt_ids
+    out["responses"] = resp.to(prompt_ids.dtype)
+    out["response_mask"] = resp_mask.to(prompt_mask.dtype)
+    out["rollout_log_probs"] = logp
+    out["input_ids"] = torch.cat([prompt_ids, out["responses"]], dim=1)
+    out["attention_mask"] = torch.cat([prompt_mask, out["response_mask"]], dim=1)
+    out["position_ids"] = torch.cat([prompt_pos, resp_pos], dim=1)
+    return out

@@ -1,0 +1,89 @@
+"""The rollout contract and its registry.
+
+A backend is a class with one abstract method, `generate_sequences(batch) -> batch`
+(DESIGN.md "Contracts"), registered under a name with `@register_rollout("name")`. The trainer
+only ever calls `build_rollout(cfg.rollout, model_path, ...)`, so adding a backend never
+touches trainer code.
+
+The other methods (`wake_up`, `sleep`, `load_weights`) are plain hooks that a ShardingManager
+calls around generation. They are not abstract: an engine with nothing to free sleeps as a
+no-op. `load_weights` has no default because an engine whose weights silently stay stale is
+the worst failure an RL loop can have.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from tandem_core.config import RolloutConfig
+from tandem_core.protocol import Batch
+
+
+class BaseRollout(ABC):
+    supports_tensor_parallel: bool = False
+    """True when rollout TP > 1 works (the conformance suite then also runs TP=2)."""
+
+    tp_size: int = 1
+    """Ranks in this rank's rollout TP group; they must all receive the same prompts."""
+    dp_rank: int = 0
+    """This rank's index among rollout data-parallel groups (world // tp_size of them)."""
+    dp_size: int = 1
+
+    @abstractmethod
+    def generate_sequences(self, prompts: Batch) -> Batch:
+        """Left-padded prompts in, prompts ++ responses out (see rollout/assemble.py)."""
+
+    # ---- hooks for the sharding manager (not abstract on purpose, see module docstring) ----
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Re-allocate what `sleep` freed; tags (`weights`, `kv_cache`) wake a part only."""
+
+    def sleep(self, level: int = 1) -> None:
+        """Free memory between generations (1: caches; 2: caches and weights)."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Make the engine's weights equal to these HF-named tensors (full, unsharded)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load weights in place")
+
+
+RolloutBuilder = Callable[..., BaseRollout]
+_REGISTRY: dict[str, RolloutBuilder] = {}
+
+
+def register_rollout(name: str) -> Callable[[RolloutBuilder], RolloutBuilder]:
+    """Class (or factory) decorator: `rollout.name=<name>` builds it."""
+
+    def decorate(builder: RolloutBuilder) -> RolloutBuilder:
+        if name in _REGISTRY and _REGISTRY[name] is not builder:
+            raise ValueError(f"rollout backend {name!r} is registered twice")
+        _REGISTRY[name] = builder
+        return builder
+
+    return decorate
+
+
+def registered_rollouts() -> dict[str, RolloutBuilder]:
+    """Name -> builder of every registered backend (the conformance suite iterates this)."""
+    return dict(_REGISTRY)
+
+
+def build_rollout(
+    cfg: RolloutConfig,
+    model_path: str | Path,
+    *,
+    dtype: str = "float32",
+    max_model_len: int | None = None,
+) -> BaseRollout:
+    """The backend named by `cfg.name`, loaded from an HF checkpoint directory.
+
+    `max_model_len` bounds prompt + response tokens (None: the checkpoint's
+    max_position_embeddings). Call it on every rank, after `init_distributed()`.
+    """
+    if cfg.name not in _REGISTRY:
+        raise ValueError(
+            f"unknown rollout.name {cfg.name!r}; registered backends: {sorted(_REGISTRY)}"
+        )
+    return _REGISTRY[cfg.name](cfg, Path(model_path), dtype=dtype, max_model_len=max_model_len)

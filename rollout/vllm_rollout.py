@@ -1,0 +1,149 @@
+"""The vLLM backend, in-process and SPMD: every rank runs one engine shard.
+
+vLLM's `external_launcher` executor reuses the torch.distributed world that torchrun (or
+slurm) made and cuts it into consecutive TP groups of `rollout.tensor_model_parallel_size`
+ranks: ranks [0..T-1] form one engine, [T..2T-1] the next, and so on (vLLM's data_parallel_size
+stays 1, so those engines never synchronise). Every rank of one engine must therefore get the
+same prompts and take the same sampling decisions; prompts differ between engines
+(rollout DP rank = rank // T). The sharding manager gathers and splits data accordingly.
+
+Sampling never touches the process's global RNG: each prompt gets its own seed (vLLM then
+gives each of its n samples seed + index), drawn from a generator owned by this object and
+seeded identically on the ranks of one engine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rollout import vllm_compat
+from rollout.assemble import build_output, prompt_token_lists
+from rollout.base import BaseRollout, register_rollout
+from rollout.sampling import SamplingSettings, checkpoint_defaults, resolve_sampling
+from tandem_core.config import RolloutConfig
+from tandem_core.distributed import init_distributed
+from tandem_core.protocol import Batch
+
+# Distinct per-call seed ranges for the rollout DP ranks.
+_DP_SEED_STRIDE = 2**31
+
+
+@register_rollout("vllm")
+class VLLMRollout(BaseRollout):
+    supports_tensor_parallel = True
+
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        model_path: Path,
+        *,
+        dtype: str = "float32",
+        max_model_len: int | None = None,
+    ):
+        init_distributed()
+        world, rank = dist.get_world_size(), dist.get_rank()
+        tp = cfg.tensor_model_parallel_size
+        if tp < 1 or world % tp != 0:
+            raise ValueError(
+                f"rollout.tensor_model_parallel_size={tp} must divide the world size {world}"
+            )
+        self.cfg = cfg
+        self.tp_size, self.dp_size, self.dp_rank = tp, world // tp, rank // tp
+        self.eos_ids, self.pad_id, max_pos = checkpoint_defaults(model_path)
+        self.max_model_len = max_model_len or max_pos
+        self._rng = torch.Generator(device="cpu").manual_seed(cfg.seed + self.dp_rank)
+        self._load = vllm_compat.pick_weight_loader()
+        self.llm = self._start_engine(model_path, dtype)
+
+    def _start_engine(self, model_path: Path, dtype: str):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine must live in this process
+        if not vllm_compat.on_cuda():
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.cpu_kvcache_space_gb)
+        from vllm import LLM
+
+        # In-process vLLM seeds python/numpy/torch globally at start; keep the trainer's RNG.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        devices = [torch.cuda.current_device()] if vllm_compat.on_cuda() else []
+        with torch.random.fork_rng(devices=devices):
+            llm = LLM(
+                model=str(model_path),
+                skip_tokenizer_init=True,
+                dtype=dtype,
+                max_model_len=self.max_model_len,
+                tensor_parallel_size=self.tp_size,
+                distributed_executor_backend="external_launcher",
+                enforce_eager=self.cfg.enforce_eager,
+                enable_prefix_caching=self.cfg.enable_prefix_caching,
+                # Raw log-softmax of the logits, before temperature/top-k/top-p: the quantity
+                # the trainer recomputes (and the HF backend returns).
+                logprobs_mode="raw_logprobs",
+                seed=self.cfg.seed,
+                **vllm_compat.platform_engine_kwargs(self.cfg.gpu_memory_utilization),
+            )
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        return llm
+
+    def generate_sequences(self, prompts: Batch) -> Batch:
+        s = resolve_sampling(
+            self.cfg, prompts.meta_info, eos_token_ids=self.eos_ids, pad_token_id=self.pad_id
+        )
+        token_lists = prompt_token_lists(
+            prompts, max_model_len=self.max_model_len, response_length=s.response_length
+        )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": toks} for toks in token_lists],
+            self._sampling_params(s, len(token_lists)),
+            use_tqdm=False,
+        )
+        responses, log_probs = [], []
+        for out in outputs:  # vLLM keeps the input order; the n samples of a prompt in order
+            for sample in out.outputs:
+                toks = list(sample.token_ids)
+                responses.append(toks)
+                log_probs.append(
+                    [vllm_compat.token_logprob(step, t) for step, t in zip(sample.logprobs, toks)]
+                )
+        return build_output(prompts, responses, log_probs, s)
+
+    def _sampling_params(self, s: SamplingSettings, num_prompts: int):
+        from vllm import SamplingParams
+
+        base = s.seed + self.dp_rank * _DP_SEED_STRIDE if s.seed is not None else self._next_seed()
+        common = dict(
+            n=s.n,
+            temperature=s.temperature,
+            top_p=s.top_p if not s.greedy else 1.0,
+            top_k=s.top_k if s.top_k > 0 and not s.greedy else vllm_compat.NO_TOP_K,
+            max_tokens=s.response_length,
+            # Without a tokenizer vLLM knows no eos: stop on ours explicitly (the stop
+            # token stays in the output, which is what the response mask needs).
+            stop_token_ids=list(s.eos_token_ids),
+            ignore_eos=True,
+            logprobs=0,
+            detokenize=False,
+        )
+        # One seed per prompt, n apart: vLLM gives sample j of a prompt seed + j.
+        return [SamplingParams(**common, seed=base + i * s.n) for i in range(num_prompts)]
+
+    def _next_seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self._rng))
+
+    # ---- hooks ----------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._load(self.llm, weights)
+
+    def sleep(self, level: int = 1) -> None:
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.llm.wake_up(tags=tags)
+        if self.cfg.enable_prefix_caching:
+            self.llm.reset_prefix_cache()  # cached blocks may hold pre-update KV
