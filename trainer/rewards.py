@@ -281,7 +281,10 @@ class RewardScorer:
         self._workers = []
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit; the workers also exit when their stdin closes
+            pass
 
     def _restart(self, slot: int) -> None:
         self._workers[slot].kill()
@@ -354,7 +357,9 @@ class RewardScorer:
         import torch
 
         responses = batch[response_key]
-        mask = batch[mask_key].bool()
+        device = responses.device
+        # One device-to-host copy, not one per row.
+        responses, mask = responses.cpu(), batch[mask_key].bool().cpu()
         texts = tokenizer.batch_decode(
             [row[m].tolist() for row, m in zip(responses, mask, strict=True)],
             skip_special_tokens=True,
@@ -368,7 +373,7 @@ class RewardScorer:
         ]
         scores, metrics = self.score(items)
         token_level_scores = torch.zeros(responses.shape, dtype=torch.float32)
-        lengths = mask.sum(-1).cpu()
+        lengths = mask.sum(-1)
         rows = torch.nonzero(lengths > 0, as_tuple=True)[0]
         token_level_scores[rows, lengths[rows] - 1] = torch.tensor(scores)[rows]
-        return token_level_scores.to(responses.device), metrics
+        return token_level_scores.to(device), metrics
