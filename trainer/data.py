@@ -13,6 +13,7 @@ and each takes its data-parallel slice; nothing is communicated.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -254,15 +255,21 @@ class PromptLoader:
 ARITH_TEMPLATE = "What is {a} {op} {b}? Answer with the number only."
 
 
-def _arith_rows(problems: np.ndarray, max_operand: int, split: str) -> list[dict]:
+def _arith_problem(k: int, span: int) -> tuple[int, str, int]:
+    """The k-th distinct problem: first every a + b, then every a - b with a >= b (a
+    subtraction with a negative result is left out, so each difference appears once)."""
+    if k < span * span:
+        a, b = divmod(k, span)
+        return a, "+", b
+    j = k - span * span  # a triangular index: j = a(a+1)/2 + b, 0 <= b <= a
+    a = (math.isqrt(8 * j + 1) - 1) // 2
+    return a, "-", j - a * (a + 1) // 2
+
+
+def _arith_rows(problems: list[int], span: int, split: str) -> list[dict]:
     rows = []
-    span = max_operand + 1
-    for i, code in enumerate(problems.tolist()):
-        op_code, rest = divmod(code, span * span)
-        a, b = divmod(rest, span)
-        if op_code == 1 and a < b:  # keep subtractions non-negative: a - b with a >= b
-            a, b = b, a
-        op = "+" if op_code == 0 else "-"
+    for i, k in enumerate(problems):
+        a, op, b = _arith_problem(k, span)
         answer = a + b if op == "+" else a - b
         rows.append(
             {
@@ -290,28 +297,17 @@ def write_arith_task(
     [0, max_operand], e.g. "What is 13 + 7? Answer with the number only." -> "20".
     No problem appears twice (val never repeats train). Deterministic for a seed."""
     span = max_operand + 1
-    space = 2 * span * span  # (op, a, b); a - b and b - a are one problem after the swap
-    if n_train + n_val > space // 2:
+    space = span * span + span * (span + 1) // 2
+    if n_train + n_val > space:
         raise ValueError(
             f"{n_train + n_val} problems requested, but operands up to {max_operand} give only "
-            f"about {space // 2} distinct ones; raise max_operand"
+            f"{space} distinct ones; raise max_operand"
         )
-    rng = np.random.default_rng(seed)
-    picked: list[int] = []
-    seen: set[tuple] = set()
-    # Draw codes until n distinct problems (a subtraction and its swap are the same problem).
-    while len(picked) < n_train + n_val:
-        for code in rng.integers(0, space, size=n_train + n_val).tolist():
-            op, rest = divmod(code, span * span)
-            a, b = divmod(rest, span)
-            key = (op, a, b) if op == 0 else (op, max(a, b), min(a, b))
-            if key not in seen and len(picked) < n_train + n_val:
-                seen.add(key)
-                picked.append(code)
-    codes = np.asarray(picked)
+    # Sampling without replacement: no problem twice, and val never repeats train.
+    picked = np.random.default_rng(seed).choice(space, n_train + n_val, replace=False).tolist()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, val = out / "arith_train.parquet", out / "arith_val.parquet"
-    _write_parquet_atomic(_arith_rows(codes[:n_train], max_operand, "train"), train)
-    _write_parquet_atomic(_arith_rows(codes[n_train:], max_operand, "val"), val)
+    _write_parquet_atomic(_arith_rows(picked[:n_train], span, "train"), train)
+    _write_parquet_atomic(_arith_rows(picked[n_train:], span, "val"), val)
     return train, val

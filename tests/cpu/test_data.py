@@ -60,8 +60,24 @@ def test_write_arith_task(tmp_path, arith_files):
     assert pq.read_table(again[0]).equals(pq.read_table(train))
     other = D.write_arith_task(tmp_path / "other", 40, 10, max_operand=20, seed=4)
     assert not pq.read_table(other[0]).equals(pq.read_table(train))
-    with pytest.raises(ValueError, match="raise max_operand"):
-        D.write_arith_task(tmp_path / "big", 100, 10, max_operand=5)
+    # Operands up to 5: 36 additions + 21 subtractions with a >= b = 57 distinct problems.
+    full = D.write_arith_task(tmp_path / "full", 50, 7, max_operand=5)
+    every = [
+        re.search(r"What is (.*)\?", r["prompt"][0]["content"])[1]
+        for f in full
+        for r in pq.read_table(f).to_pylist()
+    ]
+    expect = {f"{a} + {b}" for a in range(6) for b in range(6)}
+    expect |= {f"{a} - {b}" for a in range(6) for b in range(a + 1)}
+    assert len(every) == 57 and set(every) == expect
+    with pytest.raises(ValueError, match="give only 57 distinct ones; raise max_operand"):
+        D.write_arith_task(tmp_path / "big", 50, 8, max_operand=5)
+
+
+def test_arith_task_default_config_size(tmp_path):
+    # The config's defaults: task_size 512, val a quarter, operands up to 20 (672 problems).
+    train, val = D.write_arith_task(tmp_path, 512, 128, max_operand=20, seed=1)
+    assert pq.read_metadata(train).num_rows == 512 and pq.read_metadata(val).num_rows == 128
 
 
 # ---- RLDataset -------------------------------------------------------------------------------
