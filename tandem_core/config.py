@@ -1,10 +1,11 @@
 """Typed configuration: one dataclass per section, a docstring per field.
 
-Hydra composes `configs/ppo.yaml` and its groups; the result is merged into these structured
-configs, so an unknown key or a wrong type fails at once with the key's name
-(`omegaconf` raises ConfigKeyError / ValidationError). Cross-field rules that no type can
-express (TP divides heads, PP divides layers, batch divisible by DP × micro-batches, ...)
-live in `validate_config`, which runs before any model is built.
+`load_config(overrides)` is the one entry: hydra composes `configs/ppo.yaml` and its groups
+on top of this schema (so an unknown key or a wrong type fails at once), the result becomes
+these dataclasses, and `validate_config` checks the cross-field rules no type can express
+(TP divides heads, PP divides layers, batch divisible by DP × micro-batches, lengths, choices,
+ranges). Every failure is a ConfigError whose message starts with the full key name, raised
+before any model is built.
 
 Each function takes only the section it needs (`build_rollout(cfg.rollout, ...)`).
 """
