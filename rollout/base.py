@@ -38,10 +38,10 @@ class BaseRollout(ABC):
         """Left-padded prompts in, prompts ++ responses out (see rollout/assemble.py)."""
 
     # ---- hooks for the sharding manager (not abstract on purpose, see module docstring) ----
-    def wake_up(self, tags: list[str] | None = None) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:  # noqa: B027 (optional hook)
         """Re-allocate what `sleep` freed; tags (`weights`, `kv_cache`) wake a part only."""
 
-    def sleep(self, level: int = 1) -> None:
+    def sleep(self, level: int = 1) -> None:  # noqa: B027 (optional hook)
         """Free memory between generations (1: caches; 2: caches and weights)."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

