@@ -50,6 +50,12 @@ class HFRollout(BaseRollout):
             model_path, dtype=_DTYPES[dtype], attn_implementation="sdpa"
         ).to(self.device)
         self.model.eval()
+        # generate() fills every unset field from the checkpoint's generation_config.json
+        # (e.g. Qwen's repetition_penalty=1.05, top_k=20) and then from transformers' own
+        # defaults (top_k=50): start from a neutral config so only our settings apply.
+        from transformers import GenerationConfig
+
+        self.model.generation_config = GenerationConfig()
         self.dp_rank = dist.get_rank() if dist.is_initialized() else 0
         self.dp_size = dist.get_world_size() if dist.is_initialized() else 1
         # Our own RNG stream, so sampling neither consumes nor depends on the trainer's.
@@ -82,7 +88,7 @@ class HFRollout(BaseRollout):
             do_sample=not s.greedy,
             temperature=s.temperature if not s.greedy else None,
             top_p=s.top_p if not s.greedy else None,
-            top_k=(s.top_k if s.top_k > 0 else None) if not s.greedy else None,
+            top_k=s.top_k if s.top_k > 0 else 0,  # 0: no top-k (None would mean 50)
             eos_token_id=list(s.eos_token_ids),
             pad_token_id=s.pad_token_id,
             cache_implementation="static",

@@ -204,6 +204,16 @@ def main() -> None:
     assert random.getstate() == rng_before[1], "python RNG state changed"
     assert np.array_equal(np.random.get_state()[1], rng_before[2]), "numpy RNG state changed"
 
+    # top_k=-1 is really "no top-k" (transformers' default would be 50) and top_k=5 is 5:
+    # many first tokens of one prompt at temperature 2 (vLLM allows at most 2).
+    def first_tokens(**over) -> set[int]:
+        meta = {"sampling": {"n": 200, "temperature": 2.0, "response_length": 1, "seed": 1, **over}}
+        return set(ro.generate_sequences(left_pad(prompts[:1], pad, meta))["responses"][:, 0].tolist())
+
+    out["distinct_first_tokens"] = len(first_tokens())
+    assert out["distinct_first_tokens"] > 60, out["distinct_first_tokens"]
+    assert len(first_tokens(top_k=5)) <= 5
+
     # 4. max-tokens boundary: prompt + response_length == max_model_len is accepted
     edge_prompt = torch.randint(4, 120, (MAX_LEN - R,), generator=g).tolist()
     edge = ro.generate_sequences(left_pad([edge_prompt, [5, 6]], pad,
