@@ -1,0 +1,43 @@
+"""Per-architecture layout conversion megatron <-> HF: import, export, and streaming to engines.
+
+- `model_args_from_hf(dir_or_config)`: `ModelArgs` for an HF checkpoint (refuses what Tandem
+  cannot run, naming the config key).
+- `load_hf_into_megatron(chunks, hf_dir, args, config)`: fill a rank's chunks, reading only the
+  slices it owns.
+- `export_megatron_to_hf(chunks, args, config, out_dir, hf_source_dir)`: an HF directory.
+- `megatron_named_params(chunks, config)`: a rank's params under global layer numbers.
+- `stream_hf_weights(global_named_params, args, tp_group, bucket_mb)`: lazy HF-named full
+  tensors (or buckets of them) for a rollout engine.
+
+An architecture is one module (llama, qwen2, mistral) registering a weight map and a config
+reader; importing it here is what registers it.
+"""
+
+from weight_loaders import llama, mistral, qwen2  # noqa: F401  (register the architectures)
+from weight_loaders.core import (
+    ARCHS,
+    WeightLoaderError,
+    expected_hf_names,
+    get_arch,
+    model_args_from_hf,
+    register_arch,
+)
+from weight_loaders.hf_export import export_megatron_to_hf
+from weight_loaders.hf_import import load_hf_into_megatron
+from weight_loaders.stream import bucket, iter_hf_tensors, megatron_named_params, stream_hf_weights
+from weight_loaders.transforms import (
+    deinterleave_qkv,
+    fuse_gate_up,
+    hf_to_megatron_shard,
+    interleave_qkv,
+    megatron_shards_to_hf,
+    split_gate_up,
+)
+
+__all__ = [
+    "ARCHS", "WeightLoaderError", "bucket", "deinterleave_qkv", "expected_hf_names",
+    "export_megatron_to_hf", "fuse_gate_up", "get_arch", "hf_to_megatron_shard",
+    "interleave_qkv", "iter_hf_tensors", "load_hf_into_megatron", "megatron_named_params",
+    "megatron_shards_to_hf", "model_args_from_hf", "register_arch", "split_gate_up",
+    "stream_hf_weights",
+]

@@ -1,0 +1,155 @@
+"""Weight loaders: pure transforms and refusals here; import / logits / stream / export for each
+architecture and TP×PP layout in torchrun workers (real megatron-core over gloo, transformers as
+the numerical reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import weight_loaders as wl
+from tandem_core.models import ModelArgs
+from weight_loaders.transforms import LAYOUTS
+
+PRESETS = ["tiny_llama", "tiny_llama_tied", "tiny_qwen2", "tiny_mistral"]
+ARGS = ModelArgs(arch="qwen2", num_layers=2, hidden_size=16, num_attention_heads=6,
+                 num_query_groups=2, ffn_hidden_size=12, vocab_size=130, kv_channels=4,
+                 max_position_embeddings=64, qkv_bias=True)
+
+
+# ---- pure transforms --------------------------------------------------------------------------
+def test_interleave_qkv_layout_and_inverse():
+    hd, heads, groups = ARGS.kv_channels, ARGS.num_attention_heads, ARGS.num_query_groups
+    q = torch.arange(heads * hd).float().reshape(-1, 1).expand(-1, 3).clone()
+    k = 1000 + torch.arange(groups * hd).float().reshape(-1, 1).expand(-1, 3).clone()
+    v = 2000 + torch.arange(groups * hd).float().reshape(-1, 1).expand(-1, 3).clone()
+    qkv = wl.interleave_qkv(q, k, v, groups)
+    # group 0 = q heads 0..2, k head 0, v head 0 (megatron's per-group order)
+    per_group = (heads // groups + 2) * hd
+    torch.testing.assert_close(qkv[: 3 * hd], q[: 3 * hd], rtol=0, atol=0)
+    torch.testing.assert_close(qkv[3 * hd: 4 * hd], k[:hd], rtol=0, atol=0)
+    torch.testing.assert_close(qkv[4 * hd: per_group], v[:hd], rtol=0, atol=0)
+    for got, want in zip(wl.deinterleave_qkv(qkv, heads, groups, hd), (q, k, v), strict=True):
+        assert torch.equal(got, want)
+    # biases (1-D) too
+    qb, kb, vb = q[:, 0], k[:, 0], v[:, 0]
+    assert all(torch.equal(a, b) for a, b in zip(
+        wl.deinterleave_qkv(wl.interleave_qkv(qb, kb, vb, groups), heads, groups, hd),
+        (qb, kb, vb), strict=True))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("layout,hf_shapes", [
+    ("qkv", [(24, 16), (8, 16), (8, 16)]),
+    ("qkv", [(24,), (8,), (8,)]),
+    ("gate_up", [(12, 16), (12, 16)]),
+    ("vocab", [(130, 16)]),
+    ("column", [(12, 16)]),
+    ("row", [(16, 12)]),
+    ("replicated", [(16,)]),
+])
+def test_shards_round_trip(layout, hf_shapes, tp):
+    """HF -> every TP rank's shard -> HF is exact, and shard shapes match what the megatron
+    parameter would be (hf_shapes inverts them)."""
+    g = torch.Generator().manual_seed(0)
+    hf = [torch.randn(s, generator=g) for s in hf_shapes]
+    lay = LAYOUTS[layout]
+    shard_shape = {
+        "qkv": ((24 + 16) // tp, *hf_shapes[0][1:]), "gate_up": (24 // tp, 16),
+        "vocab": (ARGS.padded_vocab_size(tp) // tp, 16), "column": (12 // tp, 16),
+        "row": (16, 12 // tp), "replicated": (16,),
+    }[layout]
+    shards = [wl.hf_to_megatron_shard(layout, hf, shard_shape, ARGS, tp, r) for r in range(tp)]
+    assert all(tuple(s.shape) == shard_shape for s in shards)
+    assert [tuple(s) for s in lay.hf_shapes(shard_shape, ARGS, tp)] == hf_shapes
+    back = wl.megatron_shards_to_hf(layout, shards if lay.gathered else shards[:1], ARGS)
+    assert all(torch.equal(a, b) for a, b in zip(back, hf, strict=True))
+
+
+def test_gate_up_shard_holds_its_gate_then_its_up():
+    gate, up = torch.arange(8.0).reshape(8, 1), 100 + torch.arange(8.0).reshape(8, 1)
+    shard1 = wl.hf_to_megatron_shard("gate_up", [gate, up], (8, 1), ARGS, 2, 1)
+    assert shard1.flatten().tolist() == [4, 5, 6, 7, 104, 105, 106, 107]
+
+
+def test_vocab_padding_is_zero_and_dropped():
+    emb = torch.randn(130, 4)
+    last = wl.hf_to_megatron_shard("vocab", [emb], (128, 4), ARGS, 2, 1)  # rows 128..255
+    assert torch.equal(last[:2], emb[128:]) and not last[2:].any()
+
+
+def test_bucket_limits():
+    pairs = [(f"t{i}", torch.zeros(256)) for i in range(10)]  # 1 KiB each
+    buckets = list(wl.bucket(iter(pairs), bucket_mb=3 / 1024))
+    assert [len(b) for b in buckets] == [3, 3, 3, 1]
+    assert [len(b) for b in wl.bucket(iter(pairs), bucket_mb=0.0001)] == [1] * 10
+
+
+# ---- configs: dispatch and refusals -----------------------------------------------------------
+@pytest.mark.parametrize("preset,arch,tied,bias", [
+    ("tiny_llama", "llama", False, False), ("tiny_llama_tied", "llama", True, False),
+    ("tiny_qwen2", "qwen2", True, True), ("tiny_mistral", "mistral", False, False),
+])
+def test_model_args_from_hf(tiny_ckpt, preset, arch, tied, bias):
+    args = wl.model_args_from_hf(tiny_ckpt(preset))
+    assert (args.arch, args.tie_word_embeddings, args.qkv_bias) == (arch, tied, bias)
+    assert (args.num_layers, args.num_query_groups, args.kv_channels) == (4, 2, 32)
+    assert args.rope_theta == (1e6 if arch == "qwen2" else 1e4) and args.norm_eps == 1e-6
+
+
+def _cfg(tiny_ckpt, preset, **changes):
+    cfg = wl.core.read_hf_config(tiny_ckpt(preset))
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.mark.parametrize("preset,changes,key", [
+    ("tiny_mistral", {"sliding_window": 128}, "sliding_window"),
+    ("tiny_qwen2", {"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window"),
+    ("tiny_llama", {"attention_bias": True}, "attention_bias"),
+    ("tiny_llama", {"mlp_bias": True}, "mlp_bias"),
+    ("tiny_llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}},
+     "rope_parameters"),
+    ("tiny_llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ("tiny_llama", {"hidden_act": "gelu"}, "hidden_act"),
+    ("tiny_llama", {"model_type": "gpt2"}, "gpt2"),
+])
+def test_unsupported_features_are_refused(tiny_ckpt, preset, changes, key):
+    with pytest.raises(wl.WeightLoaderError, match=key):
+        wl.model_args_from_hf(_cfg(tiny_ckpt, preset, **changes))
+
+
+def test_window_as_long_as_the_context_is_accepted(tiny_ckpt):
+    cfg = _cfg(tiny_ckpt, "tiny_mistral", sliding_window=512)
+    assert wl.model_args_from_hf(cfg).arch == "mistral"
+
+
+def test_name_check_names_the_missing_and_the_unexpected(tiny_ckpt):
+    from weight_loaders.hf_import import check_names
+
+    args = wl.model_args_from_hf(tiny_ckpt("tiny_qwen2"))
+    names = set(wl.expected_hf_names(args))
+    check_names(names, args)
+    with pytest.raises(wl.WeightLoaderError, match="model.layers.2.self_attn.k_proj.bias"):
+        check_names(names - {"model.layers.2.self_attn.k_proj.bias"}, args)
+    with pytest.raises(wl.WeightLoaderError, match="model.layers.0.self_attn.q_norm.weight"):
+        check_names(names | {"model.layers.0.self_attn.q_norm.weight"}, args)
+
+
+# ---- real megatron-core layouts ---------------------------------------------------------------
+@pytest.mark.parametrize("tp,pp,vpp,nproc", [
+    (1, 1, 0, 1),
+    (2, 1, 0, 2),
+    (1, 2, 2, 2),
+    pytest.param(2, 2, 0, 4, marks=pytest.mark.slow),
+    pytest.param(1, 2, 0, 2, marks=pytest.mark.slow),
+])
+def test_layout_import_logits_stream_export(torchrun, tiny_ckpt, tmp_path, tp, pp, vpp, nproc):
+    for p in PRESETS:
+        tiny_ckpt(p)  # build in this process, not racing in the workers
+    res = torchrun("wl_layout.py", nproc, str(tp), str(pp), str(vpp), str(tmp_path), *PRESETS)
+    for preset in PRESETS:
+        r = res[preset]
+        assert r["logits_max_abs_diff"] < 1e-5
+        assert r["exported"] == r["source"] == r["streamed"]
+        assert r["hf_reload_equal"]

@@ -1,0 +1,98 @@
+"""Megatron -> HF (name, tensor) pairs, lazily, for a rollout engine and for export.
+
+Input is "the whole model's parameters under global layer numbering": an iterable of
+(megatron name with the GLOBAL layer number, this rank's TP shard). `megatron_named_params`
+makes one from a rank's own chunks; AllGatherPPModel makes one covering every pipeline stage.
+Each tensor is gathered over TP when it is needed and dropped when the consumer moves on, so
+at most one full tensor (or one bucket) is alive at a time beside the model itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from tandem_core.models import ModelArgs
+from weight_loaders.core import get_arch, lookup
+from weight_loaders.transforms import LAYOUTS
+
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+
+
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel under megatron's DDP / Float16Module wrappers."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(chunk, DistributedDataParallel | Float16Module):
+        chunk = chunk.module
+    return chunk
+
+
+def megatron_named_params(model_chunks: list, config=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """A rank's chunk parameters renamed from local to global layer numbers.
+
+    The global number is what the layer module itself carries (`layer_number`, 1-based, set
+    by megatron from the PP rank's and VPP stage's offset when the chunk was built), so this
+    holds for any PP/VPP layout and for uneven first/last stages. `config` is accepted for
+    API symmetry and not needed.
+    """
+    del config
+    for chunk in model_chunks:
+        model = unwrap_model(chunk)
+        layers = model.decoder.layers
+        for name, param in model.named_parameters():
+            if name.startswith("decoder.layers."):
+                local, rest = name[len("decoder.layers."):].split(".", 1)
+                name = f"decoder.layers.{layers[int(local)].layer_number - 1}.{rest}"
+            yield name, param
+
+
+def _gather_tp(shard: torch.Tensor, group) -> list[torch.Tensor]:
+    if group is None or dist.get_world_size(group) == 1:
+        return [shard]
+    shard = shard.detach().contiguous()
+    shards = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, shard, group=group)
+    return shards
+
+
+def iter_hf_tensors(global_named_params: NamedTensors, args: ModelArgs, tp_group=None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf_name, full tensor), one at a time, in the order of the input.
+
+    Every rank of `tp_group` must consume the stream in step (the gathers are collectives)."""
+    weight_map = get_arch(args.arch).weight_map
+    for name, shard in global_named_params:
+        if name == "output_layer.weight" and args.tie_word_embeddings:
+            continue  # HF ties lm_head to embed_tokens; the embedding is streamed once
+        rule, hf_names = lookup(weight_map, name)
+        layout = LAYOUTS[rule.layout]
+        shards = _gather_tp(shard, tp_group) if layout.gathered else [shard.detach()]
+        yield from zip(hf_names, layout.to_hf(shards, args), strict=True)
+
+
+def bucket(pairs: Iterable[tuple[str, torch.Tensor]], bucket_mb: float
+           ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group pairs into lists of at most `bucket_mb` MiB; a larger tensor travels alone."""
+    limit = bucket_mb * 2**20
+    current, size = [], 0
+    for name, t in pairs:
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > limit:
+            yield current
+            current, size = [], 0
+        current.append((name, t))
+        size += nbytes
+    if current:
+        yield current
+
+
+def stream_hf_weights(global_named_params: NamedTensors, args: ModelArgs, tp_group=None,
+                      bucket_mb: float | None = None):
+    """HF-named full tensors for an engine's `load_weights`: pairs (bucket_mb None) or lists of
+    pairs of at most `bucket_mb` MiB each. Lazy; see `iter_hf_tensors` for the TP contract."""
+    pairs = iter_hf_tensors(global_named_params, args, tp_group)
+    return pairs if bucket_mb is None else bucket(pairs, bucket_mb)
