@@ -143,6 +143,8 @@ class VLLMRollout(BaseRollout):
         self._load(self.llm, weights)
 
     def sleep(self, level: int = 1) -> None:
+        # Level 1 offloads weights to host memory and drops the KV cache; level 2 drops both,
+        # so the next wake_up must be followed by load_weights before generating.
         self.llm.sleep(level=level)
 
     def wake_up(self, tags: list[str] | None = None) -> None:

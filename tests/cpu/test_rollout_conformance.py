@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,10 +47,18 @@ def torchrun():
             }
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    "--nproc_per_node", str(nproc), str(WORKER.parent / worker), *args]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            # Own session, so a timeout ends the workers too, not only torchrun.
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                stdout, stderr = proc.communicate()
+                pytest.fail(f"{worker} timed out after {timeout}s\n{stdout[-6000:]}\n{stderr[-6000:]}")
             if proc.returncode != 0:
                 pytest.fail(f"{worker} ({nproc} ranks) exited {proc.returncode}\n"
-                            f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+                            f"{stdout[-6000:]}\n{stderr[-6000:]}")
             return json.loads(result.read_text())
 
     return run
