@@ -53,7 +53,7 @@ def run_torchrun(worker: str, nproc: int, *args: str, timeout: int = 600, env=No
         }
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", "0", "--tee", "3", str(WORKERS / worker), *args,
+            "--standalone", "--tee", "3", str(WORKERS / worker), *args,
         ]
         proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
