@@ -8,7 +8,9 @@ megatron-core assumes CUDA in three ways; this module answers each, and nothing 
    pipeline schedules, `device=torch.cuda.current_device()` everywhere): rewritten to CPU by a
    TorchFunctionMode that is active only inside `megatron_device_scope()`, so vLLM and
    everything else never pay for it.
-3. Norms that support sequence parallelism: not a CPU matter (GPU needs it too), handled by
+3. `tensor.type()` strings: megatron's optimizers accept only 'torch.cuda.*Tensor'; inside
+   the same scope a CPU tensor reports the CUDA name of its dtype.
+4. Norms that support sequence parallelism: not a CPU matter (GPU needs it too), handled by
    Tandem's own layer spec in `tandem_core.models`.
 
 Nothing here is ever applied when CUDA is available: `megatron_device_scope()` is then a
@@ -94,6 +96,9 @@ class _CpuDeviceMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": torch.device("cpu")}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
