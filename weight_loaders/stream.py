@@ -5,6 +5,8 @@ Input is "the whole model's parameters under global layer numbering": an iterabl
 makes one from a rank's own chunks; AllGatherPPModel makes one covering every pipeline stage.
 Each tensor is gathered over TP when it is needed and dropped when the consumer moves on, so
 at most one full tensor (or one bucket) is alive at a time beside the model itself.
+Without TP gathering (TP=1, norms) a yielded tensor may be a view of the live parameter:
+consumers copy it (as every engine's `load_weights` does) before the parameter changes.
 """
 
 from __future__ import annotations

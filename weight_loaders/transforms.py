@@ -74,6 +74,11 @@ def _rows(start: int, stop: int, ndim: int) -> Index:
     return (slice(start, stop),) + (slice(None),) * (ndim - 1)
 
 
+def _cat(shards: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    # One shard (TP=1) is already the whole tensor: no copy.
+    return shards[0] if len(shards) == 1 else torch.cat(list(shards), dim=dim)
+
+
 def _even_split(n: int, tp: int, what: str) -> int:
     if n % tp:
         raise ValueError(f"{what}={n} is not divisible by tensor parallel size {tp}")
@@ -141,7 +146,7 @@ class Column(Layout):
         return [_rows(rank * n, (rank + 1) * n, len(hf_shapes[0]))]
 
     def to_hf(self, shards, args):
-        return [torch.cat(list(shards), dim=0)]
+        return [_cat(shards, 0)]
 
 
 @register_layout("row")
@@ -156,7 +161,7 @@ class Row(Layout):
         return [(slice(None), slice(rank * n, (rank + 1) * n))]
 
     def to_hf(self, shards, args):
-        return [torch.cat(list(shards), dim=1)]
+        return [_cat(shards, 1)]
 
 
 @register_layout("vocab")
@@ -177,7 +182,7 @@ class Vocab(Layout):
         return pad_vocab(parts[0], shard_shape[0])
 
     def to_hf(self, shards, args):
-        return [torch.cat(list(shards), dim=0)[: args.vocab_size]]
+        return [_cat(shards, 0)[: args.vocab_size]]
 
 
 @register_layout("qkv")
@@ -211,7 +216,7 @@ class QKV(Layout):
 
     def to_hf(self, shards, args):
         # TP ranks hold contiguous groups, so the concatenated shards are the full interleave.
-        full = torch.cat(list(shards), dim=0)
+        full = _cat(shards, 0)
         return list(deinterleave_qkv(full, args.num_attention_heads, args.num_query_groups,
                                      args.kv_channels))
 
@@ -233,7 +238,7 @@ class GateUp(Layout):
 
     def to_hf(self, shards, args):
         halves = [split_gate_up(s) for s in shards]
-        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+        return [_cat([h[0] for h in halves], 0), _cat([h[1] for h in halves], 0)]
 
 
 # ---- whole-tensor conveniences (tests, and anyone holding full HF tensors) --------------------
