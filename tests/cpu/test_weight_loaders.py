@@ -137,27 +137,6 @@ def test_name_check_names_the_missing_and_the_unexpected(tiny_ckpt):
 
 
 # ---- real megatron-core layouts ---------------------------------------------------------------
-@pytest.fixture
-def torchrun(monkeypatch):
-    """conftest's launcher, but with `--standalone` instead of `--master_port 0`: with torch
-    2.13 torchrun exports MASTER_PORT=0 to the workers, whose rendezvous then never connects.
-    Drop this once conftest launches with --standalone."""
-    import subprocess
-
-    import conftest
-
-    real_run = subprocess.run
-
-    def run(cmd, *a, **k):
-        if "--master_port" in cmd:
-            i = cmd.index("--master_port")
-            cmd = [*cmd[:i], "--standalone", *cmd[i + 2:]]
-        return real_run(cmd, *a, **k)
-
-    monkeypatch.setattr(conftest.subprocess, "run", run)
-    return conftest.run_torchrun
-
-
 @pytest.mark.parametrize("tp,pp,vpp,nproc", [
     (1, 1, 0, 1),
     (2, 1, 0, 2),
