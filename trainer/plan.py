@@ -149,8 +149,9 @@ class MemoryPlan:
 HINTS = {
     "training": "more pipeline stages or TP, parallel.use_distributed_optimizer=true over more"
     " data-parallel ranks, or a smaller actor.micro_batch_size / max_tokens_per_microbatch",
-    "swap": "every rank gathers all PP stages of its TP shard: raise"
-    " parallel.tensor_model_parallel_size (fewer stages, larger TP)",
+    "swap": "every rank gathers all PP stages of its TP shard while its grads and optimizer"
+    " states are still there: raise parallel.tensor_model_parallel_size (fewer, larger TP"
+    " shards) or spread the optimizer over more data-parallel ranks",
     "generation": "raise rollout.tensor_model_parallel_size or training TP, or lower"
     " rollout.gpu_memory_utilization (a smaller KV cache)",
 }
@@ -217,20 +218,24 @@ def engine_params(m: ModelArgs, rollout_tp: int) -> int:
 
 # ---- activations -----------------------------------------------------------------------------
 def activation_bytes_per_token(m: ModelArgs, tp: int, sp: bool, dtype_bytes: int) -> float:
-    """Bytes one decoder layer keeps for backward per token (SDPA attention, no recompute,
-    dropout 0), after Korthikanti et al. 2022 for a Llama layer:
+    """Bytes one decoder layer keeps for backward per token (Tandem's sdpa/local specs, no
+    recompute, dropout 0), counted as Korthikanti et al. 2022 do, term by term for a Llama
+    layer (tests/cpu/test_plan.py checks the sum against autograd's saved tensors):
 
-    - replicated over TP unless sequence parallel: the inputs of the two RMSNorms and of
-      linear_qkv and linear_fc1: 4h;
+    - replicated over TP unless sequence parallel: per RMSNorm its input, the normalised input
+      (for the weight's grad) and its output (the next linear's input): 6h, plus the fp32
+      inverse RMS of each norm: 2 (× 4 B);
     - split over TP: the linear_qkv output (a+2g)d (v is a view that keeps it alive), the
-      rotated q and k (a+g)d, the attention output and its copy into linear_proj 2ad, the
-      linear_fc1 output 2f, silu(gate) f and the SwiGLU output f: (4a+3g)d + 4f.
+      rotated q and k (a+g)d, the attention output and its copy into linear_proj 2ad: (4a+3g)d;
+      the linear_fc1 output 2f, gate, silu(gate) and the SwiGLU output 3f: 5f; the fp32
+      log-sum-exp of the attention: a (× 4 B).
     """
     h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
     a, g = m.num_attention_heads, m.num_query_groups
-    replicated = 4 * h / (tp if sp else 1)
-    split = ((4 * a + 3 * g) * d + 4 * f) / tp
-    return (replicated + split) * dtype_bytes
+    seq_split = tp if sp else 1
+    replicated = (6 * h * dtype_bytes + 2 * 4) / seq_split
+    split = (((4 * a + 3 * g) * d + 5 * f) * dtype_bytes + a * 4) / tp
+    return replicated + split
 
 
 def layer_microbatches_in_flight(
