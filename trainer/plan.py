@@ -681,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help=f"GiB per GPU (default: GPU 0 here, else an H100's {H100_80GB_GIB})",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides and options in any order
     world = args.world_size or _default_world_size()
     gpu = args.gpu_memory_gb or detect_gpu_memory_gb()
     if gpu is None:
