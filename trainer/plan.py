@@ -305,6 +305,11 @@ def _gib(n_bytes: float) -> float:
     return n_bytes / GIB
 
 
+def _t(name: str, n_bytes: float, formula: str = "", counted: bool = True) -> Term:
+    """A term from its size in bytes."""
+    return Term(name, n_bytes / GIB, formula, counted)
+
+
 def _count(n: float) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
@@ -324,21 +329,19 @@ def _model_state_terms(lay: Layout, params: int, who: str) -> list[Term]:
     w, shards = lay.dtype_bytes, lay.optim_shards
     dp_note = f"/ DP {lay.dp}" if shards == lay.dp else "(distributed optimizer off)"
     terms = [
-        Term(f"{who} weights", _gib(params * w), f"{_count(params)} params × {w} B"),
-        Term(
-            f"{who} grads (fp32 main_grad)", _gib(params * GRAD_BYTES), f"params × {GRAD_BYTES} B"
-        ),
-        Term(
+        _t(f"{who} weights", params * w, f"{_count(params)} params × {w} B"),
+        _t(f"{who} grads (fp32 main_grad)", params * GRAD_BYTES, f"params × {GRAD_BYTES} B"),
+        _t(
             f"{who} Adam states (fp32 m, v)",
-            _gib(params * ADAM_BYTES / shards),
+            params * ADAM_BYTES / shards,
             f"params × {ADAM_BYTES} B {dp_note}",
         ),
     ]
     if lay.bf16:
         terms.append(
-            Term(
+            _t(
                 f"{who} fp32 master weights",
-                _gib(params * MASTER_BYTES / shards),
+                params * MASTER_BYTES / shards,
                 f"params × {MASTER_BYTES} B {dp_note}",
             )
         )
@@ -359,31 +362,24 @@ def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
     params = stage_params(m, lay.tp, lay.pp, stage)
     terms = _model_state_terms(lay, params, "actor")
     terms.append(
-        Term(
+        _t(
             "activations in flight",
-            _gib(in_flight * tokens * per_token),
+            in_flight * tokens * per_token,
             f"{in_flight:g} layer·micro-batches × {micro_note} × {per_token / 1024:.1f} KiB",
         )
     )
     if stage == lay.pp - 1:
         vocab = m.padded_vocab_size(lay.tp) // lay.tp
         terms.append(
-            Term(
+            _t(
                 "logits of one micro-batch",
-                _gib(tokens * vocab * (lay.dtype_bytes + 8)),
+                tokens * vocab * (lay.dtype_bytes + 8),
                 f"{tokens} tokens × vocab/TP {vocab} × ({lay.dtype_bytes} B + fp32 copy + fp32 softmax)",
             )
         )
     if lay.critic:
         terms += _model_state_terms(lay, stage_params(m, lay.tp, lay.pp, stage, True), "critic")
-    if lay.ref_resident:
-        terms.append(
-            Term(
-                "reference weights",
-                _gib(params * lay.dtype_bytes),
-                "params × dtype (ref.offload_params=false)",
-            )
-        )
+    terms += _reference(lay, stage)
     terms.append(_reserve(terms))
     return Phase("training", f"PP stage {stage} of {lay.pp}", tuple(terms))
 
@@ -402,11 +398,16 @@ def _resident_in_generation(lay: Layout, stage: int) -> list[Term]:
     terms = []
     if lay.critic:
         critic = stage_params(lay.m, lay.tp, lay.pp, stage, True)
-        terms.append(Term("critic weights", _gib(critic * lay.dtype_bytes), "params × dtype"))
-    if lay.ref_resident:
-        ref = stage_params(lay.m, lay.tp, lay.pp, stage)
-        terms.append(Term("reference weights", _gib(ref * lay.dtype_bytes), "params × dtype"))
-    return terms
+        terms.append(_t("critic weights", critic * lay.dtype_bytes, "params × dtype"))
+    return terms + _reference(lay, stage)
+
+
+def _reference(lay: Layout, stage: int) -> list[Term]:
+    """The reference model's weights (KL), when they stay on the GPU (ref.offload_params)."""
+    if not lay.ref_resident:
+        return []
+    ref = stage_params(lay.m, lay.tp, lay.pp, stage)
+    return [_t("reference weights", ref * lay.dtype_bytes, "params × dtype (not offloaded)")]
 
 
 def swap_phase(cfg: TandemConfig, lay: Layout) -> Phase:
@@ -418,17 +419,16 @@ def swap_phase(cfg: TandemConfig, lay: Layout) -> Phase:
         foreign = _all_stage_weights(lay) - own
         terms = _model_state_terms(lay, own, "actor")
         terms.append(
-            Term(
+            _t(
                 "other PP stages' weights (AllGatherPPModel)",
-                _gib(foreign * lay.dtype_bytes),
+                foreign * lay.dtype_bytes,
                 f"{_count(foreign)} params × {lay.dtype_bytes} B ({lay.pp - 1} stages)",
             )
         )
         if lay.critic:
             critic = stage_params(lay.m, lay.tp, lay.pp, stage, True)
             terms += _model_state_terms(lay, critic, "critic")
-        if lay.ref_resident:
-            terms.append(Term("reference weights", _gib(own * lay.dtype_bytes), "params × dtype"))
+        terms += _reference(lay, stage)
         terms.append(_reserve(terms))
         stages.append(Phase("swap", f"PP stage {stage} of {lay.pp}, gathering", tuple(terms)))
     return max(stages, key=lambda p: p.total_gib)
@@ -461,9 +461,9 @@ def _sequences_per_engine(cfg: TandemConfig, engine_dp: int) -> int:
 def _generation_base(lay: Layout) -> list[Term]:
     gathered = _all_stage_weights(lay)
     return [
-        Term(
+        _t(
             "actor weights, all PP stages (AllGatherPPModel)",
-            _gib(gathered * lay.dtype_bytes),
+            gathered * lay.dtype_bytes,
             f"{_count(gathered)} params × {lay.dtype_bytes} B",
         ),
         *_resident_in_generation(lay, 0),
@@ -562,17 +562,17 @@ def hf_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Phase:
     base = _generation_base(lay)
     terms = [
         *base,
-        Term(
+        _t(
             "HF model (whole, TP 1)",
-            _gib(total_params(m) * w),
+            total_params(m) * w,
             f"{_count(total_params(m))} params × {w} B",
         ),
-        Term(
+        _t(
             "KV cache for the batch",
-            _gib(seqs * lay.seq_len * per_token),
+            seqs * lay.seq_len * per_token,
             f"{seqs} seqs × {lay.seq_len} tokens × {per_token / 1024:.0f} KiB",
         ),
-        Term("logits of one step", _gib(seqs * m.vocab_size * 4), f"{seqs} seqs × vocab × 4 B"),
+        _t("logits of one step", seqs * m.vocab_size * 4, f"{seqs} seqs × vocab × 4 B"),
     ]
     terms.append(_reserve(terms))
     return Phase("generation", f"hf, one model per rank × DP {lay.world}", tuple(terms))
@@ -585,12 +585,10 @@ def generic_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Pha
     per_token = kv_bytes_per_token(m, engine_kv_heads(m, rtp), w)
     terms = [
         *_generation_base(lay),
-        Term(
-            f"engine weights at rollout TP {rtp}", _gib(engine_params(m, rtp) * w), "params × dtype"
-        ),
-        Term(
+        _t(f"engine weights at rollout TP {rtp}", engine_params(m, rtp) * w, "params × dtype"),
+        _t(
             "KV cache for the batch",
-            _gib(seqs * lay.seq_len * per_token),
+            seqs * lay.seq_len * per_token,
             f"{seqs} seqs × {lay.seq_len} tokens",
         ),
     ]
