@@ -1,0 +1,151 @@
+"""Megatron (training) ⇄ a rollout engine on the same ranks.
+
+enter, in this order (STYLE habit 2, slime's ordering):
+  1. AllGatherPPModel gathers every pipeline stage, so each rank holds the whole model (its
+     training-TP shard);
+  2. gradient buffers are freed; optimizer states go to host memory when configured;
+  3. the engine wakes its weights (not yet its KV cache), and the weights are streamed in:
+     HF-named full tensors, gathered over training TP one tensor (or bucket) at a time and
+     re-sliced by the engine for its own TP, so no rank ever holds a second full model;
+  4. foreign stages are released right after the push (the engine has its own copy);
+  5. the engine wakes its KV cache; the generation RNG state is switched in.
+exit: the engine sleeps; the training RNG state returns; optimizer states and gradient buffers
+come back. An exception inside `enter` rolls back what was done; `exit` always runs fully.
+
+Data: every rank holds the full prompt batch; `preprocess_data` hands each rollout data-
+parallel group its slice (all ranks of a rollout TP group the same prompts), and
+`postprocess_data` gathers the groups' outputs back into the full batch on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from hybrid_engine.allgather_pp import AllGatherPPModel
+from hybrid_engine.base import BaseShardingManager, register_sharding_manager
+from hybrid_engine.memory import OptimizerOffload, release_grad_buffers, restore_grad_buffers
+from tandem_core import distributed as D
+from tandem_core.protocol import Batch
+from weight_loaders import stream_hf_weights
+
+
+class MegatronRolloutShardingManager(BaseShardingManager):
+    def __init__(self, actor_worker, rollout, weight_bucket_mb: int | None = None,
+                 offload_optimizer: bool = False, generation_seed: int = 0):
+        self.worker = actor_worker
+        self.rollout = rollout
+        self.bucket_mb = weight_bucket_mb
+        self.trained = actor_worker.optimizer is not None
+        self.allgather = AllGatherPPModel(actor_worker.chunks, D.pp_group())
+        self.optimizer_offload = (OptimizerOffload(actor_worker.optimizer)
+                                  if offload_optimizer and self.trained else None)
+        self._gen_rng = _rng_state_from_seed(generation_seed)
+        self._train_rng = None
+        self.weight_filter = None  # tests hook a filter in to simulate a partial sync
+        self._pad = 0
+
+    # ---- the swap -------------------------------------------------------------------------
+    def __enter__(self):
+        undo = []
+        try:
+            self.allgather.gather()
+            undo.append(self.allgather.release)
+            if self.trained:
+                release_grad_buffers(self.worker.chunks)
+                undo.append(lambda: restore_grad_buffers(self.worker.chunks))
+            if self.optimizer_offload is not None:
+                self.optimizer_offload.offload()
+                undo.append(self.optimizer_offload.reload)
+            self.wake_weights()
+            undo.append(lambda: self.rollout.sleep(level=1))
+            self.rollout.load_weights(self.hf_weights())
+            self.allgather.release()
+            self.wake_cache()
+            self._train_rng = _get_rng_state()
+            _set_rng_state(self._gen_rng)
+        except BaseException:
+            for step in reversed(undo):
+                step()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._gen_rng = _get_rng_state()
+        _set_rng_state(self._train_rng)
+        self.rollout.sleep(level=1)
+        if self.optimizer_offload is not None:
+            self.optimizer_offload.reload()
+        if self.trained:
+            restore_grad_buffers(self.worker.chunks)
+        self.allgather.release()
+        return False
+
+    def hf_weights(self):
+        """The lazy HF-named stream of the whole model (TP gathered, bucketed when asked)."""
+        stream = stream_hf_weights(self.allgather.named_parameters(), self.worker.args,
+                                   D.tp_group(), None)
+        if self.weight_filter is not None:
+            stream = filter(self.weight_filter, stream)
+        return stream
+
+    # Engines that can wake weights and KV cache separately get the weights pushed before the
+    # KV cache is re-allocated (peak memory = weights + one bucket, not weights + cache).
+    def wake_weights(self) -> None:
+        self.rollout.wake_up(tags=["weights"])
+
+    def wake_cache(self) -> None:
+        self.rollout.wake_up(tags=["kv_cache"])
+
+    # ---- data layout ------------------------------------------------------------------------
+    def preprocess_data(self, batch: Batch) -> Batch:
+        dp, rank = self.rollout.dp_size, self.rollout.dp_rank
+        if dp == 1:
+            return batch
+        padded, self._pad = batch.pad_to_divisor(dp)
+        self._padded_rows = len(padded)
+        return padded.chunk(dp)[rank]
+
+    def postprocess_data(self, batch: Batch) -> Batch:
+        dp, tp = self.rollout.dp_size, self.rollout.tp_size
+        if dp == 1:
+            return batch
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, batch.to("cpu"))
+        # Ranks of one rollout TP group hold the same outputs: keep the first of each group.
+        full = Batch.concat([parts[g * tp] for g in range(dp)])
+        n = len(full) // self._padded_rows  # samples per prompt
+        return full.unpad(self._pad * n)
+
+
+@register_sharding_manager("vllm")
+class MegatronVLLMShardingManager(MegatronRolloutShardingManager):
+    """vLLM keeps its own weight copy (level-1 sleep offloads it on CUDA; the next enter
+    overwrites it in place through the engine's loader)."""
+
+
+@register_sharding_manager("hf")
+class MegatronHFShardingManager(MegatronRolloutShardingManager):
+    """transformers keeps a full model copy; it has no separate KV-cache wake, so the tags
+    are passed through and ignored by the backend."""
+
+
+# ---- RNG states (torch CPU and, when present, CUDA) ------------------------------------------
+def _get_rng_state():
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
+def _rng_state_from_seed(seed: int):
+    saved = _get_rng_state()
+    torch.manual_seed(seed)
+    state = _get_rng_state()
+    _set_rng_state(saved)
+    return state

@@ -1,0 +1,65 @@
+"""Release and restore what training keeps on the device but generation does not need:
+megatron DDP's gradient buffers and the optimizer's states (and fp32 master copies).
+
+Gradients are dropped (the next step zeroes them anyway); optimizer state moves to host
+memory and back bit for bit. On CPU the "host copy" is a second CPU tensor; the code path is
+the GPU one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def release_grad_buffers(ddp_chunks) -> None:
+    for chunk in ddp_chunks:
+        for buf in chunk.buffers:
+            buf.offload_to_cpu(move_params=False, move_grads=True)
+
+
+def restore_grad_buffers(ddp_chunks) -> None:
+    for chunk in ddp_chunks:
+        for buf in chunk.buffers:
+            buf.reload_from_cpu(move_params=False, move_grads=True)
+
+
+def grad_buffer_bytes(ddp_chunks) -> int:
+    return sum(b.grad_data.untyped_storage().size() for c in ddp_chunks for b in c.buffers)
+
+
+def _optimizer_tensors(optimizer):
+    """Every state tensor (exp_avg, exp_avg_sq, fp32 master params) of a megatron optimizer."""
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    for opt in inner:
+        for state in opt.optimizer.state.values():
+            for value in state.values():
+                if torch.is_tensor(value) and value.numel() > 1:
+                    yield value
+        for group_name in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups"):
+            for group in getattr(opt, group_name, []) or []:
+                yield from (t for t in group if t is not None)
+
+
+class OptimizerOffload:
+    """Moves optimizer state tensors to host memory and back, keeping tensor identity."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self._host: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def offload(self) -> None:
+        pin = torch.cuda.is_available()
+        for t in _optimizer_tensors(self.optimizer):
+            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+            host.copy_(t.detach())
+            self._host.append((t, host))
+            t.data.untyped_storage().resize_(0)
+
+    def reload(self) -> None:
+        for t, host in self._host:
+            t.data.untyped_storage().resize_(host.numel() * host.element_size())
+            t.data.copy_(host)
+        self._host = []
+
+    def device_bytes(self) -> int:
+        return sum(t.untyped_storage().size() for t in _optimizer_tensors(self.optimizer))

@@ -1,0 +1,138 @@
+"""HybridEngine swaps for several training layouts against one rollout backend.
+
+usage: he_check.py BACKEND ROLLOUT_TP LAYOUTS   (LAYOUTS like "1x1,2x1,1x2" = TPxPP)
+For each training layout (the world is shared; DP = world / (TP×PP)):
+1. after enter, the engine's greedy samples have log-probs equal to the actor's (≤1e-4);
+   inside the block gradients and foreign pipeline stages are released;
+2. after an optimizer step and a new enter, the engine reflects the new weights; a partial
+   sync and a skipped sync are caught by the stale-weights detector;
+3. after exit, foreign stages hold no memory, and training continues bit-identically to a
+   twin worker that never swapped.
+"""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import write_result  # noqa: E402
+
+import weight_loaders  # noqa: E402
+from hybrid_engine import get_sharding_manager  # noqa: E402
+from hybrid_engine.base import StaleWeightsError, check_weights_synced  # noqa: E402
+from hybrid_engine.memory import grad_buffer_bytes  # noqa: E402
+from rollout import build_rollout  # noqa: E402
+from tandem_core import distributed as D  # noqa: E402
+from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig, RolloutConfig  # noqa: E402
+from tandem_core.protocol import Batch  # noqa: E402
+from tandem_core.tiny_models import build_char_tokenizer, ensure_tiny_checkpoint  # noqa: E402
+from trainer.actor import MegatronActor  # noqa: E402
+from trainer.megatron_worker import build_model_worker  # noqa: E402
+
+TOL = 1e-4
+GREEDY = {"sampling": {"do_sample": False}}
+
+
+def prompts(tokenizer, n=4) -> Batch:
+    texts = [f"What is {i} + {2 * i + 1}?" for i in range(n)]
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                         add_generation_prompt=True) for t in texts]
+    ids = [tokenizer.encode(t, add_special_tokens=False)[: 20 + 3 * i] for i, t in enumerate(ids)]
+    P = max(len(x) for x in ids)
+    input_ids = torch.zeros(n, P, dtype=torch.long)
+    mask = torch.zeros(n, P, dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, P - len(x):] = torch.tensor(x)
+        mask[i, P - len(x):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch.from_dict({"input_ids": input_ids, "attention_mask": mask, "position_ids": pos},
+                           meta_info=dict(GREEDY))
+
+
+def generate(manager, rollout, batch):
+    with manager:
+        inside = {"foreign_bytes": manager.allgather.foreign_bytes(),
+                  "grad_bytes": grad_buffer_bytes(manager.worker.chunks)}
+        out = manager.postprocess_data(rollout.generate_sequences(manager.preprocess_data(batch)))
+    return out, inside
+
+
+def sync_error(actor, out) -> float:
+    lp = actor.compute_log_prob(out)["log_probs"]
+    return check_weights_synced(out["rollout_log_probs"], lp, out["response_mask"], TOL)
+
+
+def train_batch(actor, out) -> Batch:
+    g = torch.Generator().manual_seed(7)
+    lp = actor.compute_log_prob(out)["log_probs"]
+    b = out.select(["input_ids", "attention_mask", "responses", "response_mask"], [])
+    b["old_log_probs"] = lp
+    b["advantages"] = torch.randn(lp.shape, generator=g)
+    b.meta_info = {"n": 1}
+    return b
+
+
+def check_layout(tp, pp, rollout, backend, hf_dir, args, tokenizer) -> dict:
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    D.init_model_parallel(parallel)
+    optim = OptimConfig(lr=5e-3, eps=1e-4)
+    worker = build_model_worker(args, hf_dir, parallel, optim=optim)
+    twin = build_model_worker(args, hf_dir, parallel, optim=optim)
+    cfg = ActorConfig(ppo_mini_batch_size=4, micro_batch_size=2)
+    actor, twin_actor = MegatronActor(worker, cfg), MegatronActor(twin, cfg)
+    manager = get_sharding_manager(backend)(worker, rollout, offload_optimizer=True)
+    batch = prompts(tokenizer)
+    result = {}
+
+    # 1. after enter: engine == actor; grads and foreign stages released inside the block
+    out, inside = generate(manager, rollout, batch)
+    result["err_first"] = sync_error(actor, out)
+    assert inside["grad_bytes"] == 0 and inside["foreign_bytes"] == 0, inside
+    assert manager.allgather.foreign_bytes() == 0
+
+    # 3. training after a swap is bit-identical to a twin that never swapped
+    update = train_batch(actor, out)
+    actor.update_policy(update)
+    twin_actor.update_policy(update)
+    for (n, p), (_, q) in zip(weight_loaders.megatron_named_params(worker.chunks),
+                              weight_loaders.megatron_named_params(twin.chunks), strict=True):
+        assert torch.equal(p, q), f"{n} differs after training through a swap"
+
+    # 2. the next enter reflects the new weights...
+    out2, _ = generate(manager, rollout, batch)
+    result["err_after_step"] = sync_error(actor, out2)
+    # ...and a partial or skipped sync is detected (an update first, so old != new weights).
+    actor.update_policy(train_batch(actor, out2))
+    caught = []
+    for name, keep in (("partial", lambda kv: "layers.1." not in kv[0]), ("skipped", lambda kv: False)):
+        manager.weight_filter = keep
+        out3, _ = generate(manager, rollout, batch)
+        try:
+            sync_error(actor, out3)
+        except StaleWeightsError:
+            caught.append(name)
+        manager.weight_filter = None
+    assert caught == ["partial", "skipped"], caught
+    out4, _ = generate(manager, rollout, batch)  # a full sync repairs the engine
+    result["err_repaired"] = sync_error(actor, out4)
+    return result
+
+
+def main():
+    backend, rollout_tp, layouts = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+    D.init_distributed()
+    hf_dir = ensure_tiny_checkpoint("tiny_llama")
+    args = weight_loaders.model_args_from_hf(hf_dir)
+    rollout = build_rollout(RolloutConfig(name=backend, tensor_model_parallel_size=rollout_tp,
+                                          response_length=8), hf_dir, max_model_len=128)
+    tokenizer = build_char_tokenizer()
+    results = {}
+    for layout in layouts:
+        tp, pp = (int(x) for x in layout.split("x"))
+        results[layout] = check_layout(tp, pp, rollout, backend, hf_dir, args, tokenizer)
+    write_result(results)
+
+
+if __name__ == "__main__":
+    main()
