@@ -81,6 +81,12 @@ class MegatronRolloutShardingManager(BaseShardingManager):
         self.allgather.release()
         return False
 
+    def state_dict(self) -> dict:
+        return {"generation_rng": self._gen_rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._gen_rng = state["generation_rng"]
+
     def hf_weights(self):
         """The lazy HF-named stream of the whole model (TP gathered, bucketed when asked)."""
         stream = stream_hf_weights(self.allgather.named_parameters(), self.worker.args,

@@ -116,6 +116,8 @@ class ActorConfig:
     """kl (k1) | abs | mse (k2) | low_var_kl (k3)."""
     rollout_is_threshold: float | None = None
     """Truncate the train/rollout importance ratio at this value (TIS); None = off."""
+    offload_optimizer: bool = False
+    """Move optimizer states to host memory while generating (the HybridEngine swap)."""
     max_nan_steps: int = 3
     """Abort after this many consecutive non-finite losses (each such step is skipped)."""
 

@@ -90,6 +90,21 @@ def arith(solution_str, ground_truth, data_source=None, extra_info=None) -> floa
         return float(found[-1] == str(ground_truth).strip())
 
 
+@register_reward("arith_dense")
+def arith_dense(solution_str, ground_truth, data_source=None, extra_info=None) -> float:
+    """`arith`, plus partial credit for answering in digits: 1.0 when correct, otherwise
+    0.5 × the share of the response's characters that are digits.
+
+    A shaped reward for models that start from random weights (the tiny default run): exact
+    answers are out of their reach at first, answering with digits is not, so the reward has
+    a gradient to climb from step one. Correct answers still score exactly 1.0.
+    """
+    if arith(solution_str, ground_truth) == 1.0:
+        return 1.0
+    text = solution_str.strip()
+    return 0.5 * sum(c.isdigit() for c in text) / len(text) if text else 0.0
+
+
 @register_reward("math")
 def math_verify_reward(solution_str, ground_truth, data_source=None, extra_info=None) -> float:
     """1.0 when math_verify finds the response's answer equal to the ground truth (LaTeX,

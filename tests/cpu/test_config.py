@@ -37,7 +37,8 @@ def test_default_config_composes():
         1,
         1,
     )
-    assert (cfg.rollout.name, cfg.data.task, cfg.reward.name) == ("vllm", "arith", "arith")
+    assert (cfg.rollout.name, cfg.data.task, cfg.reward.name) == ("vllm", "arith", "arith_dense")
+    assert cfg.actor.optim.lr == 2e-3  # the tiny preset sets a learning rate random weights need
     assert (cfg.algorithm.name, cfg.algorithm.adv_estimator, cfg.rollout.n) == ("grpo", "grpo", 4)
     assert cfg.actor.use_kl_loss and cfg.actor.kl_loss_type == "low_var_kl"
     assert cfg.logger.backends == ["console"]

@@ -163,3 +163,15 @@ def test_score_batch_places_score_on_last_token():
     # row 3: "-5" vs "5" is wrong -> 0 at index 2
     torch.testing.assert_close(scores, expect)
     assert metrics["reward/mean"] == pytest.approx(0.5)
+
+
+def test_arith_dense_partial_credit_for_digits():
+    from trainer.rewards import REWARDS
+
+    fn = REWARDS["arith_dense"]
+    assert fn("20", "20") == 1.0
+    assert fn("the answer is 20", "20") == 1.0
+    assert fn("19", "20") == 0.5
+    assert fn("ab12", "20") == 0.25
+    assert fn("abc", "20") == 0.0
+    assert fn("", "20") == 0.0

@@ -1,0 +1,216 @@
+"""The RL loop: generate → score → log-probs → advantages → updates → log → checkpoint.
+
+Every rank runs this same loop (SPMD). Every rank holds the whole (small) batch of token ids
+and masks; the actor, critic and sharding manager slice and gather it for their own layouts.
+`RLTrainer.step` is the algorithm; everything it calls is built once by `trainer.main`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from hybrid_engine.base import check_weights_synced
+from tandem_core.config import TandemConfig
+from tandem_core.protocol import Batch
+from trainer import core_algos
+
+
+@dataclass
+class Components:
+    """Everything the loop uses, built by trainer.main.build_components."""
+
+    actor: object  # trainer.actor.MegatronActor
+    ref: object | None  # trainer.reference.MegatronReference
+    critic: object | None  # trainer.critic.MegatronCritic
+    rollout: object  # rollout.BaseRollout
+    sharding_manager: object  # hybrid_engine.BaseShardingManager
+    scorer: object  # trainer.rewards.RewardScorer
+    tokenizer: object
+    train_loader: object  # trainer.data.PromptLoader
+    val_loader: object | None
+    kl_ctrl: object
+    checkpoints: object  # trainer.checkpoint.CheckpointManager
+    tracker: object  # trainer.tracking.Tracker
+    signals: object  # .requested set by SIGTERM/SIGUSR1
+    export_hf: object  # callable(step) exporting the actor as an HF directory
+
+
+class RLTrainer:
+    def __init__(self, cfg: TandemConfig, parts: Components):
+        self.cfg, self.p = cfg, parts
+        self.step_no = 0
+        self.timing: dict[str, float] = {}
+
+    @contextmanager
+    def timer(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.timing[f"timing_s/{name}"] = time.perf_counter() - start
+
+    # ---- one iteration -------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        cfg, p = self.cfg, self.p
+        self.timing = {}
+        metrics: dict[str, float] = {}
+        with self.timer("step"):
+            with self.timer("gen"):
+                batch, gen_metrics = self.generate_training_batch()
+            metrics.update(gen_metrics)
+            with self.timer("old_log_prob"):
+                old = p.actor.compute_log_prob(batch, calculate_entropy=True)
+            batch["old_log_probs"] = old["log_probs"]
+            metrics["actor/entropy"] = _masked_mean(old["entropy"], batch["response_mask"])
+            metrics["rollout/logprob_abs_diff"] = _masked_mean(
+                (batch["rollout_log_probs"] - old["log_probs"]).abs(), batch["response_mask"])
+            if cfg.trainer.debug_check_weight_sync:
+                check_weights_synced(batch["rollout_log_probs"], old["log_probs"],
+                                     batch["response_mask"], tol=1e-3)
+            if p.ref is not None:
+                with self.timer("ref"):
+                    batch["ref_log_probs"] = p.ref.compute_ref_log_prob(batch)["ref_log_probs"]
+            if p.critic is not None:
+                with self.timer("values"):
+                    batch["values"] = p.critic.compute_values(batch)["values"]
+            with self.timer("adv"):
+                metrics.update(self.compute_advantages(batch))
+            if p.critic is not None:
+                with self.timer("update_critic"):
+                    metrics.update(p.critic.update_critic(batch))
+            with self.timer("update_actor"):
+                metrics.update(p.actor.update_policy(batch))
+        self.step_no += 1
+        metrics.update(self.timing)
+        metrics.update(_length_metrics(batch))
+        metrics["training/global_step"] = self.step_no
+        return metrics
+
+    def generate_training_batch(self) -> tuple[Batch, dict[str, float]]:
+        """Prompts → samples with scores; DAPO's dynamic sampling drops groups whose rewards
+        are all equal (no signal) and refills from new prompts."""
+        cfg, p = self.cfg, self.p
+        kept: list[Batch] = []
+        n_groups, want = 0, cfg.data.train_batch_size
+        rounds = cfg.algorithm.max_refill_rounds if cfg.algorithm.dynamic_sampling else 1
+        metrics: dict[str, float] = {}
+        for r in range(rounds):
+            prompts = p.train_loader.next_batch()
+            prompts.meta_info["sampling"] = {"n": cfg.rollout.n,
+                                             "seed": cfg.rollout.seed + 1000 * self.step_no + r}
+            gen = self.generate(prompts)
+            scores, reward_metrics = self.score(gen)
+            gen["token_level_scores"] = scores
+            if r == 0:
+                metrics.update(reward_metrics)
+            if not cfg.algorithm.dynamic_sampling:
+                kept.append(gen)
+                break
+            groups = _informative_groups(gen, scores.sum(-1))
+            kept.append(gen.index(groups))
+            n_groups += len(groups) // cfg.rollout.n
+            if n_groups >= want:
+                break
+        batch = Batch.concat(kept) if len(kept) > 1 else kept[0]
+        if cfg.algorithm.dynamic_sampling:
+            metrics["dapo/kept_groups"] = float(n_groups)
+            if n_groups < want:  # not enough informative groups: train on what we have
+                batch = batch if len(batch) else gen
+            batch = batch.index(slice(0, want * cfg.rollout.n))
+        batch.meta_info["n"] = cfg.rollout.n
+        return batch, metrics
+
+    def generate(self, prompts: Batch) -> Batch:
+        manager = self.p.sharding_manager
+        with manager:
+            local = manager.preprocess_data(prompts)
+            out = self.p.rollout.generate_sequences(local)
+            return manager.postprocess_data(out)
+
+    def score(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Rewards on rank 0 (user functions may time out differently per rank), shared."""
+        if dist.get_rank() == 0:
+            scores, metrics = self.p.scorer.score_batch(batch, self.p.tokenizer)
+            payload = [scores, metrics]
+        else:
+            payload = [None, None]
+        dist.broadcast_object_list(payload, src=0)
+        scores, metrics = payload
+        metrics["critic/score/mean"] = float(scores.sum(-1).mean())
+        return scores.to(batch["responses"].device), metrics
+
+    def compute_advantages(self, batch: Batch) -> dict[str, float]:
+        cfg, alg = self.cfg, self.cfg.algorithm
+        metrics = {}
+        rewards = batch["token_level_scores"]
+        if alg.use_kl_in_reward:
+            rewards, kl = core_algos.apply_kl_penalty(
+                rewards, batch["old_log_probs"], batch["ref_log_probs"], batch["response_mask"],
+                self.p.kl_ctrl.value, alg.kl_penalty)
+            self.p.kl_ctrl.update(float(kl), n_steps=cfg.data.train_batch_size)
+            metrics["actor/reward_kl_penalty"] = float(kl)
+            metrics["actor/reward_kl_penalty_coeff"] = float(self.p.kl_ctrl.value)
+        adv, ret = core_algos.ADV_ESTIMATORS[alg.adv_estimator](
+            rewards, batch["response_mask"], index=batch["uid"],
+            values=batch["values"] if "values" in batch else None, gamma=alg.gamma,
+            lam=alg.lam, norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo)
+        batch["token_level_rewards"], batch["advantages"], batch["returns"] = rewards, adv, ret
+        mask = batch["response_mask"]
+        metrics["critic/rewards/mean"] = float(rewards.sum(-1).mean())
+        metrics["critic/advantages/mean"] = _masked_mean(adv, mask)
+        metrics["critic/returns/mean"] = _masked_mean(ret, mask)
+        return metrics
+
+    # ---- validation --------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """Greedy generation over the validation split; mean score and exact accuracy."""
+        if self.p.val_loader is None:
+            return {}
+        scores = []
+        for prompts in self.p.val_loader:
+            prompts.meta_info["sampling"] = {"n": 1, "do_sample": False}
+            gen = self.generate(prompts)
+            s, _ = self.score(gen)
+            scores.append(s.sum(-1))
+        total = torch.cat(scores)
+        return {"val/score": float(total.mean()), "val/accuracy": float((total >= 1.0).float().mean())}
+
+    # ---- the run -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step_no, "train_loader": self.p.train_loader.state_dict(),
+                "kl_ctrl": self.p.kl_ctrl.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_no = state["step"]
+        self.p.train_loader.load_state_dict(state["train_loader"])
+        self.p.kl_ctrl.load_state_dict(state["kl_ctrl"])
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(core_algos.masked_mean(x.float(), mask.float()))
+
+
+def _length_metrics(batch: Batch) -> dict[str, float]:
+    lengths = batch["response_mask"].sum(-1).float()
+    R = batch["responses"].shape[1]
+    return {"response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
+            "response_length/clip_ratio": float((lengths >= R).float().mean())}
+
+
+def _informative_groups(batch: Batch, seq_scores: torch.Tensor) -> list[int]:
+    """Row indices of groups (same uid) whose scores are not all equal."""
+    uids = batch["uid"]
+    rows: dict[str, list[int]] = {}
+    for i, u in enumerate(uids):
+        rows.setdefault(u, []).append(i)
+    keep = []
+    for members in rows.values():
+        s = seq_scores[members]
+        if float(s.max() - s.min()) > 0:
+            keep.extend(members)
+    return sorted(keep) if keep else []
+
+
