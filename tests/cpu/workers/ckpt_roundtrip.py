@@ -1,0 +1,180 @@
+"""Checkpoint save → load → one more step, bitwise equal to a run that never stopped.
+
+usage: ckpt_roundtrip.py OUT_DIR LAYOUT [LAYOUT ...]   (LAYOUT: a key of LAYOUTS)
+Per layout, on every rank (asserted here):
+1. run A: actor + critic (value head) train on batch 1, save (step 1) with extra_state (RNG of
+   this rank incl. a named generator, a rank-specific value), train on batch 2;
+2. run B: built fresh and trained twice on batch 3 (so every part of its state differs), loads the
+   checkpoint: params, optimizer moments/step, LR schedule and RNG equal A's at step 1;
+   trained on batch 2: metrics, params and optimizer state equal A's after step 2, bitwise;
+3. latest_complete() answers the same on every rank; a SIGUSR1 on the last rank only makes
+   StopRequest.agreed() true on all ranks.
+"""
+
+import os
+import random
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import write_result  # noqa: E402
+from _reference import synthetic_rollout  # noqa: E402
+
+import weight_loaders  # noqa: E402
+from tandem_core import distributed as D  # noqa: E402
+from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig  # noqa: E402
+from tandem_core.protocol import Batch  # noqa: E402
+from tandem_core.tiny_models import ensure_tiny_checkpoint  # noqa: E402
+from trainer import checkpoint as C  # noqa: E402
+from trainer.actor import MegatronActor, dp_slice, make_micro_batches  # noqa: E402
+from trainer.megatron_worker import build_model_worker, reduce_metrics, train_step  # noqa: E402
+from trainer.sequences import gather_response  # noqa: E402
+
+OPTIM = OptimConfig(lr=1e-3, eps=1e-4, weight_decay=0.01, clip_grad=1.0, lr_warmup_steps=2,
+                    lr_decay_style="linear", lr_decay_steps=10)
+ACTOR = ActorConfig(ppo_mini_batch_size=4, micro_batch_size=2, optim=OPTIM, entropy_coeff=0.01)
+
+
+def rollout(vocab: int, seed: int) -> Batch:
+    data = synthetic_rollout(vocab, batch=8, seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    shape = data["responses"].shape
+    data.update(old_log_probs=-3.0 + 0.1 * torch.randn(shape, generator=g),
+                advantages=torch.randn(shape, generator=g),
+                returns=torch.randn(shape, generator=g))
+    return Batch.from_dict(data, meta_info={"n": 1})
+
+
+def critic_update(worker, batch: Batch) -> dict:
+    """Value regression, two optimizer steps of 4 rows, through megatron's schedule."""
+    metrics = {}
+    for i, mini in enumerate(batch.split(4)):
+        tokens = mini["response_mask"].sum().item() / D.dp_size()
+        mbs = make_micro_batches(dp_slice(mini), 2, None, seq_multiple=1)
+
+        def loss_fn(mb, values, n=len(mbs), tokens=tokens):
+            v = gather_response(values.squeeze(-1), mb)
+            loss = ((v - mb.fields["returns"]) ** 2 * mb.response_mask).sum() / tokens
+            return loss, {"loss": loss.detach().clone(), "vf_loss": loss.detach() * n}
+
+        outputs, grad_norm, _ = train_step(worker, mbs, loss_fn, max_nan_steps=3)
+        metrics.update({f"vf_loss{i}": reduce_metrics(outputs, ["vf_loss"])["vf_loss"],
+                        f"grad_norm{i}": grad_norm})
+    return metrics
+
+
+def build(args, hf_dir, parallel):
+    return {
+        "actor": build_model_worker(args, hf_dir, parallel, optim=OPTIM, total_optimizer_steps=10),
+        "critic": build_model_worker(args, hf_dir, parallel, value_head=True, optim=OPTIM,
+                                     total_optimizer_steps=10),
+    }
+
+
+def train(workers, batch: Batch) -> dict:
+    metrics = MegatronActor(workers["actor"], ACTOR).update_policy(batch)
+    metrics.update({f"critic/{k}": v for k, v in critic_update(workers["critic"], batch).items()})
+    return metrics
+
+
+def snapshot(workers) -> dict[str, torch.Tensor]:
+    """Every parameter, every optimizer state tensor, LR and schedule step of every role."""
+    out = {}
+    for role, w in workers.items():
+        for i, chunk in enumerate(w.chunks):
+            for n, p in chunk.named_parameters():
+                out[f"{role}.{i}.{n}"] = p.detach().clone()
+        for j, opt in enumerate(getattr(w.optimizer, "chained_optimizers", [w.optimizer])):
+            inner = opt.optimizer
+            for g, group in enumerate(inner.param_groups):
+                out[f"{role}.opt{j}.g{g}.lr"] = torch.tensor(group["lr"], dtype=torch.float64)
+                for k, p in enumerate(group["params"]):
+                    out[f"{role}.opt{j}.g{g}.p{k}"] = p.detach().clone()
+                    for name, v in inner.state.get(p, {}).items():
+                        out[f"{role}.opt{j}.g{g}.p{k}.{name}"] = torch.as_tensor(v).clone()
+        out[f"{role}.sched"] = torch.tensor(w.scheduler.num_steps)
+    return out
+
+
+def diff(a: dict, b: dict) -> list[str]:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def run_layout(name: str, tp: int, pp: int, dist_opt: bool, out_dir: Path) -> dict:
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              use_distributed_optimizer=dist_opt)
+    D.init_model_parallel(parallel)
+    hf_dir = ensure_tiny_checkpoint("tiny_llama")
+    args = weight_loaders.model_args_from_hf(hf_dir)
+    b1, b2, b3 = (rollout(args.vocab_size, s) for s in (1, 2, 3))
+    mgr = C.CheckpointManager(out_dir / name, max_to_keep=2)
+    gen = torch.Generator().manual_seed(7 + dist.get_rank())
+
+    # run A: never stops
+    a = build(args, hf_dir, parallel)
+    train(a, b1)
+    torch.manual_seed(1000 + dist.get_rank())
+    random.seed(dist.get_rank())
+    extra = {"step": 1, "rank": dist.get_rank(), "rng": C.capture_rng_state({"rollout": gen})}
+    path = mgr.save(1, a, extra)
+    at_save = snapshot(a)
+    draws_a = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=gen))
+    metrics_a = train(a, b2)
+    after_a = snapshot(a)
+
+    # run B: different history, then the checkpoint
+    b = build(args, hf_dir, parallel)
+    train(b, b3)
+    train(b, b3)  # two updates: B's schedule is also ahead of the checkpoint's
+    same = set(at_save) - set(diff(snapshot(b), at_save))
+    assert not same, f"run B should start out different, equal in {sorted(same)[:5]}"
+    torch.manual_seed(99)
+    gen.manual_seed(99)
+    found = mgr.latest_complete()
+    assert found == (1, path), found
+    loaded = mgr.load(path, b)
+    assert loaded["rank"] == dist.get_rank() and loaded["step"] == 1, loaded
+    C.restore_rng_state(loaded["rng"], {"rollout": gen})
+    draws_b = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=gen))
+    assert all(torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+               for x, y in zip(draws_a, draws_b)), (draws_a, draws_b)
+    bad = diff(snapshot(b), at_save)
+    assert not bad, f"{name}: after load, differs from the saved state in {bad[:5]}"
+    metrics_b = train(b, b2)
+    assert metrics_a == metrics_b, (metrics_a, metrics_b)
+    bad = diff(snapshot(b), after_a)
+    assert not bad, f"{name}: the step after resume differs from the uninterrupted one: {bad[:5]}"
+    moved = sum(not torch.equal(at_save[k], after_a[k]) for k in at_save)
+    return {"tensors": len(at_save), "changed_by_step2": moved, "metrics": metrics_b}
+
+
+# name: (TP, PP, distributed optimizer); DP is whatever the world size leaves.
+LAYOUTS = {"tp2": (2, 1, True), "pp2": (1, 2, True), "dp2": (1, 1, True),
+           "dp2_plain": (1, 1, False), "tp2pp2": (2, 2, True)}
+
+
+def main():
+    out_dir = Path(sys.argv[1])
+    D.init_distributed()
+    results = {name: run_layout(name, *LAYOUTS[name], out_dir) for name in sys.argv[2:]}
+
+    stop = C.install_signal_handlers()
+    assert not stop.agreed()
+    if dist.get_rank() == dist.get_world_size() - 1:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert stop.requested == (dist.get_rank() == dist.get_world_size() - 1)
+    assert stop.agreed(), "a signal on one rank must stop every rank"
+    stop.uninstall()
+    write_result(results)
+    D.destroy()
+
+
+if __name__ == "__main__":
+    main()
