@@ -15,66 +15,16 @@ from tandem_core.config import ActorConfig
 from tandem_core.protocol import Batch
 from trainer import core_algos
 from trainer.logprobs import vocab_parallel_logprobs
-from trainer.megatron_worker import (
+from trainer.megatron_worker import (  # noqa: F401  (re-exported names)
+    PER_TOKEN_FIELDS,
+    MiniBatching,
     ModelWorker,
-    broadcast_from_last_stage,
-    gather_over_dp,
-    reduce_metrics,
-    run_micro_batches,
-    train_step,
+    dp_slice,
+    forward_per_token,
+    make_micro_batches,
+    update_over_mini_batches,
 )
-from trainer.sequences import (
-    AlignedMicroBatch,
-    align_micro_batch,
-    gather_response,
-    pad_to_length,
-    split_by_token_budget,
-)
-
-PER_TOKEN_FIELDS = ("old_log_probs", "advantages", "ref_log_probs", "rollout_log_probs",
-                    "values", "returns")
-
-
-def dp_slice(batch: Batch) -> Batch:
-    return batch.chunk(D.dp_size())[D.dp_rank()] if D.dp_size() > 1 else batch
-
-
-def make_micro_batches(batch: Batch, micro_batch_size: int, max_tokens: int | None,
-                       seq_multiple: int, count_multiple: int = 1) -> list[AlignedMicroBatch]:
-    """Fixed-size micro-batches, or token-budget ones when max_tokens is set.
-
-    `count_multiple`: megatron's interleaved (VPP) schedule needs the number of micro-batches
-    to be a multiple of PP; when it is not, rows are re-cut into that many near-equal groups.
-    """
-    mask = batch["attention_mask"]
-    if max_tokens is None:
-        groups = [list(range(i, min(i + micro_batch_size, len(batch))))
-                  for i in range(0, len(batch), micro_batch_size)]
-    else:
-        groups = split_by_token_budget(mask.sum(-1).tolist(), max_tokens)
-    if len(groups) % count_multiple:
-        count = -(-len(groups) // count_multiple) * count_multiple
-        if count > len(batch):
-            raise ValueError(f"{len(batch)} rows cannot form a multiple of {count_multiple} "
-                             "micro-batches (interleaved pipeline schedule)")
-        groups = [t.tolist() for t in torch.arange(len(batch)).tensor_split(count)]
-    out = []
-    for rows in groups:
-        sub = batch.index(rows)
-        fields = {k: sub[k] for k in PER_TOKEN_FIELDS if k in sub}
-        out.append(align_micro_batch(sub["input_ids"], sub["attention_mask"],
-                                     sub["response_mask"], fields, seq_multiple))
-    if count_multiple > 1:
-        # megatron's interleaved schedule assumes one activation shape for all micro-batches.
-        longest = max(mb.input_ids.shape[1] for mb in out)
-        out = [pad_to_length(mb, longest) for mb in out]
-    return out
-
-
-def _layout(worker: ModelWorker) -> dict:
-    """Micro-batch shape rules of the parallel layout (SP: seq % TP; VPP: count % PP)."""
-    return {"seq_multiple": D.tp_size() if worker.config.sequence_parallel else 1,
-            "count_multiple": D.pp_size() if len(worker.chunks) > 1 else 1}
+from trainer.sequences import AlignedMicroBatch, gather_response
 
 
 class MegatronActor:
@@ -92,58 +42,33 @@ class MegatronActor:
         )
         return gather_response(logp, mb), gather_response(entropy, mb)
 
-    @torch.no_grad()
     def compute_log_prob(self, batch: Batch, calculate_entropy: bool = False) -> Batch:
         """Batch with `log_probs` [B, R] (and `entropy`) for the full batch."""
-        worker = self.worker
-        worker.train(False)
-        local = dp_slice(batch)
-        budget = self.cfg.max_tokens_per_microbatch if self.cfg.use_dynamic_bsz else None
-        mbs = make_micro_batches(local, self.cfg.micro_batch_size, budget, **_layout(worker))
+        cfg = self.cfg
+        keys = ("log_probs", "entropy") if calculate_entropy else ("log_probs",)
 
-        def loss_fn(mb, logits):
+        def per_token(mb, logits):
             logp, ent = self._logprobs(mb, logits)
-            return logp.new_zeros(()), {"log_probs": logp, "entropy": ent}
+            return {"log_probs": logp, "entropy": ent}
 
-        outputs = run_micro_batches(worker, mbs, loss_fn, forward_only=True)
-        R = batch["responses"].shape[1]
-        shape, dtype = (len(local), R), torch.float32
-        logp = torch.cat([o["log_probs"] for o in outputs]) if outputs else None
-        ent = torch.cat([o["entropy"] for o in outputs]) if outputs else None
-        result = {"log_probs": gather_over_dp(broadcast_from_last_stage(logp, shape, dtype))}
-        if calculate_entropy:
-            result["entropy"] = gather_over_dp(broadcast_from_last_stage(ent, shape, dtype))
-        worker.train(True)
-        return Batch.from_dict(result)
+        return Batch.from_dict(forward_per_token(
+            self.worker, batch, cfg.micro_batch_size,
+            cfg.max_tokens_per_microbatch if cfg.use_dynamic_bsz else None, per_token, keys))
 
     # ---- update ---------------------------------------------------------------------------
     def update_policy(self, batch: Batch) -> dict[str, float]:
         """PPO epochs over mini-batches of `ppo_mini_batch_size × n` sequences (global)."""
-        if self.worker.optimizer is None:
-            raise RuntimeError("update_policy on a model built without an optimizer (reference)")
         cfg = self.cfg
-        n = int(batch.meta_info.get("n", 1))
-        mini_global = cfg.ppo_mini_batch_size * n
-        budget = cfg.max_tokens_per_microbatch if cfg.use_dynamic_bsz else None
-        metrics: dict[str, list[float]] = {}
-        for _ in range(cfg.ppo_epochs):
-            for mini in batch.split(mini_global):
-                # Global normalisers: DDP averages grads over DP, so each rank divides its
-                # sums by (mini-batch total / DP) to get the mini-batch mean exactly.
-                tokens = mini["response_mask"].sum().item() / D.dp_size()
-                seqs = len(mini) / D.dp_size()
-                mbs = make_micro_batches(dp_slice(mini), cfg.micro_batch_size, budget,
-                                         **_layout(self.worker))
-                loss_fn = self._policy_loss_fn(tokens, seqs, len(mbs))
-                outputs, grad_norm, skipped = train_step(self.worker, mbs, loss_fn,
-                                                         cfg.max_nan_steps)
-                step = reduce_metrics(outputs, ["pg_loss", "pg_clipfrac", "ppo_kl",
-                                                "pg_clipfrac_lower", "entropy", "kl_loss"])
-                step.update(grad_norm=grad_norm, skipped_steps=float(skipped),
-                            lr=self.worker.optimizer.param_groups[0]["lr"])
-                for k, v in step.items():
-                    metrics.setdefault(k, []).append(v)
-        return {f"actor/{k}": sum(v) / len(v) for k, v in metrics.items()}
+        plan = MiniBatching(
+            mini_batch_size=cfg.ppo_mini_batch_size * int(batch.meta_info.get("n", 1)),
+            micro_batch_size=cfg.micro_batch_size, epochs=cfg.ppo_epochs,
+            max_tokens=cfg.max_tokens_per_microbatch if cfg.use_dynamic_bsz else None,
+            max_nan_steps=cfg.max_nan_steps,
+        )
+        metrics = update_over_mini_batches(
+            self.worker, batch, plan, self._policy_loss_fn,
+            ["pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower", "entropy", "kl_loss"])
+        return {f"actor/{k}": v for k, v in metrics.items()}
 
     def _policy_loss_fn(self, global_tokens: float, global_seqs: float, n_micro: int):
         cfg = self.cfg

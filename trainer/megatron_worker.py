@@ -5,7 +5,9 @@ forward/backward plumbing through megatron's own pipeline schedules.
 through the weight loaders, wraps them in megatron's DDP and builds megatron's optimizer and
 LR scheduler when the role trains. `run_micro_batches` feeds aligned micro-batches to
 `get_forward_backward_func()` (1F1B / interleaved VPP / no-pipelining, chosen by megatron) and
-hands each micro-batch's output to a loss function on the last stage.
+hands each micro-batch's output to a loss function on the last stage. `forward_per_token` and
+`update_over_mini_batches` are the two loops every role shares (actor, critic, reference): the
+data-parallel slicing, micro-batching and global loss normalisers live only here.
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ from tandem_core import cpu_compat
 from tandem_core import distributed as D
 from tandem_core.config import OptimConfig, ParallelConfig
 from tandem_core.models import ModelArgs, build_gpt_model, build_transformer_config
-from trainer.sequences import AlignedMicroBatch
+from tandem_core.protocol import Batch
+from trainer.sequences import (
+    AlignedMicroBatch,
+    align_micro_batch,
+    pad_to_length,
+    split_by_token_budget,
+)
+
+# [B, R] per-token fields that travel with each micro-batch into the loss functions.
+PER_TOKEN_FIELDS = ("old_log_probs", "advantages", "ref_log_probs", "rollout_log_probs",
+                    "values", "returns")
 
 
 @dataclass
@@ -136,6 +148,67 @@ def build_optimizer(chunks, config, optim: OptimConfig, parallel: ParallelConfig
     return optimizer, scheduler
 
 
+# ---- micro-batches ------------------------------------------------------------------------------
+class SequenceTooLongError(ValueError):
+    pass
+
+
+def check_lengths(worker: ModelWorker, batch: Batch) -> None:
+    """Refuse rows longer than the model's positions before any forward: megatron's RoPE
+    would silently extrapolate past them."""
+    lengths = batch["attention_mask"].sum(-1)
+    limit = worker.args.max_position_embeddings
+    if len(batch) and int(lengths.max()) > limit:
+        row = int(lengths.argmax())
+        raise SequenceTooLongError(
+            f"a sequence of {int(lengths[row])} tokens (row {row}) is longer than the model's "
+            f"max length {limit} (max_position_embeddings); lower data.max_prompt_length or "
+            "rollout.response_length"
+        )
+
+
+def dp_slice(batch: Batch) -> Batch:
+    return batch.chunk(D.dp_size())[D.dp_rank()] if D.dp_size() > 1 else batch
+
+
+def make_micro_batches(batch: Batch, micro_batch_size: int, max_tokens: int | None,
+                       seq_multiple: int, count_multiple: int = 1) -> list[AlignedMicroBatch]:
+    """Fixed-size micro-batches, or token-budget ones when max_tokens is set.
+
+    `count_multiple`: megatron's interleaved (VPP) schedule needs the number of micro-batches
+    to be a multiple of PP; when it is not, rows are re-cut into that many near-equal groups.
+    """
+    mask = batch["attention_mask"]
+    if max_tokens is None:
+        groups = [list(range(i, min(i + micro_batch_size, len(batch))))
+                  for i in range(0, len(batch), micro_batch_size)]
+    else:
+        groups = split_by_token_budget(mask.sum(-1).tolist(), max_tokens)
+    if len(groups) % count_multiple:
+        count = -(-len(groups) // count_multiple) * count_multiple
+        if count > len(batch):
+            raise ValueError(f"{len(batch)} rows cannot form a multiple of {count_multiple} "
+                             "micro-batches (interleaved pipeline schedule)")
+        groups = [t.tolist() for t in torch.arange(len(batch)).tensor_split(count)]
+    out = []
+    for rows in groups:
+        sub = batch.index(rows)
+        fields = {k: sub[k] for k in PER_TOKEN_FIELDS if k in sub}
+        out.append(align_micro_batch(sub["input_ids"], sub["attention_mask"],
+                                     sub["response_mask"], fields, seq_multiple))
+    if count_multiple > 1:
+        # megatron's interleaved schedule assumes one activation shape for all micro-batches.
+        longest = max(mb.input_ids.shape[1] for mb in out)
+        out = [pad_to_length(mb, longest) for mb in out]
+    return out
+
+
+def micro_batch_layout(worker: ModelWorker) -> dict:
+    """Micro-batch shape rules of the parallel layout (SP: seq % TP; VPP: count % PP)."""
+    return {"seq_multiple": D.tp_size() if worker.config.sequence_parallel else 1,
+            "count_multiple": D.pp_size() if len(worker.chunks) > 1 else 1}
+
+
 LossFn = Callable[[AlignedMicroBatch, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
@@ -228,7 +301,7 @@ def train_step(worker: ModelWorker, micro_batches, loss_fn: LossFn, max_nan_step
         if worker._skipped_in_a_row >= max_nan_steps:
             raise NonFiniteLossError(
                 f"non-finite loss in {worker._skipped_in_a_row} consecutive steps "
-                f"(actor.max_nan_steps={max_nan_steps}); aborting. Lower the learning rate or "
+                f"(max_nan_steps={max_nan_steps}); aborting. Lower the learning rate or "
                 "check the data/rewards."
             )
         return outputs, float("nan"), True
@@ -252,3 +325,82 @@ def reduce_metrics(outputs: list[dict], keys: list[str]) -> dict[str, float]:
         dist.all_reduce(values, group=D.dp_group())
     count = max(values[-1].item(), 1.0)
     return {k: values[i].item() / count for i, k in enumerate(keys)}
+
+
+# ---- the loops every role shares -------------------------------------------------------------
+PerTokenFn = Callable[[AlignedMicroBatch, torch.Tensor], dict[str, torch.Tensor]]
+
+
+@torch.no_grad()
+def forward_per_token(worker: ModelWorker, batch: Batch, micro_batch_size: int,
+                      max_tokens: int | None, fn: PerTokenFn, keys: tuple[str, ...]
+                      ) -> dict[str, torch.Tensor]:
+    """Forward-only pass over the full batch (the same on every rank).
+
+    `fn(mb, output)` turns the last stage's model output into {key: [b, R]} fp32 tensors;
+    returns {key: [B, R]} for the whole batch on every rank.
+    """
+    check_lengths(worker, batch)
+    worker.train(False)
+    local = dp_slice(batch)
+    mbs = make_micro_batches(local, micro_batch_size, max_tokens, **micro_batch_layout(worker))
+
+    def loss_fn(mb, output):
+        return output.new_zeros(()), fn(mb, output)
+
+    outputs = run_micro_batches(worker, mbs, loss_fn, forward_only=True)
+    shape = (len(local), batch["responses"].shape[1])
+    result = {}
+    for key in keys:
+        mine = torch.cat([o[key] for o in outputs]) if outputs else None
+        result[key] = gather_over_dp(broadcast_from_last_stage(mine, shape, torch.float32))
+    worker.train(True)
+    return result
+
+
+@dataclass(frozen=True)
+class MiniBatching:
+    """How an update walks a batch (the actor's and the critic's settings map onto this)."""
+
+    mini_batch_size: int
+    """Sequences per optimizer step, global over data-parallel ranks."""
+    micro_batch_size: int
+    """Sequences per forward/backward on each rank (when max_tokens is None)."""
+    epochs: int = 1
+    """Passes over the batch."""
+    max_tokens: int | None = None
+    """Token budget of a dynamic micro-batch; None = fixed micro_batch_size."""
+    max_nan_steps: int = 3
+    """Consecutive non-finite steps that abort the run."""
+
+
+# make_loss_fn(global_tokens, global_seqs, n_micro) -> LossFn for one mini-batch.
+MakeLossFn = Callable[[float, float, int], LossFn]
+
+
+def update_over_mini_batches(worker: ModelWorker, batch: Batch, plan: MiniBatching,
+                             make_loss_fn: MakeLossFn, metric_keys: list[str]
+                             ) -> dict[str, float]:
+    """Epochs × mini-batches of optimizer steps; returns each metric's mean over steps
+    (plus grad_norm, skipped_steps, lr)."""
+    if worker.optimizer is None:
+        raise RuntimeError("an update on a model built without an optimizer (reference)")
+    check_lengths(worker, batch)
+    metrics: dict[str, list[float]] = {}
+    for _ in range(plan.epochs):
+        for mini in batch.split(plan.mini_batch_size):
+            # Global normalisers: DDP averages grads over DP, so each rank divides its sums by
+            # (mini-batch total / DP) to get the mini-batch mean exactly. A mini-batch of empty
+            # responses has no token: its loss is 0, not 0/0.
+            tokens = max(mini["response_mask"].sum().item(), 1) / D.dp_size()
+            seqs = len(mini) / D.dp_size()
+            mbs = make_micro_batches(dp_slice(mini), plan.micro_batch_size, plan.max_tokens,
+                                     **micro_batch_layout(worker))
+            loss_fn = make_loss_fn(tokens, seqs, len(mbs))
+            outputs, grad_norm, skipped = train_step(worker, mbs, loss_fn, plan.max_nan_steps)
+            step = reduce_metrics(outputs, metric_keys)
+            step.update(grad_norm=grad_norm, skipped_steps=float(skipped),
+                        lr=worker.optimizer.param_groups[0]["lr"])
+            for k, v in step.items():
+                metrics.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in metrics.items()}
