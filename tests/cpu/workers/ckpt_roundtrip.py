@@ -3,19 +3,20 @@
 usage: ckpt_roundtrip.py OUT_DIR LAYOUT [LAYOUT ...]   (LAYOUT: a key of LAYOUTS)
 Per layout, on every rank (asserted here):
 1. run A: actor + critic (value head) train on batch 1, save (step 1) with extra_state (RNG of
-   this rank incl. a named generator, a rank-specific value), train on batch 2;
-2. run B: built fresh and trained twice on batch 3 (so every part of its state differs), loads the
-   checkpoint: params, optimizer moments/step, LR schedule and RNG equal A's at step 1;
+   this rank incl. a named generator, a rank-specific value), train on batch 2, save (step 2);
+2. run B: built fresh and trained twice on batch 3 (so every part of its state differs),
+   loads step 1: params, optimizer moments/step, LR schedule and RNG equal A's at step 1;
    trained on batch 2: metrics, params and optimizer state equal A's after step 2, bitwise;
-3. latest_complete() answers the same on every rank; a SIGUSR1 on the last rank only makes
-   StopRequest.agreed() true on all ranks.
+3. latest_complete() finds step 2 on every rank; A's actor at step 2 is exported as HF (read
+   back by the pytest side, which also damages the checkpoint files);
+4. a SIGUSR1 on the last rank only makes StopRequest.agreed() true on all ranks;
+5. a Tracker on every rank writes from rank 0 only (checked by the pytest side).
 """
 
 import os
 import random
 import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from trainer import checkpoint as C  # noqa: E402
 from trainer.actor import MegatronActor, dp_slice, make_micro_batches  # noqa: E402
 from trainer.megatron_worker import build_model_worker, reduce_metrics, train_step  # noqa: E402
 from trainer.sequences import gather_response  # noqa: E402
+from trainer.tracking import Tracker  # noqa: E402
 
 OPTIM = OptimConfig(lr=1e-3, eps=1e-4, weight_decay=0.01, clip_grad=1.0, lr_warmup_steps=2,
                     lr_decay_style="linear", lr_decay_steps=10)
@@ -128,6 +130,8 @@ def run_layout(name: str, tp: int, pp: int, dist_opt: bool, out_dir: Path) -> di
     draws_a = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=gen))
     metrics_a = train(a, b2)
     after_a = snapshot(a)
+    path2 = mgr.save(2, a, {"step": 2, "rank": dist.get_rank()})
+    mgr.export_hf(2, a["actor"], hf_dir)  # read back by the pytest side
 
     # run B: different history, then the checkpoint
     b = build(args, hf_dir, parallel)
@@ -138,7 +142,7 @@ def run_layout(name: str, tp: int, pp: int, dist_opt: bool, out_dir: Path) -> di
     torch.manual_seed(99)
     gen.manual_seed(99)
     found = mgr.latest_complete()
-    assert found == (1, path), found
+    assert found == (2, path2), found
     loaded = mgr.load(path, b)
     assert loaded["rank"] == dist.get_rank() and loaded["step"] == 1, loaded
     C.restore_rng_state(loaded["rng"], {"rollout": gen})
@@ -172,6 +176,11 @@ def main():
     assert stop.requested == (dist.get_rank() == dist.get_world_size() - 1)
     assert stop.agreed(), "a signal on one rank must stop every rank"
     stop.uninstall()
+
+    # every rank logs; only rank 0 may write (the pytest side counts the records)
+    with Tracker(["console", "tensorboard"], "tandem", "ckpt", out_dir / "tracker",
+                 total_steps=2) as tracker:
+        tracker.log({"actor/pg_loss": float(dist.get_rank())}, step=1)
     write_result(results)
     D.destroy()
 

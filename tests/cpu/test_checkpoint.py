@@ -1,0 +1,234 @@
+"""trainer/checkpoint.py: exact round trips of real megatron workers under torchrun, then the
+manager's bookkeeping (atomic commit, damaged checkpoints, keep-last-K), RNG and stop signals.
+
+The torchrun test leaves real torch_dist checkpoints behind; the damage tests below work on
+copies of them, so a flipped byte lands in real megatron shard files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import checkpoint as C
+
+REPO = Path(__file__).resolve().parents[2]
+LAYOUTS = ("tp2", "pp2", "dp2", "dp2_plain")
+
+
+@pytest.fixture(scope="module")
+def roundtrip(tmp_path_factory, tiny_ckpt) -> tuple[Path, dict]:
+    """Run the 2-rank round trip for every layout once; the worker asserts bitwise equality."""
+    from conftest import run_torchrun
+
+    tiny_ckpt("tiny_llama")  # built once here, not by two ranks at once
+    out = tmp_path_factory.mktemp("ckpt_roundtrip")
+    return out, run_torchrun("ckpt_roundtrip.py", 2, str(out), *LAYOUTS)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_resume_is_bitwise(roundtrip, layout):
+    _, result = roundtrip
+    r = result[layout]
+    # Every parameter and optimizer tensor moved in step 2, and the resumed run matched all.
+    assert r["changed_by_step2"] == r["tensors"] > 100
+    assert r["metrics"]["actor/grad_norm"] > 0 and r["metrics"]["critic/vf_loss0"] > 0
+
+
+def test_checkpoint_layout_on_disk(roundtrip):
+    out, _ = roundtrip
+    mgr = C.CheckpointManager(out / "pp2", max_to_keep=2)
+    assert [s for s, _ in mgr.step_dirs()] == [2, 1]
+    manifest = json.loads((out / "pp2/checkpoints/step_2" / C.MARKER).read_text())
+    assert manifest["step"] == 2 and manifest["roles"] == ["actor", "critic"]
+    assert manifest["layout"] == {"world_size": 2, "tp": 1, "pp": 2, "dp": 1}
+    files = manifest["files"]
+    assert {"extra/rank_0.pt", "extra/rank_1.pt", "actor/metadata.json"} <= set(files)
+    assert any(f.startswith("critic/") and f.endswith(".distcp") for f in files)
+    assert not list((out / "pp2/checkpoints").glob(".tmp_*"))
+
+
+def test_hf_export_loads_in_transformers(roundtrip, tiny_ckpt):
+    from transformers import AutoModelForCausalLM
+
+    out, _ = roundtrip
+    src = AutoModelForCausalLM.from_pretrained(tiny_ckpt("tiny_llama"), torch_dtype=torch.float32)
+    for layout in ("tp2", "pp2"):
+        hf_dir = out / layout / "hf" / "step_2"
+        assert not list(hf_dir.parent.glob(".tmp_*"))
+        got = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+        trained = dict(got.named_parameters())
+        moved = [n for n, p in src.named_parameters() if not torch.equal(p, trained[n])]
+        assert len(moved) == len(trained), "every tensor was trained for 4 optimizer steps"
+
+
+def test_tracker_writes_from_rank0_only(roundtrip):
+    out, _ = roundtrip
+    lines = (out / "tracker" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x).get("event") for x in lines] == ["start", None]
+    assert json.loads(lines[1]) == {"step": 1, "actor/pg_loss": 0.0}  # rank 0's value
+
+
+# ---- damaged checkpoints (copies of the real ones) -------------------------------------------
+@pytest.fixture
+def two_ckpts(roundtrip, tmp_path) -> C.CheckpointManager:
+    out, _ = roundtrip
+    shutil.copytree(out / "dp2", tmp_path / "run")
+    return C.CheckpointManager(tmp_path / "run", max_to_keep=2)
+
+
+def _a_shard(path: Path) -> Path:
+    return sorted((path / "actor").glob("*.distcp"))[0]
+
+
+def test_flipped_byte_falls_back_with_warning(two_ckpts, caplog):
+    assert two_ckpts.latest_complete()[0] == 2
+    shard = _a_shard(two_ckpts.root / "step_2")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert two_ckpts.latest_complete() == (1, two_ckpts.root / "step_1")
+    assert "checksum mismatch in actor/" in caplog.text and "step_2" in caplog.text
+    # verify="size" trusts same-size files: the cheap mode misses a flipped byte.
+    assert C.CheckpointManager(two_ckpts.root.parent, verify="size").latest_complete()[0] == 2
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: _a_shard(p).write_bytes(_a_shard(p).read_bytes()[:-10]), "bytes, "),
+    (lambda p: _a_shard(p).unlink(), "is missing"),
+    (lambda p: (p / C.MARKER).unlink(), f"no {C.MARKER}"),
+    (lambda p: (p / C.MARKER).write_text("{not json"), f"unreadable {C.MARKER}"),
+])
+def test_partial_checkpoint_falls_back(two_ckpts, caplog, damage, message):
+    damage(two_ckpts.root / "step_2")
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert two_ckpts.latest_complete()[0] == 1
+    assert message in caplog.text
+
+
+def test_nothing_usable(two_ckpts):
+    for _, path in two_ckpts.step_dirs():
+        (path / C.MARKER).unlink()
+    assert two_ckpts.latest_complete() is None
+    assert C.CheckpointManager(two_ckpts.root.parent / "elsewhere").latest_complete() is None
+
+
+# ---- bookkeeping without models (single process, no process group) ---------------------------
+def test_keep_last_k_and_leftovers(tmp_path, caplog):
+    mgr = C.CheckpointManager(tmp_path, max_to_keep=2)
+    for step in (1, 2, 3, 4):
+        mgr.save(step, {}, {"step": step})
+    assert [s for s, _ in mgr.step_dirs()] == [4, 3]
+    # An interrupted save leaves a temp dir: never a candidate, removed by the next save.
+    (mgr.root / ".tmp_step_5").mkdir()
+    (mgr.root / ".tmp_step_5" / "junk").write_text("x")
+    assert mgr.latest_complete()[0] == 4
+    # Resuming from step 3 (say step 4 was damaged) and saving step 4 again replaces it.
+    mgr.save(4, {}, {"step": 4, "again": True})
+    assert mgr.load(mgr.root / "step_4", {})["again"] is True
+    assert not list(mgr.root.glob(".tmp_*"))
+    # A later step from before the resume would shadow this run at the next resume: removed.
+    mgr.save(7, {}, {"step": 7})
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        mgr.save(5, {}, {"step": 5})
+    assert [s for s, _ in mgr.step_dirs()] == [5, 4]
+    assert "newer than the step just saved" in caplog.text
+
+
+def test_incomplete_step_dir_is_not_counted_as_kept(tmp_path):
+    mgr = C.CheckpointManager(tmp_path, max_to_keep=2)
+    mgr.save(1, {}, {})
+    mgr.save(2, {}, {})
+    (mgr.root / "step_2" / C.MARKER).unlink()  # damaged after the fact
+    mgr.save(3, {}, {})
+    # step_2 has no marker: pruned; the good step_1 is kept as the second checkpoint.
+    assert [s for s, _ in mgr.step_dirs()] == [3, 1]
+
+
+def test_load_checks_roles(tmp_path):
+    mgr = C.CheckpointManager(tmp_path)
+    path = mgr.save(1, {}, {"k": 1})
+    with pytest.raises(C.CheckpointError, match=r"no state for \['actor'\]"):
+        mgr.load(path, {"actor": object()})
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="max_to_keep"):
+        C.CheckpointManager(tmp_path, max_to_keep=0)
+    with pytest.raises(ValueError, match="verify"):
+        C.CheckpointManager(tmp_path, verify="md5")
+
+
+# ---- RNG ------------------------------------------------------------------------------------
+def _draws(gen):
+    return (random.random(), float(np.random.rand()), torch.rand(4), torch.rand(2, generator=gen))
+
+
+def test_rng_state_round_trip(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    state = C.capture_rng_state({"rollout": gen})
+    torch.save(state, tmp_path / "rng.pt")  # what save() does with extra_state
+    want = _draws(gen)
+    _draws(gen)  # move every stream on
+    C.restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False), {"rollout": gen})
+    got = _draws(gen)
+    assert got[:2] == want[:2]
+    assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+    with pytest.raises(C.CheckpointError, match="'critic'"):
+        C.restore_rng_state(state, {"critic": gen})
+
+
+# ---- stop signals ---------------------------------------------------------------------------
+def test_signal_handler_sets_flag():
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = C.install_signal_handlers()
+    try:
+        assert not stop.requested and not stop.agreed()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested and stop.signal_name == "SIGUSR1" and stop.agreed()
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_sigterm_on_one_rank_checkpoints_all_and_exits_cleanly(tmp_path):
+    """SIGTERM to rank 1 only: both ranks save the same step and torchrun exits 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--standalone", str(REPO / "tests/cpu/workers/ckpt_sigterm.py"), str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        progress = tmp_path / "progress"
+        while not (progress.exists() and progress.read_text() and int(progress.read_text()) >= 3):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the loop never reached step 3"
+            time.sleep(0.05)
+        os.kill(int((tmp_path / "pid_1").read_text()), signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output
+    step, path = C.CheckpointManager(tmp_path).latest_complete()
+    assert step >= 3
+    extras = [torch.load(path / "extra" / f"rank_{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [e["step"] for e in extras] == [step, step]
+    assert [e["signal"] for e in extras] == [None, "SIGTERM"]
+    assert "rank 0: stopped by a peer" in output and "rank 1: stopped by SIGTERM" in output
