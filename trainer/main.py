@@ -176,6 +176,11 @@ def fit(cfg: TandemConfig, run_dir: Path) -> dict:
                 return {"history": history, "stopped": True}
         if trainer.step_no == cfg.trainer.total_steps:
             parts.export_hf(trainer.step_no)
+        if rank0 and len(history) > 1:
+            first, last = history[0], history[-1]
+            print(f"[tandem] reward (critic/score/mean): step {first['training/global_step']} "
+                  f"{first['critic/score/mean']:.3f} -> step {last['training/global_step']} "
+                  f"{last['critic/score/mean']:.3f}", flush=True)
     finally:
         parts.tracker.close()
         parts.scorer.close()
@@ -194,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(plan.table(), flush=True)
-    result = fit(cfg, run_dir)
-    D.destroy()
-    return 0 if not result.get("error") else 1
+    fit(cfg, run_dir)
+    # No destroy_process_group here: the in-process vLLM engine tears its own groups down at
+    # exit and fails if the default group is already gone; process exit releases gloo/NCCL.
+    return 0
 
 
 if __name__ == "__main__":
