@@ -183,6 +183,8 @@ def load_worker(worker: ModelWorker, path: Path, sharding: str = "dp_reshardable
 
     # no_grad: in fp32 the distributed optimizer's main params are views of the model's.
     with cpu_compat.megatron_device_scope(), torch.no_grad():
+        if worker.optimizer is not None:
+            _init_empty_adam_state(worker.optimizer)
         template = _sharded_state_dict(worker, sharding, is_loading=True)
         state = dist_checkpointing.load(template, str(path))
         chunks = unwrap_model(worker.chunks)
@@ -195,6 +197,24 @@ def load_worker(worker: ModelWorker, path: Path, sharding: str = "dp_reshardable
     worker._skipped_in_a_row = int(state["worker"]["skipped_in_a_row"])
 
 
+def _torch_adams(optimizer) -> list[torch.optim.Optimizer]:
+    inners = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [o for o in inners if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _init_empty_adam_state(optimizer) -> None:
+    """A fresh worker (a restarted trainer) has no Adam state yet; megatron-core 0.16.1's
+    DistributedOptimizer.state_dict then asserts (it reads torch's `step`), so loading into it
+    fails. Give it torch's own zero-step state; the checkpoint then overwrites every value."""
+    for inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p].update(step=torch.tensor(0.0, dtype=torch.float32),
+                                          exp_avg=torch.zeros_like(p),
+                                          exp_avg_sq=torch.zeros_like(p))
+
+
 def _untie_adam_steps(optimizer) -> None:
     """Give every parameter its own Adam step count, equal to the saved one.
 
@@ -202,8 +222,7 @@ def _untie_adam_steps(optimizer) -> None:
     hands all parameters ONE shared `step` tensor, then overwrites it with the template's stale
     value; torch then increments the shared tensor once per parameter per step, so the bias
     correction after a resume would be wrong. The saved count survives in param_groups."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
+    for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             if "step" not in group:
                 continue

@@ -88,3 +88,16 @@ def test_timed():
     with T.timed("gen", timings):
         sum(range(10000))
     assert set(timings) == {"timing_s/gen"} and timings["timing_s/gen"] > first >= 0
+
+
+def test_wandb_offline_resumes_the_same_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for step in (1, 2):  # a run, then its resume
+        with T.Tracker(["wandb"], "tandem", "exp", tmp_path, {"trainer": {}}) as t:
+            t.log({"actor/pg_loss": 0.5}, step)
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    # offline-run-<time>-<id>[-k]: each resume writes beside the first, under the same id
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(f"-{run_id}" in r for r in runs), (run_id, runs)

@@ -7,6 +7,7 @@ Per layout, on every rank (asserted here):
 2. run B: built fresh and trained twice on batch 3 (so every part of its state differs),
    loads step 1: params, optimizer moments/step, LR schedule and RNG equal A's at step 1;
    trained on batch 2: metrics, params and optimizer state equal A's after step 2, bitwise;
+   run C: the same from a freshly built worker (a restarted trainer: no optimizer state yet);
 3. latest_complete() finds step 2 on every rank; A's actor at step 2 is exported as HF (read
    back by the pytest side, which also damages the checkpoint files);
 4. a SIGUSR1 on the last rank only makes StopRequest.agreed() true on all ranks;
@@ -155,6 +156,15 @@ def run_layout(name: str, tp: int, pp: int, dist_opt: bool, out_dir: Path) -> di
     assert metrics_a == metrics_b, (metrics_a, metrics_b)
     bad = diff(snapshot(b), after_a)
     assert not bad, f"{name}: the step after resume differs from the uninterrupted one: {bad[:5]}"
+
+    # run C: freshly built, as a restarted trainer is (no optimizer state yet)
+    c = build(args, hf_dir, parallel)
+    mgr.load(path, c)
+    bad = diff(snapshot(c), at_save)
+    assert not bad, f"{name}: fresh worker after load differs from the saved state in {bad[:5]}"
+    assert train(c, b2) == metrics_a
+    bad = diff(snapshot(c), after_a)
+    assert not bad, f"{name}: fresh worker, the step after resume differs: {bad[:5]}"
     moved = sum(not torch.equal(at_save[k], after_a[k]) for k in at_save)
     return {"tensors": len(at_save), "changed_by_step2": moved, "metrics": metrics_b}
 
