@@ -126,6 +126,13 @@ class ActorConfig:
 class CriticConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     cliprange_value: float = 0.5
+    loss_agg_mode: str = "token-mean"
+    """Aggregation of the value loss (same modes as actor.loss_agg_mode)."""
+    use_dynamic_bsz: bool = False
+    """Form micro-batches by a token budget instead of a fixed count."""
+    max_tokens_per_microbatch: int = 2048
+    max_nan_steps: int = 3
+    """Abort after this many consecutive non-finite losses (each such step is skipped)."""
     """Value clip around the old values (> 0)."""
     ppo_mini_batch_size: int = 8
     """Prompts per critic optimizer step (×rollout.n sequences), global."""
@@ -430,6 +437,7 @@ CHOICES: dict[str, tuple] = {
     "model.layer_spec": ("auto", "local", "sdpa", "te"),
     "data.overlong_prompt": ("filter", "error"),
     "actor.loss_agg_mode": LOSS_AGG_MODES,
+    "critic.loss_agg_mode": LOSS_AGG_MODES,
     "actor.kl_loss_type": KL_ESTIMATORS,
     "actor.optim.lr_decay_style": LR_DECAY_STYLES,
     "critic.optim.lr_decay_style": LR_DECAY_STYLES,

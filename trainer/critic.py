@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tandem_core.config import ActorConfig, CriticConfig
+from tandem_core.config import CriticConfig
 from tandem_core.protocol import Batch
 from trainer import core_algos
 from trainer.megatron_worker import (
@@ -24,23 +24,14 @@ from trainer.megatron_worker import (
 )
 from trainer.sequences import AlignedMicroBatch, gather_response
 
-# CriticConfig does not carry loss_agg_mode, use_dynamic_bsz, max_tokens_per_microbatch and
-# max_nan_steps (yet); until it does they take the actor's defaults, in this one place.
-_ACTOR_DEFAULTS = ActorConfig()
-
-
-def _setting(cfg: CriticConfig, name: str):
-    return getattr(cfg, name, getattr(_ACTOR_DEFAULTS, name))
-
 
 class MegatronCritic:
     """compute_values + update_critic on a value-head model."""
 
     def __init__(self, worker: ModelWorker, cfg: CriticConfig):
         self.worker, self.cfg = worker, cfg
-        self.loss_agg_mode = _setting(cfg, "loss_agg_mode")
-        self.max_tokens = (_setting(cfg, "max_tokens_per_microbatch")
-                           if _setting(cfg, "use_dynamic_bsz") else None)
+        self.loss_agg_mode = cfg.loss_agg_mode
+        self.max_tokens = cfg.max_tokens_per_microbatch if cfg.use_dynamic_bsz else None
 
     @staticmethod
     def _values(mb: AlignedMicroBatch, output: torch.Tensor) -> torch.Tensor:
@@ -60,7 +51,7 @@ class MegatronCritic:
         plan = MiniBatching(
             mini_batch_size=cfg.ppo_mini_batch_size * int(batch.meta_info.get("n", 1)),
             micro_batch_size=cfg.micro_batch_size, epochs=cfg.ppo_epochs,
-            max_tokens=self.max_tokens, max_nan_steps=_setting(cfg, "max_nan_steps"),
+            max_tokens=self.max_tokens, max_nan_steps=cfg.max_nan_steps,
         )
         metrics = update_over_mini_batches(self.worker, batch, plan, self._value_loss_fn,
                                            ["vf_loss", "vf_clipfrac", "vpred_mean"])

@@ -44,10 +44,6 @@ def test_critic_reference_and_batching(layout, torchrun, tiny_ckpt):
     _check_numbers(res, checks)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ValueHead under sequence parallelism gathers with tensor_parallel_output_grad=True, so "
-    "its (replicated) gradient is reduce-scattered: TP x too large into the backbone. Fix in "
-    "tandem_core/models.py: tensor_parallel_output_grad=False; then drop this marker."))
 def test_critic_tp2_sequence_parallel(torchrun, tiny_ckpt):
     tiny_ckpt("tiny_llama")
     res = torchrun("critic_check.py", 2, "tiny_llama", "2", "1", "1", "critic")
