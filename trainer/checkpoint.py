@@ -162,8 +162,9 @@ def _sharded_state_dict(worker: ModelWorker, sharding: str, is_loading: bool) ->
 
 def save_worker(worker: ModelWorker, path: Path, sharding: str = "dp_reshardable") -> None:
     """One role into `path` (collective). `sharding` picks the distributed optimizer's format:
-    dp_reshardable (megatron's default: no communication, resumable at another DP size) or
-    fully_reshardable (gathered on DP rank 0; resumable at another TP/PP)."""
+    dp_reshardable (Megatron-LM's default: no communication; megatron documents resharding over
+    DP only) or fully_reshardable (gathered on DP rank 0; documented to reshard over TP/PP too).
+    Only resuming with the same layout is tested here."""
     from megatron.core import dist_checkpointing
 
     if worker.offloaded:

@@ -25,7 +25,7 @@ from typing import TextIO
 
 import torch.distributed as dist
 
-BACKENDS: dict[str, Callable[..., "Backend"]] = {}
+BACKENDS: dict[str, Callable[..., Backend]] = {}
 
 
 def register_backend(name: str):

@@ -29,6 +29,7 @@ from _common import write_result  # noqa: E402
 from _reference import synthetic_rollout  # noqa: E402
 
 import weight_loaders  # noqa: E402
+from tandem_core import cpu_compat  # noqa: E402
 from tandem_core import distributed as D  # noqa: E402
 from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig  # noqa: E402
 from tandem_core.protocol import Batch  # noqa: E402
@@ -51,7 +52,16 @@ def rollout(vocab: int, seed: int) -> Batch:
     data.update(old_log_probs=-3.0 + 0.1 * torch.randn(shape, generator=g),
                 advantages=torch.randn(shape, generator=g),
                 returns=torch.randn(shape, generator=g))
-    return Batch.from_dict(data, meta_info={"n": 1})
+    return Batch.from_dict(data, meta_info={"n": 1}).to(cpu_compat.device())
+
+
+def value_loss(tokens: float, n_micro: int):
+    def loss_fn(mb, values):
+        v = gather_response(values.squeeze(-1), mb)
+        loss = ((v - mb.fields["returns"]) ** 2 * mb.response_mask).sum() / tokens
+        return loss, {"loss": loss.detach().clone(), "vf_loss": loss.detach() * n_micro}
+
+    return loss_fn
 
 
 def critic_update(worker, batch: Batch) -> dict:
@@ -60,13 +70,8 @@ def critic_update(worker, batch: Batch) -> dict:
     for i, mini in enumerate(batch.split(4)):
         tokens = mini["response_mask"].sum().item() / D.dp_size()
         mbs = make_micro_batches(dp_slice(mini), 2, None, seq_multiple=1)
-
-        def loss_fn(mb, values, n=len(mbs), tokens=tokens):
-            v = gather_response(values.squeeze(-1), mb)
-            loss = ((v - mb.fields["returns"]) ** 2 * mb.response_mask).sum() / tokens
-            return loss, {"loss": loss.detach().clone(), "vf_loss": loss.detach() * n}
-
-        outputs, grad_norm, _ = train_step(worker, mbs, loss_fn, max_nan_steps=3)
+        outputs, grad_norm, _ = train_step(worker, mbs, value_loss(tokens, len(mbs)),
+                                           max_nan_steps=3)
         metrics.update({f"vf_loss{i}": reduce_metrics(outputs, ["vf_loss"])["vf_loss"],
                         f"grad_norm{i}": grad_norm})
     return metrics
@@ -149,7 +154,7 @@ def run_layout(name: str, tp: int, pp: int, dist_opt: bool, out_dir: Path) -> di
     C.restore_rng_state(loaded["rng"], {"rollout": gen})
     draws_b = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=gen))
     assert all(torch.equal(torch.as_tensor(x), torch.as_tensor(y))
-               for x, y in zip(draws_a, draws_b)), (draws_a, draws_b)
+               for x, y in zip(draws_a, draws_b, strict=True)), (draws_a, draws_b)
     bad = diff(snapshot(b), at_save)
     assert not bad, f"{name}: after load, differs from the saved state in {bad[:5]}"
     metrics_b = train(b, b2)
