@@ -191,6 +191,8 @@ def make_micro_batches(batch: Batch, micro_batch_size: int, max_tokens: int | No
                              "micro-batches (interleaved pipeline schedule)")
         groups = [t.tolist() for t in torch.arange(len(batch)).tensor_split(count)]
     out = []
+    # The trainer's batch lives on the host; each micro-batch goes to the device as it is cut.
+    batch = batch.to(cpu_compat.device())
     for rows in groups:
         sub = batch.index(rows)
         fields = {k: sub[k] for k in PER_TOKEN_FIELDS if k in sub}
@@ -353,7 +355,7 @@ def forward_per_token(worker: ModelWorker, batch: Batch, micro_batch_size: int,
     result = {}
     for key in keys:
         mine = torch.cat([o[key] for o in outputs]) if outputs else None
-        result[key] = gather_over_dp(broadcast_from_last_stage(mine, shape, torch.float32))
+        result[key] = gather_over_dp(broadcast_from_last_stage(mine, shape, torch.float32)).cpu()
     worker.train(True)
     return result
 

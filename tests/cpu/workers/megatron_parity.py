@@ -6,7 +6,8 @@ trains one step's worth of forward/backward through `get_forward_backward_func` 
 with megatron's DDP and grad finalisation (which all-reduces SP norm grads), then gathers the
 full gradients by global name and saves loss + grads for the test to compare across layouts.
 
-usage: megatron_parity.py OUT.pt TP PP SP(0|1)
+usage: megatron_parity.py OUT.pt TP PP SP(0|1) [float32|bfloat16]
+On GPUs (NCCL) the same worker runs in bf16 with fp32 grad reduction (tests/multigpu).
 """
 
 import os
@@ -73,6 +74,7 @@ def full_shape_of(param) -> list[int]:
 
 def main():
     out_path, tp, pp, sp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))
+    dtype = sys.argv[5] if len(sys.argv) > 5 else "float32"
     torch.manual_seed(0)
     D.init_distributed()
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -84,7 +86,7 @@ def main():
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    config = build_transformer_config(ARGS, parallel)
+    config = build_transformer_config(ARGS, parallel, dtype)
     config.finalize_model_grads_func = finalize_model_grads
     pre, post = D.pp_rank() == 0, D.pp_rank() == pp - 1
     model = build_gpt_model(ARGS, config, layer_spec="sdpa", pre_process=pre, post_process=post)
@@ -92,16 +94,17 @@ def main():
     for name, p in model.named_parameters():
         set_deterministic(p, global_name(name, offset), full_shape_of(p))
     with cpu_compat.megatron_device_scope():
-        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                      model)
 
     gen = torch.Generator().manual_seed(123)
     tokens = torch.randint(0, ARGS.vocab_size, (MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ + 1),
-                           generator=gen)
+                           generator=gen).to(cpu_compat.device())
     batches = iter([(t[:, :-1], t[:, 1:]) for t in tokens])
 
     def forward_step(data_iterator, model):
         ids, labels = next(data_iterator)
-        pos = torch.arange(SEQ).expand_as(ids)
+        pos = torch.arange(SEQ, device=ids.device).expand_as(ids)
         logits = model(ids, pos, None)  # [b, s, vocab/tp] on the last stage
 
         def loss_func(output):
@@ -119,23 +122,24 @@ def main():
             num_microbatches=MICRO_BATCHES, seq_length=SEQ, micro_batch_size=MICRO_BATCH_SIZE,
             forward_only=False,
         )
-    loss = torch.tensor(sum(float(x["loss"]) for x in losses) if losses else 0.0)
+    loss = torch.tensor(sum(float(x["loss"]) for x in losses) if losses else 0.0,
+                        device=cpu_compat.device())
     dist.all_reduce(loss, group=D.pp_group())  # only the last stage has it
 
     # Full gradients by global name: all-gather TP shards, then collect stages on every rank.
     grads = {}
     for name, p in model.named_parameters():
-        g = p.main_grad.detach().clone()
+        g = p.main_grad.detach().float().clone()
         if getattr(p, "tensor_model_parallel", False):
             parts = [torch.empty_like(g) for _ in range(tp)]
             dist.all_gather(parts, g, group=D.tp_group())
             g = unshard(name, parts, p.partition_dim)
-        grads[global_name(name, offset)] = g
+        grads[global_name(name, offset)] = g.cpu()
     stages = [None] * pp
     dist.all_gather_object(stages, grads, group=D.pp_group())
-    merged = {k: v for s in stages for k, v in s.items()}
+    merged = {k: v.cpu() for s in stages for k, v in s.items()}
     if dist.get_rank() == 0:
-        torch.save({"loss": loss, "grads": merged}, out_path)
+        torch.save({"loss": loss.cpu(), "grads": merged}, out_path)
     write_result({"loss": float(loss)})
     D.destroy()
 
