@@ -45,10 +45,10 @@ test-multigpu: install
 	$(PY) -m pytest -q tests/multigpu
 
 bench: install
-	$(PY) -m benchmarks.run_cpu
+	$(PY) -m benchmarks.run_all
 
 bench-gpu: install
-	$(PY) -m benchmarks.run_gpu
+	$(PY) -m benchmarks.run_all
 
 lint: install
 	$(VENV)/bin/ruff check .
