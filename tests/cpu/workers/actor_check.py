@@ -79,7 +79,7 @@ def main():
     moved = min((want[k].detach() - before[k]).abs().max().item() for k in before)
     assert moved > 1e-4, f"the reference step left a tensor unchanged ({moved})"
     errors = {}
-    for mbs in (1, 4):
+    for mbs in [int(x) for x in os.environ.get("ACTOR_MBS", "1,4").split(",")]:
         worker = build_model_worker(args, hf_dir, parallel, optim=cfg.optim)
         MegatronActor(worker, replace(cfg, micro_batch_size=mbs)).update_policy(
             Batch.from_dict({**data, **extra}, meta_info={"n": 1}))
