@@ -36,9 +36,13 @@ def _rollout(vocab: int, batch: int, prompt_len: int, resp_len: int):
     resp_mask = (pos[None, :resp_len] < r_real[:, None]).long()
     attn = torch.cat([prompt_mask, resp_mask], dim=1)
     ids = ids * attn
-    return {"input_ids": ids, "attention_mask": attn,
-            "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
-            "responses": ids[:, prompt_len:], "response_mask": resp_mask}
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+        "responses": ids[:, prompt_len:],
+        "response_mask": resp_mask,
+    }
 
 
 def main() -> None:
@@ -79,8 +83,9 @@ def main() -> None:
     init_model_parallel(parallel)
     args = wl.model_args_from_hf(src)
     worker = build_model_worker(args, src, parallel)
-    batch = Batch.from_dict(_rollout(args.vocab_size, opts.batch, opts.prompt_len,
-                                     opts.response_len))
+    batch = Batch.from_dict(
+        _rollout(args.vocab_size, opts.batch, opts.prompt_len, opts.response_len)
+    )
     actor = MegatronActor(worker, ActorConfig(micro_batch_size=opts.micro_batch))
     tokens = int(batch["attention_mask"].sum())
     model = worker.chunks[0]
@@ -101,9 +106,11 @@ def main() -> None:
     for _ in range(opts.repeats):
         fwd_s = min(fwd_s, _seconds(plain_forward))
         lp_s = min(lp_s, _seconds(logprobs))
-    print(f"model {opts.model}: {args.num_layers} layers, hidden {args.hidden_size}, "
-          f"vocab {args.vocab_size}; {opts.batch} rows, {tokens} real tokens, micro-batch "
-          f"{opts.micro_batch}, {torch.get_num_threads()} thread(s)")
+    print(
+        f"model {opts.model}: {args.num_layers} layers, hidden {args.hidden_size}, "
+        f"vocab {args.vocab_size}; {opts.batch} rows, {tokens} real tokens, micro-batch "
+        f"{opts.micro_batch}, {torch.get_num_threads()} thread(s)"
+    )
     print(f"plain megatron forward: {fwd_s * 1e3:8.1f} ms  {tokens / fwd_s:9.1f} tokens/s")
     print(f"compute_log_prob:       {lp_s * 1e3:8.1f} ms  {tokens / lp_s:9.1f} tokens/s")
     print(f"log-prob / forward throughput: {fwd_s / lp_s:.3f}")

@@ -38,7 +38,9 @@ def _prompt_batch(model_path, count: int, seed: int = 0):
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
-        msg = [{"role": "user", "content": f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}?"}]
+        msg = [
+            {"role": "user", "content": f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}?"}
+        ]
         text = tok.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
         rows.append(tok(text, add_special_tokens=False)["input_ids"])
     width = max(map(len, rows))
@@ -71,8 +73,18 @@ def bench(backend: str, model_path, prompts, response_length: int, max_model_len
 
 
 def _run_one(model: str, backend: str, args) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.bench_rollout", "--one", model, backend,
-           "--prompts", str(args.prompts), "--response-length", str(args.response_length)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_rollout",
+        "--one",
+        model,
+        backend,
+        "--prompts",
+        str(args.prompts),
+        "--response-length",
+        str(args.response_length),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{model}/{backend} failed:\n{proc.stderr[-4000:]}")
@@ -107,12 +119,16 @@ def main() -> None:
             r = _run_one(model, backend, args)
             rows.append((model, backend, r))
             print(f"[bench_rollout] {model} {backend}: {r}", flush=True)
-    print(f"\nprompts={args.prompts} response_length={args.response_length} fp32 sampling "
-          f"threads={os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print(
+        f"\nprompts={args.prompts} response_length={args.response_length} fp32 sampling "
+        f"threads={os.environ.get('OMP_NUM_THREADS', 'default')}"
+    )
     print(f"{'model':<14} {'backend':<8} {'start s':>8} {'gen s':>7} {'tokens':>7} {'tok/s':>8}")
     for model, backend, r in rows:
-        print(f"{model:<14} {backend:<8} {r['start_s']:>8.1f} {r['gen_s']:>7.2f} "
-              f"{r['tokens']:>7d} {r['tok_per_s']:>8.1f}")
+        print(
+            f"{model:<14} {backend:<8} {r['start_s']:>8.1f} {r['gen_s']:>7.2f} "
+            f"{r['tokens']:>7d} {r['tok_per_s']:>8.1f}"
+        )
 
 
 if __name__ == "__main__":

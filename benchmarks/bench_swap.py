@@ -57,8 +57,9 @@ def main() -> None:
     D.init_model_parallel(parallel)
     args = weight_loaders.model_args_from_hf(hf_dir)
     worker = build_model_worker(args, hf_dir, parallel, optim=OptimConfig(lr=1e-6))
-    rollout = build_rollout(RolloutConfig(name=opts.backend, response_length=16), hf_dir,
-                            max_model_len=256)
+    rollout = build_rollout(
+        RolloutConfig(name=opts.backend, response_length=16), hf_dir, max_model_len=256
+    )
     manager = get_sharding_manager(opts.backend)(worker, rollout)
 
     # Weight sync vs a plain copy of the same bytes.
@@ -85,22 +86,36 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     B, P, R = 32, 64, 64
     ids = torch.randint(10, args.vocab_size, (B, P + R), generator=g)
-    batch = Batch.from_dict({
-        "input_ids": ids, "attention_mask": torch.ones(B, P + R, dtype=torch.long),
-        "responses": ids[:, P:], "response_mask": torch.ones(B, R, dtype=torch.long),
-        "old_log_probs": torch.zeros(B, R) - 2.0, "advantages": torch.randn(B, R, generator=g),
-    }, meta_info={"n": 4})
+    batch = Batch.from_dict(
+        {
+            "input_ids": ids,
+            "attention_mask": torch.ones(B, P + R, dtype=torch.long),
+            "responses": ids[:, P:],
+            "response_mask": torch.ones(B, R, dtype=torch.long),
+            "old_log_probs": torch.zeros(B, R) - 2.0,
+            "advantages": torch.randn(B, R, generator=g),
+        },
+        meta_info={"n": 4},
+    )
     actor = MegatronActor(worker, ActorConfig(ppo_mini_batch_size=8, micro_batch_size=4))
     step_s = _best(lambda: actor.update_policy(batch), 1)
 
-    print(f"model {opts.model} ({nbytes / 1e9:.3f} GB of HF tensors), backend {opts.backend}, "
-          f"{torch.get_num_threads()} thread(s)")
-    print(f"  plain copy of the same bytes : {copy_s * 1e3:8.1f} ms  ({nbytes / copy_s / 1e9:.2f} GB/s)")
-    print(f"  weight sync into the engine  : {sync_s * 1e3:8.1f} ms  ({nbytes / sync_s / 1e9:.2f} GB/s, "
-          f"{sync_s / copy_s:.2f}x copy)")
+    print(
+        f"model {opts.model} ({nbytes / 1e9:.3f} GB of HF tensors), backend {opts.backend}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+    print(
+        f"  plain copy of the same bytes : {copy_s * 1e3:8.1f} ms  ({nbytes / copy_s / 1e9:.2f} GB/s)"
+    )
+    print(
+        f"  weight sync into the engine  : {sync_s * 1e3:8.1f} ms  ({nbytes / sync_s / 1e9:.2f} GB/s, "
+        f"{sync_s / copy_s:.2f}x copy)"
+    )
     print(f"  swap (enter + exit)          : {swap_s * 1e3:8.1f} ms")
-    print(f"  actor step (32 seq × 128 tok): {step_s * 1e3:8.1f} ms  -> swap = "
-          f"{100 * swap_s / step_s:.1f}% of a step")
+    print(
+        f"  actor step (32 seq × 128 tok): {step_s * 1e3:8.1f} ms  -> swap = "
+        f"{100 * swap_s / step_s:.1f}% of a step"
+    )
 
 
 if __name__ == "__main__":

@@ -81,16 +81,22 @@ def main() -> None:
         results = {
             "plain copy": (copy_bytes, _timed(plain_copy, opts.repeats)),
             "stream (per tensor)": (hf_bytes, _timed(stream, opts.repeats)),
-            f"stream (buckets {opts.bucket_mb:g} MiB)": (hf_bytes,
-                                                          _timed(stream_buckets, opts.repeats)),
+            f"stream (buckets {opts.bucket_mb:g} MiB)": (
+                hf_bytes,
+                _timed(stream_buckets, opts.repeats),
+            ),
         }
-    print(f"model {opts.model}: {hf_bytes / 1e9:.3f} GB of HF tensors "
-          f"({copy_bytes / 1e9:.3f} GB megatron incl. vocab padding), "
-          f"threads={torch.get_num_threads()}, import {load_s:.2f} s")
+    print(
+        f"model {opts.model}: {hf_bytes / 1e9:.3f} GB of HF tensors "
+        f"({copy_bytes / 1e9:.3f} GB megatron incl. vocab padding), "
+        f"threads={torch.get_num_threads()}, import {load_s:.2f} s"
+    )
     base = copy_bytes / results["plain copy"][1]
     for name, (nbytes, sec) in results.items():
         gbps = nbytes / sec / 1e9
-        print(f"  {name:28s} {sec * 1e3:8.1f} ms  {gbps:6.2f} GB/s  ({gbps / (base / 1e9):.2f}x copy)")
+        print(
+            f"  {name:28s} {sec * 1e3:8.1f} ms  {gbps:6.2f} GB/s  ({gbps / (base / 1e9):.2f}x copy)"
+        )
 
 
 if __name__ == "__main__":

@@ -9,5 +9,9 @@ from hybrid_engine import megatron_rollout  # noqa: F401  (registers the manager
 from hybrid_engine.allgather_pp import AllGatherPPModel
 from hybrid_engine.base import BaseShardingManager, get_sharding_manager, register_sharding_manager
 
-__all__ = ["AllGatherPPModel", "BaseShardingManager", "get_sharding_manager",
-           "register_sharding_manager"]
+__all__ = [
+    "AllGatherPPModel",
+    "BaseShardingManager",
+    "get_sharding_manager",
+    "register_sharding_manager",
+]

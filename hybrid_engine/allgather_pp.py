@@ -46,8 +46,6 @@ def _ddp_buffers(chunk) -> list:
     return list(chunk.buffers) if isinstance(chunk, DistributedDataParallel) else []
 
 
-
-
 def _own_buffers(chunks) -> tuple[list[torch.Tensor], list[BufferSpec]]:
     """This stage's contiguous buffers and their index (DDP param_data, or a packed copy)."""
     buffers, specs = [], []
@@ -56,8 +54,10 @@ def _own_buffers(chunks) -> tuple[list[torch.Tensor], list[BufferSpec]]:
         ddp_buffers = _ddp_buffers(chunk)
         if ddp_buffers and all(b.param_data is not None for b in ddp_buffers):
             for b in ddp_buffers:
-                slots = tuple(ParamSlot(names[p], start, tuple(p.shape))
-                              for p, (start, _end, _bucket) in b.param_index_map.items())
+                slots = tuple(
+                    ParamSlot(names[p], start, tuple(p.shape))
+                    for p, (start, _end, _bucket) in b.param_index_map.items()
+                )
                 buffers.append(b.param_data)
                 specs.append(BufferSpec(b.param_data.dtype, b.param_data.numel(), slots))
         else:
@@ -92,12 +92,15 @@ class AllGatherPPModel:
         else:
             specs = [own_specs]
         self.specs: list[list[BufferSpec]] = specs
-        self.owners = [dist.get_global_rank(pp_group, r) if pp_group is not None else r
-                       for r in range(self.pp_size)]
+        self.owners = [
+            dist.get_global_rank(pp_group, r) if pp_group is not None else r
+            for r in range(self.pp_size)
+        ]
         device = cpu_compat.device()
         self.foreign: dict[int, list[torch.Tensor]] = {
             stage: [torch.empty(0, dtype=s.dtype, device=device) for s in stage_specs]
-            for stage, stage_specs in enumerate(specs) if stage != self.pp_rank
+            for stage, stage_specs in enumerate(specs)
+            if stage != self.pp_rank
         }
         self._own: list[torch.Tensor] = []
 

@@ -49,8 +49,10 @@ def register_sharding_manager(rollout_name: str):
 
 def get_sharding_manager(rollout_name: str) -> Callable[..., BaseShardingManager]:
     if rollout_name not in _MANAGERS:
-        raise KeyError(f"no sharding manager for rollout {rollout_name!r}; "
-                       f"known: {', '.join(sorted(_MANAGERS))}")
+        raise KeyError(
+            f"no sharding manager for rollout {rollout_name!r}; "
+            f"known: {', '.join(sorted(_MANAGERS))}"
+        )
     return _MANAGERS[rollout_name]
 
 

@@ -31,15 +31,22 @@ from weight_loaders import stream_hf_weights
 
 
 class MegatronRolloutShardingManager(BaseShardingManager):
-    def __init__(self, actor_worker, rollout, weight_bucket_mb: int | None = None,
-                 offload_optimizer: bool = False, generation_seed: int = 0):
+    def __init__(
+        self,
+        actor_worker,
+        rollout,
+        weight_bucket_mb: int | None = None,
+        offload_optimizer: bool = False,
+        generation_seed: int = 0,
+    ):
         self.worker = actor_worker
         self.rollout = rollout
         self.bucket_mb = weight_bucket_mb
         self.trained = actor_worker.optimizer is not None
         self.allgather = AllGatherPPModel(actor_worker.chunks, D.pp_group())
-        self.optimizer_offload = (OptimizerOffload(actor_worker.optimizer)
-                                  if offload_optimizer and self.trained else None)
+        self.optimizer_offload = (
+            OptimizerOffload(actor_worker.optimizer) if offload_optimizer and self.trained else None
+        )
         self._gen_rng = _rng_state_from_seed(generation_seed)
         self._train_rng = None
         self.weight_filter = None  # tests hook a filter in to simulate a partial sync
@@ -89,8 +96,9 @@ class MegatronRolloutShardingManager(BaseShardingManager):
 
     def hf_weights(self):
         """The lazy HF-named stream of the whole model (TP gathered, bucketed when asked)."""
-        stream = stream_hf_weights(self.allgather.named_parameters(), self.worker.args,
-                                   D.tp_group(), None)
+        stream = stream_hf_weights(
+            self.allgather.named_parameters(), self.worker.args, D.tp_group(), None
+        )
         if self.weight_filter is not None:
             stream = filter(self.weight_filter, stream)
         return stream

@@ -39,7 +39,9 @@ def prompt_token_lists(
         if n == 0:
             raise ValueError(f"empty prompt in row {row} (attention_mask is all zeros)")
         if not bool(mask[row, -n:].all()):
-            raise ValueError(f"prompt row {row} is not left-padded (real tokens must be at the end)")
+            raise ValueError(
+                f"prompt row {row} is not left-padded (real tokens must be at the end)"
+            )
         if n + response_length > max_model_len:
             raise ValueError(
                 f"prompt row {row} is too long: {n} prompt tokens + response_length "

@@ -109,7 +109,9 @@ class HFRollout(BaseRollout):
         # output_logits are the raw logits (before temperature/top-k/top-p): their
         # log-softmax is the same quantity vLLM returns with logprobs_mode="raw_logprobs".
         logits = torch.stack(out.logits, dim=1).float()
-        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, new.to(logits.device).unsqueeze(-1))
+        token_logp = torch.log_softmax(logits, dim=-1).gather(
+            -1, new.to(logits.device).unsqueeze(-1)
+        )
         token_logp = token_logp.squeeze(-1).cpu()
         return new.tolist(), token_logp.tolist()
 

@@ -40,8 +40,17 @@ class SamplingSettings:
 
 # The keys a caller may override, and what each becomes.
 _OVERRIDABLE = {
-    "n", "temperature", "top_p", "top_k", "response_length", "max_new_tokens", "seed",
-    "do_sample", "eos_token_id", "stop_token_ids", "pad_token_id",
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "response_length",
+    "max_new_tokens",
+    "seed",
+    "do_sample",
+    "eos_token_id",
+    "stop_token_ids",
+    "pad_token_id",
 }
 
 
@@ -104,7 +113,6 @@ def check_sampling(s: SamplingSettings) -> None:
         raise ValueError(f"sampling top_k must be -1 (off) or >= 1, got {s.top_k}")
     if s.seed is not None and not isinstance(s.seed, int):
         raise ValueError(f"sampling seed must be an int or None, got {s.seed!r}")
-
 
 
 def checkpoint_defaults(model_path) -> tuple[tuple[int, ...], int, int]:

@@ -98,14 +98,24 @@ class SDPACoreAttention(MegatronModule):
             softmax_scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.softmax_scale = softmax_scale
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SDPACoreAttention: packed sequences need the TE spec")
         # Right-padded sequences only: causal attention is exact for the real tokens.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         out = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             is_causal=True,
             dropout_p=self.dropout if self.training else 0.0,
             scale=self.softmax_scale,
@@ -124,8 +134,9 @@ def _local_layer_spec() -> ModuleSpec:
 
 
 def get_local_block_spec(num_layers: int) -> TransformerBlockSubmodules:
-    return TransformerBlockSubmodules(layer_specs=[_local_layer_spec()] * num_layers,
-                                      layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(
+        layer_specs=[_local_layer_spec()] * num_layers, layer_norm=RMSNorm
+    )
 
 
 def get_sdpa_block_spec(num_layers: int) -> TransformerBlockSubmodules:

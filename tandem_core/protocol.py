@@ -215,7 +215,11 @@ class Batch:
         rank = dist.get_rank(group)
         pieces = self.to("cpu").chunk(world) if rank == src_rank_in_group else None
         out: list[Batch | None] = [None]
-        src = dist.get_global_rank(group, src_rank_in_group) if group is not None else src_rank_in_group
+        src = (
+            dist.get_global_rank(group, src_rank_in_group)
+            if group is not None
+            else src_rank_in_group
+        )
         dist.scatter_object_list(out, pieces, src=src, group=group)
         return out[0]
 
@@ -224,6 +228,10 @@ class Batch:
         if dist.get_world_size(group) == 1:
             return self
         box = [self.to("cpu") if dist.get_rank(group) == src_rank_in_group else None]
-        src = dist.get_global_rank(group, src_rank_in_group) if group is not None else src_rank_in_group
+        src = (
+            dist.get_global_rank(group, src_rank_in_group)
+            if group is not None
+            else src_rank_in_group
+        )
         dist.broadcast_object_list(box, src=src, group=group)
         return box[0]

@@ -37,7 +37,11 @@ class MegatronActor:
     # ---- log-probs ------------------------------------------------------------------------
     def _logprobs(self, mb: AlignedMicroBatch, logits: torch.Tensor):
         logp, entropy = vocab_parallel_logprobs(
-            logits, mb.labels, self.worker.args.vocab_size, D.tp_group(), D.tp_rank(),
+            logits,
+            mb.labels,
+            self.worker.args.vocab_size,
+            D.tp_group(),
+            D.tp_rank(),
             temperature=self.temperature,
         )
         return gather_response(logp, mb), gather_response(entropy, mb)
@@ -51,9 +55,16 @@ class MegatronActor:
             logp, ent = self._logprobs(mb, logits)
             return {"log_probs": logp, "entropy": ent}
 
-        return Batch.from_dict(forward_per_token(
-            self.worker, batch, cfg.micro_batch_size,
-            cfg.max_tokens_per_microbatch if cfg.use_dynamic_bsz else None, per_token, keys))
+        return Batch.from_dict(
+            forward_per_token(
+                self.worker,
+                batch,
+                cfg.micro_batch_size,
+                cfg.max_tokens_per_microbatch if cfg.use_dynamic_bsz else None,
+                per_token,
+                keys,
+            )
+        )
 
     # ---- update ---------------------------------------------------------------------------
     def update_policy(self, batch: Batch) -> dict[str, float]:
@@ -61,13 +72,18 @@ class MegatronActor:
         cfg = self.cfg
         plan = MiniBatching(
             mini_batch_size=cfg.ppo_mini_batch_size * int(batch.meta_info.get("n", 1)),
-            micro_batch_size=cfg.micro_batch_size, epochs=cfg.ppo_epochs,
+            micro_batch_size=cfg.micro_batch_size,
+            epochs=cfg.ppo_epochs,
             max_tokens=cfg.max_tokens_per_microbatch if cfg.use_dynamic_bsz else None,
             max_nan_steps=cfg.max_nan_steps,
         )
         metrics = update_over_mini_batches(
-            self.worker, batch, plan, self._policy_loss_fn,
-            ["pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower", "entropy", "kl_loss"])
+            self.worker,
+            batch,
+            plan,
+            self._policy_loss_fn,
+            ["pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower", "entropy", "kl_loss"],
+        )
         return {f"actor/{k}": v for k, v in metrics.items()}
 
     def _policy_loss_fn(self, global_tokens: float, global_seqs: float, n_micro: int):
@@ -79,11 +95,17 @@ class MegatronActor:
             logp, entropy = self._logprobs(mb, logits)
             f = mb.fields
             pg_loss, pg_metrics = policy_loss(
-                f["old_log_probs"], logp, f["advantages"], mb.response_mask,
-                clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high,
-                clip_ratio_c=cfg.clip_ratio_c, loss_agg_mode=cfg.loss_agg_mode,
+                f["old_log_probs"],
+                logp,
+                f["advantages"],
+                mb.response_mask,
+                clip_ratio_low=cfg.clip_ratio_low,
+                clip_ratio_high=cfg.clip_ratio_high,
+                clip_ratio_c=cfg.clip_ratio_c,
+                loss_agg_mode=cfg.loss_agg_mode,
                 rollout_log_probs=f.get("rollout_log_probs"),
-                rollout_is_threshold=cfg.rollout_is_threshold, **norm,
+                rollout_is_threshold=cfg.rollout_is_threshold,
+                **norm,
             )
             loss = pg_loss
             ent = core_algos.agg_loss(entropy, mb.response_mask, cfg.loss_agg_mode, **norm)
@@ -95,8 +117,12 @@ class MegatronActor:
                 kl_loss = core_algos.agg_loss(kl, mb.response_mask, cfg.loss_agg_mode, **norm)
                 loss = loss + cfg.kl_loss_coef * kl_loss
             # Shares of the mini-batch sum; ×n_micro so the mean over micro-batches reports it.
-            out = {"loss": loss.detach().clone(), "pg_loss": pg_loss.detach() * n_micro,
-                   "entropy": ent.detach() * n_micro, "kl_loss": kl_loss.detach() * n_micro}
+            out = {
+                "loss": loss.detach().clone(),
+                "pg_loss": pg_loss.detach() * n_micro,
+                "entropy": ent.detach() * n_micro,
+                "kl_loss": kl_loss.detach() * n_micro,
+            }
             out.update({k: v.detach() for k, v in pg_metrics.items()})
             return loss, out
 

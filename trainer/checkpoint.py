@@ -97,8 +97,9 @@ def _crc32(path: Path) -> str:
 
 
 def _list_files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.is_file() and p.name != MARKER)
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MARKER
+    )
 
 
 def _checksums(root: Path, files: list[str]) -> dict[str, str]:
@@ -135,7 +136,9 @@ def _problem(path: Path, verify: str) -> str | None:
         got = _checksums(path, recorded)
         bad = [n for n in recorded if got[n] != files[n]["crc32"]]
         if bad:
-            problem = f"checksum mismatch in {bad[0]}" + (f" (+{len(bad) - 1} more)" if bad[1:] else "")
+            problem = f"checksum mismatch in {bad[0]}" + (
+                f" (+{len(bad) - 1} more)" if bad[1:] else ""
+            )
     return problem
 
 
@@ -150,11 +153,14 @@ def _sharded_state_dict(worker: ModelWorker, sharding: str, is_loading: bool) ->
 
     metadata = {"distrib_optim_sharding_type": sharding, "chained_optim_avoid_prefix": True}
     chunks = unwrap_model(worker.chunks)
-    state = {_chunk_key(i, len(chunks)): c.sharded_state_dict(metadata=metadata)
-             for i, c in enumerate(chunks)}
+    state = {
+        _chunk_key(i, len(chunks)): c.sharded_state_dict(metadata=metadata)
+        for i, c in enumerate(chunks)
+    }
     if worker.optimizer is not None:
         state["optimizer"] = worker.optimizer.sharded_state_dict(
-            state, is_loading=is_loading, metadata=metadata)
+            state, is_loading=is_loading, metadata=metadata
+        )
         state["scheduler"] = worker.scheduler.state_dict()
     state["worker"] = {"skipped_in_a_row": worker._skipped_in_a_row}
     return state
@@ -211,9 +217,11 @@ def _init_empty_adam_state(optimizer) -> None:
         for group in inner.param_groups:
             for p in group["params"]:
                 if not inner.state[p]:
-                    inner.state[p].update(step=torch.tensor(0.0, dtype=torch.float32),
-                                          exp_avg=torch.zeros_like(p),
-                                          exp_avg_sq=torch.zeros_like(p))
+                    inner.state[p].update(
+                        step=torch.tensor(0.0, dtype=torch.float32),
+                        exp_avg=torch.zeros_like(p),
+                        exp_avg_sq=torch.zeros_like(p),
+                    )
 
 
 def _untie_adam_steps(optimizer) -> None:
@@ -231,18 +239,25 @@ def _untie_adam_steps(optimizer) -> None:
                 state = inner.state.get(p)
                 if state and "step" in state:
                     old = state["step"]
-                    state["step"] = torch.tensor(float(group["step"]), dtype=old.dtype,
-                                                 device=old.device)
+                    state["step"] = torch.tensor(
+                        float(group["step"]), dtype=old.dtype, device=old.device
+                    )
 
 
 def _load_scheduler(scheduler, saved: dict) -> None:
     """The step count comes from the checkpoint; the schedule's shape from this run's config,
     so a resumed run may change total_steps or the LR (megatron would assert instead)."""
-    changed = {k: (v, saved[k]) for k, v in scheduler.state_dict().items()
-               if k != "num_steps" and k in saved and v != saved[k]}
+    changed = {
+        k: (v, saved[k])
+        for k, v in scheduler.state_dict().items()
+        if k != "num_steps" and k in saved and v != saved[k]
+    }
     if changed:
-        log.warning("LR schedule differs from the checkpoint's; using this run's values "
-                    "(field: (now, saved)): %s", changed)
+        log.warning(
+            "LR schedule differs from the checkpoint's; using this run's values "
+            "(field: (now, saved)): %s",
+            changed,
+        )
     # megatron's load_state_dict adds the saved step count to the current one: start at 0.
     scheduler.num_steps = 0
     override = scheduler.override_opt_param_scheduler
@@ -263,8 +278,9 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "megatron": {k: v.clone() for k, v in
-                     tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+        "megatron": {
+            k: v.clone() for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()
+        },
         "generators": {k: g.get_state() for k, g in (generators or {}).items()},
     }
     if cpu_compat.cuda_available():
@@ -280,13 +296,16 @@ def restore_rng_state(state: dict, generators: Mapping[str, torch.Generator] | N
     torch.set_rng_state(state["torch"])
     if state["megatron"]:
         tensor_parallel.get_cuda_rng_tracker().set_states(
-            {k: v.clone() for k, v in state["megatron"].items()})
+            {k: v.clone() for k, v in state["megatron"].items()}
+        )
     if cpu_compat.cuda_available() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
     for name, g in (generators or {}).items():
         if name not in state["generators"]:
-            raise CheckpointError(f"the checkpoint has no RNG state for generator {name!r} "
-                                  f"(it has {sorted(state['generators'])})")
+            raise CheckpointError(
+                f"the checkpoint has no RNG state for generator {name!r} "
+                f"(it has {sorted(state['generators'])})"
+            )
         g.set_state(state["generators"][name])
 
 
@@ -296,9 +315,11 @@ def _layout() -> dict:
 
     layout = {"world_size": _world()}
     if mpu.model_parallel_is_initialized():
-        layout.update(tp=mpu.get_tensor_model_parallel_world_size(),
-                      pp=mpu.get_pipeline_model_parallel_world_size(),
-                      dp=mpu.get_data_parallel_world_size())
+        layout.update(
+            tp=mpu.get_tensor_model_parallel_world_size(),
+            pp=mpu.get_pipeline_model_parallel_world_size(),
+            dp=mpu.get_data_parallel_world_size(),
+        )
     return layout
 
 
@@ -310,8 +331,13 @@ class CheckpointManager:
     read back in parallel) or "size" (cheaper, misses flipped bytes).
     """
 
-    def __init__(self, output_dir, max_to_keep: int = 2, verify: str = "checksum",
-                 optim_sharding: str = "dp_reshardable"):
+    def __init__(
+        self,
+        output_dir,
+        max_to_keep: int = 2,
+        verify: str = "checksum",
+        optim_sharding: str = "dp_reshardable",
+    ):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
         if verify not in ("checksum", "size"):
@@ -325,8 +351,11 @@ class CheckpointManager:
         """Every `step_N` directory, newest first (complete or not)."""
         if not self.root.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir()
-                 if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+        found = [
+            (int(m.group(1)), p)
+            for p in self.root.iterdir()
+            if p.is_dir() and (m := _STEP_DIR.match(p.name))
+        ]
         return sorted(found, reverse=True)
 
     # -- save --
@@ -347,9 +376,12 @@ class CheckpointManager:
         crcs = _checksums(tmp, files) if self.verify == "checksum" else {}
         if _rank() == 0:
             manifest = {
-                "step": step, "layout": _layout(), "roles": sorted(workers),
-                "files": {f: {"size": (tmp / f).stat().st_size, "crc32": crcs.get(f)}
-                          for f in files},
+                "step": step,
+                "layout": _layout(),
+                "roles": sorted(workers),
+                "files": {
+                    f: {"size": (tmp / f).stat().st_size, "crc32": crcs.get(f)} for f in files
+                },
             }
             self._commit(tmp, final, manifest)
             self._prune(step)
@@ -379,8 +411,12 @@ class CheckpointManager:
         kept = 0
         for s, path in self.step_dirs():
             if s > step:
-                log.warning("removing %s: newer than the step just saved (%d), left over from "
-                            "before this run resumed", path, step)
+                log.warning(
+                    "removing %s: newer than the step just saved (%d), left over from "
+                    "before this run resumed",
+                    path,
+                    step,
+                )
             elif (path / MARKER).is_file() and kept < self.max_to_keep:
                 kept += 1
                 continue
@@ -411,9 +447,13 @@ class CheckpointManager:
             raise CheckpointError(f"{path} has no state for {missing} (it has {manifest['roles']})")
         now = _layout()
         if manifest["layout"] != now:
-            log.warning("checkpoint %s was written with layout %s, this run has %s: models and "
-                        "optimizers are resharded, per-rank state (RNG) is not exact",
-                        path, manifest["layout"], now)
+            log.warning(
+                "checkpoint %s was written with layout %s, this run has %s: models and "
+                "optimizers are resharded, per-rank state (RNG) is not exact",
+                path,
+                manifest["layout"],
+                now,
+            )
         for role, worker in workers.items():
             load_worker(worker, path / role, self.optim_sharding)
         extra = path / "extra" / f"rank_{_rank()}.pt"
@@ -432,8 +472,9 @@ class CheckpointManager:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
-        weight_loaders.export_megatron_to_hf(worker.chunks, worker.args, worker.config, tmp,
-                                             hf_source_dir)
+        weight_loaders.export_megatron_to_hf(
+            worker.chunks, worker.args, worker.config, tmp, hf_source_dir
+        )
         if _rank() == 0:
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)

@@ -40,8 +40,14 @@ class MegatronCritic:
 
     def compute_values(self, batch: Batch) -> Batch:
         """Batch with `values` [B, R] for the full batch."""
-        out = forward_per_token(self.worker, batch, self.cfg.micro_batch_size, self.max_tokens,
-                                lambda mb, o: {"values": self._values(mb, o)}, ("values",))
+        out = forward_per_token(
+            self.worker,
+            batch,
+            self.cfg.micro_batch_size,
+            self.max_tokens,
+            lambda mb, o: {"values": self._values(mb, o)},
+            ("values",),
+        )
         return Batch.from_dict(out)
 
     def update_critic(self, batch: Batch) -> dict[str, float]:
@@ -50,11 +56,14 @@ class MegatronCritic:
         cfg = self.cfg
         plan = MiniBatching(
             mini_batch_size=cfg.ppo_mini_batch_size * int(batch.meta_info.get("n", 1)),
-            micro_batch_size=cfg.micro_batch_size, epochs=cfg.ppo_epochs,
-            max_tokens=self.max_tokens, max_nan_steps=cfg.max_nan_steps,
+            micro_batch_size=cfg.micro_batch_size,
+            epochs=cfg.ppo_epochs,
+            max_tokens=self.max_tokens,
+            max_nan_steps=cfg.max_nan_steps,
         )
-        metrics = update_over_mini_batches(self.worker, batch, plan, self._value_loss_fn,
-                                           ["vf_loss", "vf_clipfrac", "vpred_mean"])
+        metrics = update_over_mini_batches(
+            self.worker, batch, plan, self._value_loss_fn, ["vf_loss", "vf_clipfrac", "vpred_mean"]
+        )
         return {f"critic/{k}": v for k, v in metrics.items()}
 
     def _value_loss_fn(self, global_tokens: float, global_seqs: float, n_micro: int):
@@ -64,8 +73,14 @@ class MegatronCritic:
             vpreds = self._values(mb, output)
             f = mb.fields
             vf_loss, clipfrac = core_algos.compute_value_loss(
-                vpreds, f["returns"], f["values"], mb.response_mask, cliprange, mode,
-                global_tokens=global_tokens, global_seqs=global_seqs,
+                vpreds,
+                f["returns"],
+                f["values"],
+                mb.response_mask,
+                cliprange,
+                mode,
+                global_tokens=global_tokens,
+                global_seqs=global_seqs,
             )
             # vf_loss is this micro-batch's share of the mini-batch loss; ×n_micro so the mean
             # over micro-batches reports the mini-batch loss.

@@ -25,7 +25,7 @@ def _masked_chunk(logits_chunk, start: int, vocab_size: int):
     x = logits_chunk.float()
     local_valid = vocab_size - start
     if local_valid < x.shape[-1]:
-        x[..., max(local_valid, 0):] = float("-inf")
+        x[..., max(local_valid, 0) :] = float("-inf")
     return x
 
 

@@ -32,8 +32,10 @@ def resolve_model_dir(cfg: TandemConfig) -> Path:
     from tandem_core.tiny_models import TINY_SPECS, ensure_tiny_checkpoint
 
     if cfg.model.preset not in TINY_SPECS:
-        raise ValueError(f"model.preset={cfg.model.preset!r} has no local checkpoint builder; "
-                         "set model.path to an HF checkpoint directory")
+        raise ValueError(
+            f"model.preset={cfg.model.preset!r} has no local checkpoint builder; "
+            "set model.path to an HF checkpoint directory"
+        )
     return ensure_tiny_checkpoint(cfg.model.preset)
 
 
@@ -46,10 +48,17 @@ def prepare_data(cfg: TandemConfig, run_dir: Path) -> tuple[list[str], list[str]
     if cfg.data.task != "arith":
         raise ValueError(f"data.task={cfg.data.task!r}: the built-in generator knows 'arith'")
     if dist.get_rank() == 0:
-        write_arith_task(run_dir / "data", cfg.data.task_size, cfg.data.task_size // 4,
-                         cfg.data.task_max_operand, seed=cfg.data.seed)
+        write_arith_task(
+            run_dir / "data",
+            cfg.data.task_size,
+            cfg.data.task_size // 4,
+            cfg.data.task_max_operand,
+            seed=cfg.data.seed,
+        )
     dist.barrier()
-    return [str(run_dir / "data" / "arith_train.parquet")], [str(run_dir / "data" / "arith_val.parquet")]
+    return [str(run_dir / "data" / "arith_train.parquet")], [
+        str(run_dir / "data" / "arith_val.parquet")
+    ]
 
 
 def build_components(cfg: TandemConfig, run_dir: Path):
@@ -72,48 +81,73 @@ def build_components(cfg: TandemConfig, run_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     train_files, val_files = prepare_data(cfg, run_dir)
     data = cfg.data
-    train_set = RLDataset(train_files, tokenizer, data.max_prompt_length, data.overlong_prompt,
-                          data.prompt_key)
+    train_set = RLDataset(
+        train_files, tokenizer, data.max_prompt_length, data.overlong_prompt, data.prompt_key
+    )
     train_loader = PromptLoader(train_set, data.train_batch_size, data.shuffle, data.seed)
     val_loader = None
     if val_files and cfg.trainer.test_freq > 0:
-        val_set = RLDataset(val_files, tokenizer, data.max_prompt_length, data.overlong_prompt,
-                            data.prompt_key)
-        val_loader = PromptLoader(val_set, min(data.val_batch_size, len(val_set)), shuffle=False,
-                                  drop_last=True)
+        val_set = RLDataset(
+            val_files, tokenizer, data.max_prompt_length, data.overlong_prompt, data.prompt_key
+        )
+        val_loader = PromptLoader(
+            val_set, min(data.val_batch_size, len(val_set)), shuffle=False, drop_last=True
+        )
 
     D.init_model_parallel(cfg.parallel, seed=cfg.trainer.seed)
     steps = cfg.trainer.total_steps * max(1, data.train_batch_size // cfg.actor.ppo_mini_batch_size)
     common = dict(parallel=cfg.parallel, dtype=cfg.model.dtype, layer_spec=cfg.model.layer_spec)
-    actor_worker = build_model_worker(args, hf_dir, optim=cfg.actor.optim,
-                                      total_optimizer_steps=steps * cfg.actor.ppo_epochs, **common)
+    actor_worker = build_model_worker(
+        args,
+        hf_dir,
+        optim=cfg.actor.optim,
+        total_optimizer_steps=steps * cfg.actor.ppo_epochs,
+        **common,
+    )
     actor = MegatronActor(actor_worker, cfg.actor, temperature=cfg.rollout.temperature)
     ref = None
     if cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward:
         from trainer.reference import MegatronReference
 
-        ref = MegatronReference(build_model_worker(args, hf_dir, **common), cfg.actor, cfg.ref,
-                                temperature=cfg.rollout.temperature)
+        ref = MegatronReference(
+            build_model_worker(args, hf_dir, **common),
+            cfg.actor,
+            cfg.ref,
+            temperature=cfg.rollout.temperature,
+        )
     critic = None
     if uses_critic(cfg.algorithm):
         from trainer.critic import MegatronCritic
 
-        critic_worker = build_model_worker(args, hf_dir, optim=cfg.critic.optim, value_head=True,
-                                           total_optimizer_steps=steps * cfg.critic.ppo_epochs,
-                                           **common)
+        critic_worker = build_model_worker(
+            args,
+            hf_dir,
+            optim=cfg.critic.optim,
+            value_head=True,
+            total_optimizer_steps=steps * cfg.critic.ppo_epochs,
+            **common,
+        )
         critic = MegatronCritic(critic_worker, cfg.critic)
 
     max_len = data.max_prompt_length + cfg.rollout.response_length
     rollout = build_rollout(cfg.rollout, hf_dir, dtype=cfg.model.dtype, max_model_len=max_len)
     manager = get_sharding_manager(cfg.rollout.name)(
-        actor_worker, rollout, weight_bucket_mb=cfg.rollout.weight_bucket_mb,
-        offload_optimizer=cfg.actor.offload_optimizer, generation_seed=cfg.rollout.seed)
+        actor_worker,
+        rollout,
+        weight_bucket_mb=cfg.rollout.weight_bucket_mb,
+        offload_optimizer=cfg.actor.offload_optimizer,
+        generation_seed=cfg.rollout.seed,
+    )
     alg = cfg.algorithm
-    kl_ctrl = (core_algos.AdaptiveKLController(alg.kl_coef, alg.kl_target, alg.kl_horizon)
-               if alg.kl_ctrl_type == "adaptive" else core_algos.FixedKLController(alg.kl_coef))
+    kl_ctrl = (
+        core_algos.AdaptiveKLController(alg.kl_coef, alg.kl_target, alg.kl_horizon)
+        if alg.kl_ctrl_type == "adaptive"
+        else core_algos.FixedKLController(alg.kl_coef)
+    )
     checkpoints = CheckpointManager(run_dir, cfg.trainer.max_ckpt_to_keep)
-    tracker = Tracker(cfg.logger.backends, cfg.logger.project, cfg.logger.experiment, run_dir,
-                      asdict(cfg))
+    tracker = Tracker(
+        cfg.logger.backends, cfg.logger.project, cfg.logger.experiment, run_dir, asdict(cfg)
+    )
     workers = {"actor": actor_worker}
     if critic is not None:
         workers["critic"] = critic.worker
@@ -121,9 +155,22 @@ def build_components(cfg: TandemConfig, run_dir: Path):
     def export_hf(step: int):
         return checkpoints.export_hf(step, actor_worker, hf_dir)
 
-    parts = Components(actor, ref, critic, rollout, manager, RewardScorer.from_config(cfg.reward),
-                       tokenizer, train_loader, val_loader, kl_ctrl, checkpoints, tracker,
-                       install_signal_handlers(), export_hf)
+    parts = Components(
+        actor,
+        ref,
+        critic,
+        rollout,
+        manager,
+        RewardScorer.from_config(cfg.reward),
+        tokenizer,
+        train_loader,
+        val_loader,
+        kl_ctrl,
+        checkpoints,
+        tracker,
+        install_signal_handlers(),
+        export_hf,
+    )
     return parts, workers
 
 
@@ -137,8 +184,11 @@ def fit(cfg: TandemConfig, run_dir: Path) -> dict:
     rank0 = dist.get_rank() == 0
 
     def save():
-        state = {"trainer": trainer.state_dict(), "rng": capture_rng_state(),
-                 "sharding_manager": parts.sharding_manager.state_dict()}
+        state = {
+            "trainer": trainer.state_dict(),
+            "rng": capture_rng_state(),
+            "sharding_manager": parts.sharding_manager.state_dict(),
+        }
         parts.checkpoints.save(trainer.step_no, workers, state)
 
     latest = parts.checkpoints.latest_complete() if cfg.trainer.resume else None
@@ -171,16 +221,22 @@ def fit(cfg: TandemConfig, run_dir: Path) -> dict:
                 parts.export_hf(step)
             if stop:
                 if rank0:
-                    print(f"[tandem] {parts.signals.signal_name or 'signal'}: checkpoint at step "
-                          f"{step} written, exiting", flush=True)
+                    print(
+                        f"[tandem] {parts.signals.signal_name or 'signal'}: checkpoint at step "
+                        f"{step} written, exiting",
+                        flush=True,
+                    )
                 return {"history": history, "stopped": True}
         if trainer.step_no == cfg.trainer.total_steps:
             parts.export_hf(trainer.step_no)
         if rank0 and len(history) > 1:
             first, last = history[0], history[-1]
-            print(f"[tandem] reward (critic/score/mean): step {first['training/global_step']} "
-                  f"{first['critic/score/mean']:.3f} -> step {last['training/global_step']} "
-                  f"{last['critic/score/mean']:.3f}", flush=True)
+            print(
+                f"[tandem] reward (critic/score/mean): step {first['training/global_step']} "
+                f"{first['critic/score/mean']:.3f} -> step {last['training/global_step']} "
+                f"{last['critic/score/mean']:.3f}",
+                flush=True,
+            )
     finally:
         parts.tracker.close()
         parts.scorer.close()

@@ -31,8 +31,14 @@ from trainer.sequences import (
 )
 
 # [B, R] per-token fields that travel with each micro-batch into the loss functions.
-PER_TOKEN_FIELDS = ("old_log_probs", "advantages", "ref_log_probs", "rollout_log_probs",
-                    "values", "returns")
+PER_TOKEN_FIELDS = (
+    "old_log_probs",
+    "advantages",
+    "ref_log_probs",
+    "rollout_log_probs",
+    "values",
+    "returns",
+)
 
 
 @dataclass
@@ -107,8 +113,9 @@ def build_model_worker(
             DistributedDataParallel(config, ddp_config, c, disable_bucketing=(i > 0))
             for i, c in enumerate(chunks)
         ]
-        optimizer, scheduler = build_optimizer(chunks, config, optim, parallel,
-                                               total_optimizer_steps)
+        optimizer, scheduler = build_optimizer(
+            chunks, config, optim, parallel, total_optimizer_steps
+        )
     return ModelWorker(args, config, chunks, optimizer, scheduler)
 
 
@@ -171,8 +178,13 @@ def dp_slice(batch: Batch) -> Batch:
     return batch.chunk(D.dp_size())[D.dp_rank()] if D.dp_size() > 1 else batch
 
 
-def make_micro_batches(batch: Batch, micro_batch_size: int, max_tokens: int | None,
-                       seq_multiple: int, count_multiple: int = 1) -> list[AlignedMicroBatch]:
+def make_micro_batches(
+    batch: Batch,
+    micro_batch_size: int,
+    max_tokens: int | None,
+    seq_multiple: int,
+    count_multiple: int = 1,
+) -> list[AlignedMicroBatch]:
     """Fixed-size micro-batches, or token-budget ones when max_tokens is set.
 
     `count_multiple`: megatron's interleaved (VPP) schedule needs the number of micro-batches
@@ -180,15 +192,19 @@ def make_micro_batches(batch: Batch, micro_batch_size: int, max_tokens: int | No
     """
     mask = batch["attention_mask"]
     if max_tokens is None:
-        groups = [list(range(i, min(i + micro_batch_size, len(batch))))
-                  for i in range(0, len(batch), micro_batch_size)]
+        groups = [
+            list(range(i, min(i + micro_batch_size, len(batch))))
+            for i in range(0, len(batch), micro_batch_size)
+        ]
     else:
         groups = split_by_token_budget(mask.sum(-1).tolist(), max_tokens)
     if len(groups) % count_multiple:
         count = -(-len(groups) // count_multiple) * count_multiple
         if count > len(batch):
-            raise ValueError(f"{len(batch)} rows cannot form a multiple of {count_multiple} "
-                             "micro-batches (interleaved pipeline schedule)")
+            raise ValueError(
+                f"{len(batch)} rows cannot form a multiple of {count_multiple} "
+                "micro-batches (interleaved pipeline schedule)"
+            )
         groups = [t.tolist() for t in torch.arange(len(batch)).tensor_split(count)]
     out = []
     # The trainer's batch lives on the host; each micro-batch goes to the device as it is cut.
@@ -196,8 +212,11 @@ def make_micro_batches(batch: Batch, micro_batch_size: int, max_tokens: int | No
     for rows in groups:
         sub = batch.index(rows)
         fields = {k: sub[k] for k in PER_TOKEN_FIELDS if k in sub}
-        out.append(align_micro_batch(sub["input_ids"], sub["attention_mask"],
-                                     sub["response_mask"], fields, seq_multiple))
+        out.append(
+            align_micro_batch(
+                sub["input_ids"], sub["attention_mask"], sub["response_mask"], fields, seq_multiple
+            )
+        )
     if count_multiple > 1:
         # megatron's interleaved schedule assumes one activation shape for all micro-batches.
         longest = max(mb.input_ids.shape[1] for mb in out)
@@ -207,8 +226,10 @@ def make_micro_batches(batch: Batch, micro_batch_size: int, max_tokens: int | No
 
 def micro_batch_layout(worker: ModelWorker) -> dict:
     """Micro-batch shape rules of the parallel layout (SP: seq % TP; VPP: count % PP)."""
-    return {"seq_multiple": D.tp_size() if worker.config.sequence_parallel else 1,
-            "count_multiple": D.pp_size() if len(worker.chunks) > 1 else 1}
+    return {
+        "seq_multiple": D.tp_size() if worker.config.sequence_parallel else 1,
+        "count_multiple": D.pp_size() if len(worker.chunks) > 1 else 1,
+    }
 
 
 LossFn = Callable[[AlignedMicroBatch, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -334,9 +355,14 @@ PerTokenFn = Callable[[AlignedMicroBatch, torch.Tensor], dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def forward_per_token(worker: ModelWorker, batch: Batch, micro_batch_size: int,
-                      max_tokens: int | None, fn: PerTokenFn, keys: tuple[str, ...]
-                      ) -> dict[str, torch.Tensor]:
+def forward_per_token(
+    worker: ModelWorker,
+    batch: Batch,
+    micro_batch_size: int,
+    max_tokens: int | None,
+    fn: PerTokenFn,
+    keys: tuple[str, ...],
+) -> dict[str, torch.Tensor]:
     """Forward-only pass over the full batch (the same on every rank).
 
     `fn(mb, output)` turns the last stage's model output into {key: [b, R]} fp32 tensors;
@@ -380,9 +406,13 @@ class MiniBatching:
 MakeLossFn = Callable[[float, float, int], LossFn]
 
 
-def update_over_mini_batches(worker: ModelWorker, batch: Batch, plan: MiniBatching,
-                             make_loss_fn: MakeLossFn, metric_keys: list[str]
-                             ) -> dict[str, float]:
+def update_over_mini_batches(
+    worker: ModelWorker,
+    batch: Batch,
+    plan: MiniBatching,
+    make_loss_fn: MakeLossFn,
+    metric_keys: list[str],
+) -> dict[str, float]:
     """Epochs × mini-batches of optimizer steps; returns each metric's mean over steps
     (plus grad_norm, skipped_steps, lr)."""
     if worker.optimizer is None:
@@ -396,13 +426,17 @@ def update_over_mini_batches(worker: ModelWorker, batch: Batch, plan: MiniBatchi
             # responses has no token: its loss is 0, not 0/0.
             tokens = max(mini["response_mask"].sum().item(), 1) / D.dp_size()
             seqs = len(mini) / D.dp_size()
-            mbs = make_micro_batches(dp_slice(mini), plan.micro_batch_size, plan.max_tokens,
-                                     **micro_batch_layout(worker))
+            mbs = make_micro_batches(
+                dp_slice(mini), plan.micro_batch_size, plan.max_tokens, **micro_batch_layout(worker)
+            )
             loss_fn = make_loss_fn(tokens, seqs, len(mbs))
             outputs, grad_norm, skipped = train_step(worker, mbs, loss_fn, plan.max_nan_steps)
             step = reduce_metrics(outputs, metric_keys)
-            step.update(grad_norm=grad_norm, skipped_steps=float(skipped),
-                        lr=worker.optimizer.param_groups[0]["lr"])
+            step.update(
+                grad_norm=grad_norm,
+                skipped_steps=float(skipped),
+                lr=worker.optimizer.param_groups[0]["lr"],
+            )
             for k, v in step.items():
                 metrics.setdefault(k, []).append(v)
     return {k: sum(v) / len(v) for k, v in metrics.items()}

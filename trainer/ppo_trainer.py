@@ -66,10 +66,12 @@ class RLTrainer:
             batch["old_log_probs"] = old["log_probs"]
             metrics["actor/entropy"] = _masked_mean(old["entropy"], batch["response_mask"])
             metrics["rollout/logprob_abs_diff"] = _masked_mean(
-                (batch["rollout_log_probs"] - old["log_probs"]).abs(), batch["response_mask"])
+                (batch["rollout_log_probs"] - old["log_probs"]).abs(), batch["response_mask"]
+            )
             if cfg.trainer.debug_check_weight_sync:
-                check_weights_synced(batch["rollout_log_probs"], old["log_probs"],
-                                     batch["response_mask"], tol=1e-3)
+                check_weights_synced(
+                    batch["rollout_log_probs"], old["log_probs"], batch["response_mask"], tol=1e-3
+                )
             if p.ref is not None:
                 with self.timer("ref"):
                     batch["ref_log_probs"] = p.ref.compute_ref_log_prob(batch)["ref_log_probs"]
@@ -99,8 +101,10 @@ class RLTrainer:
         metrics: dict[str, float] = {}
         for r in range(rounds):
             prompts = p.train_loader.next_batch()
-            prompts.meta_info["sampling"] = {"n": cfg.rollout.n,
-                                             "seed": cfg.rollout.seed + 1000 * self.step_no + r}
+            prompts.meta_info["sampling"] = {
+                "n": cfg.rollout.n,
+                "seed": cfg.rollout.seed + 1000 * self.step_no + r,
+            }
             gen = self.generate(prompts)
             scores, reward_metrics = self.score(gen)
             gen["token_level_scores"] = scores
@@ -148,15 +152,25 @@ class RLTrainer:
         rewards = batch["token_level_scores"]
         if alg.use_kl_in_reward:
             rewards, kl = core_algos.apply_kl_penalty(
-                rewards, batch["old_log_probs"], batch["ref_log_probs"], batch["response_mask"],
-                self.p.kl_ctrl.value, alg.kl_penalty)
+                rewards,
+                batch["old_log_probs"],
+                batch["ref_log_probs"],
+                batch["response_mask"],
+                self.p.kl_ctrl.value,
+                alg.kl_penalty,
+            )
             self.p.kl_ctrl.update(float(kl), n_steps=cfg.data.train_batch_size)
             metrics["actor/reward_kl_penalty"] = float(kl)
             metrics["actor/reward_kl_penalty_coeff"] = float(self.p.kl_ctrl.value)
         adv, ret = core_algos.ADV_ESTIMATORS[alg.adv_estimator](
-            rewards, batch["response_mask"], index=batch["uid"],
-            values=batch["values"] if "values" in batch else None, gamma=alg.gamma,
-            lam=alg.lam, norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo)
+            rewards,
+            batch["response_mask"],
+            index=batch["uid"],
+            values=batch["values"] if "values" in batch else None,
+            gamma=alg.gamma,
+            lam=alg.lam,
+            norm_adv_by_std_in_grpo=alg.norm_adv_by_std_in_grpo,
+        )
         batch["token_level_rewards"], batch["advantages"], batch["returns"] = rewards, adv, ret
         mask = batch["response_mask"]
         metrics["critic/rewards/mean"] = float(rewards.sum(-1).mean())
@@ -176,12 +190,18 @@ class RLTrainer:
             s, _ = self.score(gen)
             scores.append(s.sum(-1))
         total = torch.cat(scores)
-        return {"val/score": float(total.mean()), "val/accuracy": float((total >= 1.0).float().mean())}
+        return {
+            "val/score": float(total.mean()),
+            "val/accuracy": float((total >= 1.0).float().mean()),
+        }
 
     # ---- the run -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step_no, "train_loader": self.p.train_loader.state_dict(),
-                "kl_ctrl": self.p.kl_ctrl.state_dict()}
+        return {
+            "step": self.step_no,
+            "train_loader": self.p.train_loader.state_dict(),
+            "kl_ctrl": self.p.kl_ctrl.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step_no = state["step"]
@@ -196,8 +216,11 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 def _length_metrics(batch: Batch) -> dict[str, float]:
     lengths = batch["response_mask"].sum(-1).float()
     R = batch["responses"].shape[1]
-    return {"response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
-            "response_length/clip_ratio": float((lengths >= R).float().mean())}
+    return {
+        "response_length/mean": float(lengths.mean()),
+        "response_length/max": float(lengths.max()),
+        "response_length/clip_ratio": float((lengths >= R).float().mean()),
+    }
 
 
 def _informative_groups(batch: Batch, seq_scores: torch.Tensor) -> list[int]:
@@ -212,5 +235,3 @@ def _informative_groups(batch: Batch, seq_scores: torch.Tensor) -> list[int]:
         if float(s.max() - s.min()) > 0:
             keep.extend(members)
     return sorted(keep) if keep else []
-
-

@@ -73,8 +73,13 @@ def params_on_device(worker: ModelWorker):
 class MegatronReference:
     """Reference log-probs from a frozen copy of the initial policy."""
 
-    def __init__(self, worker: ModelWorker, actor_cfg: ActorConfig, ref_cfg: RefConfig,
-                 temperature: float = 1.0):
+    def __init__(
+        self,
+        worker: ModelWorker,
+        actor_cfg: ActorConfig,
+        ref_cfg: RefConfig,
+        temperature: float = 1.0,
+    ):
         if worker.optimizer is not None:
             raise ValueError("the reference model is built without an optimizer")
         self.worker = worker

@@ -52,7 +52,7 @@ def align_micro_batch(
         ids = torch.cat([ids, ids.new_zeros(b, s - total)], dim=1)
     ids = ids[:, :s].contiguous()
     labels = torch.cat([ids[:, 1:], ids.new_zeros(b, 1)], dim=1)
-    index = (resp_start[:, None] - 1 + torch.arange(resp_len, device=ids.device)[None, :])
+    index = resp_start[:, None] - 1 + torch.arange(resp_len, device=ids.device)[None, :]
     index = index.clamp(0, s - 1)
     return AlignedMicroBatch(ids, labels, index, response_mask, dict(fields or {}))
 
@@ -63,8 +63,13 @@ def pad_to_length(mb: AlignedMicroBatch, length: int) -> AlignedMicroBatch:
     if extra <= 0:
         return mb
     pad = mb.input_ids.new_zeros(mb.input_ids.shape[0], extra)
-    return AlignedMicroBatch(torch.cat([mb.input_ids, pad], 1), torch.cat([mb.labels, pad], 1),
-                             mb.response_index, mb.response_mask, mb.fields)
+    return AlignedMicroBatch(
+        torch.cat([mb.input_ids, pad], 1),
+        torch.cat([mb.labels, pad], 1),
+        mb.response_index,
+        mb.response_mask,
+        mb.fields,
+    )
 
 
 def gather_response(per_position: torch.Tensor, mb: AlignedMicroBatch) -> torch.Tensor:

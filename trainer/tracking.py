@@ -77,8 +77,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def console_line(metrics: Mapping[str, float], step: int, total: int | None,
-                 eta_s: float | None = None, width: int = 20) -> str:
+def console_line(
+    metrics: Mapping[str, float],
+    step: int,
+    total: int | None,
+    eta_s: float | None = None,
+    width: int = 20,
+) -> str:
     """`step 3/20 [###-----------------]  15% | score 0.25 | pg_loss -0.01 | ... | eta 0:01:02`"""
     if total:
         done = min(max(step / total, 0.0), 1.0)
@@ -86,8 +91,9 @@ def console_line(metrics: Mapping[str, float], step: int, total: int | None,
         head = f"step {step}/{total} [{'#' * filled}{'-' * (width - filled)}] {done:4.0%}"
     else:
         head = f"step {step}"
-    parts = [head] + [f"{label} {_fmt(metrics[key])}" for key, label in CONSOLE_KEYS
-                      if key in metrics]
+    parts = [head] + [
+        f"{label} {_fmt(metrics[key])}" for key, label in CONSOLE_KEYS if key in metrics
+    ]
     if eta_s is not None:
         parts.append(f"eta {_duration(eta_s)}")
     return " | ".join(parts)
@@ -109,8 +115,9 @@ class ConsoleBackend(Backend):
             self._per_step = dt if self._per_step is None else 0.8 * self._per_step + 0.2 * dt
         self._last = (step, now)
         eta = self._per_step * (self.total - step) if self._per_step and self.total else None
-        print(console_line(metrics, step, self.total, eta), file=self.stream or sys.stdout,
-              flush=True)
+        print(
+            console_line(metrics, step, self.total, eta), file=self.stream or sys.stdout, flush=True
+        )
 
 
 # ---- tensorboard -----------------------------------------------------------------------------
@@ -148,10 +155,18 @@ class WandbBackend(Backend):
         id_file = out / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY")
-                                                else "offline")
-        self.run = wandb.init(project=project, name=experiment, id=run_id, resume="allow",
-                              dir=str(out), config=dict(config_dict or {}), mode=mode)
+        mode = os.environ.get("WANDB_MODE") or (
+            "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        )
+        self.run = wandb.init(
+            project=project,
+            name=experiment,
+            id=run_id,
+            resume="allow",
+            dir=str(out),
+            config=dict(config_dict or {}),
+            mode=mode,
+        )
 
     def log(self, metrics, step):
         self.run.log(dict(metrics), step=step)
@@ -182,9 +197,16 @@ class Tracker:
     `total_steps` drives the console progress bar (default: config_dict["trainer"]["total_steps"]).
     """
 
-    def __init__(self, backends, project: str, experiment: str, output_dir,
-                 config_dict: Mapping | None = None, total_steps: int | None = None,
-                 stream: TextIO | None = None):
+    def __init__(
+        self,
+        backends,
+        project: str,
+        experiment: str,
+        output_dir,
+        config_dict: Mapping | None = None,
+        total_steps: int | None = None,
+        stream: TextIO | None = None,
+    ):
         unknown = [b for b in backends if b not in BACKENDS]
         if unknown:
             raise TrackingError(f"unknown logger backend(s) {unknown}; known: {sorted(BACKENDS)}")
@@ -197,8 +219,14 @@ class Tracker:
             total_steps = (config_dict.get("trainer") or {}).get("total_steps")
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        kwargs = dict(project=project, experiment=experiment, output_dir=out,
-                      config_dict=config_dict, total_steps=total_steps, stream=stream)
+        kwargs = dict(
+            project=project,
+            experiment=experiment,
+            output_dir=out,
+            config_dict=config_dict,
+            total_steps=total_steps,
+            stream=stream,
+        )
         self.backends = [BACKENDS[name](**kwargs) for name in backends]
         self._jsonl = open(out / "metrics.jsonl", "a")
         self._jsonl.write(json.dumps({"event": "start", "time": time.time()}) + "\n")
@@ -207,8 +235,10 @@ class Tracker:
         if not self.active:
             return
         numeric = _numeric(metrics)
-        record = {"step": step, **{k: (v if math.isfinite(v) else str(v))
-                                   for k, v in numeric.items()}}
+        record = {
+            "step": step,
+            **{k: (v if math.isfinite(v) else str(v)) for k, v in numeric.items()},
+        }
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         for b in self.backends:

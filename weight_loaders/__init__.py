@@ -35,9 +35,22 @@ from weight_loaders.transforms import (
 )
 
 __all__ = [
-    "ARCHS", "WeightLoaderError", "bucket", "deinterleave_qkv", "expected_hf_names",
-    "export_megatron_to_hf", "fuse_gate_up", "get_arch", "hf_to_megatron_shard",
-    "interleave_qkv", "iter_hf_tensors", "load_hf_into_megatron", "megatron_named_params",
-    "megatron_shards_to_hf", "model_args_from_hf", "register_arch", "split_gate_up",
+    "ARCHS",
+    "WeightLoaderError",
+    "bucket",
+    "deinterleave_qkv",
+    "expected_hf_names",
+    "export_megatron_to_hf",
+    "fuse_gate_up",
+    "get_arch",
+    "hf_to_megatron_shard",
+    "interleave_qkv",
+    "iter_hf_tensors",
+    "load_hf_into_megatron",
+    "megatron_named_params",
+    "megatron_shards_to_hf",
+    "model_args_from_hf",
+    "register_arch",
+    "split_gate_up",
     "stream_hf_weights",
 ]

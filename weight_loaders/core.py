@@ -162,23 +162,33 @@ def expected_hf_names(args: ModelArgs) -> Iterator[str]:
 # The weight map of the Llama family; qwen2 adds QKV biases, mistral uses it as is.
 LLAMA_WEIGHT_MAP: WeightMap = {
     "embedding.word_embeddings.weight": Rule("vocab", ("model.embed_tokens.weight",)),
-    "decoder.layers.{i}.input_layernorm.weight":
-        Rule("replicated", ("model.layers.{i}.input_layernorm.weight",)),
-    "decoder.layers.{i}.self_attention.linear_qkv.weight": Rule("qkv", (
-        "model.layers.{i}.self_attn.q_proj.weight",
-        "model.layers.{i}.self_attn.k_proj.weight",
-        "model.layers.{i}.self_attn.v_proj.weight",
-    )),
-    "decoder.layers.{i}.self_attention.linear_proj.weight":
-        Rule("row", ("model.layers.{i}.self_attn.o_proj.weight",)),
-    "decoder.layers.{i}.pre_mlp_layernorm.weight":
-        Rule("replicated", ("model.layers.{i}.post_attention_layernorm.weight",)),
-    "decoder.layers.{i}.mlp.linear_fc1.weight": Rule("gate_up", (
-        "model.layers.{i}.mlp.gate_proj.weight",
-        "model.layers.{i}.mlp.up_proj.weight",
-    )),
-    "decoder.layers.{i}.mlp.linear_fc2.weight":
-        Rule("row", ("model.layers.{i}.mlp.down_proj.weight",)),
+    "decoder.layers.{i}.input_layernorm.weight": Rule(
+        "replicated", ("model.layers.{i}.input_layernorm.weight",)
+    ),
+    "decoder.layers.{i}.self_attention.linear_qkv.weight": Rule(
+        "qkv",
+        (
+            "model.layers.{i}.self_attn.q_proj.weight",
+            "model.layers.{i}.self_attn.k_proj.weight",
+            "model.layers.{i}.self_attn.v_proj.weight",
+        ),
+    ),
+    "decoder.layers.{i}.self_attention.linear_proj.weight": Rule(
+        "row", ("model.layers.{i}.self_attn.o_proj.weight",)
+    ),
+    "decoder.layers.{i}.pre_mlp_layernorm.weight": Rule(
+        "replicated", ("model.layers.{i}.post_attention_layernorm.weight",)
+    ),
+    "decoder.layers.{i}.mlp.linear_fc1.weight": Rule(
+        "gate_up",
+        (
+            "model.layers.{i}.mlp.gate_proj.weight",
+            "model.layers.{i}.mlp.up_proj.weight",
+        ),
+    ),
+    "decoder.layers.{i}.mlp.linear_fc2.weight": Rule(
+        "row", ("model.layers.{i}.mlp.down_proj.weight",)
+    ),
     "decoder.final_layernorm.weight": Rule("replicated", ("model.norm.weight",)),
     "output_layer.weight": Rule("vocab", ("lm_head.weight",)),
 }

@@ -24,8 +24,15 @@ from weight_loaders.core import WeightLoaderError, model_args_from_hf
 from weight_loaders.stream import iter_hf_tensors, megatron_named_params
 
 # Files of the source directory that are weights (rewritten here), not config or tokenizer.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json",
-                    ".bin.index.json")
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".gguf",
+    ".safetensors.index.json",
+    ".bin.index.json",
+)
 
 
 def shard_file_name(pp_rank: int, pp_size: int) -> str:
@@ -58,8 +65,9 @@ def copy_non_weight_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def export_megatron_to_hf(model_chunks: list, args: ModelArgs, config, out_dir, hf_source_dir
-                          ) -> Path:
+def export_megatron_to_hf(
+    model_chunks: list, args: ModelArgs, config, out_dir, hf_source_dir
+) -> Path:
     """Write this model as an HF directory (safetensors shards + index + config + tokenizer).
 
     Collective over all ranks. `hf_source_dir` supplies config.json and the tokenizer; its
@@ -68,10 +76,15 @@ def export_megatron_to_hf(model_chunks: list, args: ModelArgs, config, out_dir, 
 
     source_args = model_args_from_hf(hf_source_dir)
     if source_args != args:
-        diff = {k: (v, getattr(args, k)) for k, v in asdict(source_args).items()
-                if getattr(args, k) != v}
-        raise WeightLoaderError(f"{hf_source_dir}/config.json disagrees with the model being "
-                                f"exported (field: (config, model)): {diff}")
+        diff = {
+            k: (v, getattr(args, k))
+            for k, v in asdict(source_args).items()
+            if getattr(args, k) != v
+        }
+        raise WeightLoaderError(
+            f"{hf_source_dir}/config.json disagrees with the model being "
+            f"exported (field: (config, model)): {diff}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writer = mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_data_parallel_rank() == 0

@@ -59,14 +59,19 @@ def check_names(ckpt_names: set[str], args: ModelArgs) -> None:
     some tied checkpoints store the copy, and HF ignores it)."""
     expected = set(expected_hf_names(args))
     missing = sorted(expected - ckpt_names)
-    extra = sorted(ckpt_names - expected - ({"lm_head.weight"} if args.tie_word_embeddings
-                                            else set()))
+    extra = sorted(
+        ckpt_names - expected - ({"lm_head.weight"} if args.tie_word_embeddings else set())
+    )
     if missing:
-        raise WeightLoaderError(f"tensor {missing[0]!r} is missing from the checkpoint "
-                                f"({len(missing)} missing: {missing[:5]})")
+        raise WeightLoaderError(
+            f"tensor {missing[0]!r} is missing from the checkpoint "
+            f"({len(missing)} missing: {missing[:5]})"
+        )
     if extra:
-        raise WeightLoaderError(f"checkpoint tensor {extra[0]!r} has no place in a {args.arch} "
-                                f"model of this config ({len(extra)} unexpected: {extra[:5]})")
+        raise WeightLoaderError(
+            f"checkpoint tensor {extra[0]!r} has no place in a {args.arch} "
+            f"model of this config ({len(extra)} unexpected: {extra[:5]})"
+        )
 
 
 def load_hf_into_megatron(model_chunks: list, hf_dir, args: ModelArgs, config) -> None:
@@ -76,7 +81,8 @@ def load_hf_into_megatron(model_chunks: list, hf_dir, args: ModelArgs, config) -
     tp, rank = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
     if args.num_query_groups % tp:
         raise WeightLoaderError(
-            f"num_key_value_heads={args.num_query_groups} is not divisible by TP={tp}")
+            f"num_key_value_heads={args.num_query_groups} is not divisible by TP={tp}"
+        )
     weight_map = get_arch(args.arch).weight_map
     with ExitStack() as stack:
         ckpt = SafetensorsCheckpoint(hf_dir, stack)
@@ -93,8 +99,9 @@ def load_hf_into_megatron(model_chunks: list, hf_dir, args: ModelArgs, config) -
                     source = "embedding.word_embeddings.weight"
                 rule, hf_names = lookup(weight_map, source)
                 with torch.no_grad():
-                    param.copy_(_read_shard(ckpt, rule.layout, hf_names, name, param, args,
-                                            tp, rank))
+                    param.copy_(
+                        _read_shard(ckpt, rule.layout, hf_names, name, param, args, tp, rank)
+                    )
 
 
 def _read_shard(ckpt, layout_name, hf_names, megatron_name, param, args, tp, rank):

@@ -10,6 +10,10 @@ from weight_loaders.core import LLAMA_WEIGHT_MAP, llama_like_args, refuse, regis
 def model_args(cfg):
     window = cfg.get("sliding_window")
     if window is not None and window < cfg["max_position_embeddings"]:
-        refuse(cfg, "sliding_window", f"a window shorter than max_position_embeddings="
-               f"{cfg['max_position_embeddings']} needs sliding-window attention")
+        refuse(
+            cfg,
+            "sliding_window",
+            f"a window shorter than max_position_embeddings="
+            f"{cfg['max_position_embeddings']} needs sliding-window attention",
+        )
     return llama_like_args(cfg, "mistral", qkv_bias=False)

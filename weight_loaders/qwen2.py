@@ -7,11 +7,14 @@ from weight_loaders.core import LLAMA_WEIGHT_MAP, Rule, llama_like_args, refuse,
 
 QWEN2_WEIGHT_MAP = {
     **LLAMA_WEIGHT_MAP,
-    "decoder.layers.{i}.self_attention.linear_qkv.bias": Rule("qkv", (
-        "model.layers.{i}.self_attn.q_proj.bias",
-        "model.layers.{i}.self_attn.k_proj.bias",
-        "model.layers.{i}.self_attn.v_proj.bias",
-    )),
+    "decoder.layers.{i}.self_attention.linear_qkv.bias": Rule(
+        "qkv",
+        (
+            "model.layers.{i}.self_attn.q_proj.bias",
+            "model.layers.{i}.self_attn.k_proj.bias",
+            "model.layers.{i}.self_attn.v_proj.bias",
+        ),
+    ),
 }
 
 

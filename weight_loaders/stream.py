@@ -47,7 +47,7 @@ def megatron_named_params(model_chunks: list, config=None) -> Iterator[tuple[str
         layers = model.decoder.layers
         for name, param in model.named_parameters():
             if name.startswith("decoder.layers."):
-                local, rest = name[len("decoder.layers."):].split(".", 1)
+                local, rest = name[len("decoder.layers.") :].split(".", 1)
                 name = f"decoder.layers.{layers[int(local)].layer_number - 1}.{rest}"
             yield name, param
 
@@ -61,8 +61,9 @@ def _gather_tp(shard: torch.Tensor, group) -> list[torch.Tensor]:
     return shards
 
 
-def iter_hf_tensors(global_named_params: NamedTensors, args: ModelArgs, tp_group=None
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors(
+    global_named_params: NamedTensors, args: ModelArgs, tp_group=None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, full tensor), one at a time, in the order of the input.
 
     Every rank of `tp_group` must consume the stream in step (the gathers are collectives)."""
@@ -76,8 +77,9 @@ def iter_hf_tensors(global_named_params: NamedTensors, args: ModelArgs, tp_group
         yield from zip(hf_names, layout.to_hf(shards, args), strict=True)
 
 
-def bucket(pairs: Iterable[tuple[str, torch.Tensor]], bucket_mb: float
-           ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def bucket(
+    pairs: Iterable[tuple[str, torch.Tensor]], bucket_mb: float
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group pairs into lists of at most `bucket_mb` MiB; a larger tensor travels alone."""
     limit = bucket_mb * 2**20
     current, size = [], 0
@@ -92,8 +94,12 @@ def bucket(pairs: Iterable[tuple[str, torch.Tensor]], bucket_mb: float
         yield current
 
 
-def stream_hf_weights(global_named_params: NamedTensors, args: ModelArgs, tp_group=None,
-                      bucket_mb: float | None = None):
+def stream_hf_weights(
+    global_named_params: NamedTensors,
+    args: ModelArgs,
+    tp_group=None,
+    bucket_mb: float | None = None,
+):
     """HF-named full tensors for an engine's `load_weights`: pairs (bucket_mb None) or lists of
     pairs of at most `bucket_mb` MiB each. Lazy; see `iter_hf_tensors` for the TP contract."""
     pairs = iter_hf_tensors(global_named_params, args, tp_group)

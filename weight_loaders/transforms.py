@@ -29,8 +29,9 @@ Index = tuple[slice, ...]
 
 
 # ---- the named transforms ---------------------------------------------------------------------
-def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_groups: int
-                   ) -> torch.Tensor:
+def interleave_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_groups: int
+) -> torch.Tensor:
     """[q heads; k heads; v heads] (HF) -> per group [its q heads, its k head, its v head].
 
     Works for weights ([rows, hidden]) and biases ([rows]); `num_groups` is the number of
@@ -41,8 +42,9 @@ def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_groups
     return torch.cat(parts, dim=1).reshape(-1, *rest)
 
 
-def deinterleave_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int, head_dim: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def deinterleave_qkv(
+    qkv: torch.Tensor, num_heads: int, num_groups: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The inverse of `interleave_qkv` for `num_heads` query heads in `num_groups` groups."""
     rest = qkv.shape[1:]
     q_rows = num_heads // num_groups * head_dim
@@ -92,12 +94,14 @@ class Layout:
     def hf_shapes(self, shard_shape: Shape, args: ModelArgs, tp: int) -> list[Shape]:
         raise NotImplementedError
 
-    def shard_index(self, hf_shapes: Sequence[Shape], args: ModelArgs, tp: int, rank: int
-                    ) -> list[Index]:
+    def shard_index(
+        self, hf_shapes: Sequence[Shape], args: ModelArgs, tp: int, rank: int
+    ) -> list[Index]:
         raise NotImplementedError
 
-    def assemble(self, parts: Sequence[torch.Tensor], shard_shape: Shape, args: ModelArgs
-                 ) -> torch.Tensor:
+    def assemble(
+        self, parts: Sequence[torch.Tensor], shard_shape: Shape, args: ModelArgs
+    ) -> torch.Tensor:
         return parts[0]
 
     def to_hf(self, shards: Sequence[torch.Tensor], args: ModelArgs) -> list[torch.Tensor]:
@@ -217,8 +221,11 @@ class QKV(Layout):
     def to_hf(self, shards, args):
         # TP ranks hold contiguous groups, so the concatenated shards are the full interleave.
         full = _cat(shards, 0)
-        return list(deinterleave_qkv(full, args.num_attention_heads, args.num_query_groups,
-                                     args.kv_channels))
+        return list(
+            deinterleave_qkv(
+                full, args.num_attention_heads, args.num_query_groups, args.kv_channels
+            )
+        )
 
 
 @register_layout("gate_up")
@@ -242,8 +249,14 @@ class GateUp(Layout):
 
 
 # ---- whole-tensor conveniences (tests, and anyone holding full HF tensors) --------------------
-def hf_to_megatron_shard(layout: str, hf_tensors: Sequence[torch.Tensor], shard_shape: Shape,
-                         args: ModelArgs, tp: int, rank: int) -> torch.Tensor:
+def hf_to_megatron_shard(
+    layout: str,
+    hf_tensors: Sequence[torch.Tensor],
+    shard_shape: Shape,
+    args: ModelArgs,
+    tp: int,
+    rank: int,
+) -> torch.Tensor:
     """TP rank `rank`'s megatron shard from full HF tensors (the importer does the same with
     lazy slices instead of full tensors)."""
     lay = LAYOUTS[layout]
@@ -251,6 +264,7 @@ def hf_to_megatron_shard(layout: str, hf_tensors: Sequence[torch.Tensor], shard_
     return lay.assemble([t[i] for t, i in zip(hf_tensors, index, strict=True)], shard_shape, args)
 
 
-def megatron_shards_to_hf(layout: str, shards: Sequence[torch.Tensor], args: ModelArgs
-                          ) -> list[torch.Tensor]:
+def megatron_shards_to_hf(
+    layout: str, shards: Sequence[torch.Tensor], args: ModelArgs
+) -> list[torch.Tensor]:
     return LAYOUTS[layout].to_hf(shards, args)

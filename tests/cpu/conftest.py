@@ -52,8 +52,16 @@ def run_torchrun(worker: str, nproc: int, *args: str, timeout: int = 600, env=No
             **(env or {}),
         }
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--standalone", "--tee", "3", str(WORKERS / worker), *args,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--standalone",
+            "--tee",
+            "3",
+            str(WORKERS / worker),
+            *args,
         ]
         proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:

@@ -106,12 +106,15 @@ def test_flipped_byte_falls_back_with_warning(two_ckpts, caplog):
     assert C.CheckpointManager(two_ckpts.root.parent, verify="size").latest_complete()[0] == 2
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: _a_shard(p).write_bytes(_a_shard(p).read_bytes()[:-10]), "bytes, "),
-    (lambda p: _a_shard(p).unlink(), "is missing"),
-    (lambda p: (p / C.MARKER).unlink(), f"no {C.MARKER}"),
-    (lambda p: (p / C.MARKER).write_text("{not json"), f"unreadable {C.MARKER}"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: _a_shard(p).write_bytes(_a_shard(p).read_bytes()[:-10]), "bytes, "),
+        (lambda p: _a_shard(p).unlink(), "is missing"),
+        (lambda p: (p / C.MARKER).unlink(), f"no {C.MARKER}"),
+        (lambda p: (p / C.MARKER).write_text("{not json"), f"unreadable {C.MARKER}"),
+    ],
+)
 def test_partial_checkpoint_falls_back(two_ckpts, caplog, damage, message):
     damage(two_ckpts.root / "step_2")
     with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
@@ -207,12 +210,29 @@ def test_signal_handler_sets_flag():
 
 def test_sigterm_on_one_rank_checkpoints_all_and_exits_cleanly(tmp_path):
     """SIGTERM to rank 1 only: both ranks save the same step and torchrun exits 0."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--standalone", str(REPO / "tests/cpu/workers/ckpt_sigterm.py"), str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(REPO / "tests/cpu/workers/ckpt_sigterm.py"),
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         progress = tmp_path / "progress"

@@ -24,8 +24,10 @@ def _check_numbers(res: dict, checks: str) -> None:
     if "critic" in checks:
         assert res["values_err"] < TOL and res["critic_param_err"] < TOL, res
         m = res["critic_metrics"]
-        assert set(m) == {f"critic/{k}" for k in ("vf_loss", "vf_clipfrac", "vpred_mean",
-                                                  "grad_norm", "skipped_steps", "lr")}, m
+        assert set(m) == {
+            f"critic/{k}"
+            for k in ("vf_loss", "vf_clipfrac", "vpred_mean", "grad_norm", "skipped_steps", "lr")
+        }, m
     if "ref" in checks:
         assert res["ref_logprob_err"] < TOL, res
     if "dynamic" in checks:

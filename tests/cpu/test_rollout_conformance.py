@@ -40,25 +40,45 @@ def torchrun():
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "result.json"
             env = {
-                **os.environ, "TANDEM_RESULT": str(result), "OMP_NUM_THREADS": "1",
+                **os.environ,
+                "TANDEM_RESULT": str(result),
+                "OMP_NUM_THREADS": "1",
                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                 "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                 "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
             }
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc_per_node", str(nproc), str(WORKER.parent / worker), *args]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(nproc),
+                str(WORKER.parent / worker),
+                *args,
+            ]
             # Own session, so a timeout ends the workers too, not only torchrun.
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
             try:
                 stdout, stderr = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 stdout, stderr = proc.communicate()
-                pytest.fail(f"{worker} timed out after {timeout}s\n{stdout[-6000:]}\n{stderr[-6000:]}")
+                pytest.fail(
+                    f"{worker} timed out after {timeout}s\n{stdout[-6000:]}\n{stderr[-6000:]}"
+                )
             if proc.returncode != 0:
-                pytest.fail(f"{worker} ({nproc} ranks) exited {proc.returncode}\n"
-                            f"{stdout[-6000:]}\n{stderr[-6000:]}")
+                pytest.fail(
+                    f"{worker} ({nproc} ranks) exited {proc.returncode}\n"
+                    f"{stdout[-6000:]}\n{stderr[-6000:]}"
+                )
             return json.loads(result.read_text())
 
     return run

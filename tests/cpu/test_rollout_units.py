@@ -43,9 +43,12 @@ def test_sampling_defaults_and_overrides():
     assert s.eos_token_ids == (9,) and s.seed is None and not s.greedy
     s = resolve_sampling(
         cfg,
-        {"sampling": {"do_sample": False, "max_new_tokens": 3, "stop_token_ids": [4, 9]},
-         "global_steps": 7},  # other meta_info keys are the trainer's business
-        eos_token_ids=(9,), pad_token_id=PAD,
+        {
+            "sampling": {"do_sample": False, "max_new_tokens": 3, "stop_token_ids": [4, 9]},
+            "global_steps": 7,
+        },  # other meta_info keys are the trainer's business
+        eos_token_ids=(9,),
+        pad_token_id=PAD,
     )
     assert s.greedy and s.response_length == 3 and s.eos_token_ids == (9, 4)
 
@@ -82,8 +85,9 @@ def test_prompt_checks_name_the_problem():
     with pytest.raises(ValueError, match="not left-padded"):
         prompt_token_lists(right, max_model_len=64, response_length=4)
     with pytest.raises(ValueError, match="lacks"):
-        prompt_token_lists(ok.select(["input_ids", "attention_mask"]), max_model_len=64,
-                           response_length=4)
+        prompt_token_lists(
+            ok.select(["input_ids", "attention_mask"]), max_model_len=64, response_length=4
+        )
 
 
 def test_build_output_layout():
@@ -123,4 +127,6 @@ def test_registry_builds_by_name_and_rejects_unknown(tiny_ckpt):
     ro = build_rollout(RolloutConfig(name="hf"), tiny_ckpt("tiny_qwen2"), max_model_len=32)
     assert type(ro).__name__ == "HFRollout" and ro.max_model_len == 32
     with pytest.raises(ValueError, match="tensor_model_parallel_size"):
-        build_rollout(RolloutConfig(name="hf", tensor_model_parallel_size=2), tiny_ckpt("tiny_qwen2"))
+        build_rollout(
+            RolloutConfig(name="hf", tensor_model_parallel_size=2), tiny_ckpt("tiny_qwen2")
+        )

@@ -12,19 +12,33 @@ import pytest
 from trainer import tracking as T
 
 STEPS = [
-    {"actor/pg_loss": -0.0125, "actor/entropy": 2.5, "critic/score/mean": 0.25,
-     "response_length/mean": 17.0, "timing_s/step": 1.5, "timing_s/gen": 0.75,
-     "note": "not a number"},
-    {"actor/pg_loss": 0.5, "actor/entropy": 2.25, "critic/score/mean": 0.5,
-     "response_length/mean": 19.0, "timing_s/step": 1.25, "timing_s/gen": 0.5},
+    {
+        "actor/pg_loss": -0.0125,
+        "actor/entropy": 2.5,
+        "critic/score/mean": 0.25,
+        "response_length/mean": 17.0,
+        "timing_s/step": 1.5,
+        "timing_s/gen": 0.75,
+        "note": "not a number",
+    },
+    {
+        "actor/pg_loss": 0.5,
+        "actor/entropy": 2.25,
+        "critic/score/mean": 0.5,
+        "response_length/mean": 19.0,
+        "timing_s/step": 1.25,
+        "timing_s/gen": 0.5,
+    },
     {"actor/pg_loss": 1e-6, "critic/score/mean": float("nan")},
 ]
 
 
 def test_console_line():
     line = T.console_line(STEPS[0], step=3, total=20, eta_s=62)
-    assert line == ("step 3/20 [###-----------------]  15% | score 0.25 | pg_loss -0.0125 | "
-                    "entropy 2.5 | resp_len 17 | s/step 1.5 | eta 0:01:02")
+    assert line == (
+        "step 3/20 [###-----------------]  15% | score 0.25 | pg_loss -0.0125 | "
+        "entropy 2.5 | resp_len 17 | s/step 1.5 | eta 0:01:02"
+    )
     assert T.console_line({"actor/pg_loss": 1e-6}, 7, None) == "step 7 | pg_loss 1.000e-06"
 
 
@@ -44,8 +58,10 @@ def test_console_and_tensorboard(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert "note" not in events.Tags()["scalars"]
-    got = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
-           for tag in ("actor/pg_loss", "timing_s/gen", "critic/score/mean")}
+    got = {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in ("actor/pg_loss", "timing_s/gen", "critic/score/mean")
+    }
     assert got["actor/pg_loss"] == [(1, pytest.approx(-0.0125)), (2, 0.5), (3, pytest.approx(1e-6))]
     assert got["timing_s/gen"] == [(1, 0.75), (2, 0.5)]
     assert math.isnan(got["critic/score/mean"][2][1])

@@ -23,28 +23,60 @@ import pytest
 from trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = ["data.train_batch_size=4", "actor.ppo_mini_batch_size=4", "critic.ppo_mini_batch_size=4",
-         "rollout.n=2", "rollout.response_length=8", "data.task_size=64", "data.val_batch_size=8",
-         "trainer.test_freq=0", "trainer.save_freq=0"]
+SMALL = [
+    "data.train_batch_size=4",
+    "actor.ppo_mini_batch_size=4",
+    "critic.ppo_mini_batch_size=4",
+    "rollout.n=2",
+    "rollout.response_length=8",
+    "data.task_size=64",
+    "data.val_batch_size=8",
+    "trainer.test_freq=0",
+    "trainer.save_freq=0",
+]
 
 
 def command(nproc: int, overrides: list[str]) -> list[str]:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 "--nproc_per_node", str(nproc), "-m", "trainer.main"] if nproc > 1
-                else [sys.executable, "-m", "trainer.main"])
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "trainer.main",
+        ]
+        if nproc > 1
+        else [sys.executable, "-m", "trainer.main"]
+    )
     return launcher + overrides
 
 
 def env(cache) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-            "VLLM_CPU_KVCACHE_SPACE": "1", "TANDEM_CACHE": str(cache),
-            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "TANDEM_CACHE": str(cache),
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
 
 
 def run(nproc, overrides, cache, timeout=600):
-    proc = subprocess.run(command(nproc, overrides), cwd=REPO, env=env(cache), timeout=timeout,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    proc = subprocess.run(
+        command(nproc, overrides),
+        cwd=REPO,
+        env=env(cache),
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -59,8 +91,12 @@ CASES = {
     "ppo-tp2": ["algorithm=ppo", "parallel=tp2", "rollout=hf"],
     "ppo-pp2": ["algorithm=ppo", "parallel=pp2", "rollout=hf"],
     "ppo-dp2": ["algorithm=ppo", "parallel=single", "rollout=hf"],
-    "grpo-tp2-vllm-tp2": ["algorithm=grpo", "parallel=tp2", "rollout=vllm",
-                          "rollout.tensor_model_parallel_size=2"],
+    "grpo-tp2-vllm-tp2": [
+        "algorithm=grpo",
+        "parallel=tp2",
+        "rollout=vllm",
+        "rollout.tensor_model_parallel_size=2",
+    ],
 }
 
 
@@ -85,9 +121,13 @@ def test_kill9_then_resume_equals_uninterrupted(cache_dir, tmp_path):
     run(1, overrides + [f"trainer.output_dir={straight}"], cache_dir)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(1, overrides + [f"trainer.output_dir={killed}"]), cwd=REPO,
-                            env=env(cache_dir), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(1, overrides + [f"trainer.output_dir={killed}"]),
+        cwd=REPO,
+        env=env(cache_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step_1" / "complete.json").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before a checkpoint"
@@ -107,8 +147,14 @@ def test_kill9_then_resume_equals_uninterrupted(cache_dir, tmp_path):
 def test_sigterm_leaves_complete_checkpoint(cache_dir, tmp_path):
     out = tmp_path / "run"
     overrides = ["rollout=hf", "trainer.total_steps=50"] + SMALL + [f"trainer.output_dir={out}"]
-    proc = subprocess.Popen(command(1, overrides), cwd=REPO, env=env(cache_dir),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command(1, overrides),
+        cwd=REPO,
+        env=env(cache_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() or not read_metrics(out / "metrics.jsonl"):
         assert proc.poll() is None and time.time() < deadline

@@ -12,9 +12,18 @@ from tandem_core.models import ModelArgs
 from weight_loaders.transforms import LAYOUTS
 
 PRESETS = ["tiny_llama", "tiny_llama_tied", "tiny_qwen2", "tiny_mistral"]
-ARGS = ModelArgs(arch="qwen2", num_layers=2, hidden_size=16, num_attention_heads=6,
-                 num_query_groups=2, ffn_hidden_size=12, vocab_size=130, kv_channels=4,
-                 max_position_embeddings=64, qkv_bias=True)
+ARGS = ModelArgs(
+    arch="qwen2",
+    num_layers=2,
+    hidden_size=16,
+    num_attention_heads=6,
+    num_query_groups=2,
+    ffn_hidden_size=12,
+    vocab_size=130,
+    kv_channels=4,
+    max_position_embeddings=64,
+    qkv_bias=True,
+)
 
 
 # ---- pure transforms --------------------------------------------------------------------------
@@ -27,27 +36,35 @@ def test_interleave_qkv_layout_and_inverse():
     # group 0 = q heads 0..2, k head 0, v head 0 (megatron's per-group order)
     per_group = (heads // groups + 2) * hd
     torch.testing.assert_close(qkv[: 3 * hd], q[: 3 * hd], rtol=0, atol=0)
-    torch.testing.assert_close(qkv[3 * hd: 4 * hd], k[:hd], rtol=0, atol=0)
-    torch.testing.assert_close(qkv[4 * hd: per_group], v[:hd], rtol=0, atol=0)
+    torch.testing.assert_close(qkv[3 * hd : 4 * hd], k[:hd], rtol=0, atol=0)
+    torch.testing.assert_close(qkv[4 * hd : per_group], v[:hd], rtol=0, atol=0)
     for got, want in zip(wl.deinterleave_qkv(qkv, heads, groups, hd), (q, k, v), strict=True):
         assert torch.equal(got, want)
     # biases (1-D) too
     qb, kb, vb = q[:, 0], k[:, 0], v[:, 0]
-    assert all(torch.equal(a, b) for a, b in zip(
-        wl.deinterleave_qkv(wl.interleave_qkv(qb, kb, vb, groups), heads, groups, hd),
-        (qb, kb, vb), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            wl.deinterleave_qkv(wl.interleave_qkv(qb, kb, vb, groups), heads, groups, hd),
+            (qb, kb, vb),
+            strict=True,
+        )
+    )
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("layout,hf_shapes", [
-    ("qkv", [(24, 16), (8, 16), (8, 16)]),
-    ("qkv", [(24,), (8,), (8,)]),
-    ("gate_up", [(12, 16), (12, 16)]),
-    ("vocab", [(130, 16)]),
-    ("column", [(12, 16)]),
-    ("row", [(16, 12)]),
-    ("replicated", [(16,)]),
-])
+@pytest.mark.parametrize(
+    "layout,hf_shapes",
+    [
+        ("qkv", [(24, 16), (8, 16), (8, 16)]),
+        ("qkv", [(24,), (8,), (8,)]),
+        ("gate_up", [(12, 16), (12, 16)]),
+        ("vocab", [(130, 16)]),
+        ("column", [(12, 16)]),
+        ("row", [(16, 12)]),
+        ("replicated", [(16,)]),
+    ],
+)
 def test_shards_round_trip(layout, hf_shapes, tp):
     """HF -> every TP rank's shard -> HF is exact, and shard shapes match what the megatron
     parameter would be (hf_shapes inverts them)."""
@@ -55,9 +72,12 @@ def test_shards_round_trip(layout, hf_shapes, tp):
     hf = [torch.randn(s, generator=g) for s in hf_shapes]
     lay = LAYOUTS[layout]
     shard_shape = {
-        "qkv": ((24 + 16) // tp, *hf_shapes[0][1:]), "gate_up": (24 // tp, 16),
-        "vocab": (ARGS.padded_vocab_size(tp) // tp, 16), "column": (12 // tp, 16),
-        "row": (16, 12 // tp), "replicated": (16,),
+        "qkv": ((24 + 16) // tp, *hf_shapes[0][1:]),
+        "gate_up": (24 // tp, 16),
+        "vocab": (ARGS.padded_vocab_size(tp) // tp, 16),
+        "column": (12 // tp, 16),
+        "row": (16, 12 // tp),
+        "replicated": (16,),
     }[layout]
     shards = [wl.hf_to_megatron_shard(layout, hf, shard_shape, ARGS, tp, r) for r in range(tp)]
     assert all(tuple(s.shape) == shard_shape for s in shards)
@@ -86,10 +106,15 @@ def test_bucket_limits():
 
 
 # ---- configs: dispatch and refusals -----------------------------------------------------------
-@pytest.mark.parametrize("preset,arch,tied,bias", [
-    ("tiny_llama", "llama", False, False), ("tiny_llama_tied", "llama", True, False),
-    ("tiny_qwen2", "qwen2", True, True), ("tiny_mistral", "mistral", False, False),
-])
+@pytest.mark.parametrize(
+    "preset,arch,tied,bias",
+    [
+        ("tiny_llama", "llama", False, False),
+        ("tiny_llama_tied", "llama", True, False),
+        ("tiny_qwen2", "qwen2", True, True),
+        ("tiny_mistral", "mistral", False, False),
+    ],
+)
 def test_model_args_from_hf(tiny_ckpt, preset, arch, tied, bias):
     args = wl.model_args_from_hf(tiny_ckpt(preset))
     assert (args.arch, args.tie_word_embeddings, args.qkv_bias) == (arch, tied, bias)
@@ -103,17 +128,23 @@ def _cfg(tiny_ckpt, preset, **changes):
     return cfg
 
 
-@pytest.mark.parametrize("preset,changes,key", [
-    ("tiny_mistral", {"sliding_window": 128}, "sliding_window"),
-    ("tiny_qwen2", {"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window"),
-    ("tiny_llama", {"attention_bias": True}, "attention_bias"),
-    ("tiny_llama", {"mlp_bias": True}, "mlp_bias"),
-    ("tiny_llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}},
-     "rope_parameters"),
-    ("tiny_llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ("tiny_llama", {"hidden_act": "gelu"}, "hidden_act"),
-    ("tiny_llama", {"model_type": "gpt2"}, "gpt2"),
-])
+@pytest.mark.parametrize(
+    "preset,changes,key",
+    [
+        ("tiny_mistral", {"sliding_window": 128}, "sliding_window"),
+        ("tiny_qwen2", {"use_sliding_window": True, "sliding_window": 64}, "use_sliding_window"),
+        ("tiny_llama", {"attention_bias": True}, "attention_bias"),
+        ("tiny_llama", {"mlp_bias": True}, "mlp_bias"),
+        (
+            "tiny_llama",
+            {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}},
+            "rope_parameters",
+        ),
+        ("tiny_llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ("tiny_llama", {"hidden_act": "gelu"}, "hidden_act"),
+        ("tiny_llama", {"model_type": "gpt2"}, "gpt2"),
+    ],
+)
 def test_unsupported_features_are_refused(tiny_ckpt, preset, changes, key):
     with pytest.raises(wl.WeightLoaderError, match=key):
         wl.model_args_from_hf(_cfg(tiny_ckpt, preset, **changes))
@@ -137,13 +168,16 @@ def test_name_check_names_the_missing_and_the_unexpected(tiny_ckpt):
 
 
 # ---- real megatron-core layouts ---------------------------------------------------------------
-@pytest.mark.parametrize("tp,pp,vpp,nproc", [
-    (1, 1, 0, 1),
-    (2, 1, 0, 2),
-    (1, 2, 2, 2),
-    (2, 2, 0, 4),
-    (1, 2, 0, 2),
-])
+@pytest.mark.parametrize(
+    "tp,pp,vpp,nproc",
+    [
+        (1, 1, 0, 1),
+        (2, 1, 0, 2),
+        (1, 2, 2, 2),
+        (2, 2, 0, 4),
+        (1, 2, 0, 2),
+    ],
+)
 def test_layout_import_logits_stream_export(torchrun, tiny_ckpt, tmp_path, tp, pp, vpp, nproc):
     for p in PRESETS:
         tiny_ckpt(p)  # build in this process, not racing in the workers
@@ -158,7 +192,9 @@ def test_layout_import_logits_stream_export(torchrun, tiny_ckpt, tmp_path, tp, p
 def test_bad_checkpoints_name_the_tensor(torchrun, tiny_ckpt, tmp_path):
     tiny_ckpt("tiny_llama")
     msg = torchrun("wl_bad_input.py", 1, "tiny_llama", str(tmp_path))
-    assert "model.layers.1.self_attn.q_proj.weight" in msg["missing"] and "missing" in msg["missing"]
+    assert (
+        "model.layers.1.self_attn.q_proj.weight" in msg["missing"] and "missing" in msg["missing"]
+    )
     assert "model.layers.1.self_attn.q_proj.weight" in msg["shape"]
     assert "[160, 128]" in msg["shape"] and "[128, 128]" in msg["shape"]
     assert "model.layers.3." in msg["layers"]

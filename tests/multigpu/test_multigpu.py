@@ -48,8 +48,15 @@ def test_layouts_equal_one_gpu_bf16(layout, reference_bf16, torchrun, tmp_path):
 @needs_2_gpus
 @pytest.mark.parametrize("rollout_tp", [1, 2])
 def test_hybrid_engine_swaps_vllm(rollout_tp, torchrun):
-    result = torchrun("he_check.py", 2, "vllm", str(rollout_tp), "1x1,2x1,1x2", timeout=1200,
-                      env={"HE_TOL": "3e-3"})
+    result = torchrun(
+        "he_check.py",
+        2,
+        "vllm",
+        str(rollout_tp),
+        "1x1,2x1,1x2",
+        timeout=1200,
+        env={"HE_TOL": "3e-3"},
+    )
     for layout, numbers in result.items():
         assert numbers["cuda_mib_freed_by_enter"] > 0, (layout, numbers)
         for key in ("err_first", "err_after_step", "err_repaired"):
@@ -62,16 +69,45 @@ def test_grpo_end_to_end_two_gpus(tmp_path):
     from trainer.tracking import read_metrics
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "trainer.main", "algorithm=grpo", "parallel=tp2", "rollout=vllm",
-           "trainer.total_steps=3", "trainer.test_freq=0", "trainer.save_freq=0",
-           "model.dtype=bfloat16", f"trainer.output_dir={out}"]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trainer.main",
+        "algorithm=grpo",
+        "parallel=tp2",
+        "rollout=vllm",
+        "trainer.total_steps=3",
+        "trainer.test_freq=0",
+        "trainer.save_freq=0",
+        "model.dtype=bfloat16",
+        f"trainer.output_dir={out}",
+    ]
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     metrics = read_metrics(out / "metrics.jsonl")
     assert sorted(metrics) == [1, 2, 3]
     assert all(math.isfinite(m["actor/pg_loss"]) for m in metrics.values())
-    print({s: {k: m[k] for k in ("critic/score/mean", "timing_s/gen", "timing_s/update_actor",
-                                 "rollout/logprob_abs_diff")} for s, m in metrics.items()})
+    print(
+        {
+            s: {
+                k: m[k]
+                for k in (
+                    "critic/score/mean",
+                    "timing_s/gen",
+                    "timing_s/update_actor",
+                    "rollout/logprob_abs_diff",
+                )
+            }
+            for s, m in metrics.items()
+        }
+    )

@@ -32,7 +32,10 @@ LR, EPS, CLIP = 1e-3, 1e-4, 1.0  # large eps: Adam's first step is then smooth i
 def hf_named_params(worker, args):
     """The megatron actor's weights as HF tensors, whole on every rank."""
     named = weight_loaders.megatron_named_params(worker.chunks, worker.config)
-    mine = {k: v.detach().clone() for k, v in weight_loaders.stream_hf_weights(named, args, D.tp_group())}
+    mine = {
+        k: v.detach().clone()
+        for k, v in weight_loaders.stream_hf_weights(named, args, D.tp_group())
+    }
     stages = [None] * D.pp_size()
     dist.all_gather_object(stages, mine, group=D.pp_group())
     return {k: v for s in stages for k, v in s.items()}
@@ -42,8 +45,12 @@ def main():
     arch, tp, pp, sp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))
     vpp = int(sys.argv[5]) if len(sys.argv) > 5 else None
     D.init_distributed()
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=sp,
+    )
     D.init_model_parallel(parallel)
     from transformers import AutoModelForCausalLM
 
@@ -70,9 +77,15 @@ def main():
         "ref_log_probs": want_lp + 0.05 * torch.randn(want_lp.shape, generator=g),
         "advantages": torch.randn(want_lp.shape, generator=g),
     }
-    cfg = ActorConfig(ppo_mini_batch_size=4, optim=OptimConfig(lr=LR, eps=EPS, clip_grad=CLIP),
-                      entropy_coeff=0.01, use_kl_loss=True, kl_loss_coef=0.1,
-                      kl_loss_type="low_var_kl", clip_ratio_high=0.28)
+    cfg = ActorConfig(
+        ppo_mini_batch_size=4,
+        optim=OptimConfig(lr=LR, eps=EPS, clip_grad=CLIP),
+        entropy_coeff=0.01,
+        use_kl_loss=True,
+        kl_loss_coef=0.1,
+        kl_loss_type="low_var_kl",
+        clip_ratio_high=0.28,
+    )
     before = {k: v.detach().clone() for k, v in hf.named_parameters()}
     reference_ppo_step(hf, {**data, **extra}, cfg, LR, EPS, CLIP, mini_batch=4)
     want = dict(hf.named_parameters())
@@ -82,7 +95,8 @@ def main():
     for mbs in [int(x) for x in os.environ.get("ACTOR_MBS", "1,4").split(",")]:
         worker = build_model_worker(args, hf_dir, parallel, optim=cfg.optim)
         MegatronActor(worker, replace(cfg, micro_batch_size=mbs)).update_policy(
-            Batch.from_dict({**data, **extra}, meta_info={"n": 1}))
+            Batch.from_dict({**data, **extra}, meta_info={"n": 1})
+        )
         got = hf_named_params(worker, args)
         err = max((got[k] - want[k].detach()).abs().max().item() for k in got)
         errors[mbs] = err

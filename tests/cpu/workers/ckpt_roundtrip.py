@@ -40,8 +40,15 @@ from trainer.megatron_worker import build_model_worker, reduce_metrics, train_st
 from trainer.sequences import gather_response  # noqa: E402
 from trainer.tracking import Tracker  # noqa: E402
 
-OPTIM = OptimConfig(lr=1e-3, eps=1e-4, weight_decay=0.01, clip_grad=1.0, lr_warmup_steps=2,
-                    lr_decay_style="linear", lr_decay_steps=10)
+OPTIM = OptimConfig(
+    lr=1e-3,
+    eps=1e-4,
+    weight_decay=0.01,
+    clip_grad=1.0,
+    lr_warmup_steps=2,
+    lr_decay_style="linear",
+    lr_decay_steps=10,
+)
 ACTOR = ActorConfig(ppo_mini_batch_size=4, micro_batch_size=2, optim=OPTIM, entropy_coeff=0.01)
 
 
@@ -49,9 +56,11 @@ def rollout(vocab: int, seed: int) -> Batch:
     data = synthetic_rollout(vocab, batch=8, seed=seed)
     g = torch.Generator().manual_seed(100 + seed)
     shape = data["responses"].shape
-    data.update(old_log_probs=-3.0 + 0.1 * torch.randn(shape, generator=g),
-                advantages=torch.randn(shape, generator=g),
-                returns=torch.randn(shape, generator=g))
+    data.update(
+        old_log_probs=-3.0 + 0.1 * torch.randn(shape, generator=g),
+        advantages=torch.randn(shape, generator=g),
+        returns=torch.randn(shape, generator=g),
+    )
     return Batch.from_dict(data, meta_info={"n": 1}).to(cpu_compat.device())
 
 
@@ -70,18 +79,24 @@ def critic_update(worker, batch: Batch) -> dict:
     for i, mini in enumerate(batch.split(4)):
         tokens = mini["response_mask"].sum().item() / D.dp_size()
         mbs = make_micro_batches(dp_slice(mini), 2, None, seq_multiple=1)
-        outputs, grad_norm, _ = train_step(worker, mbs, value_loss(tokens, len(mbs)),
-                                           max_nan_steps=3)
-        metrics.update({f"vf_loss{i}": reduce_metrics(outputs, ["vf_loss"])["vf_loss"],
-                        f"grad_norm{i}": grad_norm})
+        outputs, grad_norm, _ = train_step(
+            worker, mbs, value_loss(tokens, len(mbs)), max_nan_steps=3
+        )
+        metrics.update(
+            {
+                f"vf_loss{i}": reduce_metrics(outputs, ["vf_loss"])["vf_loss"],
+                f"grad_norm{i}": grad_norm,
+            }
+        )
     return metrics
 
 
 def build(args, hf_dir, parallel):
     return {
         "actor": build_model_worker(args, hf_dir, parallel, optim=OPTIM, total_optimizer_steps=10),
-        "critic": build_model_worker(args, hf_dir, parallel, value_head=True, optim=OPTIM,
-                                     total_optimizer_steps=10),
+        "critic": build_model_worker(
+            args, hf_dir, parallel, value_head=True, optim=OPTIM, total_optimizer_steps=10
+        ),
     }
 
 
@@ -116,8 +131,11 @@ def diff(a: dict, b: dict) -> list[str]:
 
 
 def run_layout(name: str, tp: int, pp: int, dist_opt: bool, out_dir: Path) -> dict:
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              use_distributed_optimizer=dist_opt)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        use_distributed_optimizer=dist_opt,
+    )
     D.init_model_parallel(parallel)
     hf_dir = ensure_tiny_checkpoint("tiny_llama")
     args = weight_loaders.model_args_from_hf(hf_dir)
@@ -153,8 +171,10 @@ def run_layout(name: str, tp: int, pp: int, dist_opt: bool, out_dir: Path) -> di
     assert loaded["rank"] == dist.get_rank() and loaded["step"] == 1, loaded
     C.restore_rng_state(loaded["rng"], {"rollout": gen})
     draws_b = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=gen))
-    assert all(torch.equal(torch.as_tensor(x), torch.as_tensor(y))
-               for x, y in zip(draws_a, draws_b, strict=True)), (draws_a, draws_b)
+    assert all(
+        torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+        for x, y in zip(draws_a, draws_b, strict=True)
+    ), (draws_a, draws_b)
     bad = diff(snapshot(b), at_save)
     assert not bad, f"{name}: after load, differs from the saved state in {bad[:5]}"
     metrics_b = train(b, b2)
@@ -175,8 +195,13 @@ def run_layout(name: str, tp: int, pp: int, dist_opt: bool, out_dir: Path) -> di
 
 
 # name: (TP, PP, distributed optimizer); DP is whatever the world size leaves.
-LAYOUTS = {"tp2": (2, 1, True), "pp2": (1, 2, True), "dp2": (1, 1, True),
-           "dp2_plain": (1, 1, False), "tp2pp2": (2, 2, True)}
+LAYOUTS = {
+    "tp2": (2, 1, True),
+    "pp2": (1, 2, True),
+    "dp2": (1, 1, True),
+    "dp2_plain": (1, 1, False),
+    "tp2pp2": (2, 2, True),
+}
 
 
 def main():
@@ -193,8 +218,9 @@ def main():
     stop.uninstall()
 
     # every rank logs; only rank 0 may write (the pytest side counts the records)
-    with Tracker(["console", "tensorboard"], "tandem", "ckpt", out_dir / "tracker",
-                 total_steps=2) as tracker:
+    with Tracker(
+        ["console", "tensorboard"], "tandem", "ckpt", out_dir / "tracker", total_steps=2
+    ) as tracker:
         tracker.log({"actor/pg_loss": float(dist.get_rank())}, step=1)
     write_result(results)
     D.destroy()

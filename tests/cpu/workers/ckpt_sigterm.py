@@ -33,8 +33,9 @@ def main():
             (out / "progress").write_text(str(step))
         if stop.agreed():
             mgr.save(step, {}, {"step": step, "rank": rank, "signal": stop.signal_name})
-            print(f"rank {rank}: stopped by {stop.signal_name or 'a peer'} at step {step}",
-                  flush=True)
+            print(
+                f"rank {rank}: stopped by {stop.signal_name or 'a peer'} at step {step}", flush=True
+            )
             D.destroy()
             return
     sys.exit(f"rank {rank}: no stop request in {MAX_STEPS} steps")

@@ -59,10 +59,15 @@ def value_head(worker):
 def whole_params(worker, args) -> dict[str, torch.Tensor]:
     """Backbone as HF tensors (+ `value_head.weight` of a critic), whole on every rank."""
     critic = worker.is_last_stage and isinstance(value_head(worker), ValueHead)
-    named = [(k, v) for k, v in weight_loaders.megatron_named_params(worker.chunks)
-             if not (critic and k == "output_layer.weight")]
-    mine = {k: v.detach().clone()
-            for k, v in weight_loaders.stream_hf_weights(named, args, D.tp_group())}
+    named = [
+        (k, v)
+        for k, v in weight_loaders.megatron_named_params(worker.chunks)
+        if not (critic and k == "output_layer.weight")
+    ]
+    mine = {
+        k: v.detach().clone()
+        for k, v in weight_loaders.stream_hf_weights(named, args, D.tp_group())
+    }
     if critic:
         mine["value_head.weight"] = value_head(worker).weight.detach().clone()
     stages = [None] * D.pp_size()
@@ -78,8 +83,11 @@ def max_err(got: dict, want: dict) -> float:
 # ---- plain PyTorch critic --------------------------------------------------------------------
 def hf_values(backbone, head, data):
     R = data["responses"].shape[1]
-    hidden = backbone(input_ids=data["input_ids"], attention_mask=data["attention_mask"],
-                      position_ids=data["position_ids"]).last_hidden_state
+    hidden = backbone(
+        input_ids=data["input_ids"],
+        attention_mask=data["attention_mask"],
+        position_ids=data["position_ids"],
+    ).last_hidden_state
     return head(hidden)[:, -R - 1 : -1, 0] * data["response_mask"].float()
 
 
@@ -93,8 +101,9 @@ def reference_critic_step(backbone, head, data, cfg: CriticConfig, mini_batch: i
         mini = {k: v[start : start + mini_batch] for k, v in data.items()}
         opt.zero_grad()
         vpreds = hf_values(backbone, head, mini)
-        loss, _ = core_algos.compute_value_loss(vpreds, mini["returns"], mini["values"],
-                                                mini["response_mask"], cfg.cliprange_value)
+        loss, _ = core_algos.compute_value_loss(
+            vpreds, mini["returns"], mini["values"], mini["response_mask"], cfg.cliprange_value
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
@@ -110,8 +119,12 @@ def check_critic(args, hf_dir, parallel, data) -> dict:
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # the ValueHead starts at 0: give both the same non-zero weight
         head.weight.copy_(0.2 * torch.randn(head.weight.shape, generator=g))
-    cfg = CriticConfig(optim=OptimConfig(lr=LR, eps=EPS, clip_grad=CLIP), cliprange_value=0.2,
-                       ppo_mini_batch_size=4, micro_batch_size=3)
+    cfg = CriticConfig(
+        optim=OptimConfig(lr=LR, eps=EPS, clip_grad=CLIP),
+        cliprange_value=0.2,
+        ppo_mini_batch_size=4,
+        micro_batch_size=3,
+    )
 
     def build():
         worker = build_model_worker(args, hf_dir, parallel, value_head=True, optim=cfg.optim)
@@ -128,21 +141,27 @@ def check_critic(args, hf_dir, parallel, data) -> dict:
     assert values_err < TOL, values_err
     assert want_values.abs().max() > 0.1, "values too small for a meaningful check"
 
-    train = {**data,
-             "values": want_values + 0.3 * torch.randn(want_values.shape, generator=g),
-             "returns": torch.randn(want_values.shape, generator=g)}
-    before = {**{k: v.detach().clone() for k, v in hf.model.named_parameters()},
-              "head": head.weight.detach().clone()}
+    train = {
+        **data,
+        "values": want_values + 0.3 * torch.randn(want_values.shape, generator=g),
+        "returns": torch.randn(want_values.shape, generator=g),
+    }
+    before = {
+        **{k: v.detach().clone() for k, v in hf.model.named_parameters()},
+        "head": head.weight.detach().clone(),
+    }
     want_loss = reference_critic_step(hf.model, head, train, cfg, mini_batch=4)
-    want = {**{f"model.{k}": v.detach() for k, v in hf.model.named_parameters()},
-            "value_head.weight": head.weight.detach()}
-    moved = min((want["value_head.weight"] - before["head"]).abs().max().item(),
-                *((want[f"model.{k}"] - before[k]).abs().max().item()
-                  for k in before if k != "head"))
+    want = {
+        **{f"model.{k}": v.detach() for k, v in hf.model.named_parameters()},
+        "value_head.weight": head.weight.detach(),
+    }
+    moved = min(
+        (want["value_head.weight"] - before["head"]).abs().max().item(),
+        *((want[f"model.{k}"] - before[k]).abs().max().item() for k in before if k != "head"),
+    )
     assert moved > 1e-4, f"the reference step left a tensor unchanged ({moved})"
 
-    metrics = MegatronCritic(worker, cfg).update_critic(Batch.from_dict(train,
-                                                                        meta_info={"n": 1}))
+    metrics = MegatronCritic(worker, cfg).update_critic(Batch.from_dict(train, meta_info={"n": 1}))
     param_err = max_err(whole_params(worker, args), want)
     assert param_err < TOL, param_err
     assert abs(metrics["critic/vf_loss"] - want_loss) < TOL, (metrics, want_loss)
@@ -160,8 +179,7 @@ def check_reference(args, hf_dir, parallel, data, want_lp) -> dict:
     params = list(dict.fromkeys(p for c in worker.chunks for p in c.parameters()))
     snapshot = [p.detach().clone() for p in params]
     ptrs = [p.data_ptr() for p in params]
-    ref = MegatronReference(worker, ActorConfig(micro_batch_size=3),
-                            RefConfig(offload_params=True))
+    ref = MegatronReference(worker, ActorConfig(micro_batch_size=3), RefConfig(offload_params=True))
     assert worker.offloaded
     # Offloading gives every parameter new host storage with the same values.
     assert all(p.data_ptr() != q for p, q in zip(params, ptrs, strict=True))
@@ -181,21 +199,28 @@ def check_reference(args, hf_dir, parallel, data, want_lp) -> dict:
 # ---- actor: dynamic batching ------------------------------------------------------------------
 def ppo_batch(data, want_lp, seed=1) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {**data,
-            "old_log_probs": want_lp + 0.05 * torch.randn(want_lp.shape, generator=g),
-            "ref_log_probs": want_lp + 0.05 * torch.randn(want_lp.shape, generator=g),
-            "advantages": torch.randn(want_lp.shape, generator=g)}
+    return {
+        **data,
+        "old_log_probs": want_lp + 0.05 * torch.randn(want_lp.shape, generator=g),
+        "ref_log_probs": want_lp + 0.05 * torch.randn(want_lp.shape, generator=g),
+        "advantages": torch.randn(want_lp.shape, generator=g),
+    }
 
 
-ACTOR_CFG = ActorConfig(ppo_mini_batch_size=4, micro_batch_size=2,
-                        optim=OptimConfig(lr=LR, eps=EPS, clip_grad=CLIP), entropy_coeff=0.01,
-                        use_kl_loss=True, kl_loss_coef=0.1, clip_ratio_high=0.28)
+ACTOR_CFG = ActorConfig(
+    ppo_mini_batch_size=4,
+    micro_batch_size=2,
+    optim=OptimConfig(lr=LR, eps=EPS, clip_grad=CLIP),
+    entropy_coeff=0.01,
+    use_kl_loss=True,
+    kl_loss_coef=0.1,
+    clip_ratio_high=0.28,
+)
 
 
 def actor_params(args, hf_dir, parallel, train, cfg) -> dict:
     worker = build_model_worker(args, hf_dir, parallel, optim=cfg.optim)
-    metrics = MegatronActor(worker, cfg).update_policy(Batch.from_dict(train,
-                                                                       meta_info={"n": 1}))
+    metrics = MegatronActor(worker, cfg).update_policy(Batch.from_dict(train, meta_info={"n": 1}))
     assert metrics["actor/skipped_steps"] == 0, metrics
     return whole_params(worker, args)
 
@@ -221,8 +246,9 @@ def check_bad_input(args, hf_dir, parallel, data, want_lp) -> dict:
     long["position_ids"] = (long["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     long_train = ppo_batch(long, torch.zeros(2, 5))
     worker = build_model_worker(args, hf_dir, parallel, optim=ACTOR_CFG.optim)
-    critic_worker = build_model_worker(args, hf_dir, parallel, value_head=True,
-                                       optim=ACTOR_CFG.optim)
+    critic_worker = build_model_worker(
+        args, hf_dir, parallel, value_head=True, optim=ACTOR_CFG.optim
+    )
     forwards = []
     for c in worker.chunks + critic_worker.chunks:
         c.register_forward_pre_hook(lambda *a: forwards.append(1))
@@ -232,8 +258,9 @@ def check_bad_input(args, hf_dir, parallel, data, want_lp) -> dict:
         "compute_log_prob": lambda: actor.compute_log_prob(Batch.from_dict(long)),
         "update_policy": lambda: actor.update_policy(Batch.from_dict(long_train)),
         "compute_values": lambda: critic.compute_values(Batch.from_dict(long)),
-        "update_critic": lambda: critic.update_critic(Batch.from_dict(
-            {**long, "values": torch.zeros(2, 5), "returns": torch.zeros(2, 5)})),
+        "update_critic": lambda: critic.update_critic(
+            Batch.from_dict({**long, "values": torch.zeros(2, 5), "returns": torch.zeros(2, 5)})
+        ),
     }
     for name, call in calls.items():
         try:
@@ -264,9 +291,12 @@ def check_bad_input(args, hf_dir, parallel, data, want_lp) -> dict:
     assert all(torch.isfinite(p).all() for c in worker.chunks for p in c.parameters())
     vals = critic.compute_values(Batch.from_dict(empty))["values"]
     assert torch.isfinite(vals).all()
-    cm = critic.update_critic(Batch.from_dict(
-        {**empty, "values": vals, "returns": torch.randn(vals.shape) * empty["response_mask"]},
-        meta_info={"n": 1}))
+    cm = critic.update_critic(
+        Batch.from_dict(
+            {**empty, "values": vals, "returns": torch.randn(vals.shape) * empty["response_mask"]},
+            meta_info={"n": 1},
+        )
+    )
     assert all(torch.isfinite(torch.tensor(v)) for v in cm.values()), cm
     assert cm["critic/skipped_steps"] == 0, cm
 
@@ -281,8 +311,9 @@ def check_bad_input(args, hf_dir, parallel, data, want_lp) -> dict:
     snapshot = [p.detach().clone() for p in params]
     m = nan_actor.update_policy(Batch.from_dict(bad, meta_info={"n": 1}))
     assert m["actor/skipped_steps"] == 1, m
-    assert all(torch.equal(p, s) for p, s in zip(params, snapshot, strict=True)), \
+    assert all(torch.equal(p, s) for p, s in zip(params, snapshot, strict=True)), (
         "a skipped step changed parameters"
+    )
     m = nan_actor.update_policy(Batch.from_dict(good, meta_info={"n": 1}))
     assert m["actor/skipped_steps"] == 0, m
     m = nan_actor.update_policy(Batch.from_dict(bad, meta_info={"n": 1}))
@@ -301,8 +332,9 @@ def main():
     arch, tp, pp, sp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))
     checks = sys.argv[5].split(",")
     D.init_distributed()
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              sequence_parallel=sp)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
+    )
     D.init_model_parallel(parallel)
     from transformers import AutoModelForCausalLM
 

@@ -38,25 +38,33 @@ GREEDY = {"sampling": {"do_sample": False}}
 
 def prompts(tokenizer, n=4) -> Batch:
     texts = [f"What is {i} + {2 * i + 1}?" for i in range(n)]
-    ids = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                         add_generation_prompt=True) for t in texts]
+    ids = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+        )
+        for t in texts
+    ]
     ids = [tokenizer.encode(t, add_special_tokens=False)[: 20 + 3 * i] for i, t in enumerate(ids)]
     P = max(len(x) for x in ids)
     input_ids = torch.zeros(n, P, dtype=torch.long)
     mask = torch.zeros(n, P, dtype=torch.long)
     for i, x in enumerate(ids):
-        input_ids[i, P - len(x):] = torch.tensor(x)
-        mask[i, P - len(x):] = 1
+        input_ids[i, P - len(x) :] = torch.tensor(x)
+        mask[i, P - len(x) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Batch.from_dict({"input_ids": input_ids, "attention_mask": mask, "position_ids": pos},
-                           meta_info=dict(GREEDY))
+    return Batch.from_dict(
+        {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos},
+        meta_info=dict(GREEDY),
+    )
 
 
 def generate(manager, rollout, batch):
     before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     with manager:
-        inside = {"foreign_bytes": manager.allgather.foreign_bytes(),
-                  "grad_bytes": grad_buffer_bytes(manager.worker.chunks)}
+        inside = {
+            "foreign_bytes": manager.allgather.foreign_bytes(),
+            "grad_bytes": grad_buffer_bytes(manager.worker.chunks),
+        }
         if torch.cuda.is_available():
             inside["cuda_freed_by_enter"] = before - torch.cuda.memory_allocated()
         out = manager.postprocess_data(rollout.generate_sequences(manager.preprocess_data(batch)))
@@ -102,8 +110,11 @@ def check_layout(tp, pp, rollout, backend, hf_dir, args, tokenizer) -> dict:
     update = train_batch(actor, out)
     actor.update_policy(update)
     twin_actor.update_policy(update)
-    for (n, p), (_, q) in zip(weight_loaders.megatron_named_params(worker.chunks),
-                              weight_loaders.megatron_named_params(twin.chunks), strict=True):
+    for (n, p), (_, q) in zip(
+        weight_loaders.megatron_named_params(worker.chunks),
+        weight_loaders.megatron_named_params(twin.chunks),
+        strict=True,
+    ):
         assert torch.equal(p, q), f"{n} differs after training through a swap"
 
     # 2. the next enter reflects the new weights...
@@ -112,7 +123,10 @@ def check_layout(tp, pp, rollout, backend, hf_dir, args, tokenizer) -> dict:
     # ...and a partial or skipped sync is detected (an update first, so old != new weights).
     actor.update_policy(train_batch(actor, out2))
     caught = []
-    for name, keep in (("partial", lambda kv: "layers.1." not in kv[0]), ("skipped", lambda kv: False)):
+    for name, keep in (
+        ("partial", lambda kv: "layers.1." not in kv[0]),
+        ("skipped", lambda kv: False),
+    ):
         manager.weight_filter = keep
         out3, _ = generate(manager, rollout, batch)
         try:
@@ -131,8 +145,11 @@ def main():
     D.init_distributed()
     hf_dir = ensure_tiny_checkpoint("tiny_llama")
     args = weight_loaders.model_args_from_hf(hf_dir)
-    rollout = build_rollout(RolloutConfig(name=backend, tensor_model_parallel_size=rollout_tp,
-                                          response_length=8), hf_dir, max_model_len=128)
+    rollout = build_rollout(
+        RolloutConfig(name=backend, tensor_model_parallel_size=rollout_tp, response_length=8),
+        hf_dir,
+        max_model_len=128,
+    )
     tokenizer = build_char_tokenizer()
     results = {}
     for layout in layouts:

@@ -25,9 +25,17 @@ from tandem_core import distributed as D  # noqa: E402
 from tandem_core.config import ParallelConfig  # noqa: E402
 from tandem_core.models import ModelArgs, build_gpt_model, build_transformer_config  # noqa: E402
 
-ARGS = ModelArgs("llama", num_layers=4, hidden_size=64, num_attention_heads=4,
-                 num_query_groups=2, ffn_hidden_size=128, vocab_size=200, kv_channels=16,
-                 max_position_embeddings=64)
+ARGS = ModelArgs(
+    "llama",
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    vocab_size=200,
+    kv_channels=16,
+    max_position_embeddings=64,
+)
 MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ = 4, 2, 16
 
 
@@ -77,11 +85,15 @@ def main():
     dtype = sys.argv[5] if len(sys.argv) > 5 else "float32"
     torch.manual_seed(0)
     D.init_distributed()
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              sequence_parallel=sp)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
+    )
     D.init_model_parallel(parallel)
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -94,12 +106,14 @@ def main():
     for name, p in model.named_parameters():
         set_deterministic(p, global_name(name, offset), full_shape_of(p))
     with cpu_compat.megatron_device_scope():
-        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-                                      model)
+        ddp = DistributedDataParallel(
+            config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
+        )
 
     gen = torch.Generator().manual_seed(123)
-    tokens = torch.randint(0, ARGS.vocab_size, (MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ + 1),
-                           generator=gen).to(cpu_compat.device())
+    tokens = torch.randint(
+        0, ARGS.vocab_size, (MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ + 1), generator=gen
+    ).to(cpu_compat.device())
     batches = iter([(t[:, :-1], t[:, 1:]) for t in tokens])
 
     def forward_step(data_iterator, model):
@@ -108,8 +122,9 @@ def main():
         logits = model(ids, pos, None)  # [b, s, vocab/tp] on the last stage
 
         def loss_func(output):
-            losses = vocab_parallel_cross_entropy(output.transpose(0, 1).contiguous().float(),
-                                                  labels.t().contiguous())
+            losses = vocab_parallel_cross_entropy(
+                output.transpose(0, 1).contiguous().float(), labels.t().contiguous()
+            )
             loss = losses.mean() / MICRO_BATCHES  # the mean over micro-batches, summed
             return loss, {"loss": loss.detach().clone()}  # megatron divides `loss` in place
 
@@ -118,12 +133,17 @@ def main():
     with cpu_compat.megatron_device_scope():
         ddp.zero_grad_buffer()
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=batches, model=[ddp],
-            num_microbatches=MICRO_BATCHES, seq_length=SEQ, micro_batch_size=MICRO_BATCH_SIZE,
+            forward_step_func=forward_step,
+            data_iterator=batches,
+            model=[ddp],
+            num_microbatches=MICRO_BATCHES,
+            seq_length=SEQ,
+            micro_batch_size=MICRO_BATCH_SIZE,
             forward_only=False,
         )
-    loss = torch.tensor(sum(float(x["loss"]) for x in losses) if losses else 0.0,
-                        device=cpu_compat.device())
+    loss = torch.tensor(
+        sum(float(x["loss"]) for x in losses) if losses else 0.0, device=cpu_compat.device()
+    )
     dist.all_reduce(loss, group=D.pp_group())  # only the last stage has it
 
     # Full gradients by global name: all-gather TP shards, then collect stages on every rank.

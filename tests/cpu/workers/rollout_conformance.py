@@ -109,8 +109,16 @@ def main() -> None:
         assert all(torch.equal(parts[0], p) for p in parts), f"TP ranks {tp_group_ranks} differ"
 
     def settings(**kw) -> SamplingSettings:
-        base = dict(n=1, temperature=0.0, top_p=1.0, top_k=-1, response_length=R,
-                    eos_token_ids=eos_model, pad_token_id=pad, seed=None)
+        base = dict(
+            n=1,
+            temperature=0.0,
+            top_p=1.0,
+            top_k=-1,
+            response_length=R,
+            eos_token_ids=eos_model,
+            pad_token_id=pad,
+            seed=None,
+        )
         return SamplingSettings(**{**base, **kw})
 
     def check_layout(batch: Batch, src: Batch, n: int, rlen: int) -> None:
@@ -169,8 +177,9 @@ def main() -> None:
     same_on_tp_group(greedy["responses"])
 
     # 2. EOS: stop on a token that greedy decoding really emits at step k >= 1 (when any).
-    pick = next(((i, k) for i, r in enumerate(refs) for k in range(1, R) if r[k] not in r[:k]),
-                (0, 0))
+    pick = next(
+        ((i, k) for i, r in enumerate(refs) for k in range(1, R) if r[k] not in r[:k]), (0, 0)
+    )
     stop = refs[pick[0]][pick[1]]
     s_eos = settings(eos_token_ids=tuple(dict.fromkeys(eos_model + (stop,))))
     eos_batch = ro.generate_sequences(
@@ -193,8 +202,9 @@ def main() -> None:
     check_layout(sampled, samp_in, n, R)
     out["sampled_logp_maxdiff"] = check_logprobs(sampled, prompts, n)
     groups = sampled["responses"].view(len(prompts), n, R)
-    assert any(not torch.equal(grp[0], grp[j]) for grp in groups for j in range(1, n)), \
+    assert any(not torch.equal(grp[0], grp[j]) for grp in groups for j in range(1, n)), (
         "the n samples of every prompt are identical"
+    )
     again = ro.generate_sequences(samp_in)
     assert torch.equal(again["responses"], sampled["responses"]), "same seed, different samples"
     same_on_tp_group(sampled["responses"])
@@ -210,7 +220,9 @@ def main() -> None:
     # many first tokens of one prompt at temperature 2 (vLLM allows at most 2).
     def first_tokens(**over) -> set[int]:
         meta = {"sampling": {"n": 200, "temperature": 2.0, "response_length": 1, "seed": 1, **over}}
-        return set(ro.generate_sequences(left_pad(prompts[:1], pad, meta))["responses"][:, 0].tolist())
+        return set(
+            ro.generate_sequences(left_pad(prompts[:1], pad, meta))["responses"][:, 0].tolist()
+        )
 
     out["distinct_first_tokens"] = len(first_tokens())
     assert out["distinct_first_tokens"] > 60, out["distinct_first_tokens"]
@@ -218,35 +230,54 @@ def main() -> None:
 
     # 4. max-tokens boundary: prompt + response_length == max_model_len is accepted
     edge_prompt = torch.randint(4, 120, (MAX_LEN - R,), generator=g).tolist()
-    edge = ro.generate_sequences(left_pad([edge_prompt, [5, 6]], pad,
-                                          {"sampling": {"do_sample": False}}))
+    edge = ro.generate_sequences(
+        left_pad([edge_prompt, [5, 6]], pad, {"sampling": {"do_sample": False}})
+    )
     edge_ref = ref_greedy(ref, edge_prompt, R)
     k = cut_at_eos(edge_ref, s_greedy)
     assert edge["responses"][0, :k].tolist() == edge_ref[:k]
     full_rows = [i for i in range(len(greedy)) if cut_at_eos(refs[i], s_greedy) == R]
     for i in full_rows:  # rows without EOS fill all R slots, and stop there
         assert int(greedy["response_mask"][i].sum()) == R
-    short = ro.generate_sequences(left_pad(prompts, pad,
-                                           {"sampling": {"do_sample": False, "max_new_tokens": 4}}))
+    short = ro.generate_sequences(
+        left_pad(prompts, pad, {"sampling": {"do_sample": False, "max_new_tokens": 4}})
+    )
     assert short["responses"].shape == (len(prompts), 4)
     for i, r in enumerate(refs):
         kk = cut_at_eos(r, settings(response_length=4))
         assert short["responses"][i, :kk].tolist() == r[:kk]
 
     # 5. bad input: clear errors, nothing returned, the engine still works afterwards
-    expect_error(lambda: ro.generate_sequences(
-        left_pad([edge_prompt + [7]], pad, {"sampling": {"do_sample": False}})), "too long", "max_model_len")
+    expect_error(
+        lambda: ro.generate_sequences(
+            left_pad([edge_prompt + [7]], pad, {"sampling": {"do_sample": False}})
+        ),
+        "too long",
+        "max_model_len",
+    )
     empty = left_pad(prompts[:2], pad)
     empty.tensors["attention_mask"][1] = 0
     expect_error(lambda: ro.generate_sequences(empty), "empty prompt", "row 1")
-    expect_error(lambda: ro.generate_sequences(left_pad(prompts, pad, {"sampling": {"n": 0}})),
-                 "n must be >= 1")
-    expect_error(lambda: ro.generate_sequences(
-        left_pad(prompts, pad, {"sampling": {"temprature": 0.5}})), "temprature")
-    expect_error(lambda: ro.generate_sequences(Batch.from_dict({
-        "input_ids": torch.zeros(0, 4, dtype=torch.long),
-        "attention_mask": torch.zeros(0, 4, dtype=torch.long),
-        "position_ids": torch.zeros(0, 4, dtype=torch.long)})), "empty prompt batch")
+    expect_error(
+        lambda: ro.generate_sequences(left_pad(prompts, pad, {"sampling": {"n": 0}})),
+        "n must be >= 1",
+    )
+    expect_error(
+        lambda: ro.generate_sequences(left_pad(prompts, pad, {"sampling": {"temprature": 0.5}})),
+        "temprature",
+    )
+    expect_error(
+        lambda: ro.generate_sequences(
+            Batch.from_dict(
+                {
+                    "input_ids": torch.zeros(0, 4, dtype=torch.long),
+                    "attention_mask": torch.zeros(0, 4, dtype=torch.long),
+                    "position_ids": torch.zeros(0, 4, dtype=torch.long),
+                }
+            )
+        ),
+        "empty prompt batch",
+    )
     after = ro.generate_sequences(greedy_in)
     assert torch.equal(after["responses"], greedy["responses"])
 

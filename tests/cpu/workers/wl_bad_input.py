@@ -49,14 +49,20 @@ def main():
     wide = variant(src, tmp / "wide", lambda t: t.update({q: torch.zeros(160, 128)}))
     fewer = dataclasses.replace(args, num_layers=3)
     fewer_chunks, fewer_config = build_chunks(fewer, dataclasses.replace(parallel))
-    write_result({
-        "missing": message(lambda: wl.load_hf_into_megatron(chunks, missing, args, config)),
-        "shape": message(lambda: wl.load_hf_into_megatron(chunks, wide, args, config)),
-        "layers": message(lambda: wl.load_hf_into_megatron(fewer_chunks, src, fewer,
-                                                           fewer_config)),
-        "export": message(lambda: wl.export_megatron_to_hf(fewer_chunks, fewer, fewer_config,
-                                                           tmp / "out", src)),
-    })
+    write_result(
+        {
+            "missing": message(lambda: wl.load_hf_into_megatron(chunks, missing, args, config)),
+            "shape": message(lambda: wl.load_hf_into_megatron(chunks, wide, args, config)),
+            "layers": message(
+                lambda: wl.load_hf_into_megatron(fewer_chunks, src, fewer, fewer_config)
+            ),
+            "export": message(
+                lambda: wl.export_megatron_to_hf(
+                    fewer_chunks, fewer, fewer_config, tmp / "out", src
+                )
+            ),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,11 @@ from tandem_core.models import build_gpt_model, build_transformer_config
 
 def setup(tp: int, pp: int, vpp: int | None = None) -> ParallelConfig:
     init_distributed()
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              virtual_pipeline_model_parallel_size=vpp)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
     init_model_parallel(parallel)
     return parallel
 
@@ -28,12 +31,20 @@ def build_chunks(args, parallel: ParallelConfig):
     chunks = []
     for vp in range(vpp or 1):
         vp_stage = vp if vpp else None
-        chunks.append(build_gpt_model(
-            args, config, layer_spec="sdpa",
-            pre_process=mpu.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
-            post_process=mpu.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
-            vp_stage=vp_stage,
-        ).eval())
+        chunks.append(
+            build_gpt_model(
+                args,
+                config,
+                layer_spec="sdpa",
+                pre_process=mpu.is_pipeline_first_stage(
+                    ignore_virtual=vpp is None, vp_stage=vp_stage
+                ),
+                post_process=mpu.is_pipeline_last_stage(
+                    ignore_virtual=vpp is None, vp_stage=vp_stage
+                ),
+                vp_stage=vp_stage,
+            ).eval()
+        )
     return chunks, config
 
 
@@ -63,7 +74,10 @@ def megatron_logits(chunks, config, tokens: torch.Tensor, vocab: int) -> torch.T
             forward_step_func=forward_step,
             data_iterator=data if len(chunks) > 1 else data[0],
             model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=n, seq_length=s, micro_batch_size=1, forward_only=True,
+            num_microbatches=n,
+            seq_length=s,
+            micro_batch_size=1,
+            forward_only=True,
         )
     if not mpu.is_pipeline_last_stage():
         return None

@@ -36,9 +36,12 @@ def check_stream(chunks, config, args, source) -> int:
     from megatron.core import parallel_state as mpu
 
     seen = 0
-    buckets = wl.stream_hf_weights(wl.megatron_named_params(chunks, config), args,
-                                   tp_group=mpu.get_tensor_model_parallel_group(),
-                                   bucket_mb=BUCKET_MB)
+    buckets = wl.stream_hf_weights(
+        wl.megatron_named_params(chunks, config),
+        args,
+        tp_group=mpu.get_tensor_model_parallel_group(),
+        bucket_mb=BUCKET_MB,
+    )
     for b in buckets:
         sizes = [t.numel() * t.element_size() for _, t in b]
         assert len(b) == 1 or sum(sizes) <= BUCKET_MB * 2**20, (len(b), sum(sizes))
@@ -85,8 +88,9 @@ def main():
     out_root, presets = Path(sys.argv[4]), sys.argv[5:]
     parallel = setup(tp, pp, vpp or None)
     tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-    results = {p: run_preset(p, parallel, out_root / f"tp{tp}pp{pp}vpp{vpp}", tokens)
-               for p in presets}
+    results = {
+        p: run_preset(p, parallel, out_root / f"tp{tp}pp{pp}vpp{vpp}", tokens) for p in presets
+    }
     for p, r in results.items():
         assert r["logits_max_abs_diff"] < 1e-5, (p, r)
     write_result(results)

@@ -31,16 +31,25 @@ def main():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src)
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 17 + 25?"}],
-                                   tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 17 + 25?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     tokens = torch.tensor([tok.encode(text)])
     logits = megatron_logits(chunks, config, tokens, args.vocab_size)
     ref = hf_logits(src, tokens) if dist.get_rank() == 0 else None
     if dist.get_rank() == 0:
         diff = (logits - ref).abs().max().item()
         same_argmax = bool((logits.argmax(-1) == ref.argmax(-1)).all())
-        write_result({"logits_max_abs_diff": diff, "tokens": tokens.shape[1],
-                      "logit_scale": ref.abs().max().item(), "same_argmax": same_argmax})
+        write_result(
+            {
+                "logits_max_abs_diff": diff,
+                "tokens": tokens.shape[1],
+                "logit_scale": ref.abs().max().item(),
+                "same_argmax": same_argmax,
+            }
+        )
     dist.barrier()
 
 

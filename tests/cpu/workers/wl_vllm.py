@@ -30,27 +30,37 @@ def hf_greedy(hf_dir) -> list[list[int]]:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    gen = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                           eos_token_id=None, pad_token_id=0)
+    gen = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     outs = []
     with torch.no_grad():
         for p in PROMPTS:
             ids = model.generate(torch.tensor([p]), generation_config=gen)
-            outs.append(ids[0, len(p):].tolist())
+            outs.append(ids[0, len(p) :].tolist())
     return outs
 
 
 def vllm_greedy(llm, logprobs: bool = False):
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
-                            logprobs=0 if logprobs else None)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0 if logprobs else None
+    )
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     if not logprobs:
         return tokens
-    lps = torch.tensor([[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, toks, strict=True)]
-                        for o, toks in zip(outs, tokens, strict=True)])
+    lps = torch.tensor(
+        [
+            [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, toks, strict=True)]
+            for o, toks in zip(outs, tokens, strict=True)
+        ]
+    )
     return tokens, lps
 
 
@@ -61,7 +71,7 @@ def hf_logprobs(hf_dir, responses) -> torch.Tensor:
     rows = []
     with torch.no_grad():
         for p, r in zip(PROMPTS, responses, strict=True):
-            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1: -1]
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1 : -1]
             rows.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None])[:, 0])
     return torch.stack(rows)
 
@@ -76,9 +86,16 @@ def main():
 
     from vllm import LLM
 
-    llm = LLM(model=str(out / "exported"), skip_tokenizer_init=True, enforce_eager=True,
-              dtype="float32", max_model_len=256, distributed_executor_backend="external_launcher",
-              enable_prefix_caching=False, seed=0)
+    llm = LLM(
+        model=str(out / "exported"),
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=256,
+        distributed_executor_backend="external_launcher",
+        enable_prefix_caching=False,
+        seed=0,
+    )
     before_vllm, before_hf = vllm_greedy(llm), hf_greedy(out / "exported")
     assert before_vllm == before_hf, (before_vllm, before_hf)
     if args.tie_word_embeddings:
@@ -97,8 +114,9 @@ def main():
     sizes = []
 
     def pairs():
-        for b in wl.stream_hf_weights(wl.megatron_named_params(chunks, config), args,
-                                      bucket_mb=0.25):
+        for b in wl.stream_hf_weights(
+            wl.megatron_named_params(chunks, config), args, bucket_mb=0.25
+        ):
             sizes.append(sum(t.numel() * t.element_size() for _, t in b))
             yield from b
 
@@ -112,8 +130,15 @@ def main():
     diff = (after_logprobs - hf_logprobs(out / "changed", after_vllm)).abs().max().item()
     assert diff < 1e-4, diff
     assert after_vllm != before_vllm
-    write_result({"before": before_vllm, "after": after_vllm, "buckets": len(buckets),
-                  "after_logprob_max_abs_diff": diff, "reload_checked": True})
+    write_result(
+        {
+            "before": before_vllm,
+            "after": after_vllm,
+            "buckets": len(buckets),
+            "after_logprob_max_abs_diff": diff,
+            "reload_checked": True,
+        }
+    )
 
 
 if __name__ == "__main__":
