@@ -23,35 +23,14 @@ per-rank counts; if they are summed, pass the counts over all ranks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
+from tandem_core.registry import Registry
 
-class _Registry(dict):
-    """name -> function, filled by a decorator; an unknown name lists the known ones."""
-
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-
-    def register(self, name: str) -> Callable[[Callable], Callable]:
-        def decorator(fn: Callable) -> Callable:
-            if name in self:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
-            self[name] = fn
-            return fn
-
-        return decorator
-
-    def __missing__(self, name: str):
-        raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self)}")
-
-
-POLICY_LOSSES = _Registry("policy loss")
-ADV_ESTIMATORS = _Registry("advantage estimator")
-KL_PENALTIES = _Registry("kl penalty")
+POLICY_LOSSES = Registry("policy loss")
+ADV_ESTIMATORS = Registry("advantage estimator")
+KL_PENALTIES = Registry("kl penalty")
 register_policy_loss = POLICY_LOSSES.register
 register_adv_estimator = ADV_ESTIMATORS.register
 register_kl_penalty = KL_PENALTIES.register

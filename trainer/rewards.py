@@ -33,6 +33,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from tandem_core.registry import Registry
+
 if TYPE_CHECKING:  # torch is imported lazily: reward workers stay light and start fast.
     import torch
 
@@ -44,27 +46,7 @@ logger = logging.getLogger(__name__)
 RewardFn = Callable[..., float]
 
 
-class _Registry(dict):
-    """name -> function, filled by a decorator; an unknown name lists the known ones."""
-
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-
-    def register(self, name: str) -> Callable[[RewardFn], RewardFn]:
-        def decorator(fn: RewardFn) -> RewardFn:
-            if name in self:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
-            self[name] = fn
-            return fn
-
-        return decorator
-
-    def __missing__(self, name: str):
-        raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self)}")
-
-
-REWARDS = _Registry("reward")
+REWARDS = Registry("reward")
 register_reward = REWARDS.register
 
 

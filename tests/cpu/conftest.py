@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,11 +64,25 @@ def run_torchrun(worker: str, nproc: int, *args: str, timeout: int = 600, env=No
             str(WORKERS / worker),
             *args,
         ]
-        proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+        # Own session, so a timeout ends the workers too, not only torchrun.
+        proc = subprocess.Popen(
+            cmd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"{worker} timed out after {timeout}s\n{stdout[-6000:]}\n{stderr[-6000:]}")
         if proc.returncode != 0:
             pytest.fail(
                 f"{worker} ({nproc} ranks) exited {proc.returncode}\n"
-                f"--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+                f"--- stdout ---\n{stdout[-8000:]}\n--- stderr ---\n{stderr[-8000:]}"
             )
         return json.loads(result.read_text()) if result.exists() else {}
 

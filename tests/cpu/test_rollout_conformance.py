@@ -11,77 +11,9 @@ boundary, bad input, sleep/wake and in-place weight loading.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import pytest
 
 from rollout import registered_rollouts
-
-REPO = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).resolve().parent / "workers" / "rollout_conformance.py"
-
-
-@pytest.fixture
-def torchrun():
-    """conftest's launcher, but with `--standalone`.
-
-    conftest passes `--master_port 0`, with which torch 2.13's agent hands the workers
-    MASTER_PORT=0 and init_process_group waits forever on 2 ranks. Drop this fixture once
-    conftest launches with `--standalone` (or a real free port).
-    """
-
-    def run(worker: str, nproc: int, *args: str, timeout: int = 600) -> dict:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = Path(tmp) / "result.json"
-            env = {
-                **os.environ,
-                "TANDEM_RESULT": str(result),
-                "OMP_NUM_THREADS": "1",
-                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            }
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node",
-                str(nproc),
-                str(WORKER.parent / worker),
-                *args,
-            ]
-            # Own session, so a timeout ends the workers too, not only torchrun.
-            proc = subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                start_new_session=True,
-            )
-            try:
-                stdout, stderr = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                stdout, stderr = proc.communicate()
-                pytest.fail(
-                    f"{worker} timed out after {timeout}s\n{stdout[-6000:]}\n{stderr[-6000:]}"
-                )
-            if proc.returncode != 0:
-                pytest.fail(
-                    f"{worker} ({nproc} ranks) exited {proc.returncode}\n"
-                    f"{stdout[-6000:]}\n{stderr[-6000:]}"
-                )
-            return json.loads(result.read_text())
-
-    return run
 
 
 def _cases():
