@@ -165,3 +165,30 @@ def test_sigterm_leaves_complete_checkpoint(cache_dir, tmp_path):
     last = max(read_metrics(out / "metrics.jsonl"))
     assert last < 50
     assert (out / "checkpoints" / f"step_{last}" / "complete.json").exists(), stdout[-2000:]
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "reinforce_pp", "dapo", "drgrpo", "gspo"])
+def test_every_algorithm_runs(algorithm, cache_dir, tmp_path):
+    """The rest of the family, one process, HF rollout: each preset's estimator, loss and
+    (dapo) dynamic sampling run and log finite numbers."""
+    out = tmp_path / "run"
+    small = [o for o in SMALL if not o.startswith("rollout.n=")] + ["rollout.n=4"]
+    run(
+        1,
+        [
+            f"algorithm={algorithm}",
+            "rollout=hf",
+            "trainer.total_steps=2",
+            f"trainer.output_dir={out}",
+        ]
+        + small,
+        cache_dir,
+    )
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert sorted(metrics) == [1, 2]
+    for step in metrics.values():
+        assert math.isfinite(step["actor/pg_loss"]) and math.isfinite(
+            step["critic/advantages/mean"]
+        )
+        if algorithm == "dapo":
+            assert step["dapo/kept_groups"] >= 0
