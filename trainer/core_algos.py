@@ -168,6 +168,25 @@ def _truncated_is_weight(
     return log_ratio.exp().clamp(max=threshold).detach()
 
 
+def _weighted_agg(
+    pg_losses,
+    old_log_prob,
+    rollout_log_probs,
+    threshold,
+    response_mask,
+    mode,
+    global_tokens,
+    global_seqs,
+) -> torch.Tensor:
+    """Per-token losses × the truncated rollout importance weight (when asked), aggregated."""
+    weight = _truncated_is_weight(old_log_prob, rollout_log_probs, threshold)
+    if weight is not None:
+        pg_losses = pg_losses * weight
+    return agg_loss(
+        pg_losses, response_mask, mode, global_tokens=global_tokens, global_seqs=global_seqs
+    )
+
+
 @register_policy_loss("vanilla")
 def ppo_clip_loss(
     old_log_prob: torch.Tensor,
@@ -201,15 +220,15 @@ def ppo_clip_loss(
     negative = advantages < 0
     pg_losses = torch.where(negative, dual_losses, clip_losses)
 
-    weight = _truncated_is_weight(old_log_prob, rollout_log_probs, rollout_is_threshold)
-    if weight is not None:
-        pg_losses = pg_losses * weight
-    pg_loss = agg_loss(
+    pg_loss = _weighted_agg(
         pg_losses,
+        old_log_prob,
+        rollout_log_probs,
+        rollout_is_threshold,
         response_mask,
         loss_agg_mode,
-        global_tokens=global_tokens,
-        global_seqs=global_seqs,
+        global_tokens,
+        global_seqs,
     )
     with torch.no_grad():
         metrics = {
@@ -256,15 +275,15 @@ def gspo_loss(
     losses_clipped = -advantages * ratio.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
     pg_losses = torch.maximum(losses_unclipped, losses_clipped)
 
-    weight = _truncated_is_weight(old_log_prob, rollout_log_probs, rollout_is_threshold)
-    if weight is not None:
-        pg_losses = pg_losses * weight
-    pg_loss = agg_loss(
+    pg_loss = _weighted_agg(
         pg_losses,
+        old_log_prob,
+        rollout_log_probs,
+        rollout_is_threshold,
         response_mask,
         loss_agg_mode,
-        global_tokens=global_tokens,
-        global_seqs=global_seqs,
+        global_tokens,
+        global_seqs,
     )
     with torch.no_grad():
         metrics = {
