@@ -107,7 +107,9 @@ class Batch:
         elif isinstance(idx, slice):
             idx_t = torch.arange(len(self))[idx]
         else:
-            idx_t = torch.as_tensor(np.asarray(idx))
+            arr = np.asarray(idx)
+            # An empty list is float64 to numpy; any non-boolean index means row numbers.
+            idx_t = torch.as_tensor(arr if arr.dtype == np.bool_ else arr.astype(np.int64))
         if idx_t.dtype == torch.bool:
             idx_t = idx_t.nonzero(as_tuple=True)[0]
         idx_np = idx_t.cpu().numpy()

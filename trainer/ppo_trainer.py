@@ -95,7 +95,8 @@ class RLTrainer:
         """Prompts → samples with scores; DAPO's dynamic sampling drops groups whose rewards
         are all equal (no signal) and refills from new prompts."""
         cfg, p = self.cfg, self.p
-        kept: list[Batch] = []
+        informative: list[Batch] = []  # groups whose rewards differ
+        fillers: list[Batch] = []  # all-equal groups: zero advantage, used only to fill up
         n_groups, want = 0, cfg.data.train_batch_size
         rounds = cfg.algorithm.max_refill_rounds if cfg.algorithm.dynamic_sampling else 1
         metrics: dict[str, float] = {}
@@ -111,19 +112,18 @@ class RLTrainer:
             if r == 0:
                 metrics.update(reward_metrics)
             if not cfg.algorithm.dynamic_sampling:
-                kept.append(gen)
+                informative.append(gen)
                 break
-            groups = _informative_groups(gen, scores.sum(-1))
-            kept.append(gen.index(groups))
-            n_groups += len(groups) // cfg.rollout.n
+            keep = _informative_groups(gen, scores.sum(-1))
+            informative.append(gen.index(keep))
+            fillers.append(gen.index(sorted(set(range(len(gen))) - set(keep))))
+            n_groups += len(keep) // cfg.rollout.n
             if n_groups >= want:
                 break
-        batch = Batch.concat(kept) if len(kept) > 1 else kept[0]
         if cfg.algorithm.dynamic_sampling:
-            metrics["dapo/kept_groups"] = float(n_groups)
-            if n_groups < want:  # not enough informative groups: train on what we have
-                batch = batch if len(batch) else gen
-            batch = batch.index(slice(0, want * cfg.rollout.n))
+            metrics["dapo/kept_groups"] = float(min(n_groups, want))
+        # Whole groups, informative first; the batch keeps its configured size either way.
+        batch = Batch.concat(informative + fillers).index(slice(0, want * cfg.rollout.n))
         batch.meta_info["n"] = cfg.rollout.n
         return batch, metrics
 

@@ -100,3 +100,10 @@ def test_setitem_checks_rows():
 def test_collectives_over_gloo(torchrun):
     out = torchrun("protocol_collectives.py", 2)
     assert out == {"gathered": 5, "scattered": [2, 2], "broadcast": "from-0"}
+
+
+def test_index_empty_list_gives_empty_batch():
+    b = make()
+    empty = b.index([])
+    assert len(empty) == 0 and empty["gt"].tolist() == []
+    assert len(Batch.concat([empty, b.index([1])])) == 1
