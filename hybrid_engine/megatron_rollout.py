@@ -19,6 +19,8 @@ parallel group its slice (all ranks of a rollout TP group the same prompts), and
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -38,10 +40,12 @@ class MegatronRolloutShardingManager(BaseShardingManager):
         weight_bucket_mb: int | None = None,
         offload_optimizer: bool = False,
         generation_seed: int = 0,
+        sleep_level: int = 1,
     ):
         self.worker = actor_worker
         self.rollout = rollout
         self.bucket_mb = weight_bucket_mb
+        self.sleep_level = sleep_level
         self.trained = actor_worker.optimizer is not None
         self.allgather = AllGatherPPModel(actor_worker.chunks, D.pp_group())
         self.optimizer_offload = (
@@ -65,7 +69,7 @@ class MegatronRolloutShardingManager(BaseShardingManager):
                 self.optimizer_offload.offload()
                 undo.append(self.optimizer_offload.reload)
             self.wake_weights()
-            undo.append(lambda: self.rollout.sleep(level=1))
+            undo.append(lambda: self.rollout.sleep(level=self.sleep_level))
             self.rollout.load_weights(self.hf_weights())
             self.allgather.release()
             self.wake_cache()
@@ -80,7 +84,7 @@ class MegatronRolloutShardingManager(BaseShardingManager):
     def __exit__(self, exc_type, exc, tb):
         self._gen_rng = _get_rng_state()
         _set_rng_state(self._train_rng)
-        self.rollout.sleep(level=1)
+        self.rollout.sleep(level=self.sleep_level)
         if self.optimizer_offload is not None:
             self.optimizer_offload.reload()
         if self.trained:
@@ -97,8 +101,12 @@ class MegatronRolloutShardingManager(BaseShardingManager):
     def hf_weights(self):
         """The lazy HF-named stream of the whole model (TP gathered, bucketed when asked)."""
         stream = stream_hf_weights(
-            self.allgather.named_parameters(), self.worker.args, D.tp_group(), None
+            self.allgather.named_parameters(), self.worker.args, D.tp_group(), self.bucket_mb
         )
+        # Buckets are the unit an out-of-process transport ships; an in-process engine loads
+        # pairs, so they are flattened again (still lazy: one bucket materialised at a time).
+        if self.bucket_mb:
+            stream = itertools.chain.from_iterable(stream)
         if self.weight_filter is not None:
             stream = filter(self.weight_filter, stream)
         return stream

@@ -137,6 +137,7 @@ def build_components(cfg: TandemConfig, run_dir: Path):
         weight_bucket_mb=cfg.rollout.weight_bucket_mb,
         offload_optimizer=cfg.actor.offload_optimizer,
         generation_seed=cfg.rollout.seed,
+        sleep_level=cfg.rollout.sleep_level,
     )
     alg = cfg.algorithm
     kl_ctrl = (
