@@ -33,7 +33,7 @@ def hf_named_params(worker, args):
     """The megatron actor's weights as HF tensors, whole on every rank."""
     named = weight_loaders.megatron_named_params(worker.chunks, worker.config)
     mine = {
-        k: v.detach().clone()
+        k: v.detach().cpu().clone()
         for k, v in weight_loaders.stream_hf_weights(named, args, D.tp_group())
     }
     stages = [None] * D.pp_size()
