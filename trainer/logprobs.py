@@ -21,11 +21,15 @@ DEFAULT_CHUNK_TOKENS = 4096
 
 
 def _masked_chunk(logits_chunk, start: int, vocab_size: int):
-    """fp32 copy of a chunk with padded-vocab columns (index >= vocab_size) at -inf."""
+    """The chunk in fp32 with padded-vocab columns (index >= vocab_size) at -inf.
+
+    `.float()` of fp32 logits is the model's own tensor, so the padding is masked out of place.
+    """
     x = logits_chunk.float()
-    local_valid = vocab_size - start
+    local_valid = max(vocab_size - start, 0)
     if local_valid < x.shape[-1]:
-        x[..., max(local_valid, 0) :] = float("-inf")
+        padded = torch.arange(x.shape[-1], device=x.device) >= local_valid
+        x = x.masked_fill(padded, float("-inf"))
     return x
 
 

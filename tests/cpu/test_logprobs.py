@@ -35,3 +35,12 @@ def test_values_and_grads_match_log_softmax(temperature, chunk):
     torch.testing.assert_close(h, rh.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
     assert a.grad[..., vocab:].abs().max() == 0
+
+
+def test_fp32_logits_are_not_modified():
+    """Padded-vocab masking must not write -inf into the model's own (fp32) logits."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 64)
+    before = logits.clone()
+    vocab_parallel_logprobs(logits, torch.randint(0, 50, (3,)), vocab_size=50)
+    assert torch.equal(logits, before)
