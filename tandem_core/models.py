@@ -203,6 +203,11 @@ def build_transformer_config(
         moe_token_dispatcher_type="alltoall",  # dense models; only to satisfy the check above
         # Activations of the pipeline stay in fp32 on CPU tests so equality checks are tight.
         deallocate_pipeline_outputs=True,
+        # The interleaved (VPP) schedule's batched p2p posts both directions between the same
+        # two ranks (PP=2) in an order that swaps same-shape activations and gradients; megatron-
+        # LM runs VPP with overlapped, unbatched p2p (which splits the directions), so do we.
+        overlap_p2p_comm=parallel.virtual_pipeline_model_parallel_size is not None,
+        batch_p2p_comm=parallel.virtual_pipeline_model_parallel_size is None,
     )
 
 

@@ -308,14 +308,6 @@ def train_step(worker: ModelWorker, micro_batches, loss_fn: LossFn, max_nan_step
     A non-finite loss on any rank skips the step on every rank (grads zeroed, counted);
     `max_nan_steps` skips in a row abort the run. Returns (outputs, grad_norm, skipped).
     """
-    if len(worker.chunks) > 1 and len(micro_batches) > D.pp_size():
-        # Known defect: megatron's interleaved schedule, as driven here, gives wrong gradients
-        # once it reaches its steady 1F1B phase (seen identically on gloo and NCCL).
-        raise NotImplementedError(
-            f"interleaved pipeline (VPP) training with {len(micro_batches)} micro-batches per "
-            f"mini-batch > PP={D.pp_size()} gives wrong gradients in this version; use at most "
-            "PP micro-batches per mini-batch (larger micro_batch_size) or turn VPP off"
-        )
     for c in worker.chunks:
         c.zero_grad_buffer()
     worker.optimizer.zero_grad()
