@@ -98,6 +98,10 @@ class HFRollout(BaseRollout):
             output_logits=True,
             return_dict_in_generate=True,
         )
+        # transformers sizes the static cache to the longest of all earlier calls (to spare
+        # recompiles, which are off here): a history-dependent length changes SDPA's reduction
+        # and the last bits of the log-probs, so a resumed run would differ from a straight one.
+        self.model.__dict__.pop("_previous_max_cache_length", None)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(s.seed if s.seed is not None else self._next_seed())
             out = self.model.generate(

@@ -130,3 +130,16 @@ def test_registry_builds_by_name_and_rejects_unknown(tiny_ckpt):
         build_rollout(
             RolloutConfig(name="hf", tensor_model_parallel_size=2), tiny_ckpt("tiny_qwen2")
         )
+
+
+def test_hf_log_probs_do_not_depend_on_earlier_calls(tiny_ckpt):
+    """A resumed run must equal a straight one: the same prompts and seed give bit-identical
+    samples and log-probs whatever longer generations came before."""
+    rollout = build_rollout(RolloutConfig(name="hf", response_length=8), tiny_ckpt("tiny_llama"))
+    short = _prompts([[5, 6, 7], [8, 9]], sampling={"seed": 3})
+    long = _prompts([list(range(5, 60))], sampling={"seed": 4, "response_length": 40})
+    first = rollout.generate_sequences(short)
+    rollout.generate_sequences(long)
+    again = rollout.generate_sequences(short)
+    assert torch.equal(first["responses"], again["responses"])
+    assert torch.equal(first["rollout_log_probs"], again["rollout_log_probs"])
