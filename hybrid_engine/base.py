@@ -19,6 +19,10 @@ from tandem_core.protocol import Batch
 
 
 class BaseShardingManager(ABC):
+    last_sync_s: float = 0.0
+    """Seconds the last `__enter__` spent pushing weights into the engine (the trainer logs it
+    as timing_s/sync)."""
+
     @abstractmethod
     def __enter__(self) -> BaseShardingManager: ...
 

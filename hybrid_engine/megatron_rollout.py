@@ -20,6 +20,7 @@ parallel group its slice (all ranks of a rollout TP group the same prompts), and
 from __future__ import annotations
 
 import itertools
+import time
 
 import torch
 import torch.distributed as dist
@@ -70,7 +71,11 @@ class MegatronRolloutShardingManager(BaseShardingManager):
                 undo.append(self.optimizer_offload.reload)
             self.wake_weights()
             undo.append(lambda: self.rollout.sleep(level=self.sleep_level))
+            start = time.perf_counter()
             self.rollout.load_weights(self.hf_weights())
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the copies have landed: time the whole push
+            self.last_sync_s = time.perf_counter() - start
             self.allgather.release()
             self.wake_cache()
             self._train_rng = _get_rng_state()

@@ -46,9 +46,18 @@ class HFRollout(BaseRollout):
         self.device = cpu_compat.device()
         self.eos_ids, self.pad_id, max_pos = checkpoint_defaults(model_path)
         self.max_model_len = max_model_len or max_pos
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=_DTYPES[dtype], attn_implementation="sdpa"
-        ).to(self.device)
+        if cfg.load_format == "dummy":  # random weights; the first sync overwrites them
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model_path)
+            self.model = AutoModelForCausalLM.from_config(
+                config, dtype=_DTYPES[dtype], attn_implementation="sdpa"
+            )
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=_DTYPES[dtype], attn_implementation="sdpa"
+            )
+        self.model.to(self.device)
         self.model.eval()
         # generate() fills every unset field from the checkpoint's generation_config.json
         # (e.g. Qwen's repetition_penalty=1.05, top_k=20) and then from transformers' own

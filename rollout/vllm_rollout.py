@@ -85,6 +85,7 @@ class VLLMRollout(BaseRollout):
                 # the trainer recomputes (and the HF backend returns).
                 logprobs_mode="raw_logprobs",
                 seed=self.cfg.seed,
+                load_format=self.cfg.load_format,  # "dummy": weights come from the first sync
                 **vllm_compat.platform_engine_kwargs(self.cfg.gpu_memory_utilization),
             )
         random.setstate(py_state)

@@ -38,13 +38,17 @@ class ModelConfig:
     """HF checkpoint directory. None: build the checkpoint named by `preset` into the cache."""
     preset: str = "tiny_llama"
     """tiny_llama | tiny_llama_tied | tiny_qwen2 | tiny_mistral | smollm2_135m (if path is None).
-    llama3_70b: a shape only (for the planner); its weights come from model.path."""
+    qwen2_0p5b | llama3_1b | llama2_7b | llama3_70b: released models' shapes only; their weights
+    come from model.path, or are random with model.random_init=true."""
     dtype: str = "float32"
     """Training compute dtype: float32 | bfloat16 (master weights stay fp32 in the optimizer)."""
     max_seq_len: int = 256
     """Longest prompt+response the models are built for (positions, rollout max_model_len)."""
     layer_spec: str = "auto"
     """Megatron layer spec: auto | local | sdpa | te. auto = te if importable on GPU, else sdpa."""
+    random_init: bool = False
+    """Random weights (megatron's init, std 0.02) instead of the checkpoint's: for benchmarks and
+    the shape-only presets. The engine starts with dummy weights; the first sync fills them."""
 
 
 @dataclass
@@ -178,6 +182,9 @@ class RolloutConfig:
     """Engine sleep level between generations (1: free KV cache, keep weights; 2: free both)."""
     weight_bucket_mb: int = 256
     """Bucket size of the weight stream into the engine."""
+    load_format: str = "auto"
+    """auto: the engine loads the checkpoint at start. dummy: it starts with random weights
+    (faster start; the first sync overwrites them). Forced to dummy by model.random_init."""
     val_greedy: bool = True
     """Validation generation is greedy."""
 
@@ -444,6 +451,7 @@ CHOICES: dict[str, tuple] = {
     "algorithm.kl_penalty": KL_ESTIMATORS,
     "algorithm.kl_ctrl_type": ("fixed", "adaptive"),
     "rollout.sleep_level": (1, 2),
+    "rollout.load_format": ("auto", "dummy"),
     "logger.backends": ("console", "tensorboard", "wandb"),
 }
 """Enumerated keys and their allowed values (for a list, every item). Names that registries
@@ -709,8 +717,57 @@ LLAMA3_70B_ARGS = dict(
 """Llama-3-70B (its config.json), as ModelArgs fields. Nothing builds it: the shape lets the
 planner and validation run without the checkpoint; the weights come from model.path."""
 
+QWEN2_0P5B_ARGS = dict(
+    arch="qwen2",
+    num_layers=24,
+    hidden_size=896,
+    num_attention_heads=14,
+    num_query_groups=2,
+    ffn_hidden_size=4864,
+    vocab_size=151936,
+    kv_channels=64,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    tie_word_embeddings=True,
+    qkv_bias=True,
+)
+"""Qwen2.5-0.5B (0.49B parameters): the 0.5B benchmark shape."""
+
+LLAMA3_1B_ARGS = dict(
+    arch="llama",
+    num_layers=16,
+    hidden_size=2048,
+    num_attention_heads=32,
+    num_query_groups=8,
+    ffn_hidden_size=8192,
+    vocab_size=128256,
+    kv_channels=64,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+"""Llama-3.2-1B (1.24B parameters): the ~1B benchmark shape."""
+
+LLAMA2_7B_ARGS = dict(
+    arch="llama",
+    num_layers=32,
+    hidden_size=4096,
+    num_attention_heads=32,
+    num_query_groups=32,
+    ffn_hidden_size=11008,
+    vocab_size=32000,
+    kv_channels=128,
+    max_position_embeddings=4096,
+    norm_eps=1e-5,
+)
+"""Llama-2-7B (6.74B parameters, full multi-head attention): the ~7B shape of the 4/8-GPU runs."""
+
 SHAPE_PRESETS: dict[str, dict[str, Any]] = {
     "smollm2_135m": SMOLLM2_135M_ARGS,
+    "qwen2_0p5b": QWEN2_0P5B_ARGS,
+    "llama3_1b": LLAMA3_1B_ARGS,
+    "llama2_7b": LLAMA2_7B_ARGS,
     "llama3_70b": LLAMA3_70B_ARGS,
 }
 """Presets of released models, by name: their ModelArgs fields (the tiny ones live in

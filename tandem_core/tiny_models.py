@@ -38,6 +38,7 @@ class TinySpec:
     tie_embeddings: bool = False
     max_position: int = 512
     rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
     seed: int = 0
 
 
@@ -84,7 +85,7 @@ def _hf_config(spec: TinySpec, tokenizer):
         num_key_value_heads=spec.kv_heads,
         max_position_embeddings=spec.max_position,
         rope_theta=spec.rope_theta,
-        rms_norm_eps=1e-6,
+        rms_norm_eps=spec.norm_eps,
         tie_word_embeddings=spec.tie_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -132,21 +133,69 @@ def build_tiny_checkpoint(name_or_spec: str | TinySpec, out_dir: str | os.PathLi
     return out
 
 
+def shape_spec(preset: str) -> TinySpec:
+    """A released model's shape (tandem_core.config.SHAPE_PRESETS) as a spec to write."""
+    from tandem_core.config import SHAPE_PRESETS
+
+    a = SHAPE_PRESETS[preset]
+    if a["kv_channels"] * a["num_attention_heads"] != a["hidden_size"]:
+        raise ValueError(f"{preset}: a head dim other than hidden/heads is not supported here")
+    return TinySpec(
+        arch=a["arch"],
+        num_layers=a["num_layers"],
+        hidden=a["hidden_size"],
+        heads=a["num_attention_heads"],
+        kv_heads=a["num_query_groups"],
+        ffn=a["ffn_hidden_size"],
+        vocab=a["vocab_size"],
+        tie_embeddings=a.get("tie_word_embeddings", False),
+        max_position=a["max_position_embeddings"],
+        rope_theta=a.get("rope_theta", 10000.0),
+        norm_eps=a.get("norm_eps", 1e-6),
+    )
+
+
+def build_shape_dir(preset: str, out_dir: str | os.PathLike) -> Path:
+    """An HF directory with a released model's config.json and the character tokenizer but no
+    weights: what `model.random_init=true` runs (megatron initialises, vLLM loads dummies)."""
+    spec = shape_spec(preset)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    tokenizer = build_char_tokenizer()
+    _hf_config(spec, tokenizer).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("TANDEM_CACHE", Path.home() / ".cache" / "tandem"))
 
 
 def ensure_tiny_checkpoint(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The cached checkpoint for a preset, built on first use (safe under several ranks)."""
+    return _ensure(name, build_tiny_checkpoint, cache_dir)
+
+
+def ensure_shape_dir(preset: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached weightless directory of a shape preset (see build_shape_dir)."""
+    return _ensure(preset, build_shape_dir, cache_dir, suffix="_shape")
+
+
+def _ensure(name: str, build, cache_dir, suffix: str = "") -> Path:
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    out = root / name
+    out = root / f"{name}{suffix}"
     if (out / "config.json").exists():
         return out
     root.mkdir(parents=True, exist_ok=True)
     import fcntl
 
-    with open(root / f".{name}.lock", "w") as lock:
+    with open(root / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "config.json").exists():
-            build_tiny_checkpoint(name, out)
+            build(name, out)
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch.distributed as dist
@@ -20,23 +20,39 @@ from tandem_core.config import TandemConfig, load_config, uses_critic
 
 
 def resolve_model_dir(cfg: TandemConfig) -> Path:
+    """The HF directory the run reads its config, tokenizer (and unless random, weights) from."""
+    check_model_source(cfg)
     if cfg.model.path:
-        path = Path(cfg.model.path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model.path={path}: no config.json there")
-        return path
-    if cfg.model.preset == "smollm2_135m":
+        return Path(cfg.model.path)
+    from tandem_core.config import SHAPE_PRESETS
+
+    preset = cfg.model.preset
+    if preset == "smollm2_135m" and not cfg.model.random_init:
         from tandem_core.smollm2 import ensure_smollm2_checkpoint
 
         return ensure_smollm2_checkpoint()
-    from tandem_core.tiny_models import TINY_SPECS, ensure_tiny_checkpoint
+    from tandem_core.tiny_models import ensure_shape_dir, ensure_tiny_checkpoint
 
-    if cfg.model.preset not in TINY_SPECS:
-        raise ValueError(
-            f"model.preset={cfg.model.preset!r} has no local checkpoint builder; "
-            "set model.path to an HF checkpoint directory"
+    return ensure_shape_dir(preset) if preset in SHAPE_PRESETS else ensure_tiny_checkpoint(preset)
+
+
+def check_model_source(cfg: TandemConfig) -> None:
+    """ConfigError naming the key when the weights cannot come from anywhere (checked before
+    any process group or device memory exists)."""
+    from tandem_core.config import SHAPE_PRESETS, ConfigError
+    from tandem_core.tiny_models import TINY_SPECS
+
+    m = cfg.model
+    if m.path:
+        if not (Path(m.path) / "config.json").is_file():
+            raise ConfigError(f"model.path: no HF checkpoint at {m.path} (config.json not found)")
+        return
+    buildable = {"smollm2_135m", *TINY_SPECS}
+    if m.preset not in buildable and not (m.preset in SHAPE_PRESETS and m.random_init):
+        raise ConfigError(
+            f"model.preset: {m.preset!r} is a shape only (no local checkpoint builder): set"
+            " model.path to its HF directory, or model.random_init=true for random weights"
         )
-    return ensure_tiny_checkpoint(cfg.model.preset)
 
 
 def prepare_data(cfg: TandemConfig, run_dir: Path) -> tuple[list[str], list[str]]:
@@ -71,7 +87,7 @@ def build_components(cfg: TandemConfig, run_dir: Path):
     from trainer.actor import MegatronActor
     from trainer.checkpoint import CheckpointManager, install_signal_handlers
     from trainer.data import PromptLoader, RLDataset
-    from trainer.megatron_worker import build_model_worker
+    from trainer.megatron_worker import build_model_worker, copy_weights
     from trainer.ppo_trainer import Components
     from trainer.rewards import RewardScorer
     from trainer.tracking import Tracker
@@ -97,9 +113,10 @@ def build_components(cfg: TandemConfig, run_dir: Path):
     D.init_model_parallel(cfg.parallel, seed=cfg.trainer.seed)
     steps = cfg.trainer.total_steps * max(1, data.train_batch_size // cfg.actor.ppo_mini_batch_size)
     common = dict(parallel=cfg.parallel, dtype=cfg.model.dtype, layer_spec=cfg.model.layer_spec)
+    weights_dir = None if cfg.model.random_init else hf_dir  # None: megatron's random init
     actor_worker = build_model_worker(
         args,
-        hf_dir,
+        weights_dir,
         optim=cfg.actor.optim,
         total_optimizer_steps=steps * cfg.actor.ppo_epochs,
         **common,
@@ -109,8 +126,11 @@ def build_components(cfg: TandemConfig, run_dir: Path):
     if cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward:
         from trainer.reference import MegatronReference
 
+        ref_worker = build_model_worker(args, weights_dir, **common)
+        if weights_dir is None:
+            copy_weights(actor_worker, ref_worker)  # the reference starts where the actor does
         ref = MegatronReference(
-            build_model_worker(args, hf_dir, **common),
+            ref_worker,
             cfg.actor,
             cfg.ref,
             temperature=cfg.rollout.temperature,
@@ -121,7 +141,7 @@ def build_components(cfg: TandemConfig, run_dir: Path):
 
         critic_worker = build_model_worker(
             args,
-            hf_dir,
+            weights_dir,
             optim=cfg.critic.optim,
             value_head=True,
             total_optimizer_steps=steps * cfg.critic.ppo_epochs,
@@ -130,7 +150,10 @@ def build_components(cfg: TandemConfig, run_dir: Path):
         critic = MegatronCritic(critic_worker, cfg.critic)
 
     max_len = data.max_prompt_length + cfg.rollout.response_length
-    rollout = build_rollout(cfg.rollout, hf_dir, dtype=cfg.model.dtype, max_model_len=max_len)
+    rollout_cfg = cfg.rollout
+    if cfg.model.random_init:  # no weights on disk: the engine gets them from the first sync
+        rollout_cfg = replace(rollout_cfg, load_format="dummy")
+    rollout = build_rollout(rollout_cfg, hf_dir, dtype=cfg.model.dtype, max_model_len=max_len)
     manager = get_sharding_manager(cfg.rollout.name)(
         actor_worker,
         rollout,
@@ -248,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     launch = D.read_launch_env()
     cfg = load_config(argv, world_size=launch.world_size)  # fails before anything is built
+    check_model_source(cfg)
     from trainer.plan import detect_gpu_memory_gb, plan_or_raise
 
     plan = plan_or_raise(cfg, launch.world_size, detect_gpu_memory_gb())

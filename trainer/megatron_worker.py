@@ -96,7 +96,8 @@ def build_model_worker(
     config = build_transformer_config(args, parallel, dtype)
     config.finalize_model_grads_func = finalize_model_grads
     chunks = build_model_chunks(args, config, layer_spec, value_head)
-    weight_loaders.load_hf_into_megatron(chunks, hf_dir, args, config)
+    if hf_dir is not None:  # else: megatron's own random init (model.random_init)
+        weight_loaders.load_hf_into_megatron(chunks, hf_dir, args, config)
     if optim is None:
         for c in chunks:
             c.requires_grad_(False)
@@ -117,6 +118,16 @@ def build_model_worker(
             chunks, config, optim, parallel, total_optimizer_steps
         )
     return ModelWorker(args, config, chunks, optimizer, scheduler)
+
+
+def copy_weights(src: ModelWorker, dst: ModelWorker) -> None:
+    """dst's parameters := src's, name by name (same model, same layout on this rank)."""
+    from weight_loaders import megatron_named_params
+
+    dst_params = dict(megatron_named_params(dst.chunks))
+    with torch.no_grad():
+        for name, p in megatron_named_params(src.chunks):
+            dst_params[name].copy_(p)
 
 
 def build_optimizer(chunks, config, optim: OptimConfig, parallel: ParallelConfig, total_steps):

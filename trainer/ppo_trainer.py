@@ -7,7 +7,6 @@ and masks; the actor, critic and sharding manager slice and gather it for their 
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from hybrid_engine.base import check_weights_synced
 from tandem_core.config import TandemConfig
 from tandem_core.protocol import Batch
 from trainer import core_algos
+from trainer.tracking import DevicePeakMemory, timed
 
 
 @dataclass
@@ -45,17 +45,33 @@ class RLTrainer:
         self.cfg, self.p = cfg, parts
         self.step_no = 0
         self.timing: dict[str, float] = {}
+        self.memory = DevicePeakMemory()
 
     @contextmanager
     def timer(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.timing[f"timing_s/{name}"] = time.perf_counter() - start
+        """Wall time (summed over repeats within a step) and peak GPU memory of a phase."""
+        with timed(name, self.timing), self.memory.phase(name):
+            yield
+
+    @contextmanager
+    def swapped(self):
+        """The HybridEngine swap around generation (DESIGN step 2): `with manager:`, with the
+        two halves timed and measured apart (the swap's share of an iteration is reported)."""
+        manager = self.p.sharding_manager
+        with self.timer("swap_enter"):
+            manager.__enter__()
+        self.timing["timing_s/sync"] = self.timing.get("timing_s/sync", 0.0) + manager.last_sync_s
+        try:
+            yield manager
+        finally:
+            with self.timer("swap_exit"):
+                manager.__exit__(None, None, None)
 
     # ---- one iteration -------------------------------------------------------------------
     def step(self) -> dict[str, float]:
         cfg, p = self.cfg, self.p
         self.timing = {}
+        self.memory.peaks_gib()  # drop what validation measured since the last step
         metrics: dict[str, float] = {}
         with self.timer("step"):
             with self.timer("gen"):
@@ -87,6 +103,7 @@ class RLTrainer:
                 metrics.update(p.actor.update_policy(batch))
         self.step_no += 1
         metrics.update(self.timing)
+        metrics.update(self.memory.peaks_gib())
         metrics.update(_length_metrics(batch))
         metrics["training/global_step"] = self.step_no
         return metrics
@@ -128,8 +145,7 @@ class RLTrainer:
         return batch, metrics
 
     def generate(self, prompts: Batch) -> Batch:
-        manager = self.p.sharding_manager
-        with manager:
+        with self.swapped() as manager, self.timer("generate"):
             local = manager.preprocess_data(prompts)
             out = self.p.rollout.generate_sequences(local)
             return manager.postprocess_data(out)

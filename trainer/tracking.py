@@ -289,3 +289,73 @@ def timed(name: str, sink: dict[str, float]):
     finally:
         key = f"timing_s/{name}"
         sink[key] = sink.get(key, 0.0) + time.perf_counter() - start
+
+
+class DevicePeakMemory:
+    """Peak GPU memory in use per named phase: what `python -m trainer.plan` estimates.
+
+    "In use" is the device's total minus its free memory (cudaMemGetInfo), so it counts
+    everything on this GPU: torch's allocator, vLLM's own memory pool, NCCL buffers and the
+    CUDA context; torch's allocator statistics would miss the engine's pool. A daemon thread
+    samples it every `interval_s` while at least one phase is open (never outside one, so it
+    stays clear of the engine's CUDA-graph capture at start). Phases may nest. Without CUDA
+    every call is a no-op and `peaks_gib()` is empty.
+    """
+
+    def __init__(self, interval_s: float = 0.005):
+        import threading
+
+        import torch
+
+        self.enabled = torch.cuda.is_available()
+        self.interval_s = interval_s
+        self._open: dict[str, int] = {}  # phase -> peak bytes so far
+        self._peaks: dict[str, int] = {}  # closed phases since the last peaks_gib()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        if self.enabled:
+            self._device = torch.cuda.current_device()
+            threading.Thread(target=self._sample_forever, daemon=True).start()
+
+    def _used(self) -> int:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(self._device)
+        return total - free
+
+    def _sample_forever(self) -> None:
+        while True:
+            self._wake.wait()
+            used = self._used()
+            with self._lock:
+                for name, peak in self._open.items():
+                    self._open[name] = max(peak, used)
+                if not self._open:
+                    self._wake.clear()
+            time.sleep(self.interval_s)
+
+    @contextmanager
+    def phase(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        import torch
+
+        torch.cuda.synchronize()
+        with self._lock:
+            self._open[name] = self._used()
+            self._wake.set()
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize()  # the phase's kernels have run (and allocated) by now
+            used = self._used()
+            with self._lock:
+                peak = max(self._open.pop(name), used)
+                self._peaks[name] = max(self._peaks.get(name, 0), peak)
+
+    def peaks_gib(self) -> dict[str, float]:
+        """`memory/peak_gib/<phase>` of the phases closed since the last call; resets them."""
+        with self._lock:
+            peaks, self._peaks = self._peaks, {}
+        return {f"memory/peak_gib/{k}": v / 2**30 for k, v in peaks.items()}
