@@ -35,7 +35,7 @@ class MegatronActor:
         self.worker, self.cfg, self.temperature = worker, cfg, temperature
 
     # ---- log-probs ------------------------------------------------------------------------
-    def _logprobs(self, mb: AlignedMicroBatch, logits: torch.Tensor):
+    def _logprobs(self, mb: AlignedMicroBatch, logits: torch.Tensor, with_entropy: bool):
         logp, entropy = vocab_parallel_logprobs(
             logits,
             mb.labels,
@@ -43,8 +43,11 @@ class MegatronActor:
             D.tp_group(),
             D.tp_rank(),
             temperature=self.temperature,
+            with_entropy=with_entropy,
         )
-        return gather_response(logp, mb), gather_response(entropy, mb)
+        return gather_response(logp, mb), entropy if entropy is None else gather_response(
+            entropy, mb
+        )
 
     def compute_log_prob(self, batch: Batch, calculate_entropy: bool = False) -> Batch:
         """Batch with `log_probs` [B, R] (and `entropy`) for the full batch."""
@@ -52,8 +55,8 @@ class MegatronActor:
         keys = ("log_probs", "entropy") if calculate_entropy else ("log_probs",)
 
         def per_token(mb, logits):
-            logp, ent = self._logprobs(mb, logits)
-            return {"log_probs": logp, "entropy": ent}
+            logp, ent = self._logprobs(mb, logits, with_entropy=calculate_entropy)
+            return {"log_probs": logp, "entropy": ent} if calculate_entropy else {"log_probs": logp}
 
         return Batch.from_dict(
             forward_per_token(
@@ -82,7 +85,8 @@ class MegatronActor:
             batch,
             plan,
             self._policy_loss_fn,
-            ["pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower", "entropy", "kl_loss"],
+            ["pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower", "kl_loss"]
+            + (["entropy"] if cfg.entropy_coeff else []),
         )
         return {f"actor/{k}": v for k, v in metrics.items()}
 
@@ -92,7 +96,8 @@ class MegatronActor:
         norm = dict(global_tokens=global_tokens, global_seqs=global_seqs)
 
         def loss_fn(mb: AlignedMicroBatch, logits):
-            logp, entropy = self._logprobs(mb, logits)
+            # Entropy only when it is in the loss (the trainer logs it from the old-log-prob pass).
+            logp, entropy = self._logprobs(mb, logits, with_entropy=bool(cfg.entropy_coeff))
             f = mb.fields
             pg_loss, pg_metrics = policy_loss(
                 f["old_log_probs"],
@@ -108,8 +113,8 @@ class MegatronActor:
                 **norm,
             )
             loss = pg_loss
-            ent = core_algos.agg_loss(entropy, mb.response_mask, cfg.loss_agg_mode, **norm)
             if cfg.entropy_coeff:
+                ent = core_algos.agg_loss(entropy, mb.response_mask, cfg.loss_agg_mode, **norm)
                 loss = loss - cfg.entropy_coeff * ent
             kl_loss = torch.zeros(())
             if cfg.use_kl_loss:
@@ -120,9 +125,10 @@ class MegatronActor:
             out = {
                 "loss": loss.detach().clone(),
                 "pg_loss": pg_loss.detach() * n_micro,
-                "entropy": ent.detach() * n_micro,
                 "kl_loss": kl_loss.detach() * n_micro,
             }
+            if cfg.entropy_coeff:
+                out["entropy"] = ent.detach() * n_micro
             out.update({k: v.detach() for k, v in pg_metrics.items()})
             return loss, out
 

@@ -44,3 +44,21 @@ def test_fp32_logits_are_not_modified():
     before = logits.clone()
     vocab_parallel_logprobs(logits, torch.randint(0, 50, (3,)), vocab_size=50)
     assert torch.equal(logits, before)
+
+
+def test_without_entropy_gives_the_same_logprobs_and_grads():
+    """with_entropy=False skips H's sum: same log-probs and log-prob gradient, no entropy."""
+    torch.manual_seed(2)
+    logits = torch.randn(4, 7, 64, dtype=torch.float64) * 2
+    labels = torch.randint(0, 50, (4, 7))
+    w = torch.randn(4, 7, dtype=torch.float64)
+    grads, logps = [], []
+    for with_entropy in (True, False):
+        a = logits.clone().requires_grad_()
+        lp, h = vocab_parallel_logprobs(a, labels, 50, chunk_tokens=5, with_entropy=with_entropy)
+        assert (h is None) == (not with_entropy)
+        (lp * w).sum().backward()
+        grads.append(a.grad)
+        logps.append(lp)
+    torch.testing.assert_close(logps[0], logps[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
