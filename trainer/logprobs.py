@@ -15,52 +15,90 @@ what the reference pass and an update without an entropy bonus need. Written her
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
 DEFAULT_CHUNK_TOKENS = 4096
 
 
-def _masked_chunk(logits_chunk, start: int, vocab_size: int):
-    """The chunk in fp32 with padded-vocab columns (index >= vocab_size) at -inf.
-
-    `.float()` of fp32 logits is the model's own tensor, so the padding is masked out of place.
-    """
-    x = logits_chunk.float()
-    local_valid = max(vocab_size - start, 0)
-    if local_valid < x.shape[-1]:
-        padded = torch.arange(x.shape[-1], device=x.device) >= local_valid
-        x = x.masked_fill(padded, float("-inf"))
+# ---- per-chunk math: eager on CPU, one fused Triton kernel each on CUDA (torch.compile) -------
+def _masked(x: torch.Tensor, start: int, vocab_size: int) -> torch.Tensor:
+    """The chunk in fp32 with padded-vocab columns (index >= vocab_size) at -inf, out of place
+    (`.float()` of fp32 logits is the model's own tensor)."""
+    x = x.float()
+    valid = max(vocab_size - start, 0)
+    if valid < x.shape[-1]:
+        col = torch.arange(x.shape[-1], device=x.device)
+        x = torch.where(col < valid, x, float("-inf"))
     return x
+
+
+def _chunk_max(x, start: int, vocab_size: int):
+    return _masked(x, start, vocab_size).max(dim=-1).values
+
+
+def _chunk_sums(x, maxes, local_labels, start: int, vocab_size: int, with_entropy: bool):
+    """Σ exp(z), Σ exp(z)·z (for H; exp(-inf)·-inf would be nan, so masked) and the label's z,
+    with z = x - max; a label outside this rank's slice contributes 0."""
+    z = _masked(x, start, vocab_size) - maxes[:, None]
+    ex = z.exp()
+    sum_pl = torch.where(ex > 0, ex * z, 0.0).sum(-1) if with_entropy else None
+    v_local = x.shape[-1]
+    owned = (local_labels >= 0) & (local_labels < v_local)
+    picked = z.gather(-1, local_labels.clamp(0, v_local - 1)[:, None]).squeeze(-1)
+    return ex.sum(-1), sum_pl, torch.where(owned, picked, 0.0)
+
+
+def _chunk_grad(x, lse, entropy, g_lp, g_h, local_labels, start: int, vocab_size: int):
+    """d/dl of Σ g_lp·logp + g_h·H on this slice: (1[k=y] - p_k)·g_lp - p_k(log p_k + H)·g_h."""
+    logp_all = _masked(x, start, vocab_size) - lse[:, None]
+    p = logp_all.exp()
+    g = -p * g_lp[:, None]
+    if g_h is not None:
+        # p_k = 0 on padded columns: keep 0 there (not 0 · -inf).
+        g = g + torch.where(p > 0, -p * (logp_all + entropy[:, None]), 0.0) * g_h[:, None]
+    col = torch.arange(x.shape[-1], device=x.device)
+    g = g + torch.where(col[None, :] == local_labels[:, None], g_lp[:, None], 0.0)
+    return g.to(x.dtype)
+
+
+@functools.cache
+def _chunk_ops():
+    """(max, sums, grad). On CUDA each compiles to one fused kernel that reads the bf16 logits
+    once, instead of ~10 fp32 passes over [tokens, vocab] (the log-prob pass would otherwise cost
+    as much as the model's forward for a 150k vocabulary)."""
+    ops = (_chunk_max, _chunk_sums, _chunk_grad)
+    if torch.cuda.is_available():
+        ops = tuple(torch.compile(op, dynamic=True) for op in ops)
+    return ops
 
 
 class _VocabParallelLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, vocab_start, vocab_size, group, chunk_tokens, with_entropy):
         # logits [T, v_local] (any float dtype), labels [T] global ids.
-        T, v_local = logits.shape
-        lse = torch.empty(T, dtype=torch.float32, device=logits.device)
-        label_logit = torch.zeros(T, dtype=torch.float32, device=logits.device)
-        sum_pl = torch.zeros(T, dtype=torch.float32, device=logits.device)
-        maxes = torch.empty(T, dtype=torch.float32, device=logits.device)
+        chunk_max, chunk_sums, _ = _chunk_ops()
+        T = logits.shape[0]
+        f32 = dict(dtype=torch.float32, device=logits.device)
+        maxes, sumexp = torch.empty(T, **f32), torch.empty(T, **f32)
+        sum_pl, label_logit = torch.zeros(T, **f32), torch.empty(T, **f32)
+        local_labels = labels - vocab_start
         for s in range(0, T, chunk_tokens):
-            x = _masked_chunk(logits[s : s + chunk_tokens], vocab_start, vocab_size)
-            maxes[s : s + chunk_tokens] = x.max(dim=-1).values
+            maxes[s : s + chunk_tokens] = chunk_max(
+                logits[s : s + chunk_tokens], vocab_start, vocab_size
+            )
         if group is not None:
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
-        sumexp = torch.empty_like(lse)
         for s in range(0, T, chunk_tokens):
             e = slice(s, s + chunk_tokens)
-            x = _masked_chunk(logits[e], vocab_start, vocab_size) - maxes[e, None]
-            ex = x.exp()
-            sumexp[e] = ex.sum(-1)
+            sums = chunk_sums(
+                logits[e], maxes[e], local_labels[e], vocab_start, vocab_size, with_entropy
+            )
+            sumexp[e], label_logit[e] = sums[0], sums[2]
             if with_entropy:
-                # sum_k exp(x_k) * x_k; exp(-inf) * -inf would be nan, so mask it out.
-                sum_pl[e] = torch.where(ex > 0, ex * x, torch.zeros_like(x)).sum(-1)
-            local = labels[e] - vocab_start
-            owned = (local >= 0) & (local < v_local)
-            picked = x.gather(-1, local.clamp(0, v_local - 1)[:, None]).squeeze(-1)
-            label_logit[e] = torch.where(owned, picked, torch.zeros_like(picked))
+                sum_pl[e] = sums[1]
         if group is not None:
             stacked = torch.stack([sumexp, sum_pl, label_logit])
             dist.all_reduce(stacked, group=group)
@@ -69,32 +107,31 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         logp = label_logit - lse_shifted
         entropy = lse_shifted - sum_pl / sumexp if with_entropy else None
         lse = lse_shifted + maxes
-        ctx.save_for_backward(logits, labels, lse, entropy)
+        ctx.save_for_backward(logits, local_labels, lse, entropy)
         ctx.meta = (vocab_start, vocab_size, chunk_tokens)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits, labels, lse, entropy = ctx.saved_tensors
+        logits, local_labels, lse, entropy = ctx.saved_tensors
         vocab_start, vocab_size, chunk_tokens = ctx.meta
-        T, v_local = logits.shape
+        chunk_grad = _chunk_ops()[2]
         grad = torch.empty_like(logits)
         g_lp = grad_logp.float() if grad_logp is not None else torch.zeros_like(lse)
         with_h = entropy is not None and grad_entropy is not None
-        for s in range(0, T, chunk_tokens):
+        g_h = grad_entropy.float() if with_h else None
+        for s in range(0, logits.shape[0], chunk_tokens):
             e = slice(s, s + chunk_tokens)
-            logp_all = _masked_chunk(logits[e], vocab_start, vocab_size) - lse[e, None]
-            p = logp_all.exp()
-            g = -p * g_lp[e, None]
-            if with_h:
-                # -p_k (log p_k + H); p_k = 0 on padded columns, keep 0 (not 0 * -inf).
-                dh = torch.where(p > 0, -p * (logp_all + entropy[e, None]), torch.zeros_like(p))
-                g += dh * grad_entropy[e, None].float()
-            local = labels[e] - vocab_start
-            owned = (local >= 0) & (local < v_local)
-            rows = owned.nonzero(as_tuple=True)[0]
-            g[rows, local[rows]] += g_lp[e][rows]
-            grad[e] = g.to(grad.dtype)
+            grad[e] = chunk_grad(
+                logits[e],
+                lse[e],
+                entropy[e] if with_h else None,
+                g_lp[e],
+                g_h[e] if with_h else None,
+                local_labels[e],
+                vocab_start,
+                vocab_size,
+            )
         return grad, None, None, None, None, None, None
 
 
