@@ -38,6 +38,7 @@ DEFAULTS=(
   model=llama3_70b parallel=llama3_70b rollout=llama3_70b algorithm=grpo
   data.max_prompt_length=1024 data.train_batch_size=64 rollout.n=8
   actor.ppo_mini_batch_size=16 actor.micro_batch_size=1 actor.optim.lr=1e-6
+  actor.offload_optimizer=true
   actor.optim.lr_warmup_steps=10 trainer.total_steps=500 trainer.save_freq=10
   trainer.test_freq=20 logger.experiment=ppo_70b
 )

@@ -17,8 +17,8 @@ Phases (the rank that needs most, per phase):
 - generation: the gathered weights stay while the engine runs: vLLM takes
   `rollout.gpu_memory_utilization` of the GPU for its weights at rollout TP, its workspace and
   the KV cache; the hf backend holds a whole model per rank and a KV cache for its batch.
-Grads and optimizer states are assumed off the GPU during generation (DESIGN: released or
-offloaded on enter) and the engine asleep during training (sleep mode frees its memory).
+Grads are off the GPU during generation (released on enter); optimizer states stay unless
+actor.offload_optimizer; the engine sleeps during training (sleep mode frees its memory).
 
 Units: GiB (2**30 bytes), as torch.cuda reports total memory: an "80 GB" H100 has 79.1 GiB.
 All terms are estimates from shapes; small terms (norm statistics, RoPE tables, the softmax
@@ -458,9 +458,17 @@ def _sequences_per_engine(cfg: TandemConfig, engine_dp: int) -> int:
     return math.ceil(cfg.data.train_batch_size * cfg.rollout.n / engine_dp)
 
 
-def _generation_base(lay: Layout) -> list[Term]:
-    gathered = _all_stage_weights(lay)
+def _optimizer_terms(lay: Layout, params: int, who: str) -> list[Term]:
+    """Adam states and fp32 master weights: freed grads aside, what a trained model keeps on
+    the GPU while the engine runs (unless offloaded)."""
     return [
+        t for t in _model_state_terms(lay, params, who) if "Adam" in t.name or "master" in t.name
+    ]
+
+
+def _generation_base(cfg: TandemConfig, lay: Layout) -> list[Term]:
+    gathered = _all_stage_weights(lay)
+    terms = [
         _t(
             "actor weights, all PP stages (AllGatherPPModel)",
             gathered * lay.dtype_bytes,
@@ -468,6 +476,11 @@ def _generation_base(lay: Layout) -> list[Term]:
         ),
         *_resident_in_generation(lay, 0),
     ]
+    if not cfg.actor.offload_optimizer:
+        terms += _optimizer_terms(lay, stage_params(lay.m, lay.tp, lay.pp, 0), "actor")
+    if lay.critic:
+        terms += _optimizer_terms(lay, stage_params(lay.m, lay.tp, lay.pp, 0, True), "critic")
+    return terms
 
 
 @generation_model("vllm")
@@ -494,7 +507,7 @@ def vllm_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Phase:
     kv_needed = _gib(seqs * lay.seq_len * per_token)
     needed = weights + workspace + kv_needed
     budget = needed if gpu is None else r.gpu_memory_utilization * gpu
-    base = _generation_base(lay)
+    base = _generation_base(cfg, lay)
     terms = [
         *base,
         Term(
@@ -559,7 +572,7 @@ def hf_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Phase:
     m, w = lay.m, lay.dtype_bytes
     seqs = _sequences_per_engine(cfg, lay.world)
     per_token = kv_bytes_per_token(m, m.num_query_groups, w)
-    base = _generation_base(lay)
+    base = _generation_base(cfg, lay)
     terms = [
         *base,
         _t(
@@ -584,7 +597,7 @@ def generic_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Pha
     seqs = _sequences_per_engine(cfg, lay.world // rtp)
     per_token = kv_bytes_per_token(m, engine_kv_heads(m, rtp), w)
     terms = [
-        *_generation_base(lay),
+        *_generation_base(cfg, lay),
         _t(f"engine weights at rollout TP {rtp}", engine_params(m, rtp) * w, "params × dtype"),
         _t(
             "KV cache for the batch",
