@@ -658,6 +658,35 @@ def plan_or_raise(
     return plan
 
 
+MEASURED_PHASES = {
+    "training": ("old_log_prob", "ref", "values", "update_critic", "update_actor"),
+    "swap": ("swap_enter",),
+    "generation": ("generate",),
+}
+"""Which of the trainer's timed phases (`memory/peak_gib/<name>` in metrics.jsonl) each planned
+phase covers."""
+
+
+def compare_with_run(plan: MemoryPlan, metrics: dict[int, dict[str, float]]) -> str:
+    """The plan's per-phase totals beside the peaks a run measured (the highest over its steps
+    and over the trainer phases each planned phase covers), as a table."""
+    lines = [f"{'phase':<12}{'planned GiB':>12}{'measured GiB':>14}{'planned/measured':>18}   from"]
+    for phase in plan.phases:
+        keys = [f"memory/peak_gib/{name}" for name in MEASURED_PHASES[phase.name]]
+        seen = [(m[k], k) for m in metrics.values() for k in keys if k in m]
+        if not seen:
+            lines.append(
+                f"{phase.name:<12}{phase.total_gib:>12.2f}{'-':>14}{'-':>18}   (not measured)"
+            )
+            continue
+        peak, key = max(seen)
+        ratio = phase.total_gib / peak
+        lines.append(
+            f"{phase.name:<12}{phase.total_gib:>12.2f}{peak:>14.2f}{ratio:>17.2f}x   {key}"
+        )
+    return "\n".join(lines)
+
+
 def detect_gpu_memory_gb() -> float | None:
     """GiB of GPU 0 as torch reports it; None without CUDA."""
     import torch
@@ -692,6 +721,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help=f"GiB per GPU (default: GPU 0 here, else an H100's {H100_80GB_GIB})",
     )
+    parser.add_argument(
+        "--measured",
+        default=None,
+        help="a run's metrics.jsonl: print the plan beside the peak GPU memory it measured",
+    )
     args = parser.parse_intermixed_args(argv)  # overrides and options in any order
     world = args.world_size or _default_world_size()
     gpu = args.gpu_memory_gb or detect_gpu_memory_gb()
@@ -709,6 +743,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"REFUSED: {err}", file=sys.stderr)
         return 2
     print(plan.table())
+    if args.measured:
+        from trainer.tracking import read_metrics
+
+        print(compare_with_run(plan, read_metrics(args.measured)))
     return 0
 
 

@@ -274,3 +274,22 @@ def test_cli(capsys):
     assert "world 32 = TP 8 × PP 4 × DP 1 (SP)" in out and out.count(": fits") == 3
     assert P.main([*shipped_overrides(), f"{PP}=1", "--world-size", "8"]) == 2
     assert "REFUSED: training phase" in capsys.readouterr().err
+
+
+def test_compare_with_a_run_takes_each_phase_peak(tmp_path):
+    """`--measured metrics.jsonl`: per planned phase, the highest peak the run logged over its
+    steps and over the trainer phases it covers; unmeasured phases are marked."""
+    cfg = load_config(["model=tiny_llama"], world_size=1)
+    plan = P.plan_memory(cfg, 1, H100)
+    metrics = {
+        1: {"memory/peak_gib/update_actor": 3.0, "memory/peak_gib/ref": 4.0},
+        2: {"memory/peak_gib/update_actor": 3.5, "memory/peak_gib/generate": 20.0},
+    }
+    rows = {
+        line.split()[0]: line.split() for line in P.compare_with_run(plan, metrics).splitlines()
+    }
+    training, _, generation = plan.phases
+    assert float(rows["training"][2]) == 4.0 and rows["training"][-1] == "memory/peak_gib/ref"
+    assert float(rows["training"][1]) == pytest.approx(training.total_gib, abs=0.01)
+    assert float(rows["generation"][3][:-1]) == pytest.approx(generation.total_gib / 20, abs=0.01)
+    assert "not measured" in " ".join(rows["swap"])
