@@ -142,6 +142,34 @@ def test_preset_shapes_match_the_built_checkpoints(tiny_ckpt, preset):
     assert table == built
 
 
+@pytest.mark.parametrize("preset", ["qwen2_0p5b", "llama3_1b", "llama2_7b", "llama3_70b"])
+def test_shape_dirs_match_the_preset_table(tmp_path, preset):
+    """A shape preset's weightless directory (model.random_init) has the table's exact shape,
+    and its model file names the same preset."""
+    from tandem_core.config import ModelConfig
+    from tandem_core.tiny_models import ensure_shape_dir
+
+    built = ensure_shape_dir(preset, tmp_path)
+    assert not list(built.glob("*.safetensors"))
+    assert read_model_args(ModelConfig(path=str(built))) == read_model_args(
+        ModelConfig(preset=preset)
+    )
+    cfg = load_config([f"model={preset}"] if preset != "llama3_70b" else [], world_size=1)
+    assert preset == "llama3_70b" or (cfg.model.preset, cfg.model.random_init) == (preset, True)
+
+
+def test_shape_presets_need_a_path_or_random_init():
+    from trainer.main import check_model_source
+
+    check_model_source(load_config(["model=llama2_7b"], world_size=1))  # random_init=true there
+    with pytest.raises(ConfigError, match=r"^model.preset: 'llama2_7b' is a shape only"):
+        check_model_source(
+            load_config(["model=llama2_7b", "model.random_init=false"], world_size=1)
+        )
+    with pytest.raises(ConfigError, match=r"^model.path: no HF checkpoint at /nonexistent"):
+        check_model_source(load_config(["model.path=/nonexistent"], world_size=1))
+
+
 # ---- the catalogue of bad configs: (overrides, world size, key the message starts with) ----
 BAD = [
     # unknown keys and wrong types (found by hydra/omegaconf against the schema)

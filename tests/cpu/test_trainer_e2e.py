@@ -192,3 +192,19 @@ def test_every_algorithm_runs(algorithm, cache_dir, tmp_path):
         )
         if algorithm == "dapo":
             assert step["dapo/kept_groups"] >= 0
+
+
+def test_random_init_runs_synced(cache_dir, tmp_path):
+    """model.random_init: megatron's own init, the engine started on dummy weights. The first
+    sync must replace them (engine log-probs = actor's) and the reference must start equal to
+    the actor (KL 0 at step 1); the swap's halves and the sync are timed."""
+    out = tmp_path / "run"
+    overrides = ["algorithm=grpo", "rollout=hf", "model.random_init=true", "trainer.total_steps=2"]
+    run(1, overrides + SMALL + [f"trainer.output_dir={out}"], cache_dir)
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert sorted(metrics) == [1, 2]
+    assert metrics[1]["rollout/logprob_abs_diff"] < 1e-4
+    assert metrics[1]["actor/kl_loss"] == 0.0
+    for key in ("swap_enter", "swap_exit", "sync", "generate", "gen"):
+        assert metrics[2][f"timing_s/{key}"] >= 0
+    assert metrics[2]["timing_s/gen"] >= metrics[2]["timing_s/generate"]
