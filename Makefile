@@ -44,11 +44,13 @@ test-multigpu: install
 	if [ "$$n" -lt 1 ]; then echo "SKIP test-multigpu: no CUDA GPU visible (found $$n)"; exit 0; fi; \
 	$(PY) -m pytest -q tests/multigpu
 
+# CPU set (small models, fp32). ONLY=name,name runs a subset (names: see benchmarks/run_all.py).
 bench: install
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.run_all $(if $(ONLY),--only $(ONLY))
 
+# GPU set on CUDA (bf16, 0.5B-1B random-weight shapes): mfu, logprob, swap, rollout.
 bench-gpu: install
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.run_all --gpu $(if $(ONLY),--only $(ONLY))
 
 lint: install
 	$(VENV)/bin/ruff check .

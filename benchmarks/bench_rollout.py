@@ -1,31 +1,42 @@
-"""Rollout throughput of every registered backend, side by side: `python -m benchmarks.bench_rollout`.
+"""Rollout throughput of every registered backend, and of bare vLLM, side by side:
+
+    python -m benchmarks.bench_rollout [--models qwen2_0p5b] [--backends vllm vllm-bare]
+        [--prompts 256] [--response-length 256] [--stop-at-eos]
 
 Each (model, backend) runs in its own process (a world of one), so engines never share a
-process's distributed state or memory. For each model, each backend generates the same chat prompts
-("What is a + b?") with the same sampling settings; the table reports generated tokens
-(response-mask tokens, EOS included) per second of wall time, after one warm-up call.
-Run with OMP_NUM_THREADS set to the cores you want used.
+process's distributed state or memory. For each model, every backend generates from the same
+chat prompts ("What is a + b?", tokenised once) with the same sampling (temperature 1, n 1,
+no top-k/top-p); the table reports generated tokens (response-mask tokens for ours, output
+token ids for bare vLLM) per second of wall time of one `generate` call: best of `--repeats`
+after one warm-up call on 2 prompts, the device synchronised around each.
+
+`vllm-bare` is `vllm.LLM` + `LLM.generate` called directly, with the engine arguments that
+rollout/vllm_rollout.py passes (skip_tokenizer_init, external_launcher in the same torch.
+distributed world of one, enforce_eager, no prefix caching, raw_logprobs, seed, load_format,
+sleep mode and gpu_memory_utilization through vllm_compat) and the same SamplingParams except
+our per-prompt seeds; its prompts are token lists built before the clock starts. So the
+`vllm / vllm-bare` ratio is the cost of our wrapper: prompt checks and assembly, per-prompt
+seeds, reading the log-probs and building the output batch.
+
+By default every response runs to `--response-length` tokens (EOS ignored: our backend gets
+`eos_token_id=[]` in its per-call sampling overrides, bare vLLM `ignore_eos=True` and no stop
+ids), so both sides generate the same number of tokens; `--stop-at-eos` stops both on the
+checkpoint's EOS ids instead (the counts then differ; each side's actual count is reported).
+
+Defaults: on CUDA the Qwen2.5-0.5B shape with random (dummy) weights in bf16, backends vllm and
+vllm-bare, 256 prompts × 256 new tokens; on CPU tiny_llama and SmolLM2-135M in fp32, every
+registered backend plus vllm-bare, 64 prompts × 64 new tokens.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import subprocess
-import sys
-import time
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-_MARK = "BENCH_RESULT "
+from benchmarks import _common as C
 
-
-def _model_path(name: str):
-    from tandem_core.smollm2 import ensure_smollm2_checkpoint
-    from tandem_core.tiny_models import ensure_tiny_checkpoint
-
-    return ensure_smollm2_checkpoint() if name == "smollm2_135m" else ensure_tiny_checkpoint(name)
+BARE = "vllm-bare"
 
 
 def _prompt_batch(model_path, count: int, seed: int = 0):
@@ -54,82 +65,185 @@ def _prompt_batch(model_path, count: int, seed: int = 0):
     return Batch.from_dict({"input_ids": ids, "attention_mask": mask, "position_ids": pos})
 
 
-def bench(backend: str, model_path, prompts, response_length: int, max_model_len: int) -> dict:
+def bench_ours(backend: str, src: C.ModelSource, prompts, opts) -> dict:
     from rollout import build_rollout
     from tandem_core.config import RolloutConfig
 
-    cfg = RolloutConfig(name=backend, response_length=response_length, temperature=1.0, seed=0)
-    t = time.perf_counter()
-    ro = build_rollout(cfg, model_path, dtype="float32", max_model_len=max_model_len)
-    start_s = time.perf_counter() - t
-    ro.generate_sequences(prompts.index(slice(0, 2)))  # warm-up
-    prompts.meta_info = {"sampling": {"seed": 1}}
-    t = time.perf_counter()
-    out = ro.generate_sequences(prompts)
-    gen_s = time.perf_counter() - t
-    tokens = int(out["response_mask"].sum())
+    cfg = RolloutConfig(
+        name=backend,
+        response_length=opts.response_length,
+        temperature=1.0,
+        seed=0,
+        load_format=src.load_format,
+        gpu_memory_utilization=opts.gpu_memory_utilization,
+    )
+    ro, start_s = C.timed_call(
+        lambda: build_rollout(cfg, src.hf_dir, dtype=opts.dtype, max_model_len=opts.max_model_len)
+    )
+    sampling = {} if opts.stop_at_eos else {"eos_token_id": []}  # [] = no EOS: fixed lengths
+
+    def generate(batch, seed: int):
+        batch = batch.index(slice(0, len(batch)))  # a copy: meta_info is per call
+        batch.meta_info = {"sampling": {**sampling, "seed": seed}}
+        return ro.generate_sequences(batch)
+
+    generate(prompts.index(slice(0, 2)), seed=0)  # warm-up
+    outs = []
+    gen_s = C.best_of(lambda: outs.append(generate(prompts, seed=1)), opts.repeats)
+    tokens = int(outs[-1]["response_mask"].sum())
     ro.sleep(1)
-    return {"start_s": start_s, "gen_s": gen_s, "tokens": tokens, "tok_per_s": tokens / gen_s}
+    return {"start_s": start_s, "gen_s": gen_s, "tokens": tokens}
 
 
-def _run_one(model: str, backend: str, args) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.bench_rollout",
-        "--one",
-        model,
-        backend,
-        "--prompts",
-        str(args.prompts),
-        "--response-length",
-        str(args.response_length),
+def bench_bare(src: C.ModelSource, prompts, opts) -> dict:
+    """vllm.LLM + LLM.generate with the engine arguments of rollout/vllm_rollout.py."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from rollout import vllm_compat
+    from rollout.assemble import prompt_token_lists
+    from rollout.sampling import checkpoint_defaults
+    from tandem_core.config import RolloutConfig
+    from tandem_core.distributed import init_distributed
+
+    init_distributed()
+    defaults = RolloutConfig()
+    if not vllm_compat.on_cuda():
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(defaults.cpu_kvcache_space_gb)
+    from vllm import LLM, SamplingParams
+
+    llm, start_s = C.timed_call(
+        lambda: LLM(
+            model=str(src.hf_dir),
+            skip_tokenizer_init=True,
+            dtype=opts.dtype,
+            max_model_len=opts.max_model_len,
+            tensor_parallel_size=1,
+            distributed_executor_backend="external_launcher",
+            enforce_eager=defaults.enforce_eager,
+            enable_prefix_caching=defaults.enable_prefix_caching,
+            logprobs_mode="raw_logprobs",
+            seed=defaults.seed,
+            load_format=src.load_format,
+            **vllm_compat.platform_engine_kwargs(opts.gpu_memory_utilization),
+        )
+    )
+    eos_ids, _, _ = checkpoint_defaults(src.hf_dir)
+    requests = [
+        {"prompt_token_ids": t}
+        for t in prompt_token_lists(
+            prompts, max_model_len=opts.max_model_len, response_length=opts.response_length
+        )
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{model}/{backend} failed:\n{proc.stderr[-4000:]}")
-    # vLLM logs to stdout too: find our line by its marker.
-    line = next(x for x in proc.stdout.splitlines() if x.startswith(_MARK))
-    return json.loads(line[len(_MARK) :])
+    params = SamplingParams(
+        n=1,
+        temperature=1.0,
+        max_tokens=opts.response_length,
+        ignore_eos=True,
+        stop_token_ids=list(eos_ids) if opts.stop_at_eos else None,
+        logprobs=0,
+        detokenize=False,
+    )
+    llm.generate(requests[:2], params, use_tqdm=False)
+    outs = []
+    gen_s = C.best_of(
+        lambda: outs.append(llm.generate(requests, params, use_tqdm=False)), opts.repeats
+    )
+    tokens = sum(len(s.token_ids) for out in outs[-1] for s in out.outputs)
+    return {"start_s": start_s, "gen_s": gen_s, "tokens": tokens}
 
 
 def main() -> None:
     from rollout import registered_rollouts
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", nargs="+", default=["tiny_llama", "smollm2_135m"])
-    ap.add_argument("--backends", nargs="+", default=sorted(registered_rollouts()))
-    ap.add_argument("--prompts", type=int, default=64)
-    ap.add_argument("--response-length", type=int, default=64)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--models", nargs="+", default=C.pick(["tiny_llama", "smollm2_135m"], ["qwen2_0p5b"])
+    )
+    ap.add_argument(
+        "--backends",
+        nargs="+",
+        default=C.pick([*sorted(registered_rollouts()), BARE], ["vllm", BARE]),
+        help=f"registered backends ({', '.join(sorted(registered_rollouts()))}) and {BARE}",
+    )
+    ap.add_argument("--prompts", type=int, default=C.pick(64, 256))
+    ap.add_argument("--response-length", type=int, default=C.pick(64, 256))
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--dtype", default=C.default_dtype(), choices=["float32", "bfloat16"])
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    ap.add_argument("--repeats", type=int, default=C.pick(1, 2))
+    ap.add_argument("--stop-at-eos", action="store_true")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    opts = ap.parse_args()
 
-    if args.one:
-        model, backend = args.one
-        path = _model_path(model)
-        r = bench(backend, path, _prompt_batch(path, args.prompts), args.response_length, 512)
-        print(_MARK + json.dumps(r), flush=True)
+    if opts.one:
+        model, backend = opts.one
+        src = C.resolve_model(model)
+        prompts = _prompt_batch(src.hf_dir, opts.prompts)
+        if backend == BARE:
+            r = bench_bare(src, prompts, opts)
+        else:
+            r = bench_ours(backend, src, prompts, opts)
+        C.emit_result({**r, "tok_per_s": r["tokens"] / r["gen_s"]})
         return
 
-    for model in args.models:
-        _model_path(model)  # build once, before the timed processes
-    rows = []
-    for model in args.models:
-        for backend in args.backends:
-            r = _run_one(model, backend, args)
-            rows.append((model, backend, r))
-            print(f"[bench_rollout] {model} {backend}: {r}", flush=True)
-    print(
-        f"\nprompts={args.prompts} response_length={args.response_length} fp32 sampling "
-        f"threads={os.environ.get('OMP_NUM_THREADS', 'default')}"
-    )
-    print(f"{'model':<14} {'backend':<8} {'start s':>8} {'gen s':>7} {'tokens':>7} {'tok/s':>8}")
-    for model, backend, r in rows:
-        print(
-            f"{model:<14} {backend:<8} {r['start_s']:>8.1f} {r['gen_s']:>7.2f} "
-            f"{r['tokens']:>7d} {r['tok_per_s']:>8.1f}"
+    unknown = set(opts.backends) - set(registered_rollouts()) - {BARE}
+    if unknown:
+        raise SystemExit(f"unknown backends {sorted(unknown)}; known: vllm, hf, {BARE}")
+    for model in opts.models:
+        C.resolve_model(model)  # build once, before the timed processes
+    forwarded = [
+        f"--{k.replace('_', '-')}={getattr(opts, k)}"
+        for k in (
+            "prompts",
+            "response_length",
+            "max_model_len",
+            "dtype",
+            "gpu_memory_utilization",
+            "repeats",
         )
+    ] + (["--stop-at-eos"] if opts.stop_at_eos else [])
+    results = {}
+    for model in opts.models:
+        for backend in opts.backends:
+            args = ["-m", "benchmarks.bench_rollout", *forwarded, "--one", model, backend]
+            r = C.run_child(args, f"{model}/{backend}")
+            results[model, backend] = r
+            print(f"[bench_rollout] {model} {backend}: {r}", flush=True)
+
+    eos = "stop at EOS" if opts.stop_at_eos else "EOS ignored (fixed lengths)"
+    lines = [
+        f"{opts.prompts} prompts × up to {opts.response_length} new tokens, {opts.dtype}, "
+        f"temperature 1, {eos}; {C.device_name()}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}",
+        "",
+    ]
+    rows = []
+    for (model, backend), r in results.items():
+        vs = ""
+        if backend == "vllm" and (model, BARE) in results:
+            vs = f"{r['tok_per_s'] / results[model, BARE]['tok_per_s']:.3f}×"
+        rows.append(
+            [
+                model,
+                backend,
+                f"{r['start_s']:.1f} s",
+                f"{r['gen_s']:.2f} s",
+                f"{r['tokens']:,}",
+                f"{r['tok_per_s']:,.1f}",
+                vs,
+            ]
+        )
+    header = ["model", "backend", "engine start", "generate", "tokens", "tokens/s", "vs bare"]
+    lines += [C.markdown_table(header, rows), ""]
+    for model in opts.models:
+        if (model, "vllm") in results and (model, BARE) in results:
+            ours, bare = results[model, "vllm"], results[model, BARE]
+            line = f"{model}: our vLLM backend / bare vLLM tokens/s = "
+            line += f"{ours['tok_per_s'] / bare['tok_per_s']:.3f}"
+            if ours["tokens"] == bare["tokens"]:
+                line += f" (our wrapper: {1e3 * (ours['gen_s'] - bare['gen_s']):+,.1f} ms a call)"
+            lines.append(line)
+    C.report("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

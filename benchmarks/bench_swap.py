@@ -1,122 +1,159 @@
-"""HybridEngine swap cost on this machine: `python -m benchmarks.bench_swap [--model M]`.
+"""HybridEngine swap cost on this machine, one process (a world of one):
 
-One process (a world of one). Measured side by side in one run:
-- weight sync: streaming the actor's weights into the engine (`load_weights` of the HF stream),
-  against a plain copy of the same bytes (`torch` copy into preallocated tensors);
-- enter + exit of the sharding manager, as a share of one actor training step (update_policy on
-  a GRPO-sized batch of the same model).
+    python -m benchmarks.bench_swap [--model qwen2_0p5b|smollm2_135m|tiny_llama|...]
+        [--backend vllm|hf] [--repeat 3] [--gpu-memory-utilization 0.3]
+
+Measured side by side in one run, with the device synchronised around every timing:
+- weight sync: streaming the actor's weights into the engine (`rollout.load_weights` of the
+  manager's HF stream: TP gather, QKV/gate-up conversion, buckets, the engine's loader), against
+  one plain copy of the same bytes (torch `copy_` of the HF tensors into preallocated tensors on
+  the same device); best of `--repeat` each, after one warm-up;
+- swap: `with manager: pass`, i.e. enter (gather, free grads, wake the engine's weights, sync,
+  wake its KV cache) + exit (engine sleep, grads back), from the engine asleep as in the trainer;
+  best of `--repeat` after one warm-up; the sync inside it is reported too;
+- one actor training step (update_policy: one optimizer step) on a GRPO-sized batch of the
+  same model: `--prompts` × `--n` full rows of `--prompt-len` + `--response-len` tokens.
+
+Defaults: on CUDA the Qwen2.5-0.5B shape with random weights (megatron init; vLLM starts with
+load_format=dummy and the sync fills it) in bf16, vLLM at gpu_memory_utilization 0.3 with sleep
+mode, 32 prompts × 8 samples × (256 + 256); on CPU SmolLM2-135M in fp32, 8 × 4 × (64 + 64).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+import torch
 
-
-def _best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from benchmarks import _common as C
 
 
-def main() -> None:
-    import torch
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2_135m")
-    parser.add_argument("--backend", default="vllm")
-    parser.add_argument("--repeat", type=int, default=3)
-    opts = parser.parse_args()
-
-    import weight_loaders
-    from hybrid_engine import get_sharding_manager
-    from rollout import build_rollout
-    from tandem_core import distributed as D
-    from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig, RolloutConfig
-    from tandem_core.protocol import Batch
-    from trainer.actor import MegatronActor
-    from trainer.megatron_worker import build_model_worker
-
-    if opts.model == "smollm2_135m":
-        from tandem_core.smollm2 import ensure_smollm2_checkpoint
-
-        hf_dir = ensure_smollm2_checkpoint()
-    else:
-        from tandem_core.tiny_models import ensure_tiny_checkpoint
-
-        hf_dir = ensure_tiny_checkpoint(opts.model)
-    D.init_distributed()
-    parallel = ParallelConfig()
-    D.init_model_parallel(parallel)
-    args = weight_loaders.model_args_from_hf(hf_dir)
-    worker = build_model_worker(args, hf_dir, parallel, optim=OptimConfig(lr=1e-6))
-    rollout = build_rollout(
-        RolloutConfig(name=opts.backend, response_length=16), hf_dir, max_model_len=256
-    )
-    manager = get_sharding_manager(opts.backend)(worker, rollout)
-
-    # Weight sync vs a plain copy of the same bytes.
+def sync_vs_copy(manager, rollout, repeat: int) -> tuple[int, set[str], float, float]:
+    """(bytes, devices, copy seconds, sync seconds): one plain copy of the HF tensors into
+    preallocated tensors on their device vs streaming them into the engine."""
     manager.allgather.gather()
-    pairs = [(n, t.detach().clone()) for n, t in manager.hf_weights()]
+    with torch.no_grad():
+        pairs = [(n, t.detach().clone()) for n, t in manager.hf_weights()]
     nbytes = sum(t.numel() * t.element_size() for _, t in pairs)
     dst = [torch.empty_like(t) for _, t in pairs]
 
+    @torch.no_grad()
     def plain_copy():
         for d, (_, s) in zip(dst, pairs, strict=True):
             d.copy_(s)
 
-    copy_s = _best(plain_copy, opts.repeat)
-    sync_s = _best(lambda: rollout.load_weights(manager.hf_weights()), opts.repeat)
+    copy_s = C.best_of(plain_copy, repeat, warmup=1)
+    sync_s = C.best_of(lambda: rollout.load_weights(manager.hf_weights()), repeat, warmup=1)
     manager.allgather.release()
+    return nbytes, {str(t.device) for _, t in pairs}, copy_s, sync_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=C.pick("smollm2_135m", "qwen2_0p5b"))
+    ap.add_argument("--backend", default="vllm")
+    ap.add_argument("--dtype", default=C.default_dtype(), choices=["float32", "bfloat16"])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    ap.add_argument("--prompts", type=int, default=C.pick(8, 32))
+    ap.add_argument("--n", type=int, default=C.pick(4, 8))
+    ap.add_argument("--prompt-len", type=int, default=C.pick(64, 256))
+    ap.add_argument("--response-len", type=int, default=C.pick(64, 256))
+    ap.add_argument("--micro-batch", type=int, default=C.pick(4, 8))
+    ap.add_argument("--step-warmup", type=int, default=C.pick(0, 1))
+    opts = ap.parse_args()
+
+    import weight_loaders
+    from hybrid_engine import get_sharding_manager
+    from rollout import build_rollout
+    from tandem_core.config import ActorConfig, OptimConfig, RolloutConfig
+    from trainer.actor import MegatronActor
+    from trainer.megatron_worker import build_model_worker
+
+    src = C.resolve_model(opts.model)
+    parallel = C.init_world()
+    args = weight_loaders.model_args_from_hf(src.hf_dir)
+    worker = build_model_worker(
+        args, src.weights_dir, parallel, dtype=opts.dtype, optim=OptimConfig(lr=1e-6)
+    )
+    seq = opts.prompt_len + opts.response_len
+    rcfg = RolloutConfig(
+        name=opts.backend,
+        response_length=16,
+        load_format=src.load_format,
+        gpu_memory_utilization=opts.gpu_memory_utilization,
+    )
+    rollout = build_rollout(rcfg, src.hf_dir, dtype=opts.dtype, max_model_len=max(seq, 256))
+    manager = get_sharding_manager(opts.backend)(
+        worker, rollout, weight_bucket_mb=rcfg.weight_bucket_mb, sleep_level=rcfg.sleep_level
+    )
+
+    # Weight sync vs one device copy of the same bytes (the engine is awake, as after start).
+    nbytes, where, copy_s, sync_s = sync_vs_copy(manager, rollout, opts.repeat)
+    if C.on_cuda():
+        torch.cuda.empty_cache()  # the copy's buffers
+
+    # The swap, from the engine asleep (as between two trainer iterations).
+    rollout.sleep(level=rcfg.sleep_level)
+    inner_sync = []
 
     def swap():
         with manager:
             pass
+        inner_sync.append(manager.last_sync_s)
 
-    swap_s = _best(swap, opts.repeat)
+    swap_s = C.best_of(swap, opts.repeat, warmup=1)
 
-    # One actor step on a GRPO-sized batch: 8 prompts × 4 samples, 64 prompt + 64 response tokens.
-    g = torch.Generator().manual_seed(0)
-    B, P, R = 32, 64, 64
-    ids = torch.randint(10, args.vocab_size, (B, P + R), generator=g)
-    batch = Batch.from_dict(
-        {
-            "input_ids": ids,
-            "attention_mask": torch.ones(B, P + R, dtype=torch.long),
-            "responses": ids[:, P:],
-            "response_mask": torch.ones(B, R, dtype=torch.long),
-            "old_log_probs": torch.zeros(B, R) - 2.0,
-            "advantages": torch.randn(B, R, generator=g),
-        },
-        meta_info={"n": 4},
+    # One actor step on a GRPO-sized batch (the engine asleep, as while training).
+    n_seq = opts.prompts * opts.n
+    batch = C.training_batch(args.vocab_size, n_seq, opts.prompt_len, opts.response_len, n=opts.n)
+    actor = MegatronActor(
+        worker, ActorConfig(ppo_mini_batch_size=opts.prompts, micro_batch_size=opts.micro_batch)
     )
-    actor = MegatronActor(worker, ActorConfig(ppo_mini_batch_size=8, micro_batch_size=4))
-    step_s = _best(lambda: actor.update_policy(batch), 1)
+    metrics = []
+    step_s = C.best_of(lambda: metrics.append(actor.update_policy(batch)), 1, opts.step_warmup)
+    if any(m["actor/skipped_steps"] for m in metrics):
+        raise RuntimeError("the actor step was skipped (non-finite loss): its time is not a step")
 
-    print(
-        f"model {opts.model} ({nbytes / 1e9:.3f} GB of HF tensors), backend {opts.backend}, "
-        f"{torch.get_num_threads()} thread(s)"
+    init = "random init" if src.random_init else "checkpoint"
+    gbs = nbytes / 1e9
+    head = (
+        f"model {opts.model} ({init}, {gbs:.3f} GB of HF tensors on {', '.join(sorted(where))}), "
+        f"backend {opts.backend}, {opts.dtype}, {C.device_name()}"
     )
-    print(
-        f"  plain copy of the same bytes : {copy_s * 1e3:8.1f} ms  ({nbytes / copy_s / 1e9:.2f} GB/s)"
+    rows = [
+        [
+            f"plain copy of the same {gbs:.3f} GB (same device)",
+            f"{copy_s * 1e3:,.1f} ms",
+            f"{gbs / copy_s:.1f}",
+            "1.00×",
+        ],
+        [
+            "weight sync into the engine (stream + load_weights)",
+            f"{sync_s * 1e3:,.1f} ms",
+            f"{gbs / sync_s:.1f}",
+            f"{sync_s / copy_s:.1f}× the copy",
+        ],
+        [
+            f"swap: enter + exit (its sync: {min(inner_sync) * 1e3:,.1f} ms)",
+            f"{swap_s * 1e3:,.1f} ms",
+            "",
+            f"{100 * swap_s / step_s:.1f} % of a step",
+        ],
+        [
+            f"actor step ({n_seq} seq × {seq} tok, micro-batch {opts.micro_batch})",
+            f"{step_s * 1e3:,.1f} ms",
+            "",
+            "",
+        ],
+    ]
+    table = C.markdown_table(["what", "time", "GB/s", "ratio"], rows)
+    tail = (
+        f"sync / copy: {sync_s / copy_s:.2f}×; swap / actor step: {swap_s / step_s:.3f} "
+        f"({100 * swap_s / step_s:.1f} %)"
     )
-    print(
-        f"  weight sync into the engine  : {sync_s * 1e3:8.1f} ms  ({nbytes / sync_s / 1e9:.2f} GB/s, "
-        f"{sync_s / copy_s:.2f}x copy)"
-    )
-    print(f"  swap (enter + exit)          : {swap_s * 1e3:8.1f} ms")
-    print(
-        f"  actor step (32 seq × 128 tok): {step_s * 1e3:8.1f} ms  -> swap = "
-        f"{100 * swap_s / step_s:.1f}% of a step"
-    )
+    C.report(f"{head}\n\n{table}\n\n{tail}")
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

@@ -5,58 +5,39 @@ Both sides copy every byte once into preallocated destination tensors (what an e
 "stream" runs `stream_hf_weights` (QKV de-interleave, gate/up split, vocab unpad) and copies each
 HF tensor into HF-shaped buffers. The ratio is the cost of the layout conversion.
 
-    python -m benchmarks.bench_weight_stream [--model smollm2|tiny_llama] [--repeats 5]
+Best of `--repeats` each after one warm-up, the device synchronised around each.
+
+    python -m benchmarks.bench_weight_stream [--model smollm2|tiny_llama|...] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import torch
 
-
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from benchmarks import _common as C
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny_llama"])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dtype", default=C.default_dtype(), choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=float, default=64.0)
     opts = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     import weight_loaders as wl
-    from tandem_core.config import ParallelConfig
-    from tandem_core.distributed import init_distributed, init_model_parallel
     from tandem_core.models import build_gpt_model, build_transformer_config
 
-    if opts.model == "smollm2":
-        from tandem_core.smollm2 import ensure_smollm2_checkpoint
-
-        src = ensure_smollm2_checkpoint()
-    else:
-        from tandem_core.tiny_models import ensure_tiny_checkpoint
-
-        src = ensure_tiny_checkpoint(opts.model)
-    init_distributed()
-    parallel = ParallelConfig()
-    init_model_parallel(parallel)
-    args = wl.model_args_from_hf(src)
-    config = build_transformer_config(args, parallel, "float32")
+    src = C.resolve_model(opts.model)
+    parallel = C.init_world()
+    args = wl.model_args_from_hf(src.hf_dir)
+    config = build_transformer_config(args, parallel, opts.dtype)
     model = build_gpt_model(args, config)
-    t0 = time.perf_counter()
-    wl.load_hf_into_megatron([model], src, args, config)
-    load_s = time.perf_counter() - t0
+    load_s = 0.0
+    if src.weights_dir is not None:  # else megatron's random init
+        load_s = C.timed(lambda: wl.load_hf_into_megatron([model], src.hf_dir, args, config))
 
     params = list(wl.megatron_named_params([model], config))
     copy_dst = [torch.empty_like(p) for _, p in params]
@@ -79,25 +60,27 @@ def main() -> None:
 
     with torch.no_grad():
         results = {
-            "plain copy": (copy_bytes, _timed(plain_copy, opts.repeats)),
-            "stream (per tensor)": (hf_bytes, _timed(stream, opts.repeats)),
+            "plain copy": (copy_bytes, C.best_of(plain_copy, opts.repeats, warmup=1)),
+            "stream (per tensor)": (hf_bytes, C.best_of(stream, opts.repeats, warmup=1)),
             f"stream (buckets {opts.bucket_mb:g} MiB)": (
                 hf_bytes,
-                _timed(stream_buckets, opts.repeats),
+                C.best_of(stream_buckets, opts.repeats, warmup=1),
             ),
         }
-    print(
+    lines = [
         f"model {opts.model}: {hf_bytes / 1e9:.3f} GB of HF tensors "
-        f"({copy_bytes / 1e9:.3f} GB megatron incl. vocab padding), "
-        f"threads={torch.get_num_threads()}, import {load_s:.2f} s"
-    )
+        f"({copy_bytes / 1e9:.3f} GB megatron incl. vocab padding), {opts.dtype}, "
+        f"{C.device_name()}, import {load_s:.2f} s",
+        "",
+    ]
     base = copy_bytes / results["plain copy"][1]
+    rows = []
     for name, (nbytes, sec) in results.items():
         gbps = nbytes / sec / 1e9
-        print(
-            f"  {name:28s} {sec * 1e3:8.1f} ms  {gbps:6.2f} GB/s  ({gbps / (base / 1e9):.2f}x copy)"
-        )
+        rows.append([name, f"{sec * 1e3:,.1f} ms", f"{gbps:.2f}", f"{gbps / (base / 1e9):.2f}×"])
+    lines.append(C.markdown_table(["method", "time", "GB/s", "vs copy"], rows))
+    C.report("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

@@ -1,22 +1,84 @@
-"""Every benchmark, one after the other, on whatever device this machine has:
-`make bench` (CPU) and `make bench-gpu` run this. Each runs in its own process so engines and
-process groups never share state; their tables go to stdout for BENCHMARKS.md."""
+"""Every benchmark of a set, one after the other, each in its own process (so engines and
+process groups never share state); their reports are printed again together at the end, for
+BENCHMARKS.md. Exits non-zero, naming them, when any benchmark failed (the others still run).
 
+    python -m benchmarks.run_all                 # the CPU set (`make bench`)
+    python -m benchmarks.run_all --gpu           # the GPU set (`make bench-gpu`), CUDA only
+    python -m benchmarks.run_all --gpu --only mfu,rollout
+
+Each benchmark picks its own defaults from the device (bf16 and GPU-sized shapes on CUDA; see
+each script's docstring). To pin the run to one GPU: CUDA_VISIBLE_DEVICES=N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-BENCHMARKS = [
-    ["benchmarks.bench_weight_stream"],
-    ["benchmarks.bench_logprob"],
-    ["benchmarks.bench_rollout"],
-    ["benchmarks.bench_swap"],
-]
+from benchmarks import _common as C
+
+CPU_SET = {
+    "weight_stream": ["benchmarks.bench_weight_stream"],
+    "logprob": ["benchmarks.bench_logprob"],
+    "rollout": ["benchmarks.bench_rollout"],
+    "swap": ["benchmarks.bench_swap"],
+    "mfu": ["benchmarks.bench_mfu", "--model", "tiny_llama"],
+}
+GPU_SET = {
+    "mfu": ["benchmarks.bench_mfu"],
+    "logprob": ["benchmarks.bench_logprob"],
+    "swap": ["benchmarks.bench_swap"],
+    "rollout": ["benchmarks.bench_rollout"],
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", action="store_true", help="the GPU set (needs CUDA)")
+    ap.add_argument("--only", default="", help="comma-separated names from the set")
+    opts = ap.parse_args()
+
+    benchmarks = GPU_SET if opts.gpu else CPU_SET
+    if opts.gpu and not C.on_cuda():
+        print("run_all --gpu: no CUDA device visible (torch.cuda.is_available() is False)")
+        return 2
+    names = [n for n in opts.only.split(",") if n] or list(benchmarks)
+    unknown = [n for n in names if n not in benchmarks]
+    if unknown:
+        print(f"run_all: unknown benchmark(s) {unknown}; this set has {list(benchmarks)}")
+        return 2
+
+    reports, failed = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            module = benchmarks[name]
+            print(f"=== {name}: python -m {' '.join(module)}", flush=True)
+            report = Path(tmp) / f"{name}.md"
+            env = {**os.environ, C.REPORT_FILE_ENV: str(report)}
+            t0 = time.perf_counter()
+            code = subprocess.run([sys.executable, "-m", *module], env=env).returncode
+            wall = time.perf_counter() - t0
+            if code != 0:
+                failed.append(name)
+                text = f"FAILED (exit {code}) after {wall:.0f} s: see its output above"
+            else:
+                text = report.read_text().rstrip() if report.exists() else "(no report)"
+                text += f"\n\n({wall:.0f} s wall)"
+            reports[name] = (module, text)
+
+    print("\n\n######## reports ########", flush=True)
+    for name, (module, text) in reports.items():
+        print(f"\n### {name} — `python -m {' '.join(module)}`\n\n{text}")
+    if failed:
+        print(f"\nbenchmarks failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
 
 if __name__ == "__main__":
-    failed = []
-    for module in BENCHMARKS:
-        print(f"=== python -m {' '.join(module)}", flush=True)
-        if subprocess.run([sys.executable, "-m", *module]).returncode != 0:
-            failed.append(module[0])
-    if failed:
-        sys.exit(f"benchmarks failed: {failed}")
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""What every benchmark shares: device and dtype defaults, model directories, synthetic
+batches, timing, child processes, tables, and a clear failure exit.
+
+Defaults follow the device: on CUDA, bf16 and the GPU-sized arguments; on CPU, fp32 and the
+small ones (`pick(cpu=..., gpu=...)`). Device code never names an ordinal: everything runs on
+`cuda:current` (the first visible GPU, so `CUDA_VISIBLE_DEVICES=3` pins a benchmark to GPU 3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch may have read it already
+# vLLM engines live in the benchmark's own process (a world of one), as in the trainer.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+T = TypeVar("T")
+
+RESULT_MARK = "BENCH_RESULT "
+"""Prefix of the one stdout line a child process reports its results on (vLLM logs there too)."""
+
+H100_BF16_DENSE_TFLOPS = 989.0
+"""NVIDIA's nominal dense bf16 tensor-core peak of an H100/H200 SXM (no sparsity)."""
+
+
+# ---- device ---------------------------------------------------------------------------------
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def pick(cpu, gpu):
+    """The GPU default on a CUDA machine, else the CPU one."""
+    return gpu if on_cuda() else cpu
+
+
+def default_dtype() -> str:
+    return pick("float32", "bfloat16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if on_cuda() else torch.device("cpu")
+
+
+def device_name() -> str:
+    if on_cuda():
+        return f"{torch.cuda.get_device_name()} (cuda:{torch.cuda.current_device()})"
+    return f"CPU, {torch.get_num_threads()} thread(s)"
+
+
+def synchronize() -> None:
+    if on_cuda():
+        torch.cuda.synchronize()
+
+
+# ---- timing ---------------------------------------------------------------------------------
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds of one call, with the device's queued work drained before and after."""
+    synchronize()
+    t0 = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - t0
+
+
+def timed_call(fn: Callable[[], T]) -> tuple[T, float]:
+    """fn's result and the seconds it took (device drained before and after)."""
+    out = []
+    seconds = timed(lambda: out.append(fn()))
+    return out[0], seconds
+
+
+def best_of(fn: Callable[[], object], repeats: int, warmup: int = 0) -> float:
+    for _ in range(warmup):
+        fn()
+    return min(timed(fn) for _ in range(max(repeats, 1)))
+
+
+def interleaved_best(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best of `repeats` for each function, run in turns so machine noise hits all alike."""
+    best = dict.fromkeys(fns, math.inf)
+    for _ in range(max(repeats, 1)):
+        for name, fn in fns.items():
+            best[name] = min(best[name], timed(fn))
+    return best
+
+
+# ---- models -----------------------------------------------------------------------------------
+SMOLLM2_NAMES = ("smollm2", "smollm2_135m")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    hf_dir: Path
+    """HF directory: config.json + tokenizer (+ weights unless random_init)."""
+    random_init: bool
+    """A shape preset: megatron initialises, engines start with dummy weights."""
+
+    @property
+    def weights_dir(self) -> Path | None:
+        """What build_model_worker loads weights from (None: megatron's random init)."""
+        return None if self.random_init else self.hf_dir
+
+    @property
+    def load_format(self) -> str:
+        return "dummy" if self.random_init else "auto"
+
+
+def model_names() -> list[str]:
+    from tandem_core.config import SHAPE_PRESETS
+    from tandem_core.tiny_models import TINY_SPECS
+
+    return [*TINY_SPECS, *SMOLLM2_NAMES, *(p for p in SHAPE_PRESETS if p not in SMOLLM2_NAMES)]
+
+
+def resolve_model(name: str) -> ModelSource:
+    """tiny presets and SmolLM2-135M: real local checkpoints; the other shape presets
+    (qwen2_0p5b, llama3_1b, llama2_7b, ...): a weightless directory, random weights."""
+    from tandem_core.config import SHAPE_PRESETS
+    from tandem_core.tiny_models import TINY_SPECS, ensure_shape_dir, ensure_tiny_checkpoint
+
+    if name in SMOLLM2_NAMES:
+        from tandem_core.smollm2 import ensure_smollm2_checkpoint
+
+        return ModelSource(name, ensure_smollm2_checkpoint(), False)
+    if name in TINY_SPECS:
+        return ModelSource(name, ensure_tiny_checkpoint(name), False)
+    if name in SHAPE_PRESETS:
+        return ModelSource(name, ensure_shape_dir(name), True)
+    raise SystemExit(f"unknown model {name!r}; known: {', '.join(model_names())}")
+
+
+def init_world(parallel=None):
+    """A world of one (or torchrun's), and megatron's groups; returns the ParallelConfig."""
+    from tandem_core.config import ParallelConfig
+    from tandem_core.distributed import init_distributed, init_model_parallel
+
+    parallel = parallel or ParallelConfig()
+    init_distributed()
+    init_model_parallel(parallel)
+    return parallel
+
+
+# ---- synthetic batches ------------------------------------------------------------------------
+def rollout_batch(
+    vocab: int, rows: int, prompt_len: int, resp_len: int, *, full: bool = False, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Left-padded prompts and right-padded responses of mixed lengths (real lengths drawn in
+    [len/2, len]), or all of full length with `full`. Host tensors, fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (rows, prompt_len + resp_len), generator=g)
+    if full:
+        p_real = torch.full((rows,), prompt_len)
+        r_real = torch.full((rows,), resp_len)
+    else:
+        p_real = torch.randint(prompt_len // 2, prompt_len + 1, (rows,), generator=g)
+        r_real = torch.randint(resp_len // 2, resp_len + 1, (rows,), generator=g)
+    pos = torch.arange(prompt_len + resp_len)
+    prompt_mask = (pos[None, :prompt_len] >= (prompt_len - p_real)[:, None]).long()
+    resp_mask = (pos[None, :resp_len] < r_real[:, None]).long()
+    attn = torch.cat([prompt_mask, resp_mask], dim=1)
+    ids = ids * attn
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+        "responses": ids[:, prompt_len:],
+        "response_mask": resp_mask,
+    }
+
+
+def training_batch(
+    vocab: int, rows: int, prompt_len: int, resp_len: int, *, n: int = 1, full: bool = True
+):
+    """A rollout batch plus what update_policy reads: old log-probs near a random model's
+    (-log vocab, so ratios stay near 1 and no step is skipped) and random advantages."""
+    from tandem_core.protocol import Batch
+
+    data = rollout_batch(vocab, rows, prompt_len, resp_len, full=full)
+    g = torch.Generator().manual_seed(1)
+    data["old_log_probs"] = torch.full((rows, resp_len), -math.log(vocab))
+    data["advantages"] = torch.randn(rows, resp_len, generator=g)
+    return Batch.from_dict(data, meta_info={"n": n})
+
+
+# ---- child processes (one engine or one model per process) ------------------------------------
+def emit_result(result: dict) -> None:
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+def run_child(args: list[str], what: str) -> dict:
+    """Run `python <args>` and return the dict it emitted; a failure names `what` and shows
+    the child's last output."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stdout[-2000:] + "\n" + proc.stderr[-6000:]).strip()
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1][len(RESULT_MARK) :])
+
+
+# ---- output -----------------------------------------------------------------------------------
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+REPORT_FILE_ENV = "TANDEM_BENCH_REPORT"
+"""When set, `report` also appends there (run_all collects every benchmark's report)."""
+
+
+def report(text: str) -> None:
+    """Print the benchmark's final report (the lines for BENCHMARKS.md)."""
+    print("\n" + text, flush=True)
+    path = os.environ.get(REPORT_FILE_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(text + "\n")
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a benchmark's main; any failure exits 1 with the benchmark's name and the reason
+    on stderr (after the traceback), so run_all and make see it."""
+    name = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "benchmark"
+    try:
+        main()
+    except SystemExit:
+        raise
+    except BaseException as err:  # noqa: BLE001 (reported, then exit 1)
+        traceback.print_exc()
+        print(f"\n{name} FAILED: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -1,0 +1,177 @@
+"""Model FLOPs utilisation of the actor update, `sdpa` layer spec vs megatron's `local` spec.
+
+    python -m benchmarks.bench_mfu [--model llama3_1b] [--batch 16] [--seq 1024]
+        [--micro-batch 4] [--specs sdpa local] [--steps 3] [--peak-size 8192]
+
+What is timed: `MegatronActor.update_policy` on one mini-batch (= one optimizer step):
+forward + backward of every micro-batch through megatron's schedule, the PPO loss on
+vocab-parallel log-probs, megatron's distributed optimizer step (Adam, fp32 master weights);
+bf16 on CUDA, fp32 on CPU. Same model shape (random init), same batch (every row full:
+`--seq` tokens, half prompt, half response), one world of one. Each spec runs in its own
+process, one after the other (so neither holds the other's memory); the parent then measures
+this device's matmul peak: the best of `--peak-repeats` `--peak-size`³ torch.matmul in the
+same dtype (after warm-up), 2·n³ FLOP each. Step time is the best of `--steps` after
+`--warmup` steps, with the device synchronised around each.
+
+FLOP count per token (fwd + bwd = 3 × forward, the Megatron/PaLM convention):
+    6·N + 12·L·q·s
+N = matmul weights: L·[h·(q + 2·kv) + q·h + 3·h·f] + h·V (attention QKV and output, gated MLP,
+the LM head; the embedding lookup, norms and biases are not counted), q = heads·head_dim,
+kv = query_groups·head_dim, f = FFN width, V = the real (unpadded) vocabulary, s = sequence
+length. The attention term counts the full s×s score and value products, NOT halved for
+causal masking (SDPA's flash kernel skips the upper half; the local spec computes it and
+masks it), so the same number of FLOPs is credited to both specs. Tokens = every token of
+the batch (all rows are full). MFU = achieved FLOP/s / peak, against the measured peak and
+against 989 TFLOP/s (H100/H200 SXM dense bf16, nominal; CUDA only).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks import _common as C
+
+
+def matmul_weights(args) -> int:
+    """N of the docstring: the parameters every token multiplies with (incl. the LM head)."""
+    h, f, L = args.hidden_size, args.ffn_hidden_size, args.num_layers
+    q = args.num_attention_heads * args.kv_channels
+    kv = args.num_query_groups * args.kv_channels
+    return L * (h * (q + 2 * kv) + q * h + 3 * h * f) + h * args.vocab_size
+
+
+def flops_per_token(args, seq: int) -> float:
+    q = args.num_attention_heads * args.kv_channels
+    return 6.0 * matmul_weights(args) + 12.0 * args.num_layers * q * seq
+
+
+def matmul_peak_tflops(size: int, dtype: torch.dtype, repeats: int) -> float:
+    """Best of `repeats` size³ matmuls on this device (random normal inputs), in TFLOP/s."""
+    dev = C.device()
+    g = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(size, size, device=dev, dtype=dtype, generator=g)
+    b = torch.randn(size, size, device=dev, dtype=dtype, generator=g)
+    out = torch.empty(size, size, device=dev, dtype=dtype)
+    best = C.best_of(lambda: torch.matmul(a, b, out=out), repeats, warmup=3)
+    return 2.0 * size**3 / best / 1e12
+
+
+def run_spec(opts, spec: str) -> dict:
+    """One process: build the actor with this layer spec, time its update steps."""
+    import weight_loaders as wl
+    from tandem_core.config import ActorConfig, OptimConfig
+    from trainer.actor import MegatronActor
+    from trainer.megatron_worker import build_model_worker
+
+    src = C.resolve_model(opts.model)
+    parallel = C.init_world()
+    args = wl.model_args_from_hf(src.hf_dir)
+    worker = build_model_worker(
+        args,
+        src.weights_dir,
+        parallel,
+        dtype=opts.dtype,
+        layer_spec=spec,
+        optim=OptimConfig(lr=1e-6),
+    )
+    actor = MegatronActor(
+        worker, ActorConfig(ppo_mini_batch_size=opts.batch, micro_batch_size=opts.micro_batch)
+    )
+    prompt = opts.seq // 2
+    batch = C.training_batch(args.vocab_size, opts.batch, prompt, opts.seq - prompt, n=1)
+    metrics = []
+
+    def step():
+        metrics.append(actor.update_policy(batch))
+
+    step_s = C.best_of(step, opts.steps, warmup=opts.warmup)
+    skipped = sum(m["actor/skipped_steps"] for m in metrics)
+    if skipped:
+        raise RuntimeError(f"{spec}: {skipped:g} of {len(metrics)} steps skipped (non-finite loss)")
+    tokens = int(batch["attention_mask"].sum())
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if C.on_cuda() else 0.0
+    return {
+        "spec": spec,
+        "step_s": step_s,
+        "tokens": tokens,
+        "flops_per_token": flops_per_token(args, opts.seq),
+        "matmul_weights": matmul_weights(args),
+        "peak_mem_gib": peak_mem,
+        "pg_loss": metrics[-1]["actor/pg_loss"],
+        "layers": args.num_layers,
+        "hidden": args.hidden_size,
+        "vocab": args.vocab_size,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=C.pick("tiny_llama", "llama3_1b"))
+    ap.add_argument("--specs", nargs="+", default=["sdpa", "local"])
+    ap.add_argument("--batch", type=int, default=C.pick(8, 16), help="sequences per step")
+    ap.add_argument("--seq", type=int, default=C.pick(256, 1024), help="tokens per sequence")
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--dtype", default=C.default_dtype(), choices=["float32", "bfloat16"])
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--peak-size", type=int, default=C.pick(1024, 8192))
+    ap.add_argument("--peak-repeats", type=int, default=10)
+    ap.add_argument("--one", metavar="SPEC", help="(internal) run one spec in this process")
+    opts = ap.parse_args()
+
+    if opts.one:
+        C.emit_result(run_spec(opts, opts.one))
+        return
+
+    C.resolve_model(opts.model)  # build the model directory once, before the timed processes
+    forwarded = [
+        f"--{k.replace('_', '-')}={getattr(opts, k)}"
+        for k in ("model", "batch", "seq", "micro_batch", "dtype", "warmup", "steps")
+    ]
+    results = {}
+    for spec in opts.specs:
+        r = C.run_child(["-m", "benchmarks.bench_mfu", *forwarded, "--one", spec], spec)
+        results[spec] = r
+        print(f"[bench_mfu] {spec}: {r}", flush=True)
+    peak = matmul_peak_tflops(opts.peak_size, C.torch_dtype(opts.dtype), opts.peak_repeats)
+
+    first = next(iter(results.values()))
+    lines = [
+        f"model {opts.model} ({first['layers']} layers, hidden {first['hidden']}, vocab "
+        f"{first['vocab']}, N = {first['matmul_weights'] / 1e9:.3f}B matmul weights), "
+        f"{opts.dtype}, {C.device_name()}",
+        f"batch {opts.batch} × {opts.seq} tokens (full rows), micro-batch {opts.micro_batch}, "
+        f"one optimizer step; {first['flops_per_token'] / 1e9:.2f} GFLOP/token "
+        "(6·N + 12·L·q·s, attention not halved for causal)",
+        f"measured matmul peak: {peak:.1f} TFLOP/s ({opts.peak_size}³ {opts.dtype}, best of "
+        f"{opts.peak_repeats})",
+        "",
+    ]
+    rows = []
+    for spec, r in results.items():
+        tflops = r["flops_per_token"] * r["tokens"] / r["step_s"] / 1e12
+        nominal = f"{100 * tflops / C.H100_BF16_DENSE_TFLOPS:.1f} %" if C.on_cuda() else "n/a"
+        rows.append(
+            [
+                spec,
+                f"{r['step_s'] * 1e3:,.1f} ms",
+                f"{r['tokens'] / r['step_s']:,.0f}",
+                f"{tflops:.2f}",
+                f"{100 * tflops / peak:.1f} %",
+                nominal,
+                f"{r['peak_mem_gib']:.1f}",
+            ]
+        )
+    header = ["layer spec", "update step", "tokens/s", "TFLOP/s", "MFU vs measured peak"]
+    header += ["MFU vs 989 nominal", "peak mem GiB"]
+    lines.append(C.markdown_table(header, rows))
+    if "sdpa" in results and "local" in results:
+        speedup = results["local"]["step_s"] / results["sdpa"]["step_s"]
+        lines.append(f"\nsdpa / local speedup (tokens/s): {speedup:.2f}×")
+    C.report("\n".join(lines))
+
+
+if __name__ == "__main__":
+    C.run_main(main)
