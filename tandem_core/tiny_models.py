@@ -48,6 +48,8 @@ TINY_SPECS = {
     "tiny_llama_tied": TinySpec("llama", tie_embeddings=True, vocab=130),
     "tiny_qwen2": TinySpec("qwen2", tie_embeddings=True, vocab=130, rope_theta=1e6),
     "tiny_mistral": TinySpec("mistral", tie_embeddings=False, vocab=130),
+    # 8 heads and 8 KV heads of 32: training and rollout TP up to 8 (the 4- and 8-GPU tests).
+    "tiny_llama_wide": TinySpec("llama", hidden=256, heads=8, kv_heads=8, ffn=512, vocab=130),
 }
 
 

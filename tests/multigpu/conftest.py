@@ -12,9 +12,25 @@ _cpu = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_cpu)
 
 GPUS = torch.cuda.device_count()
-needs_2_gpus = pytest.mark.skipif(GPUS < 2, reason=f"needs 2 CUDA GPUs, found {GPUS}")
+
+
+def needs_gpus(n: int):
+    return pytest.mark.skipif(GPUS < n, reason=f"needs {n} CUDA GPUs, found {GPUS}")
+
+
+needs_2_gpus = needs_gpus(2)
 
 
 @pytest.fixture
 def torchrun():
     return _cpu.run_torchrun
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints():
+    """Build the tiny checkpoints here, before any torchrun: built inside a process group,
+    transformers writes the weights and config.json on global rank 0 only, so a cold cache
+    won by another rank would hold a checkpoint without them."""
+    from tandem_core.tiny_models import ensure_tiny_checkpoint
+
+    return {name: ensure_tiny_checkpoint(name) for name in ("tiny_llama", "tiny_llama_wide")}

@@ -1,12 +1,24 @@
-"""The CUDA path with NCCL on 1-2 GPUs: `make test-multigpu` (skips, saying so, without GPUs).
+"""The CUDA path with NCCL on 2, 4 and 8 GPUs: `make test-multigpu` (skips, saying so, without
+GPUs; each test skips, naming the count it needs, when fewer GPUs are visible).
 
-- megatron TP=2, PP=2 and TP=2+SP in bf16 equal one GPU on the same weights. bf16 tolerances:
-  loss within 1% relative; each gradient's relative error ‖g − g_ref‖ / ‖g_ref‖ below 5%
-  (bf16 has an 8-bit mantissa and the layouts sum partial products in different orders);
-- HybridEngine swaps with CUDA vLLM (rollout TP 1 and 2) for training layouts 1x1 (DP=2), 2x1,
-  1x2: engine log-probs equal the actor's after every sync within 3e-3 (vLLM's attention
-  computes fp32 matmuls in TF32), stale syncs detected, device memory freed by enter measured;
-- a short GRPO run end to end on 2 GPUs.
+- 1 GPU: every test skips (each needs at least 2; the parity tests run their 1-GPU bf16
+  references themselves);
+- 2 GPUs: megatron TP=2, PP=2 and TP=2+SP in bf16 equal one GPU on the same weights;
+  HybridEngine swaps with CUDA vLLM (rollout TP 1 and 2) for training layouts 1x1 (DP=2), 2x1,
+  1x2 (TPxPP) on tiny_llama; a short GRPO run end to end (TP=2 training, rollout TP 1);
+- 4 GPUs: megatron parity for TP=4, TP2×PP2 and TP2×DP2; swaps for training layouts 4x1, 2x2,
+  2x1 (DP=2) and 1x2 (DP=2) with rollout TP 1, 2 and 4 on tiny_llama_wide (8 heads / 8 KV
+  heads); GRPO with TP2×PP2 training and rollout TP 4 on tiny_llama_wide;
+- 8 GPUs: megatron parity for TP=8, TP4×PP2 and TP2×PP2×DP2; swaps for 8x1, 4x2 and 2x2 (DP=2)
+  with rollout TP 2, 4 and 8.
+
+Parity runs tests/cpu/workers/megatron_parity.py: its "gqa" model (4 heads / 2 KV groups) for
+TP ≤ 2, its "wide" one (8 / 8) otherwise; with DP each rank runs a slice of the micro-batches.
+bf16 tolerances: loss within 1% relative; each gradient's relative error ‖g − g_ref‖ / ‖g_ref‖
+below 5% (bf16 has an 8-bit mantissa and the layouts sum partial products in different orders).
+Swaps run tests/cpu/workers/he_check.py: engine log-probs equal the actor's after every sync
+within 3e-3 (vLLM's attention computes fp32 matmuls in TF32), stale syncs detected, device
+memory freed by enter measured.
 """
 
 import math
@@ -17,82 +29,143 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_2_gpus
+from conftest import needs_gpus
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 REPO = Path(__file__).resolve().parents[2]
+HE_TOL = 3e-3
+WIDE = "tiny_llama_wide"  # tandem_core/tiny_models.py: 8 heads and 8 KV heads, TP up to 8
+
+# ---- megatron parity: (world, TP, PP, SP, worker model); DP = world / (TP × PP) ----------------
+PARITY_LAYOUTS = [
+    pytest.param(2, 2, 1, 0, "gqa", id="tp2", marks=needs_gpus(2)),
+    pytest.param(2, 1, 2, 0, "gqa", id="pp2", marks=needs_gpus(2)),
+    pytest.param(2, 2, 1, 1, "gqa", id="tp2_sp", marks=needs_gpus(2)),
+    pytest.param(4, 4, 1, 0, "wide", id="tp4", marks=needs_gpus(4)),
+    pytest.param(4, 2, 2, 0, "wide", id="tp2_pp2", marks=needs_gpus(4)),
+    pytest.param(4, 2, 1, 0, "wide", id="tp2_dp2", marks=needs_gpus(4)),
+    pytest.param(8, 8, 1, 0, "wide", id="tp8", marks=needs_gpus(8)),
+    pytest.param(8, 4, 2, 0, "wide", id="tp4_pp2", marks=needs_gpus(8)),
+    pytest.param(8, 2, 2, 0, "wide", id="tp2_pp2_dp2", marks=needs_gpus(8)),
+]
+
+
+# ---- swaps: (world, rollout TP, training layouts TPxPP, tiny preset or None for the default) --
+def swap_runs(world: int, layouts: str, preset: str | None, rollout_tps: tuple[int, ...]):
+    return [
+        pytest.param(
+            world, rtp, layouts, preset, id=f"{world}gpu-rollout_tp{rtp}", marks=needs_gpus(world)
+        )
+        for rtp in rollout_tps
+    ]
+
+
+HE_RUNS = [
+    *swap_runs(2, "1x1,2x1,1x2", None, (1, 2)),
+    *swap_runs(4, "4x1,2x2,2x1,1x2", WIDE, (1, 2, 4)),
+    *swap_runs(8, "8x1,4x2,2x2", WIDE, (2, 4, 8)),
+]
+
+# ---- GRPO end to end: (world, hydra overrides on top of grpo_command's) -------------------------
+GRPO_RUNS = [
+    pytest.param(2, ["parallel=tp2"], id="2gpu-tp2-rollout_tp1", marks=needs_gpus(2)),
+    pytest.param(
+        4,
+        [
+            f"model={WIDE}",
+            "parallel.tensor_model_parallel_size=2",
+            "parallel.pipeline_model_parallel_size=2",
+            "rollout.tensor_model_parallel_size=4",
+        ],
+        id="4gpu-tp2_pp2-rollout_tp4",
+        marks=needs_gpus(4),
+    ),
+]
 
 
 @pytest.fixture(scope="module")
 def reference_bf16(tmp_path_factory):
+    """reference_bf16(model) -> the worker's 1-GPU bf16 result for that model (run once)."""
     from conftest import _cpu
 
-    out = tmp_path_factory.mktemp("ref") / "ref.pt"
-    _cpu.run_torchrun("megatron_parity.py", 1, str(out), "1", "1", "0", "bfloat16")
-    return torch.load(out)
+    cache = {}
+
+    def get(model: str) -> dict:
+        if model not in cache:
+            out = tmp_path_factory.mktemp("ref") / f"{model}.pt"
+            _cpu.run_torchrun("megatron_parity.py", 1, str(out), "1", "1", "0", "bfloat16", model)
+            cache[model] = torch.load(out)
+        return cache[model]
+
+    return get
 
 
-@needs_2_gpus
-@pytest.mark.parametrize("layout", [(2, 1, 0), (1, 2, 0), (2, 1, 1)], ids=["tp2", "pp2", "tp2_sp"])
-def test_layouts_equal_one_gpu_bf16(layout, reference_bf16, torchrun, tmp_path):
-    tp, pp, sp = layout
+@pytest.mark.parametrize("world,tp,pp,sp,model", PARITY_LAYOUTS)
+def test_layouts_equal_one_gpu_bf16(world, tp, pp, sp, model, reference_bf16, torchrun, tmp_path):
+    ref = reference_bf16(model)
     out = tmp_path / "out.pt"
-    torchrun("megatron_parity.py", 2, str(out), str(tp), str(pp), str(sp), "bfloat16")
+    torchrun("megatron_parity.py", world, str(out), str(tp), str(pp), str(sp), "bfloat16", model)
     got = torch.load(out)
-    assert abs(float(got["loss"]) / float(reference_bf16["loss"]) - 1) < 1e-2
-    for name, ref in reference_bf16["grads"].items():
-        rel = (got["grads"][name] - ref).norm() / ref.norm()
+    assert got["grads"].keys() == ref["grads"].keys()
+    assert abs(float(got["loss"]) / float(ref["loss"]) - 1) < 1e-2
+    for name, ref_grad in ref["grads"].items():
+        rel = (got["grads"][name] - ref_grad).norm() / ref_grad.norm()
         assert rel < 5e-2, (name, float(rel))
 
 
-@needs_2_gpus
-@pytest.mark.parametrize("rollout_tp", [1, 2])
-def test_hybrid_engine_swaps_vllm(rollout_tp, torchrun):
-    result = torchrun(
-        "he_check.py",
-        2,
-        "vllm",
-        str(rollout_tp),
-        "1x1,2x1,1x2",
-        timeout=1200,
-        env={"HE_TOL": "3e-3"},
-    )
+@pytest.mark.parametrize("world,rollout_tp,layouts,preset", HE_RUNS)
+def test_hybrid_engine_swaps_vllm(world, rollout_tp, layouts, preset, torchrun, tiny_checkpoints):
+    args = ["vllm", str(rollout_tp), layouts, *([preset] if preset else [])]
+    timeout = 1200 if world == 2 else 1800
+    result = torchrun("he_check.py", world, *args, timeout=timeout, env={"HE_TOL": str(HE_TOL)})
+    assert set(result) == set(layouts.split(",")), result
     for layout, numbers in result.items():
         assert numbers["cuda_mib_freed_by_enter"] > 0, (layout, numbers)
         for key in ("err_first", "err_after_step", "err_repaired"):
-            assert numbers[key] <= 3e-3, (layout, key, numbers[key])
+            assert numbers[key] <= HE_TOL, (layout, key, numbers[key])
     print(result)
 
 
-@needs_2_gpus
-def test_grpo_end_to_end_two_gpus(tmp_path):
-    from trainer.tracking import read_metrics
-
-    out = tmp_path / "run"
-    cmd = [
+def grpo_command(world: int, output_dir: Path, overrides: list[str]) -> list[str]:
+    """A 3-step bf16 GRPO run with the vLLM rollout on `world` local GPUs, plus `overrides`."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node",
-        "2",
+        str(world),
         "-m",
         "trainer.main",
         "algorithm=grpo",
-        "parallel=tp2",
         "rollout=vllm",
+        *overrides,
         "trainer.total_steps=3",
         "trainer.test_freq=0",
         "trainer.save_freq=0",
         "model.dtype=bfloat16",
-        f"trainer.output_dir={out}",
+        f"trainer.output_dir={output_dir}",
     ]
+
+
+@pytest.mark.parametrize("world,overrides", GRPO_RUNS)
+def test_grpo_end_to_end(world, overrides, tiny_checkpoints, tmp_path):
+    from trainer.tracking import read_metrics
+
+    out = tmp_path / "run"
     env = {
         **os.environ,
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        grpo_command(world, out, overrides),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     metrics = read_metrics(out / "metrics.jsonl")
     assert sorted(metrics) == [1, 2, 3]

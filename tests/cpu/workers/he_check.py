@@ -1,6 +1,8 @@
 """HybridEngine swaps for several training layouts against one rollout backend.
 
 usage: he_check.py BACKEND ROLLOUT_TP LAYOUTS [PRESET]   (LAYOUTS like "1x1,2x1,1x2" = TPxPP)
+PRESET: a tandem_core.tiny_models.TINY_SPECS name, tiny_llama by default (4 heads / 2 KV heads:
+TP ≤ 2); tiny_llama_wide (8 / 8) allows training and rollout TP 4 and 8.
 For each training layout (the world is shared; DP = world / (TP×PP)):
 1. after enter, the engine's greedy samples have log-probs equal to the actor's (≤1e-4);
    inside the block gradients and foreign pipeline stages are released;

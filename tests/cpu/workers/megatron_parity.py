@@ -6,7 +6,13 @@ trains one step's worth of forward/backward through `get_forward_backward_func` 
 with megatron's DDP and grad finalisation (which all-reduces SP norm grads), then gathers the
 full gradients by global name and saves loss + grads for the test to compare across layouts.
 
-usage: megatron_parity.py OUT.pt TP PP SP(0|1) [float32|bfloat16]
+With a world larger than TP×PP the rest is DP: each DP rank runs its own contiguous slice of
+the micro-batches, and megatron's DDP averages the gradients over DP. Each micro-batch's loss
+is divided by the TOTAL number of micro-batches, so loss and gradients equal one rank running
+them all (megatron divides by its local count, DDP by DP: local count × DP = total).
+
+usage: megatron_parity.py OUT.pt TP PP SP(0|1) [float32|bfloat16] [gqa|wide]
+gqa (default): 4 heads / 2 KV groups, TP 1-2; wide: 8 heads / 8 KV groups, TP up to 8.
 On GPUs (NCCL) the same worker runs in bf16 with fp32 grad reduction (tests/multigpu).
 """
 
@@ -36,6 +42,20 @@ ARGS = ModelArgs(
     kv_channels=16,
     max_position_embeddings=64,
 )
+# For TP 4 and 8. The vocab is padded to a multiple of 128×TP, and the padded rows are real
+# (random) logits here, so the vocab is 1024: the same padded size for every TP up to 8.
+WIDE_ARGS = ModelArgs(
+    "llama",
+    num_layers=4,
+    hidden_size=128,
+    num_attention_heads=8,
+    num_query_groups=8,
+    ffn_hidden_size=256,
+    vocab_size=1024,
+    kv_channels=16,
+    max_position_embeddings=64,
+)
+MODELS = {"gqa": ARGS, "wide": WIDE_ARGS}
 MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ = 4, 2, 16
 
 
@@ -83,6 +103,7 @@ def full_shape_of(param) -> list[int]:
 def main():
     out_path, tp, pp, sp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))
     dtype = sys.argv[5] if len(sys.argv) > 5 else "float32"
+    args = MODELS[sys.argv[6] if len(sys.argv) > 6 else "gqa"]
     torch.manual_seed(0)
     D.init_distributed()
     parallel = ParallelConfig(
@@ -98,10 +119,10 @@ def main():
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    config = build_transformer_config(ARGS, parallel, dtype)
+    config = build_transformer_config(args, parallel, dtype)
     config.finalize_model_grads_func = finalize_model_grads
     pre, post = D.pp_rank() == 0, D.pp_rank() == pp - 1
-    model = build_gpt_model(ARGS, config, layer_spec="sdpa", pre_process=pre, post_process=post)
+    model = build_gpt_model(args, config, layer_spec="sdpa", pre_process=pre, post_process=post)
     offset = get_transformer_layer_offset(config)
     for name, p in model.named_parameters():
         set_deterministic(p, global_name(name, offset), full_shape_of(p))
@@ -112,9 +133,13 @@ def main():
 
     gen = torch.Generator().manual_seed(123)
     tokens = torch.randint(
-        0, ARGS.vocab_size, (MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ + 1), generator=gen
+        0, args.vocab_size, (MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ + 1), generator=gen
     ).to(cpu_compat.device())
-    batches = iter([(t[:, :-1], t[:, 1:]) for t in tokens])
+    dp = D.dp_size()
+    assert MICRO_BATCHES % dp == 0, f"DP {dp} does not divide {MICRO_BATCHES} micro-batches"
+    local = MICRO_BATCHES // dp
+    mine = tokens[D.dp_rank() * local : (D.dp_rank() + 1) * local]
+    batches = iter([(t[:, :-1], t[:, 1:]) for t in mine])
 
     def forward_step(data_iterator, model):
         ids, labels = next(data_iterator)
@@ -125,7 +150,7 @@ def main():
             losses = vocab_parallel_cross_entropy(
                 output.transpose(0, 1).contiguous().float(), labels.t().contiguous()
             )
-            loss = losses.mean() / MICRO_BATCHES  # the mean over micro-batches, summed
+            loss = losses.mean() / MICRO_BATCHES  # the mean over all micro-batches, summed
             return loss, {"loss": loss.detach().clone()}  # megatron divides `loss` in place
 
         return logits, loss_func
@@ -136,7 +161,7 @@ def main():
             forward_step_func=forward_step,
             data_iterator=batches,
             model=[ddp],
-            num_microbatches=MICRO_BATCHES,
+            num_microbatches=local,
             seq_length=SEQ,
             micro_batch_size=MICRO_BATCH_SIZE,
             forward_only=False,
@@ -145,6 +170,7 @@ def main():
         sum(float(x["loss"]) for x in losses) if losses else 0.0, device=cpu_compat.device()
     )
     dist.all_reduce(loss, group=D.pp_group())  # only the last stage has it
+    dist.all_reduce(loss, group=D.dp_group())  # each DP rank its slice's share
 
     # Full gradients by global name: all-gather TP shards, then collect stages on every rank.
     grads = {}
