@@ -1,14 +1,17 @@
 """Rollout throughput of every registered backend, and of bare vLLM, side by side:
 
-    python -m benchmarks.bench_rollout [--models qwen2_0p5b] [--backends vllm vllm-bare]
-        [--prompts 256] [--response-length 256] [--stop-at-eos]
+    python -m benchmarks.bench_rollout [--models qwen2_0p5b]
+        [--backends vllm vllm-bare vllm-bare-seeded] [--prompts 256] [--response-length 256]
+        [--stop-at-eos]
 
 Each (model, backend) runs in its own process (a world of one), so engines never share a
 process's distributed state or memory. For each model, every backend generates from the same
 chat prompts ("What is a + b?", tokenised once) with the same sampling (temperature 1, n 1,
 no top-k/top-p); the table reports generated tokens (response-mask tokens for ours, output
 token ids for bare vLLM) per second of wall time of one `generate` call: best of `--repeats`
-after one warm-up call on 2 prompts, the device synchronised around each.
+after one warm-up call on 2 prompts, the device synchronised around each. "engine start" is
+the engine's construction; the first engine on a fresh machine also pays one-off kernel
+caches (seen: 80 s instead of 6-12 s on an H200), so compare starts only within one run.
 
 `vllm-bare` is `vllm.LLM` + `LLM.generate` called directly, with the engine arguments that
 rollout/vllm_rollout.py passes (skip_tokenizer_init, external_launcher in the same torch.
@@ -16,16 +19,19 @@ distributed world of one, enforce_eager, no prefix caching, raw_logprobs, seed, 
 sleep mode and gpu_memory_utilization through vllm_compat) and the same SamplingParams except
 our per-prompt seeds; its prompts are token lists built before the clock starts. So the
 `vllm / vllm-bare` ratio is the cost of our wrapper: prompt checks and assembly, per-prompt
-seeds, reading the log-probs and building the output batch.
+seeds, reading the log-probs and building the output batch. `vllm-bare-seeded` is bare vLLM
+with one SamplingParams per prompt carrying the seed ours would give it: the part of that
+cost that is vLLM sampling seeded requests (one generator each) rather than our Python.
 
 By default every response runs to `--response-length` tokens (EOS ignored: our backend gets
 `eos_token_id=[]` in its per-call sampling overrides, bare vLLM `ignore_eos=True` and no stop
-ids), so both sides generate the same number of tokens; `--stop-at-eos` stops both on the
+ids), so all sides generate the same number of tokens; `--stop-at-eos` stops them on the
 checkpoint's EOS ids instead (the counts then differ; each side's actual count is reported).
 
-Defaults: on CUDA the Qwen2.5-0.5B shape with random (dummy) weights in bf16, backends vllm and
-vllm-bare, 256 prompts × 256 new tokens; on CPU tiny_llama and SmolLM2-135M in fp32, every
-registered backend plus vllm-bare, 64 prompts × 64 new tokens.
+Defaults: on CUDA the Qwen2.5-0.5B shape with random (dummy) weights in bf16, backends vllm,
+vllm-bare and vllm-bare-seeded, 256 prompts × 256 new tokens, best of 2; on CPU tiny_llama
+and SmolLM2-135M in fp32, every registered backend plus both bare variants, 64 prompts × 64
+new tokens, one timed call.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import random
 from benchmarks import _common as C
 
 BARE = "vllm-bare"
+BARE_SEEDED = "vllm-bare-seeded"
+BARE_KINDS = (BARE, BARE_SEEDED)
 
 
 def _prompt_batch(model_path, count: int, seed: int = 0):
@@ -95,8 +103,9 @@ def bench_ours(backend: str, src: C.ModelSource, prompts, opts) -> dict:
     return {"start_s": start_s, "gen_s": gen_s, "tokens": tokens}
 
 
-def bench_bare(src: C.ModelSource, prompts, opts) -> dict:
-    """vllm.LLM + LLM.generate with the engine arguments of rollout/vllm_rollout.py."""
+def bench_bare(src: C.ModelSource, prompts, opts, seeded: bool) -> dict:
+    """vllm.LLM + LLM.generate with the engine arguments of rollout/vllm_rollout.py; `seeded`:
+    one SamplingParams per prompt with its own seed, as our backend passes them."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from rollout import vllm_compat
     from rollout.assemble import prompt_token_lists
@@ -133,7 +142,7 @@ def bench_bare(src: C.ModelSource, prompts, opts) -> dict:
             prompts, max_model_len=opts.max_model_len, response_length=opts.response_length
         )
     ]
-    params = SamplingParams(
+    common = dict(
         n=1,
         temperature=1.0,
         max_tokens=opts.response_length,
@@ -142,7 +151,11 @@ def bench_bare(src: C.ModelSource, prompts, opts) -> dict:
         logprobs=0,
         detokenize=False,
     )
-    llm.generate(requests[:2], params, use_tqdm=False)
+    # Seeds as ours gives them for sampling seed 1 and n 1: prompt i gets 1 + i.
+    params = [SamplingParams(**common, seed=1 + i) for i in range(len(requests))]
+    if not seeded:
+        params = SamplingParams(**common)
+    llm.generate(requests[:2], params[:2] if seeded else params, use_tqdm=False)
     outs = []
     gen_s = C.best_of(
         lambda: outs.append(llm.generate(requests, params, use_tqdm=False)), opts.repeats
@@ -161,8 +174,9 @@ def main() -> None:
     ap.add_argument(
         "--backends",
         nargs="+",
-        default=C.pick([*sorted(registered_rollouts()), BARE], ["vllm", BARE]),
-        help=f"registered backends ({', '.join(sorted(registered_rollouts()))}) and {BARE}",
+        default=C.pick([*sorted(registered_rollouts()), *BARE_KINDS], ["vllm", *BARE_KINDS]),
+        help=f"registered backends ({', '.join(sorted(registered_rollouts()))}), "
+        f"{BARE} and {BARE_SEEDED}",
     )
     ap.add_argument("--prompts", type=int, default=C.pick(64, 256))
     ap.add_argument("--response-length", type=int, default=C.pick(64, 256))
@@ -178,16 +192,17 @@ def main() -> None:
         model, backend = opts.one
         src = C.resolve_model(model)
         prompts = _prompt_batch(src.hf_dir, opts.prompts)
-        if backend == BARE:
-            r = bench_bare(src, prompts, opts)
+        if backend in BARE_KINDS:
+            r = bench_bare(src, prompts, opts, seeded=backend == BARE_SEEDED)
         else:
             r = bench_ours(backend, src, prompts, opts)
         C.emit_result({**r, "tok_per_s": r["tokens"] / r["gen_s"]})
         return
 
-    unknown = set(opts.backends) - set(registered_rollouts()) - {BARE}
+    known = [*sorted(registered_rollouts()), *BARE_KINDS]
+    unknown = set(opts.backends) - set(known)
     if unknown:
-        raise SystemExit(f"unknown backends {sorted(unknown)}; known: vllm, hf, {BARE}")
+        raise SystemExit(f"unknown backends {sorted(unknown)}; known: {', '.join(known)}")
     for model in opts.models:
         C.resolve_model(model)  # build once, before the timed processes
     forwarded = [
@@ -219,7 +234,7 @@ def main() -> None:
     rows = []
     for (model, backend), r in results.items():
         vs = ""
-        if backend == "vllm" and (model, BARE) in results:
+        if backend != BARE and (model, BARE) in results:
             vs = f"{r['tok_per_s'] / results[model, BARE]['tok_per_s']:.3f}×"
         rows.append(
             [
@@ -235,12 +250,18 @@ def main() -> None:
     header = ["model", "backend", "engine start", "generate", "tokens", "tokens/s", "vs bare"]
     lines += [C.markdown_table(header, rows), ""]
     for model in opts.models:
-        if (model, "vllm") in results and (model, BARE) in results:
-            ours, bare = results[model, "vllm"], results[model, BARE]
-            line = f"{model}: our vLLM backend / bare vLLM tokens/s = "
-            line += f"{ours['tok_per_s'] / bare['tok_per_s']:.3f}"
-            if ours["tokens"] == bare["tokens"]:
-                line += f" (our wrapper: {1e3 * (ours['gen_s'] - bare['gen_s']):+,.1f} ms a call)"
+        for name, other in (
+            ("our vLLM backend", "vllm"),
+            ("bare vLLM with our seeds", BARE_SEEDED),
+        ):
+            if (model, other) not in results or (model, BARE) not in results:
+                continue
+            r, bare = results[model, other], results[model, BARE]
+            line = (
+                f"{model}: {name} / bare vLLM tokens/s = {r['tok_per_s'] / bare['tok_per_s']:.3f}"
+            )
+            if r["tokens"] == bare["tokens"]:
+                line += f" ({1e3 * (r['gen_s'] - bare['gen_s']):+,.1f} ms a call)"
             lines.append(line)
     C.report("\n".join(lines))
 
