@@ -191,11 +191,25 @@ def ensure_shape_dir(preset: str, cache_dir: str | os.PathLike | None = None) ->
 def _ensure(name: str, build, cache_dir, suffix: str = "") -> Path:
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     out = root / f"{name}{suffix}"
-    if (out / "config.json").exists():
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # Inside a process group transformers writes checkpoint files on global rank 0 only:
+        # rank 0 builds, the others wait for it (every rank reaches the barrier, built or not).
+        if dist.get_rank() == 0:
+            _build_locked(name, build, root, out)
+        dist.barrier()
         return out
+    return _build_locked(name, build, root, out)
+
+
+def _build_locked(name: str, build, root: Path, out: Path) -> Path:
+    """Build under a file lock (several processes without a process group may race)."""
     root.mkdir(parents=True, exist_ok=True)
     import fcntl
 
+    if (out / "config.json").exists():
+        return out
     with open(root / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "config.json").exists():
