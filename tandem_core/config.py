@@ -283,6 +283,8 @@ class TrainerConfig:
     """Greedy validation every N steps; 0 = never."""
     hf_export_freq: int = 0
     """Export the actor as an HF directory every N steps; 0 = only at the end."""
+    save_at_end: bool = True
+    """Checkpoint and export after the last step (false for benchmark runs of big shapes)."""
     resume: bool = True
     """Resume from the latest complete checkpoint in output_dir."""
     seed: int = 42

@@ -239,7 +239,7 @@ def fit(cfg: TandemConfig, run_dir: Path) -> dict:
             history.append(metrics)
             last = step == t.total_steps
             stop = parts.signals.agreed()
-            if last or stop or (t.save_freq and step % t.save_freq == 0):
+            if (last and t.save_at_end) or stop or (t.save_freq and step % t.save_freq == 0):
                 save()
             if t.hf_export_freq and step % t.hf_export_freq == 0 and not last:
                 parts.export_hf(step)
@@ -251,7 +251,7 @@ def fit(cfg: TandemConfig, run_dir: Path) -> dict:
                         flush=True,
                     )
                 return {"history": history, "stopped": True}
-        if trainer.step_no == cfg.trainer.total_steps:
+        if trainer.step_no == cfg.trainer.total_steps and cfg.trainer.save_at_end:
             parts.export_hf(trainer.step_no)
         if rank0 and len(history) > 1:
             first, last = history[0], history[-1]
