@@ -14,14 +14,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 from tandem_core.protocol import Batch
 
 
 class BaseShardingManager(ABC):
     last_sync_s: float = 0.0
-    """Seconds the last `__enter__` spent pushing weights into the engine (the trainer logs it
-    as timing_s/sync)."""
+    """Seconds the last `__enter__` spent pushing weights into the engine."""
+
+    @staticmethod
+    def phase_timer(name: str) -> AbstractContextManager:
+        """`with self.phase_timer(name):` wraps the sub-steps of `__enter__` (swap_gather,
+        sync); the trainer replaces it with its own timer (wall time and peak GPU memory)."""
+        return nullcontext()
 
     @abstractmethod
     def __enter__(self) -> BaseShardingManager: ...

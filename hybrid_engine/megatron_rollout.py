@@ -3,11 +3,14 @@
 enter, in this order (STYLE habit 2, slime's ordering):
   1. AllGatherPPModel gathers every pipeline stage, so each rank holds the whole model (its
      training-TP shard);
-  2. gradient buffers are freed; optimizer states go to host memory when configured;
+  2. gradient buffers are freed; optimizer states go to host memory when configured; torch's
+     allocator returns its cached blocks (training activations, the freed grads) to the device,
+     else the engine's wake-up could not use that memory;
   3. the engine wakes its weights (not yet its KV cache), and the weights are streamed in:
      HF-named full tensors, gathered over training TP one tensor (or bucket) at a time and
      re-sliced by the engine for its own TP, so no rank ever holds a second full model;
-  4. foreign stages are released right after the push (the engine has its own copy);
+  4. foreign stages are released right after the push (the engine has its own copy), and their
+     memory returned to the device before the KV cache is allocated;
   5. the engine wakes its KV cache; the generation RNG state is switched in.
 exit: the engine sleeps; the training RNG state returns; optimizer states and gradient buffers
 come back. An exception inside `enter` rolls back what was done; `exit` always runs fully.
@@ -27,7 +30,12 @@ import torch.distributed as dist
 
 from hybrid_engine.allgather_pp import AllGatherPPModel
 from hybrid_engine.base import BaseShardingManager, register_sharding_manager
-from hybrid_engine.memory import OptimizerOffload, release_grad_buffers, restore_grad_buffers
+from hybrid_engine.memory import (
+    OptimizerOffload,
+    release_grad_buffers,
+    restore_grad_buffers,
+    return_cached_memory,
+)
 from tandem_core import distributed as D
 from tandem_core.protocol import Batch
 from weight_loaders import stream_hf_weights
@@ -61,7 +69,8 @@ class MegatronRolloutShardingManager(BaseShardingManager):
     def __enter__(self):
         undo = []
         try:
-            self.allgather.gather()
+            with self.phase_timer("swap_gather"):
+                self.allgather.gather()
             undo.append(self.allgather.release)
             if self.trained:
                 release_grad_buffers(self.worker.chunks)
@@ -69,14 +78,17 @@ class MegatronRolloutShardingManager(BaseShardingManager):
             if self.optimizer_offload is not None:
                 self.optimizer_offload.offload()
                 undo.append(self.optimizer_offload.reload)
+            return_cached_memory()
             self.wake_weights()
             undo.append(lambda: self.rollout.sleep(level=self.sleep_level))
-            start = time.perf_counter()
-            self.rollout.load_weights(self.hf_weights())
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # the copies have landed: time the whole push
-            self.last_sync_s = time.perf_counter() - start
+            with self.phase_timer("sync"):
+                start = time.perf_counter()
+                self.rollout.load_weights(self.hf_weights())
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # the copies have landed: time the whole push
+                self.last_sync_s = time.perf_counter() - start
             self.allgather.release()
+            return_cached_memory()
             self.wake_cache()
             self._train_rng = _get_rng_state()
             _set_rng_state(self._gen_rng)

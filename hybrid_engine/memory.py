@@ -23,6 +23,15 @@ def restore_grad_buffers(ddp_chunks) -> None:
             buf.reload_from_cpu(move_params=False, move_grads=True)
 
 
+def return_cached_memory() -> None:
+    """Give torch's cached, unused device blocks back to the driver. Freed tensors stay reserved
+    by the caching allocator, invisible to the engine, which allocates through its own pool:
+    measured on an H200, a GRPO step of a 0.5B model left ~13 GiB of training activations
+    cached while vLLM's KV cache was allocated beside it."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def grad_buffer_bytes(ddp_chunks) -> int:
     return sum(b.grad_data.untyped_storage().size() for c in ddp_chunks for b in c.buffers)
 

@@ -660,7 +660,7 @@ def plan_or_raise(
 
 MEASURED_PHASES = {
     "training": ("old_log_prob", "ref", "values", "update_critic", "update_actor"),
-    "swap": ("swap_enter",),
+    "swap": ("swap_gather",),
     "generation": ("generate",),
 }
 """Which of the trainer's timed phases (`memory/peak_gib/<name>` in metrics.jsonl) each planned

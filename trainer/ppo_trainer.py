@@ -46,6 +46,7 @@ class RLTrainer:
         self.step_no = 0
         self.timing: dict[str, float] = {}
         self.memory = DevicePeakMemory()
+        parts.sharding_manager.phase_timer = self.timer  # swap_gather, sync inside swap_enter
 
     @contextmanager
     def timer(self, name: str):
@@ -60,7 +61,6 @@ class RLTrainer:
         manager = self.p.sharding_manager
         with self.timer("swap_enter"):
             manager.__enter__()
-        self.timing["timing_s/sync"] = self.timing.get("timing_s/sync", 0.0) + manager.last_sync_s
         try:
             yield manager
         finally:
