@@ -64,11 +64,15 @@ class MegatronRolloutShardingManager(BaseShardingManager):
         self._train_rng = None
         self.weight_filter = None  # tests hook a filter in to simulate a partial sync
         self._pad = 0
+        # Outside the block the engine sleeps, from the start: training's first step gets the
+        # memory vLLM took at start-up, and the first enter is like every later one.
+        self.rollout.sleep(level=self.sleep_level)
 
     # ---- the swap -------------------------------------------------------------------------
     def __enter__(self):
         undo = []
         try:
+            return_cached_memory()  # training's activations, cached: not a swap cost
             with self.phase_timer("swap_gather"):
                 self.allgather.gather()
             undo.append(self.allgather.release)

@@ -372,9 +372,10 @@ def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
         vocab = m.padded_vocab_size(lay.tp) // lay.tp
         terms.append(
             _t(
-                "logits of one micro-batch",
-                tokens * vocab * (lay.dtype_bytes + 8),
-                f"{tokens} tokens × vocab/TP {vocab} × ({lay.dtype_bytes} B + fp32 copy + fp32 softmax)",
+                "logits of one micro-batch and their grad",
+                tokens * vocab * 2 * lay.dtype_bytes,
+                f"{tokens} tokens × vocab/TP {vocab} × 2 × {lay.dtype_bytes} B (the fp32 softmax"
+                " math runs fused, chunk by chunk: trainer/logprobs.py)",
             )
         )
     if lay.critic:
