@@ -27,6 +27,14 @@ def test_swaps_tied_embeddings_vllm(torchrun):
     assert all(err <= TOL for err in result["2x1"].values()), result
 
 
+def test_swaps_interleaved_vpp(torchrun):
+    """PP 2 with two VPP chunks per rank (megatron puts layers 0 and 2 on rank 0, 1 and 3 on
+    rank 1): AllGatherPPModel gathers several chunks per stage and the stream names their
+    layers globally, so the engine still equals the actor."""
+    result = torchrun("he_check.py", 2, "hf", "1", "1x2v2", timeout=900)
+    assert all(err <= TOL for err in result["1x2v2"].values()), result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rollout_tp", [1, 2])
 def test_swaps_tp2_pp2_four_ranks(rollout_tp, torchrun):

@@ -1,6 +1,7 @@
 """HybridEngine swaps for several training layouts against one rollout backend.
 
-usage: he_check.py BACKEND ROLLOUT_TP LAYOUTS [PRESET]   (LAYOUTS like "1x1,2x1,1x2" = TPxPP)
+usage: he_check.py BACKEND ROLLOUT_TP LAYOUTS [PRESET]   (LAYOUTS like "1x1,2x1,1x2" = TPxPP,
+"1x2v2" = TP 1, PP 2 with two interleaved VPP chunks per rank)
 PRESET: a tandem_core.tiny_models.TINY_SPECS name, tiny_llama by default (4 heads / 2 KV heads:
 TP ≤ 2); tiny_llama_wide (8 / 8) allows training and rollout TP 4 and 8.
 For each training layout (the world is shared; DP = world / (TP×PP)):
@@ -88,8 +89,12 @@ def train_batch(actor, out) -> Batch:
     return b
 
 
-def check_layout(tp, pp, rollout, backend, hf_dir, args, tokenizer) -> dict:
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+def check_layout(tp, pp, vpp, rollout, backend, hf_dir, args, tokenizer) -> dict:
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
     D.init_model_parallel(parallel)
     optim = OptimConfig(lr=5e-3, eps=1e-4)
     worker = build_model_worker(args, hf_dir, parallel, optim=optim)
@@ -155,8 +160,10 @@ def main():
     tokenizer = build_char_tokenizer()
     results = {}
     for layout in layouts:
-        tp, pp = (int(x) for x in layout.split("x"))
-        results[layout] = check_layout(tp, pp, rollout, backend, hf_dir, args, tokenizer)
+        tp_pp, _, vpp = layout.partition("v")  # "1x2v2": TP 1, PP 2, two VPP chunks per rank
+        tp, pp = (int(x) for x in tp_pp.split("x"))
+        vpp = int(vpp) if vpp else None
+        results[layout] = check_layout(tp, pp, vpp, rollout, backend, hf_dir, args, tokenizer)
     write_result(results)
 
 
