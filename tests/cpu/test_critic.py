@@ -46,6 +46,13 @@ def test_critic_reference_and_batching(layout, torchrun, tiny_ckpt):
     _check_numbers(res, checks)
 
 
+def test_critic_and_reference_interleaved_vpp(torchrun, tiny_ckpt):
+    """PP 2 × 2 VPP chunks: the value head sits on the last chunk of the last stage."""
+    tiny_ckpt("tiny_llama")
+    res = torchrun("critic_check.py", 2, "tiny_llama", "1", "2", "0", "critic,ref", "2")
+    _check_numbers(res, "critic,ref")
+
+
 def test_critic_tp2_sequence_parallel(torchrun, tiny_ckpt):
     tiny_ckpt("tiny_llama")
     res = torchrun("critic_check.py", 2, "tiny_llama", "2", "1", "1", "critic")

@@ -1,7 +1,7 @@
 """Critic, reference offload and the actor's dynamic batching / bad-input handling, on
 megatron-core vs plain transformers/PyTorch, for one parallel layout (one launch, many checks).
 
-usage: critic_check.py ARCH TP PP SP(0|1) CHECKS      CHECKS: comma list of
+usage: critic_check.py ARCH TP PP SP(0|1) CHECKS [VPP]   CHECKS: comma list of
   critic   compute_values equals HF backbone + linear head to 1e-5; one critic update (two
            mini-batches, clipped value loss) gives the parameters of plain PyTorch (AdamW,
            clipping) to 1e-5 and reports the same vf_loss;
@@ -331,9 +331,13 @@ def check_bad_input(args, hf_dir, parallel, data, want_lp) -> dict:
 def main():
     arch, tp, pp, sp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))
     checks = sys.argv[5].split(",")
+    vpp = int(sys.argv[6]) if len(sys.argv) > 6 else None  # interleaved chunks per PP rank
     D.init_distributed()
     parallel = ParallelConfig(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sp,
+        virtual_pipeline_model_parallel_size=vpp,
     )
     D.init_model_parallel(parallel)
     from transformers import AutoModelForCausalLM
