@@ -25,7 +25,7 @@ import torch
 from trainer import checkpoint as C
 
 REPO = Path(__file__).resolve().parents[2]
-LAYOUTS = ("tp2", "pp2", "dp2", "dp2_plain")
+LAYOUTS = ("tp2", "pp2", "pp2_vpp2", "dp2", "dp2_plain")
 
 
 @pytest.fixture(scope="module")

@@ -130,10 +130,13 @@ def diff(a: dict, b: dict) -> list[str]:
     return [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def run_layout(name: str, tp: int, pp: int, dist_opt: bool, out_dir: Path) -> dict:
+def run_layout(
+    name: str, out_dir: Path, tp: int, pp: int, dist_opt: bool, vpp: int | None = None
+) -> dict:
     parallel = ParallelConfig(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
         use_distributed_optimizer=dist_opt,
     )
     D.init_model_parallel(parallel)
@@ -195,9 +198,10 @@ def run_layout(name: str, tp: int, pp: int, dist_opt: bool, out_dir: Path) -> di
 
 
 # name: (TP, PP, distributed optimizer); DP is whatever the world size leaves.
-LAYOUTS = {
+LAYOUTS = {  # name: (TP, PP, distributed optimizer[, VPP chunks per rank])
     "tp2": (2, 1, True),
     "pp2": (1, 2, True),
+    "pp2_vpp2": (1, 2, True, 2),
     "dp2": (1, 1, True),
     "dp2_plain": (1, 1, False),
     "tp2pp2": (2, 2, True),
@@ -207,7 +211,7 @@ LAYOUTS = {
 def main():
     out_dir = Path(sys.argv[1])
     D.init_distributed()
-    results = {name: run_layout(name, *LAYOUTS[name], out_dir) for name in sys.argv[2:]}
+    results = {name: run_layout(name, out_dir, *LAYOUTS[name]) for name in sys.argv[2:]}
 
     stop = C.install_signal_handlers()
     assert not stop.agreed()
