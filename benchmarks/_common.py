@@ -125,7 +125,7 @@ class ModelSource:
 
 
 def model_names() -> list[str]:
-    from tandem_core.config import SHAPE_PRESETS
+    from tandem_core.model_shapes import SHAPE_PRESETS
     from tandem_core.tiny_models import TINY_SPECS
 
     return [*TINY_SPECS, *SMOLLM2_NAMES, *(p for p in SHAPE_PRESETS if p not in SMOLLM2_NAMES)]
@@ -134,7 +134,7 @@ def model_names() -> list[str]:
 def resolve_model(name: str) -> ModelSource:
     """tiny presets and SmolLM2-135M: real local checkpoints; the other shape presets
     (qwen2_0p5b, llama3_1b, llama2_7b, ...): a weightless directory, random weights."""
-    from tandem_core.config import SHAPE_PRESETS
+    from tandem_core.model_shapes import SHAPE_PRESETS
     from tandem_core.tiny_models import TINY_SPECS, ensure_shape_dir, ensure_tiny_checkpoint
 
     if name in SMOLLM2_NAMES:

@@ -24,7 +24,7 @@ def resolve_model_dir(cfg: TandemConfig) -> Path:
     check_model_source(cfg)
     if cfg.model.path:
         return Path(cfg.model.path)
-    from tandem_core.config import SHAPE_PRESETS
+    from tandem_core.model_shapes import SHAPE_PRESETS
 
     preset = cfg.model.preset
     if preset == "smollm2_135m" and not cfg.model.random_init:
@@ -39,7 +39,8 @@ def resolve_model_dir(cfg: TandemConfig) -> Path:
 def check_model_source(cfg: TandemConfig) -> None:
     """ConfigError naming the key when the weights cannot come from anywhere (checked before
     any process group or device memory exists)."""
-    from tandem_core.config import SHAPE_PRESETS, ConfigError
+    from tandem_core.config import ConfigError
+    from tandem_core.model_shapes import SHAPE_PRESETS
     from tandem_core.tiny_models import TINY_SPECS
 
     m = cfg.model

@@ -23,6 +23,11 @@ actor.offload_optimizer; the engine sleeps during training (sleep mode frees its
 Units: GiB (2**30 bytes), as torch.cuda reports total memory: an "80 GB" H100 has 79.1 GiB.
 All terms are estimates from shapes; small terms (norm statistics, RoPE tables, the softmax
 log-sum-exp) are left out and covered by the reserve.
+
+Where the parts live: trainer/plan_model.py holds the plan's data (Term, Phase, MemoryPlan,
+Layout), the exact parameter counts and the terms the phases share; trainer/plan_generation.py
+the generation phase, one memory model per rollout backend (GENERATION_MODELS); this module
+the activations, the training and swap phases, the entry points and the CLI.
 """
 
 from __future__ import annotations
@@ -31,189 +36,36 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
-from tandem_core.config import (
-    ConfigError,
-    RolloutConfig,
-    TandemConfig,
-    load_config,
-    read_model_args,
-    uses_critic,
-    validate_config,
-)
+from tandem_core.config import ConfigError, TandemConfig, load_config
+from tandem_core.config_rules import validate_config
+from tandem_core.model_shapes import read_model_args
 from tandem_core.models import ModelArgs
+from trainer.plan_generation import GENERATION_MODELS, generic_generation
+from trainer.plan_model import (
+    GIB,
+    Layout,
+    MemoryPlan,
+    Phase,
+    _all_stage_weights,
+    _count,
+    _gpu,
+    _layout,
+    _model_state_terms,
+    _reference,
+    _reserve,
+    _t,
+    stage_params,
+    total_params,
+)
 
-GIB = 2**30
 H100_80GB_GIB = 79.1
 """What torch.cuda reports for an 80 GB H100: the CLI's assumption when no GPU is visible."""
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-GRAD_BYTES = 4
-"""megatron's DDP accumulates grads in an fp32 `main_grad` buffer (grad_reduce_in_fp32)."""
-ADAM_BYTES = 8
-"""Adam's exp_avg and exp_avg_sq, fp32 each."""
-MASTER_BYTES = 4
-"""fp32 master copy of each bf16 parameter, kept by megatron's mixed-precision optimizer."""
-RESERVE_FIXED_GIB = 2.0
-"""CUDA context (~0.5 GiB), NCCL communicators and cuBLAS workspaces."""
-RESERVE_FRACTION = 0.05
-"""Allocator fragmentation, as a share of the phase's own tensors."""
-
-VLLM_MAX_BATCHED_TOKENS = 16384
-"""vLLM's default token budget of one engine step for the offline LLM class on big GPUs."""
-VLLM_MAX_NUM_SEQS = 1024
-"""vLLM's default cap on sequences per engine step (offline LLM class)."""
-VLLM_VOCAB_PAD = 64
-"""vLLM pads its vocab-parallel embedding and LM head to this multiple."""
-CUDA_GRAPH_GIB = 1.0
-"""Memory pool of captured CUDA graphs when rollout.enforce_eager is false."""
 
 
 class PlanError(ConfigError):
     """A layout that does not fit the GPU; the message names the phase and its numbers."""
-
-
-# ---- the plan's data -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Term:
-    name: str
-    """What the memory holds."""
-    gib: float
-    """Its size on one GPU."""
-    formula: str = ""
-    """How it was counted (shown in the table)."""
-    counted: bool = True
-    """False: a detail of another term (shown indented, not added to the total)."""
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    """training | swap | generation."""
-    where: str
-    """Which rank the numbers are for (the one that needs most)."""
-    terms: tuple[Term, ...]
-    problems: tuple[str, ...] = ()
-    """Refusals that are not a plain over-the-GPU total (e.g. vLLM's own start-up checks)."""
-    notes: tuple[str, ...] = ()
-
-    @property
-    def total_gib(self) -> float:
-        return sum(t.gib for t in self.terms if t.counted)
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    header: str
-    phases: tuple[Phase, ...]
-    gpu_memory_gib: float | None
-    """None: no GPU to compare with (CPU runs): the plan is informative only."""
-    notes: tuple[str, ...] = field(default=())
-
-    def failures(self) -> list[str]:
-        """One line per phase that does not fit: '<phase> phase: ...' with its numbers."""
-        lines = []
-        for phase in self.phases:
-            lines += [f"{phase.name} phase: {p}" for p in phase.problems]
-            gpu = self.gpu_memory_gib
-            if gpu is not None and phase.total_gib > gpu:
-                top = sorted((t for t in phase.terms if t.counted), key=lambda t: -t.gib)[:4]
-                parts = ", ".join(f"{t.name} {t.gib:.1f}" for t in top)
-                lines.append(
-                    f"{phase.name} phase: needs {phase.total_gib:.1f} GiB per GPU > {gpu:.1f} GiB"
-                    f" ({phase.where}; largest: {parts}); {HINTS[phase.name]}"
-                )
-        return lines
-
-    def table(self) -> str:
-        gpu = self.gpu_memory_gib
-        out = [self.header, f"{'phase / term':<54}{'GiB':>8}   formula"]
-        for phase in self.phases:
-            out.append(f"{phase.name} ({phase.where})")
-            for t in phase.terms:
-                label = ("  " if t.counted else "    · ") + t.name
-                out.append(f"{label:<54}{t.gib:>8.2f}   {t.formula}")
-            verdict = (
-                "no GPU to compare"
-                if gpu is None
-                else ("fits" if phase.total_gib <= gpu and not phase.problems else "DOES NOT FIT")
-            )
-            out.append(f"{'  total':<54}{phase.total_gib:>8.2f}   of {_gpu(gpu)}: {verdict}")
-            out += [f"  ! {p}" for p in phase.problems] + [f"  note: {n}" for n in phase.notes]
-        out += [f"note: {n}" for n in self.notes]
-        return "\n".join(out)
-
-
-HINTS = {
-    "training": "more pipeline stages or TP, parallel.use_distributed_optimizer=true over more"
-    " data-parallel ranks, or a smaller actor.micro_batch_size / max_tokens_per_microbatch",
-    "swap": "every rank gathers all PP stages of its TP shard while its grads and optimizer"
-    " states are still there: raise parallel.tensor_model_parallel_size (fewer, larger TP"
-    " shards) or spread the optimizer over more data-parallel ranks",
-    "generation": "raise rollout.tensor_model_parallel_size or training TP, or lower"
-    " rollout.gpu_memory_utilization (a smaller KV cache)",
-}
-
-
-def _gpu(gpu: float | None) -> str:
-    return "?" if gpu is None else f"{gpu:.1f}"
-
-
-# ---- parameter counts (exact, from the shapes) -----------------------------------------------
-def layer_params(m: ModelArgs, tp: int) -> int:
-    """One decoder layer on one TP rank (megatron's layout).
-
-    linear_qkv h×(a+2g)d/tp (+ its bias), linear_proj a·d×h/tp, linear_fc1 h×2f/tp (gate;up),
-    linear_fc2 f×h/tp, two RMSNorm weights h (replicated).
-    """
-    h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
-    qkv_width = (m.num_attention_heads + 2 * m.num_query_groups) * d
-    qkv = h * qkv_width + (qkv_width if m.qkv_bias else 0)
-    return (qkv + m.num_attention_heads * d * h + 3 * h * f) // tp + 2 * h
-
-
-def stage_params(m: ModelArgs, tp: int, pp: int, stage: int, value_head: bool = False) -> int:
-    """Parameters of one training rank: its PP stage's layers at TP, plus the embedding on the
-    first stage and final norm + output layer on the last (vocab padded to 128·TP). Tied
-    embeddings with PP > 1 keep a second copy on the last stage (megatron's convention); a
-    critic has a value head (h) instead of the output layer."""
-    h, vocab = m.hidden_size, m.padded_vocab_size(tp)
-    n = m.num_layers // pp * layer_params(m, tp)
-    if stage == 0:
-        n += vocab * h // tp
-    if stage == pp - 1:
-        n += h
-        if value_head:
-            n += h
-        elif not m.tie_word_embeddings or pp > 1:
-            n += vocab * h // tp
-    return n
-
-
-def total_params(m: ModelArgs) -> int:
-    """The model's parameter count (unpadded vocab, one embedding when tied)."""
-    embed = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
-    return m.num_layers * layer_params(m, 1) + embed + m.hidden_size
-
-
-def engine_kv_heads(m: ModelArgs, rollout_tp: int) -> int:
-    """KV heads per engine rank: vLLM splits them when there are enough, else replicates."""
-    return max(m.num_query_groups // rollout_tp, 1)
-
-
-def engine_params(m: ModelArgs, rollout_tp: int) -> int:
-    """Parameters of one vLLM rank at rollout TP (q, o, MLP and vocab split; KV heads split or
-    replicated; norms replicated)."""
-    h, f, d, a = m.hidden_size, m.ffn_hidden_size, m.kv_channels, m.num_attention_heads
-    q_width = a * d // rollout_tp
-    kv_width = 2 * engine_kv_heads(m, rollout_tp) * d
-    layer = h * (q_width + kv_width) + (q_width + kv_width if m.qkv_bias else 0)
-    layer += q_width * h + 3 * h * f // rollout_tp + 2 * h
-    vocab = math.ceil(m.vocab_size / VLLM_VOCAB_PAD) * VLLM_VOCAB_PAD // rollout_tp
-    heads = 1 if m.tie_word_embeddings else 2
-    return m.num_layers * layer + heads * vocab * h + h
 
 
 # ---- activations -----------------------------------------------------------------------------
@@ -256,98 +108,7 @@ def layer_microbatches_in_flight(
     return min(chunks, microbatches * vpp) * num_layers / (pp * vpp)
 
 
-# ---- phases ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Layout:
-    """The numbers every phase uses, derived once from the config."""
-
-    m: ModelArgs
-    world: int
-    tp: int
-    pp: int
-    vpp: int | None
-    dp: int
-    sp: bool
-    dtype_bytes: int
-    optim_shards: int
-    """DP ranks the optimizer states are split over (1 without the distributed optimizer)."""
-    bf16: bool
-    seq_len: int
-    """Longest prompt + response."""
-    critic: bool
-    ref_resident: bool
-    """A reference model is used (KL) and its weights stay on the GPU."""
-
-
-def _layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Layout:
-    p = cfg.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    dp = world // (tp * pp)
-    uses_ref = cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
-    return Layout(
-        m=m,
-        world=world,
-        tp=tp,
-        pp=pp,
-        vpp=p.virtual_pipeline_model_parallel_size,
-        dp=dp,
-        sp=p.sequence_parallel,
-        dtype_bytes=DTYPE_BYTES[cfg.model.dtype],
-        optim_shards=dp if p.use_distributed_optimizer else 1,
-        bf16=cfg.model.dtype == "bfloat16",
-        seq_len=cfg.data.max_prompt_length + cfg.rollout.response_length,
-        critic=uses_critic(cfg.algorithm),
-        ref_resident=uses_ref and not cfg.ref.offload_params,
-    )
-
-
-def _gib(n_bytes: float) -> float:
-    return n_bytes / GIB
-
-
-def _t(name: str, n_bytes: float, formula: str = "", counted: bool = True) -> Term:
-    """A term from its size in bytes."""
-    return Term(name, n_bytes / GIB, formula, counted)
-
-
-def _count(n: float) -> str:
-    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-
-
-def _reserve(terms: list[Term]) -> Term:
-    own = sum(t.gib for t in terms if t.counted)
-    return Term(
-        "reserve (CUDA context, NCCL, fragmentation)",
-        RESERVE_FIXED_GIB + RESERVE_FRACTION * own,
-        f"{RESERVE_FIXED_GIB:g} + {RESERVE_FRACTION:g} × the terms above",
-    )
-
-
-def _model_state_terms(lay: Layout, params: int, who: str) -> list[Term]:
-    """Weights, fp32 grads, Adam states and fp32 master weights (the last two split over DP
-    with the distributed optimizer) of one model stage."""
-    w, shards = lay.dtype_bytes, lay.optim_shards
-    dp_note = f"/ DP {lay.dp}" if shards == lay.dp else "(distributed optimizer off)"
-    terms = [
-        _t(f"{who} weights", params * w, f"{_count(params)} params × {w} B"),
-        _t(f"{who} grads (fp32 main_grad)", params * GRAD_BYTES, f"params × {GRAD_BYTES} B"),
-        _t(
-            f"{who} Adam states (fp32 m, v)",
-            params * ADAM_BYTES / shards,
-            f"params × {ADAM_BYTES} B {dp_note}",
-        ),
-    ]
-    if lay.bf16:
-        terms.append(
-            _t(
-                f"{who} fp32 master weights",
-                params * MASTER_BYTES / shards,
-                f"params × {MASTER_BYTES} B {dp_note}",
-            )
-        )
-    return terms
-
-
+# ---- phases: training and swap ---------------------------------------------------------------
 def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
     m, a = lay.m, cfg.actor
     if a.use_dynamic_bsz:
@@ -390,27 +151,6 @@ def training_phase(cfg: TandemConfig, lay: Layout) -> Phase:
     return max((_training_stage(cfg, lay, s) for s in range(lay.pp)), key=lambda p: p.total_gib)
 
 
-def _all_stage_weights(lay: Layout) -> int:
-    return sum(stage_params(lay.m, lay.tp, lay.pp, s) for s in range(lay.pp))
-
-
-def _resident_in_generation(lay: Layout, stage: int) -> list[Term]:
-    """What stays beside the rollout: the critic's and the reference model's weights."""
-    terms = []
-    if lay.critic:
-        critic = stage_params(lay.m, lay.tp, lay.pp, stage, True)
-        terms.append(_t("critic weights", critic * lay.dtype_bytes, "params × dtype"))
-    return terms + _reference(lay, stage)
-
-
-def _reference(lay: Layout, stage: int) -> list[Term]:
-    """The reference model's weights (KL), when they stay on the GPU (ref.offload_params)."""
-    if not lay.ref_resident:
-        return []
-    ref = stage_params(lay.m, lay.tp, lay.pp, stage)
-    return [_t("reference weights", ref * lay.dtype_bytes, "params × dtype (not offloaded)")]
-
-
 def swap_phase(cfg: TandemConfig, lay: Layout) -> Phase:
     """AllGatherPPModel fills the other stages' buffers before the training state is released:
     the own stage's full training state plus every other stage's weights (TP shard)."""
@@ -433,182 +173,6 @@ def swap_phase(cfg: TandemConfig, lay: Layout) -> Phase:
         terms.append(_reserve(terms))
         stages.append(Phase("swap", f"PP stage {stage} of {lay.pp}, gathering", tuple(terms)))
     return max(stages, key=lambda p: p.total_gib)
-
-
-# ---- generation: one memory model per rollout backend ----------------------------------------
-GenerationModel = Callable[[TandemConfig, Layout, "float | None"], Phase]
-GENERATION_MODELS: dict[str, GenerationModel] = {}
-"""rollout.name -> the memory its generation phase needs; filled by @generation_model."""
-
-
-def generation_model(name: str) -> Callable[[GenerationModel], GenerationModel]:
-    def register(fn: GenerationModel) -> GenerationModel:
-        GENERATION_MODELS[name] = fn
-        return fn
-
-    return register
-
-
-def kv_bytes_per_token(m: ModelArgs, kv_heads: int, dtype_bytes: int) -> int:
-    """K and V of every layer for one token: 2 × layers × KV heads per rank × head dim."""
-    return 2 * m.num_layers * kv_heads * m.kv_channels * dtype_bytes
-
-
-def _sequences_per_engine(cfg: TandemConfig, engine_dp: int) -> int:
-    """Sequences one engine generates per iteration: the prompts × n over the engine replicas."""
-    return math.ceil(cfg.data.train_batch_size * cfg.rollout.n / engine_dp)
-
-
-def _optimizer_terms(lay: Layout, params: int, who: str) -> list[Term]:
-    """Adam states and fp32 master weights: freed grads aside, what a trained model keeps on
-    the GPU while the engine runs (unless offloaded)."""
-    return [
-        t for t in _model_state_terms(lay, params, who) if "Adam" in t.name or "master" in t.name
-    ]
-
-
-def _generation_base(cfg: TandemConfig, lay: Layout) -> list[Term]:
-    gathered = _all_stage_weights(lay)
-    terms = [
-        _t(
-            "actor weights, all PP stages (AllGatherPPModel)",
-            gathered * lay.dtype_bytes,
-            f"{_count(gathered)} params × {lay.dtype_bytes} B",
-        ),
-        *_resident_in_generation(lay, 0),
-    ]
-    if not cfg.actor.offload_optimizer:
-        terms += _optimizer_terms(lay, stage_params(lay.m, lay.tp, lay.pp, 0), "actor")
-    if lay.critic:
-        terms += _optimizer_terms(lay, stage_params(lay.m, lay.tp, lay.pp, 0, True), "critic")
-    return terms
-
-
-@generation_model("vllm")
-def vllm_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Phase:
-    """vLLM reserves `gpu_memory_utilization` × the GPU for its weights at rollout TP, its
-    workspace (one engine step of VLLM_MAX_BATCHED_TOKENS tokens through a layer, plus fp32
-    logits and probabilities of VLLM_MAX_NUM_SEQS sequences over the whole vocab) and the
-    KV cache, which gets what is left. Too little KV cache only queues sequences, but less
-    than one max_seq_len sequence makes vLLM refuse to start."""
-    r: RolloutConfig = cfg.rollout
-    m, w, rtp = lay.m, lay.dtype_bytes, r.tensor_model_parallel_size
-    h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
-    kv_heads = engine_kv_heads(m, rtp)
-    weights = _gib(engine_params(m, rtp) * w)
-    step = (
-        VLLM_MAX_BATCHED_TOKENS
-        * (4 * h + (m.num_attention_heads // rtp * 2 + 2 * kv_heads) * d + 3 * f // rtp)
-        * w
-    )
-    sampler = VLLM_MAX_NUM_SEQS * m.vocab_size * 4 * 2
-    workspace = _gib(step + sampler) + (0.0 if r.enforce_eager else CUDA_GRAPH_GIB)
-    per_token = kv_bytes_per_token(m, kv_heads, w)
-    seqs = _sequences_per_engine(cfg, lay.world // rtp)
-    kv_needed = _gib(seqs * lay.seq_len * per_token)
-    needed = weights + workspace + kv_needed
-    budget = needed if gpu is None else r.gpu_memory_utilization * gpu
-    base = _generation_base(cfg, lay)
-    terms = [
-        *base,
-        Term(
-            "vLLM engine (rollout.gpu_memory_utilization × GPU)",
-            budget,
-            f"{r.gpu_memory_utilization:g} × {_gpu(gpu)}" if gpu else "weights + workspace + KV",
-        ),
-        Term(
-            f"engine weights at rollout TP {rtp}",
-            weights,
-            f"{_count(engine_params(m, rtp))} params × {w} B",
-            counted=False,
-        ),
-        Term(
-            "engine workspace",
-            workspace,
-            f"{VLLM_MAX_BATCHED_TOKENS} batched tokens, {VLLM_MAX_NUM_SEQS} seqs' fp32 logits"
-            + ("" if r.enforce_eager else ", CUDA graphs"),
-            counted=False,
-        ),
-        Term(
-            "KV cache for the batch",
-            kv_needed,
-            f"{seqs} seqs × {lay.seq_len} tokens × {per_token / 1024:.0f} KiB",
-            counted=False,
-        ),
-    ]
-    terms.append(_reserve(base))
-    problems, notes = [], []
-    kv_room = budget - weights - workspace
-    if kv_room <= 0:
-        problems.append(
-            f"the engine's weights {weights:.1f} + workspace {workspace:.1f} GiB exceed its"
-            f" budget rollout.gpu_memory_utilization {r.gpu_memory_utilization:g} × GPU"
-            f" = {budget:.1f} GiB: raise rollout.tensor_model_parallel_size or the utilization"
-        )
-    elif kv_room < _gib(cfg.model.max_seq_len * per_token):
-        problems.append(
-            f"KV cache room {kv_room:.2f} GiB holds less than one model.max_seq_len"
-            f" {cfg.model.max_seq_len} sequence ({_gib(cfg.model.max_seq_len * per_token):.2f}"
-            " GiB): vLLM refuses to start"
-        )
-    elif kv_room < kv_needed:
-        fits = int(kv_room * GIB // (lay.seq_len * per_token))
-        notes.append(
-            f"KV cache room {kv_room:.1f} GiB holds {fits} of {seqs} sequences at once;"
-            " vLLM queues the rest (slower, not a failure)"
-        )
-    return Phase(
-        "generation",
-        f"rollout TP {rtp} × DP {lay.world // rtp}",
-        tuple(terms),
-        tuple(problems),
-        tuple(notes),
-    )
-
-
-@generation_model("hf")
-def hf_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Phase:
-    """transformers generate(): a whole model on every rank (TP 1), a KV cache for its share
-    of the batch at full length, and one step's fp32 logits over the vocab."""
-    m, w = lay.m, lay.dtype_bytes
-    seqs = _sequences_per_engine(cfg, lay.world)
-    per_token = kv_bytes_per_token(m, m.num_query_groups, w)
-    base = _generation_base(cfg, lay)
-    terms = [
-        *base,
-        _t(
-            "HF model (whole, TP 1)",
-            total_params(m) * w,
-            f"{_count(total_params(m))} params × {w} B",
-        ),
-        _t(
-            "KV cache for the batch",
-            seqs * lay.seq_len * per_token,
-            f"{seqs} seqs × {lay.seq_len} tokens × {per_token / 1024:.0f} KiB",
-        ),
-        _t("logits of one step", seqs * m.vocab_size * 4, f"{seqs} seqs × vocab × 4 B"),
-    ]
-    terms.append(_reserve(terms))
-    return Phase("generation", f"hf, one model per rank × DP {lay.world}", tuple(terms))
-
-
-def generic_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Phase:
-    """A backend with no memory model of its own: weights at rollout TP plus its KV cache."""
-    m, w, rtp = lay.m, lay.dtype_bytes, cfg.rollout.tensor_model_parallel_size
-    seqs = _sequences_per_engine(cfg, lay.world // rtp)
-    per_token = kv_bytes_per_token(m, engine_kv_heads(m, rtp), w)
-    terms = [
-        *_generation_base(cfg, lay),
-        _t(f"engine weights at rollout TP {rtp}", engine_params(m, rtp) * w, "params × dtype"),
-        _t(
-            "KV cache for the batch",
-            seqs * lay.seq_len * per_token,
-            f"{seqs} seqs × {lay.seq_len} tokens",
-        ),
-    ]
-    terms.append(_reserve(terms))
-    note = f"rollout.name {cfg.rollout.name!r} has no memory model: generic estimate"
-    return Phase("generation", f"rollout TP {rtp}", tuple(terms), notes=(note,))
 
 
 # ---- the entry points ------------------------------------------------------------------------

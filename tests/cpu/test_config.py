@@ -11,18 +11,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tandem_core.config import (
-    CHOICES,
-    RANGES,
-    ConfigError,
-    TandemConfig,
-    hf_config_to_model_args,
-    load_config,
-    read_model_args,
-    to_structured,
-    uses_critic,
-    validate_config,
-)
+from tandem_core.config import ConfigError, TandemConfig, load_config, to_structured, uses_critic
+from tandem_core.config_rules import CHOICES, RANGES, validate_config
+from tandem_core.model_shapes import hf_config_to_model_args, read_model_args
 from tandem_core.models import ModelArgs
 
 TP, PP = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tandem_core.config import LLAMA3_70B_ARGS, ConfigError, ModelConfig, load_config
+from tandem_core.config import ConfigError, ModelConfig, load_config
+from tandem_core.model_shapes import LLAMA3_70B_ARGS
 from tandem_core.models import ModelArgs
 from trainer import plan as P
+from trainer import plan_generation as G
+from trainer import plan_model as PM
 
 REPO = Path(__file__).resolve().parents[2]
 TP, PP = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"
@@ -55,26 +58,27 @@ def test_llama3_70b_parameter_count_matches_transformers():
     with torch.device("meta"):
         model = LlamaForCausalLM(hf)
     count = sum(p.numel() for p in model.parameters())
-    assert count == P.total_params(M70) == 70_553_706_496
+    assert count == PM.total_params(M70) == 70_553_706_496
     # vLLM at TP 1 holds the same (its 128256 vocab is already a multiple of 64).
-    assert P.engine_params(M70, 1) == count
+    assert G.engine_params(M70, 1) == count
 
 
 def test_70b_rank_counts_split_the_model():
     # Every (TP, PP) rank together holds the model once, plus megatron's vocab padding.
     for tp, pp in ((8, 4), (4, 8), (8, 1), (2, 16)):
-        ranks = tp * sum(P.stage_params(M70, tp, pp, s) for s in range(pp))
+        ranks = tp * sum(PM.stage_params(M70, tp, pp, s) for s in range(pp))
         padding = 2 * (M70.padded_vocab_size(tp) - M70.vocab_size) * M70.hidden_size
         norms = (tp - 1) * (2 * M70.num_layers + 1) * M70.hidden_size  # replicated over TP
-        assert ranks == P.total_params(M70) + padding + norms
+        assert ranks == PM.total_params(M70) + padding + norms
     # vLLM replicates the 8 KV heads beyond TP 8: each rank of TP 16 keeps one.
-    assert P.engine_kv_heads(M70, 16) == 1 and P.engine_kv_heads(M70, 4) == 2
+    assert G.engine_kv_heads(M70, 16) == 1 and G.engine_kv_heads(M70, 4) == 2
 
 
 MEASURE = """
 import json, sys, torch
 from tandem_core import cpu_compat
-from tandem_core.config import ModelConfig, ParallelConfig, read_model_args
+from tandem_core.config import ModelConfig, ParallelConfig
+from tandem_core.model_shapes import read_model_args
 from tandem_core.distributed import init_distributed, init_model_parallel
 from tandem_core.models import build_gpt_model, build_transformer_config
 
@@ -125,11 +129,11 @@ def megatron_counts():
 
 @pytest.mark.parametrize("preset", ["tiny_llama", "tiny_qwen2"])
 def test_counts_match_a_real_megatron_model(megatron_counts, preset):
-    from tandem_core.config import read_model_args
+    from tandem_core.model_shapes import read_model_args
 
     m = read_model_args(ModelConfig(preset=preset))
     measured = megatron_counts[preset]
-    assert measured["params"] == P.stage_params(m, 1, 1, 0)
+    assert measured["params"] == PM.stage_params(m, 1, 1, 0)
     formula = P.activation_bytes_per_token(m, tp=1, sp=False, dtype_bytes=4)
     # The only uncounted tensors are RoPE's cos/sin tables (per position, not per token).
     saved = measured["saved_per_token_layer"]

@@ -1,0 +1,276 @@
+"""Validation of a typed config: the rules no type can express.
+
+`validate_config(cfg, world_size)` checks the enumerated keys (CHOICES), the numeric ranges
+(RANGES) and the cross-field rules (@rule: TP divides heads, PP divides layers, batch divisible
+by DP × micro-batches, lengths), and raises one ConfigError listing every problem, each line
+starting with its key. `load_config` (tandem_core/config.py) calls it; the model's shape comes
+from tandem_core/model_shapes.py, read without building the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from tandem_core.config import ConfigError, TandemConfig, uses_critic
+from tandem_core.model_shapes import read_model_args
+
+if TYPE_CHECKING:  # models.py imports megatron (seconds): import it lazily
+    from tandem_core.models import ModelArgs
+
+
+LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+KL_ESTIMATORS = ("kl", "abs", "mse", "low_var_kl")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+GROUP_ESTIMATORS = ("grpo", "rloo", "drgrpo")
+"""Advantage estimators that compare the samples of one prompt (they need rollout.n >= 2)."""
+
+CHOICES: dict[str, tuple] = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.layer_spec": ("auto", "local", "sdpa", "te"),
+    "data.overlong_prompt": ("filter", "error"),
+    "actor.loss_agg_mode": LOSS_AGG_MODES,
+    "critic.loss_agg_mode": LOSS_AGG_MODES,
+    "actor.kl_loss_type": KL_ESTIMATORS,
+    "actor.optim.lr_decay_style": LR_DECAY_STYLES,
+    "critic.optim.lr_decay_style": LR_DECAY_STYLES,
+    "algorithm.kl_penalty": KL_ESTIMATORS,
+    "algorithm.kl_ctrl_type": ("fixed", "adaptive"),
+    "rollout.sleep_level": (1, 2),
+    "rollout.load_format": ("auto", "dummy"),
+    "logger.backends": ("console", "tensorboard", "wandb"),
+}
+"""Enumerated keys and their allowed values (for a list, every item). Names that registries
+own (rollout.name, reward.name, algorithm.adv_estimator, actor.policy_loss) are checked by the
+trainer against those registries instead."""
+
+RANGES_TABLE = """
+    [0, inf)  actor.optim.lr actor.optim.min_lr actor.optim.weight_decay actor.optim.clip_grad
+    [0, inf)  critic.optim.lr critic.optim.min_lr critic.optim.weight_decay critic.optim.clip_grad
+    [0, inf)  actor.optim.lr_warmup_steps critic.optim.lr_warmup_steps
+    [1, inf)  actor.optim.lr_decay_steps critic.optim.lr_decay_steps
+    (0, inf)  actor.optim.eps critic.optim.eps
+    [1, inf)  actor.ppo_mini_batch_size actor.micro_batch_size actor.ppo_epochs
+    [1, inf)  critic.ppo_mini_batch_size critic.micro_batch_size critic.ppo_epochs
+    [1, inf)  actor.max_tokens_per_microbatch
+    (0, inf)  actor.clip_ratio_low actor.clip_ratio_high actor.rollout_is_threshold
+    (1, inf)  actor.clip_ratio_c
+    [0, inf)  actor.kl_loss_coef actor.max_nan_steps
+    (0, inf)  critic.cliprange_value
+    [1, inf)  model.max_seq_len parallel.tensor_model_parallel_size
+    [1, inf)  parallel.pipeline_model_parallel_size parallel.virtual_pipeline_model_parallel_size
+    [1, inf)  rollout.tensor_model_parallel_size rollout.n rollout.response_length
+    [0, inf)  rollout.temperature
+    (0, 1]    rollout.top_p rollout.gpu_memory_utilization
+    [1, inf)  rollout.cpu_kvcache_space_gb rollout.weight_bucket_mb
+    [1, inf)  data.max_prompt_length data.train_batch_size data.val_batch_size data.task_size
+    [0, inf)  data.task_max_operand
+    [0, 1]    algorithm.gamma algorithm.lam
+    [0, inf)  algorithm.kl_coef algorithm.max_refill_rounds
+    (0, inf)  algorithm.kl_target reward.timeout_s
+    [1, inf)  algorithm.kl_horizon trainer.total_steps trainer.total_epochs
+    [1, inf)  trainer.max_ckpt_to_keep
+    [0, inf)  trainer.save_freq trainer.test_freq trainer.hf_export_freq
+"""
+"""Numeric ranges, one interval and its keys per line ('[' closed, '(' open). A None value
+(an option left unset) passes."""
+RANGES: dict[str, str] = {
+    key: interval
+    for interval, keys in re.findall(r"([\[(][^\])]*[\])])\s+(.+)", RANGES_TABLE)
+    for key in keys.split()
+}
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
+Rule = Callable[[TandemConfig, int, "ModelArgs"], Iterator[str]]
+RULES: list[Rule] = []
+"""Cross-field rules, each yielding '<key>: <problem>' lines; filled by @rule."""
+
+
+def rule(fn: Rule) -> Rule:
+    RULES.append(fn)
+    return fn
+
+
+def validate_config(
+    cfg: TandemConfig, world_size: int, model_args: ModelArgs | None = None
+) -> None:
+    """Check every rule no type can express; raise one ConfigError listing all problems.
+
+    The message starts with the first offending key; each further problem is a line of its
+    own, also starting with its key. model_args: the model's shape; None = read cheaply from
+    the preset or the checkpoint's config.json (no model is built, no tensor allocated).
+    """
+    problems = list(_check_values(cfg))
+    if world_size < 1:
+        problems.append(f"world_size: must be >= 1, got {world_size}")
+    if not problems:  # the rules divide by these values: only once they are in range
+        model_args = model_args or read_model_args(cfg.model)
+        problems = [p for check in RULES for p in check(cfg, world_size, model_args)]
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _get(cfg: TandemConfig, key: str) -> Any:
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def _check_values(cfg: TandemConfig) -> Iterator[str]:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        for item in value if isinstance(value, list) else [value]:
+            if item not in allowed:
+                yield f"{key}: {item!r} is not one of {', '.join(map(str, allowed))}"
+    for key, interval in RANGES.items():
+        value = _get(cfg, key)
+        if value is not None and not _in_interval(value, interval):
+            yield f"{key}: must be in {interval}, got {value}"
+    for section in ("actor", "critic"):
+        betas = _get(cfg, f"{section}.optim.betas")
+        if not all(0 <= b < 1 for b in betas):
+            yield f"{section}.optim.betas: each must be in [0, 1), got {tuple(betas)}"
+    if cfg.rollout.top_k != -1 and cfg.rollout.top_k < 1:
+        yield f"rollout.top_k: must be -1 (off) or >= 1, got {cfg.rollout.top_k}"
+
+
+@rule
+def _training_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    p = cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    vpp = p.virtual_pipeline_model_parallel_size
+    tp_key, pp_key = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"
+    if world % (tp * pp):
+        yield f"{tp_key} × {pp_key}: {tp}×{pp} = {tp * pp} does not divide the world size {world}"
+    for what, count in (
+        ("attention heads", m.num_attention_heads),
+        ("KV heads", m.num_query_groups),
+        ("FFN width", m.ffn_hidden_size),
+    ):
+        if count % tp:
+            yield f"{tp_key}: {tp} does not divide the model's {count} {what}"
+    if m.num_layers % pp:
+        yield f"{pp_key}: {pp} does not divide the model's {m.num_layers} layers"
+    if vpp is not None:
+        vpp_key = "parallel.virtual_pipeline_model_parallel_size"
+        if pp < 2:
+            yield f"{vpp_key}: virtual pipeline stages need {pp_key} > 1, got {pp}"
+        elif m.num_layers % (pp * vpp):
+            yield (
+                f"{vpp_key}: {pp_key} × {vpp_key} = {pp}×{vpp} does not divide the model's"
+                f" {m.num_layers} layers"
+            )
+    if p.sequence_parallel and tp < 2:
+        yield f"parallel.sequence_parallel: needs {tp_key} > 1, got {tp}"
+
+
+@rule
+def _rollout_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    tp, key = cfg.rollout.tensor_model_parallel_size, "rollout.tensor_model_parallel_size"
+    if world % tp:
+        yield f"{key}: {tp} does not divide the world size {world}"
+    if m.num_attention_heads % tp:
+        yield f"{key}: {tp} does not divide the model's {m.num_attention_heads} attention heads"
+    # vLLM splits KV heads when there are enough, else replicates each over tp / kv ranks.
+    kv = m.num_query_groups
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        yield f"{key}: {tp} and the model's {kv} KV heads: one must divide the other"
+
+
+def _micro_batches(section: str, mini: int, micro: int, dynamic: bool, cfg, dp: int):
+    """A mini-batch of `mini` prompts splits into equal per-rank shares of whole micro-batches."""
+    n, pp, bsz = cfg.rollout.n, cfg.parallel.pipeline_model_parallel_size, cfg.data.train_batch_size
+    mini_key, micro_key = f"{section}.ppo_mini_batch_size", f"{section}.micro_batch_size"
+    if bsz % mini:
+        yield f"{mini_key}: {mini} does not divide data.train_batch_size {bsz}"
+    if (mini * n) % dp:
+        yield (
+            f"{mini_key}: {mini} prompts × rollout.n {n} = {mini * n} sequences"
+            f" do not split over {dp} data-parallel ranks"
+        )
+        return
+    per_rank = mini * n // dp
+    if dynamic:  # micro-batches are formed by a token budget instead
+        return
+    if per_rank % micro:
+        yield (
+            f"{micro_key}: {micro} does not divide the {per_rank} sequences per rank of a"
+            f" mini-batch ({mini_key} {mini} × rollout.n {n} / DP {dp})"
+        )
+    elif cfg.parallel.virtual_pipeline_model_parallel_size and (per_rank // micro) % pp:
+        # megatron's interleaved schedule runs micro-batches in groups of PP.
+        yield (
+            f"{micro_key}: {per_rank // micro} micro-batches per mini-batch are not a multiple"
+            f" of parallel.pipeline_model_parallel_size {pp} (interleaved schedule)"
+        )
+
+
+@rule
+def _batch_sizes(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    p = cfg.parallel
+    if world % (p.tensor_model_parallel_size * p.pipeline_model_parallel_size):
+        return  # reported by _training_layout; DP is undefined
+    dp = world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    bsz, n = cfg.data.train_batch_size, cfg.rollout.n
+    if (bsz * n) % dp:
+        yield (
+            f"data.train_batch_size: {bsz} prompts × rollout.n {n} = {bsz * n} sequences"
+            f" do not split over {dp} data-parallel ranks"
+        )
+    a, c = cfg.actor, cfg.critic
+    yield from _micro_batches(
+        "actor", a.ppo_mini_batch_size, a.micro_batch_size, a.use_dynamic_bsz, cfg, dp
+    )
+    if uses_critic(cfg.algorithm):
+        yield from _micro_batches(
+            "critic", c.ppo_mini_batch_size, c.micro_batch_size, False, cfg, dp
+        )
+
+
+@rule
+def _lengths(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    prompt, response = cfg.data.max_prompt_length, cfg.rollout.response_length
+    seq, budget = cfg.model.max_seq_len, cfg.actor.max_tokens_per_microbatch
+    if prompt + response > seq:
+        yield (
+            f"model.max_seq_len: {seq} < data.max_prompt_length {prompt}"
+            f" + rollout.response_length {response}"
+        )
+    if seq > m.max_position_embeddings:
+        yield (
+            f"model.max_seq_len: {seq} exceeds the model's max_position_embeddings"
+            f" {m.max_position_embeddings}"
+        )
+    if cfg.actor.use_dynamic_bsz and budget < seq:
+        yield (
+            f"actor.max_tokens_per_microbatch: {budget} < model.max_seq_len {seq}:"
+            " a sequence of the longest length would fit no micro-batch"
+        )
+
+
+@rule
+def _algorithm(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    n, alg = cfg.rollout.n, cfg.algorithm
+    if alg.adv_estimator in GROUP_ESTIMATORS and n < 2:
+        yield (
+            f"rollout.n: must be >= 2 with algorithm.adv_estimator {alg.adv_estimator!r}"
+            f" (it compares the samples of one prompt), got {n}"
+        )
+    if alg.dynamic_sampling and n < 2:
+        yield f"algorithm.dynamic_sampling: needs rollout.n >= 2 (groups to compare), got {n}"
+    for section in ("actor", "critic"):
+        optim = _get(cfg, f"{section}.optim")
+        if optim.min_lr > optim.lr:
+            yield f"{section}.optim.min_lr: {optim.min_lr} > {section}.optim.lr {optim.lr}"

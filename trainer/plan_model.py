@@ -1,0 +1,253 @@
+"""The memory plan's data and the counts every phase builds from: Term, Phase, MemoryPlan and
+the Layout derived once from the config; exact parameter counts from the shapes; the per-term
+constants (bytes per parameter, the reserve) and the terms the phases share (a model's
+training state, the reference weights). Units: GiB (2**30 bytes); see trainer/plan.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tandem_core.config import TandemConfig, uses_critic
+from tandem_core.models import ModelArgs
+
+GIB = 2**30
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+GRAD_BYTES = 4
+"""megatron's DDP accumulates grads in an fp32 `main_grad` buffer (grad_reduce_in_fp32)."""
+ADAM_BYTES = 8
+"""Adam's exp_avg and exp_avg_sq, fp32 each."""
+MASTER_BYTES = 4
+"""fp32 master copy of each bf16 parameter, kept by megatron's mixed-precision optimizer."""
+RESERVE_FIXED_GIB = 2.0
+"""CUDA context (~0.5 GiB), NCCL communicators and cuBLAS workspaces."""
+RESERVE_FRACTION = 0.05
+"""Allocator fragmentation, as a share of the phase's own tensors."""
+
+
+# ---- the plan's data -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Term:
+    name: str
+    """What the memory holds."""
+    gib: float
+    """Its size on one GPU."""
+    formula: str = ""
+    """How it was counted (shown in the table)."""
+    counted: bool = True
+    """False: a detail of another term (shown indented, not added to the total)."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    """training | swap | generation."""
+    where: str
+    """Which rank the numbers are for (the one that needs most)."""
+    terms: tuple[Term, ...]
+    problems: tuple[str, ...] = ()
+    """Refusals that are not a plain over-the-GPU total (e.g. vLLM's own start-up checks)."""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def total_gib(self) -> float:
+        return sum(t.gib for t in self.terms if t.counted)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    header: str
+    phases: tuple[Phase, ...]
+    gpu_memory_gib: float | None
+    """None: no GPU to compare with (CPU runs): the plan is informative only."""
+    notes: tuple[str, ...] = field(default=())
+
+    def failures(self) -> list[str]:
+        """One line per phase that does not fit: '<phase> phase: ...' with its numbers."""
+        lines = []
+        for phase in self.phases:
+            lines += [f"{phase.name} phase: {p}" for p in phase.problems]
+            gpu = self.gpu_memory_gib
+            if gpu is not None and phase.total_gib > gpu:
+                top = sorted((t for t in phase.terms if t.counted), key=lambda t: -t.gib)[:4]
+                parts = ", ".join(f"{t.name} {t.gib:.1f}" for t in top)
+                lines.append(
+                    f"{phase.name} phase: needs {phase.total_gib:.1f} GiB per GPU > {gpu:.1f} GiB"
+                    f" ({phase.where}; largest: {parts}); {HINTS[phase.name]}"
+                )
+        return lines
+
+    def table(self) -> str:
+        gpu = self.gpu_memory_gib
+        out = [self.header, f"{'phase / term':<54}{'GiB':>8}   formula"]
+        for phase in self.phases:
+            out.append(f"{phase.name} ({phase.where})")
+            for t in phase.terms:
+                label = ("  " if t.counted else "    · ") + t.name
+                out.append(f"{label:<54}{t.gib:>8.2f}   {t.formula}")
+            verdict = (
+                "no GPU to compare"
+                if gpu is None
+                else ("fits" if phase.total_gib <= gpu and not phase.problems else "DOES NOT FIT")
+            )
+            out.append(f"{'  total':<54}{phase.total_gib:>8.2f}   of {_gpu(gpu)}: {verdict}")
+            out += [f"  ! {p}" for p in phase.problems] + [f"  note: {n}" for n in phase.notes]
+        out += [f"note: {n}" for n in self.notes]
+        return "\n".join(out)
+
+
+HINTS = {
+    "training": "more pipeline stages or TP, parallel.use_distributed_optimizer=true over more"
+    " data-parallel ranks, or a smaller actor.micro_batch_size / max_tokens_per_microbatch",
+    "swap": "every rank gathers all PP stages of its TP shard while its grads and optimizer"
+    " states are still there: raise parallel.tensor_model_parallel_size (fewer, larger TP"
+    " shards) or spread the optimizer over more data-parallel ranks",
+    "generation": "raise rollout.tensor_model_parallel_size or training TP, or lower"
+    " rollout.gpu_memory_utilization (a smaller KV cache)",
+}
+
+
+def _gpu(gpu: float | None) -> str:
+    return "?" if gpu is None else f"{gpu:.1f}"
+
+
+# ---- parameter counts (exact, from the shapes) -----------------------------------------------
+def layer_params(m: ModelArgs, tp: int) -> int:
+    """One decoder layer on one TP rank (megatron's layout).
+
+    linear_qkv h×(a+2g)d/tp (+ its bias), linear_proj a·d×h/tp, linear_fc1 h×2f/tp (gate;up),
+    linear_fc2 f×h/tp, two RMSNorm weights h (replicated).
+    """
+    h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
+    qkv_width = (m.num_attention_heads + 2 * m.num_query_groups) * d
+    qkv = h * qkv_width + (qkv_width if m.qkv_bias else 0)
+    return (qkv + m.num_attention_heads * d * h + 3 * h * f) // tp + 2 * h
+
+
+def stage_params(m: ModelArgs, tp: int, pp: int, stage: int, value_head: bool = False) -> int:
+    """Parameters of one training rank: its PP stage's layers at TP, plus the embedding on the
+    first stage and final norm + output layer on the last (vocab padded to 128·TP). Tied
+    embeddings with PP > 1 keep a second copy on the last stage (megatron's convention); a
+    critic has a value head (h) instead of the output layer."""
+    h, vocab = m.hidden_size, m.padded_vocab_size(tp)
+    n = m.num_layers // pp * layer_params(m, tp)
+    if stage == 0:
+        n += vocab * h // tp
+    if stage == pp - 1:
+        n += h
+        if value_head:
+            n += h
+        elif not m.tie_word_embeddings or pp > 1:
+            n += vocab * h // tp
+    return n
+
+
+def total_params(m: ModelArgs) -> int:
+    """The model's parameter count (unpadded vocab, one embedding when tied)."""
+    embed = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+    return m.num_layers * layer_params(m, 1) + embed + m.hidden_size
+
+
+# ---- the layout and the terms the phases share -----------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """The numbers every phase uses, derived once from the config."""
+
+    m: ModelArgs
+    world: int
+    tp: int
+    pp: int
+    vpp: int | None
+    dp: int
+    sp: bool
+    dtype_bytes: int
+    optim_shards: int
+    """DP ranks the optimizer states are split over (1 without the distributed optimizer)."""
+    bf16: bool
+    seq_len: int
+    """Longest prompt + response."""
+    critic: bool
+    ref_resident: bool
+    """A reference model is used (KL) and its weights stay on the GPU."""
+
+
+def _layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Layout:
+    p = cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    dp = world // (tp * pp)
+    uses_ref = cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
+    return Layout(
+        m=m,
+        world=world,
+        tp=tp,
+        pp=pp,
+        vpp=p.virtual_pipeline_model_parallel_size,
+        dp=dp,
+        sp=p.sequence_parallel,
+        dtype_bytes=DTYPE_BYTES[cfg.model.dtype],
+        optim_shards=dp if p.use_distributed_optimizer else 1,
+        bf16=cfg.model.dtype == "bfloat16",
+        seq_len=cfg.data.max_prompt_length + cfg.rollout.response_length,
+        critic=uses_critic(cfg.algorithm),
+        ref_resident=uses_ref and not cfg.ref.offload_params,
+    )
+
+
+def _gib(n_bytes: float) -> float:
+    return n_bytes / GIB
+
+
+def _t(name: str, n_bytes: float, formula: str = "", counted: bool = True) -> Term:
+    """A term from its size in bytes."""
+    return Term(name, n_bytes / GIB, formula, counted)
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _reserve(terms: list[Term]) -> Term:
+    own = sum(t.gib for t in terms if t.counted)
+    return Term(
+        "reserve (CUDA context, NCCL, fragmentation)",
+        RESERVE_FIXED_GIB + RESERVE_FRACTION * own,
+        f"{RESERVE_FIXED_GIB:g} + {RESERVE_FRACTION:g} × the terms above",
+    )
+
+
+def _model_state_terms(lay: Layout, params: int, who: str) -> list[Term]:
+    """Weights, fp32 grads, Adam states and fp32 master weights (the last two split over DP
+    with the distributed optimizer) of one model stage."""
+    w, shards = lay.dtype_bytes, lay.optim_shards
+    dp_note = f"/ DP {lay.dp}" if shards == lay.dp else "(distributed optimizer off)"
+    terms = [
+        _t(f"{who} weights", params * w, f"{_count(params)} params × {w} B"),
+        _t(f"{who} grads (fp32 main_grad)", params * GRAD_BYTES, f"params × {GRAD_BYTES} B"),
+        _t(
+            f"{who} Adam states (fp32 m, v)",
+            params * ADAM_BYTES / shards,
+            f"params × {ADAM_BYTES} B {dp_note}",
+        ),
+    ]
+    if lay.bf16:
+        terms.append(
+            _t(
+                f"{who} fp32 master weights",
+                params * MASTER_BYTES / shards,
+                f"params × {MASTER_BYTES} B {dp_note}",
+            )
+        )
+    return terms
+
+
+def _all_stage_weights(lay: Layout) -> int:
+    return sum(stage_params(lay.m, lay.tp, lay.pp, s) for s in range(lay.pp))
+
+
+def _reference(lay: Layout, stage: int) -> list[Term]:
+    """The reference model's weights (KL), when they stay on the GPU (ref.offload_params)."""
+    if not lay.ref_resident:
+        return []
+    ref = stage_params(lay.m, lay.tp, lay.pp, stage)
+    return [_t("reference weights", ref * lay.dtype_bytes, "params × dtype (not offloaded)")]
