@@ -136,7 +136,7 @@ def build_tiny_checkpoint(name_or_spec: str | TinySpec, out_dir: str | os.PathLi
 
 
 def shape_spec(preset: str) -> TinySpec:
-    """A released model's shape (tandem_core.config.SHAPE_PRESETS) as a spec to write."""
+    """A released model's shape (tandem_core.model_shapes.SHAPE_PRESETS) as a spec to write."""
     from tandem_core.model_shapes import SHAPE_PRESETS
 
     a = SHAPE_PRESETS[preset]
