@@ -1,8 +1,8 @@
 """The CUDA path with NCCL on 2, 4 and 8 GPUs: `make test-multigpu` (skips, saying so, without
 GPUs; each test skips, naming the count it needs, when fewer GPUs are visible).
 
-- 1 GPU: every test skips (each needs at least 2; the parity tests run their 1-GPU bf16
-  references themselves);
+- 1 GPU: every test here skips (each needs at least 2; the parity tests run their 1-GPU bf16
+  references themselves); test_logprobs_cuda.py checks the fused log-prob kernels;
 - 2 GPUs: megatron TP=2, PP=2 and TP=2+SP in bf16 equal one GPU on the same weights;
   HybridEngine swaps with CUDA vLLM (rollout TP 1 and 2) for training layouts 1x1 (DP=2), 2x1,
   1x2 (TPxPP) on tiny_llama; a short GRPO run end to end (TP=2 training, rollout TP 1);
