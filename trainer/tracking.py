@@ -326,12 +326,14 @@ class DevicePeakMemory:
     def _sample_forever(self) -> None:
         while True:
             self._wake.wait()
+            with self._lock:
+                if not self._open:  # idle until the next phase opens
+                    self._wake.clear()
+                    continue
             used = self._used()
             with self._lock:
                 for name, peak in self._open.items():
                     self._open[name] = max(peak, used)
-                if not self._open:
-                    self._wake.clear()
             time.sleep(self.interval_s)
 
     @contextmanager

@@ -106,6 +106,55 @@ def test_timed():
     assert set(timings) == {"timing_s/gen"} and timings["timing_s/gen"] > first >= 0
 
 
+def test_device_peak_memory_per_phase(monkeypatch):
+    """The sampler's bookkeeping, on a fake device whose memory in use the test sets: a phase's
+    peak is the highest value sampled while it was open (nested phases each get theirs), and
+    peaks_gib() hands them over once."""
+    import threading
+    import time
+
+    import torch
+
+    used = {"bytes": 2 * 2**30}
+    sampled = threading.Event()
+
+    def mem_get_info(device=None):
+        sampled.set()
+        return 80 * 2**30 - used["bytes"], 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    mem = T.DevicePeakMemory(interval_s=0.001)
+
+    def hold(n_bytes):  # keep a level long enough for the thread to see it
+        used["bytes"] = n_bytes
+        sampled.clear()
+        assert sampled.wait(5)  # sampled at this level...
+        time.sleep(0.01)  # ...and the sample booked
+
+    with mem.phase("gen"):
+        hold(30 * 2**30)
+        with mem.phase("sync"):
+            hold(40 * 2**30)
+            hold(10 * 2**30)
+        hold(20 * 2**30)
+    with mem.phase("update"):
+        hold(5 * 2**30)
+    used["bytes"] = 3 * 2**30
+    deadline = time.time() + 5
+    while mem._wake.is_set() and time.time() < deadline:  # the thread goes idle
+        time.sleep(0.001)
+    peaks = mem.peaks_gib()
+    assert peaks == {
+        "memory/peak_gib/gen": 40.0,
+        "memory/peak_gib/sync": 40.0,
+        "memory/peak_gib/update": 20.0,  # its start: the level the previous phase left
+    }
+    assert mem.peaks_gib() == {}
+
+
 def test_wandb_offline_resumes_the_same_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
