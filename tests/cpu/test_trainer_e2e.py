@@ -194,12 +194,18 @@ def test_every_algorithm_runs(algorithm, cache_dir, tmp_path):
             assert step["dapo/kept_groups"] >= 0
 
 
-def test_random_init_runs_synced(cache_dir, tmp_path):
+@pytest.mark.parametrize("rollout", ["hf", "vllm"])
+def test_random_init_runs_synced(rollout, cache_dir, tmp_path):
     """model.random_init: megatron's own init, the engine started on dummy weights. The first
     sync must replace them (engine log-probs = actor's) and the reference must start equal to
     the actor (KL 0 at step 1); the swap's halves and the sync are timed."""
     out = tmp_path / "run"
-    overrides = ["algorithm=grpo", "rollout=hf", "model.random_init=true", "trainer.total_steps=2"]
+    overrides = [
+        "algorithm=grpo",
+        f"rollout={rollout}",
+        "model.random_init=true",
+        "trainer.total_steps=2",
+    ]
     run(1, overrides + SMALL + [f"trainer.output_dir={out}"], cache_dir)
     metrics = read_metrics(out / "metrics.jsonl")
     assert sorted(metrics) == [1, 2]
