@@ -32,6 +32,7 @@ def sync_vs_copy(manager, rollout, repeat: int) -> tuple[int, set[str], float, f
     """(bytes, devices, copy seconds, sync seconds): one plain copy of the HF tensors into
     preallocated tensors on their device vs streaming them into the engine."""
     manager.allgather.gather()
+    rollout.wake_up()  # the engine sleeps outside the manager's block (from its construction)
     with torch.no_grad():
         pairs = [(n, t.detach().clone()) for n, t in manager.hf_weights()]
     nbytes = sum(t.numel() * t.element_size() for _, t in pairs)
@@ -44,6 +45,7 @@ def sync_vs_copy(manager, rollout, repeat: int) -> tuple[int, set[str], float, f
 
     copy_s = C.best_of(plain_copy, repeat, warmup=1)
     sync_s = C.best_of(lambda: rollout.load_weights(manager.hf_weights()), repeat, warmup=1)
+    rollout.sleep(level=manager.sleep_level)
     manager.allgather.release()
     return nbytes, {str(t.device) for _, t in pairs}, copy_s, sync_s
 
