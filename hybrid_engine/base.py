@@ -20,9 +20,6 @@ from tandem_core.protocol import Batch
 
 
 class BaseShardingManager(ABC):
-    last_sync_s: float = 0.0
-    """Seconds the last `__enter__` spent pushing weights into the engine."""
-
     @staticmethod
     def phase_timer(name: str) -> AbstractContextManager:
         """`with self.phase_timer(name):` wraps the sub-steps of `__enter__` (swap_gather,

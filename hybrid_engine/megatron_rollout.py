@@ -23,7 +23,6 @@ parallel group its slice (all ranks of a rollout TP group the same prompts), and
 from __future__ import annotations
 
 import itertools
-import time
 
 import torch
 import torch.distributed as dist
@@ -86,11 +85,7 @@ class MegatronRolloutShardingManager(BaseShardingManager):
             self.wake_weights()
             undo.append(lambda: self.rollout.sleep(level=self.sleep_level))
             with self.phase_timer("sync"):
-                start = time.perf_counter()
                 self.rollout.load_weights(self.hf_weights())
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()  # the copies have landed: time the whole push
-                self.last_sync_s = time.perf_counter() - start
             self.allgather.release()
             return_cached_memory()
             self.wake_cache()
