@@ -4,10 +4,11 @@
         [--backend vllm|hf] [--repeat 3] [--gpu-memory-utilization 0.3]
 
 Measured side by side in one run, with the device synchronised around every timing:
-- weight sync: streaming the actor's weights into the engine (`rollout.load_weights` of the
-  manager's HF stream: TP gather, QKV/gate-up conversion, buckets, the engine's loader), against
-  one plain copy of the same bytes (torch `copy_` of the HF tensors into preallocated tensors on
-  the same device); best of `--repeat` each, after one warm-up;
+- weight sync, two ways, against one plain copy of the same bytes (torch `copy_` of the HF
+  tensors into preallocated tensors on the same device): through the engine's loader
+  (`rollout.load_weights` of the manager's HF stream: TP gather, QKV/gate-up conversion,
+  buckets), and as the manager syncs after its first sync (direct copies into the engine's
+  parameters where planned, the loader for the rest); best of `--repeat` each, after a warm-up;
 - swap: `with manager: pass`, i.e. enter (gather, free grads, wake the engine's weights, sync,
   wake its KV cache) + exit (engine sleep, grads back), from the engine asleep as in the trainer;
   best of `--repeat` after one warm-up; the sync inside it is reported too;
@@ -30,9 +31,10 @@ import torch
 from benchmarks import _common as C
 
 
-def sync_vs_copy(manager, rollout, repeat: int) -> tuple[int, set[str], float, float]:
-    """(bytes, devices, copy seconds, sync seconds): one plain copy of the HF tensors into
-    preallocated tensors on their device vs streaming them into the engine."""
+def sync_vs_copy(manager, rollout, repeat: int) -> dict:
+    """One plain copy of the HF tensors into preallocated tensors on their device, against the
+    sync through the engine's loader and the sync as the manager runs it after its first
+    (direct copies where planned, the loader for the rest); best of `repeat` each."""
     manager.allgather.gather()
     rollout.wake_up()  # the engine sleeps outside the manager's block (from its construction)
     with torch.no_grad():
@@ -45,11 +47,18 @@ def sync_vs_copy(manager, rollout, repeat: int) -> tuple[int, set[str], float, f
         for d, (_, s) in zip(dst, pairs, strict=True):
             d.copy_(s)
 
-    copy_s = C.best_of(plain_copy, repeat, warmup=1)
-    sync_s = C.best_of(lambda: rollout.load_weights(manager.hf_weights()), repeat, warmup=1)
+    out = {"bytes": nbytes, "devices": {str(t.device) for _, t in pairs}}
+    out["copy_s"] = C.best_of(plain_copy, repeat, warmup=1)
+    pairs.clear(), dst.clear()  # the copy's memory back before the syncs
+    out["loader_s"] = C.best_of(
+        lambda: rollout.load_weights(manager.hf_weights()), repeat, warmup=1
+    )
+    manager.sync_weights()  # the first sync: the engine's loader, then the direct-copy plan
+    out["direct_share"] = manager.direct.nbytes / nbytes
+    out["direct_s"] = C.best_of(manager.sync_weights, repeat, warmup=1)
     rollout.sleep(level=manager.sleep_level)
     manager.allgather.release()
-    return nbytes, {str(t.device) for _, t in pairs}, copy_s, sync_s
+    return out
 
 
 def main() -> None:
@@ -93,7 +102,8 @@ def main() -> None:
     )
 
     # Weight sync vs one device copy of the same bytes (the engine is awake, as after start).
-    nbytes, where, copy_s, sync_s = sync_vs_copy(manager, rollout, opts.repeat)
+    sync = sync_vs_copy(manager, rollout, opts.repeat)
+    copy_s, loader_s, sync_s = sync["copy_s"], sync["loader_s"], sync["direct_s"]
     if C.on_cuda():
         torch.cuda.empty_cache()  # the copy's buffers
 
@@ -130,9 +140,10 @@ def main() -> None:
         raise RuntimeError("the actor step was skipped (non-finite loss): its time is not a step")
 
     init = "random init" if src.random_init else "checkpoint"
-    gbs = nbytes / 1e9
+    gbs = sync["bytes"] / 1e9
+    where = ", ".join(sorted(sync["devices"]))
     head = (
-        f"model {opts.model} ({init}, {gbs:.3f} GB of HF tensors on {', '.join(sorted(where))}), "
+        f"model {opts.model} ({init}, {gbs:.3f} GB of HF tensors on {where}), "
         f"backend {opts.backend}, {opts.dtype}, {C.device_name()}"
     )
     rows = [
@@ -143,10 +154,17 @@ def main() -> None:
             "1.00×",
         ],
         [
-            "weight sync into the engine (stream + load_weights)",
+            "weight sync through the engine's loader (stream + load_weights)",
+            f"{loader_s * 1e3:,.1f} ms",
+            f"{gbs / loader_s:.1f}",
+            f"{loader_s / copy_s:.2f}× the copy",
+        ],
+        [
+            f"weight sync as the manager runs it ({100 * sync['direct_share']:.0f} % of the "
+            "bytes by direct copy, the rest by loader)",
             f"{sync_s * 1e3:,.1f} ms",
             f"{gbs / sync_s:.1f}",
-            f"{sync_s / copy_s:.1f}× the copy",
+            f"{sync_s / copy_s:.2f}× the copy",
         ],
         [
             f"swap: enter + exit (its sync: {min(inner_sync) * 1e3:,.1f} ms)",
@@ -163,7 +181,8 @@ def main() -> None:
     ]
     table = C.markdown_table(["what", "time", "GB/s", "ratio"], rows)
     tail = (
-        f"sync / copy: {sync_s / copy_s:.2f}×; swap / actor step: {swap_s / step_s:.3f} "
+        f"sync / copy: {sync_s / copy_s:.2f}× (through the loader: {loader_s / copy_s:.2f}×); "
+        f"swap / actor step: {swap_s / step_s:.3f} "
         f"({100 * swap_s / step_s:.1f} %)"
     )
     C.report(f"{head}\n\n{table}\n\n{tail}")

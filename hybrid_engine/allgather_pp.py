@@ -6,7 +6,7 @@ own `param_data` buffers (the trained parameters are views into them, so gatheri
 nothing on the owner), and every other rank keeps a same-sized buffer per foreign stage whose
 views carry the owner's parameter names under global layer numbers. Gathering is one
 broadcast per buffer from its owner; releasing resizes the foreign storages to 0 and the next
-gather re-allocates them.
+gather grows them again in place, so the buffers, and any views of them, keep their identity.
 
 Why buffers and views rather than megatron modules for the foreign stages: the rollout
 engine runs its own model and only needs the tensors; building foreign megatron chunks would
@@ -97,35 +97,38 @@ class AllGatherPPModel:
             for r in range(self.pp_size)
         ]
         device = cpu_compat.device()
+        # Foreign buffers keep their shape while their storage is released (resized to 0) and
+        # re-grown in place, so views of them, cached by a weight-sync plan, stay valid.
         self.foreign: dict[int, list[torch.Tensor]] = {
-            stage: [torch.empty(0, dtype=s.dtype, device=device) for s in stage_specs]
+            stage: [
+                _released(torch.empty(s.numel, dtype=s.dtype, device=device)) for s in stage_specs
+            ]
             for stage, stage_specs in enumerate(specs)
             if stage != self.pp_rank
         }
-        self._own: list[torch.Tensor] = []
 
     # ---- gather / release -------------------------------------------------------------------
     def gather(self) -> None:
         """Fill every foreign stage's buffers from their owners: one broadcast per buffer."""
-        self._own, _ = _own_buffers(self.own_chunks)
+        if self.pp_size == 1:
+            return  # the whole model is the own stage
+        own, _ = _own_buffers(self.own_chunks)
         for stage, stage_specs in enumerate(self.specs):
             for i, spec in enumerate(stage_specs):
                 if stage == self.pp_rank:
-                    buf = self._own[i]
+                    buf = own[i]
                 else:
                     buf = self.foreign[stage][i]
-                    if buf.untyped_storage().size() == 0:
-                        buf = torch.empty(spec.numel, dtype=spec.dtype, device=buf.device)
-                        self.foreign[stage][i] = buf
-                if self.pp_size > 1:
-                    dist.broadcast(buf, src=self.owners[stage], group=self.group)
+                    storage = buf.untyped_storage()
+                    if storage.size() == 0:
+                        storage.resize_(spec.numel * buf.element_size())
+                dist.broadcast(buf, src=self.owners[stage], group=self.group)
 
     def release(self) -> None:
         """Give back the foreign stages' memory (storage resized to 0)."""
         for bufs in self.foreign.values():
             for buf in bufs:
-                buf.untyped_storage().resize_(0)
-        self._own = []
+                _released(buf)
 
     def foreign_bytes(self) -> int:
         """Bytes the foreign stages hold now (0 once released)."""
@@ -133,10 +136,8 @@ class AllGatherPPModel:
 
     # ---- views ------------------------------------------------------------------------------
     def stage_views(self, stage: int) -> Iterator[tuple[str, torch.Tensor]]:
-        bufs = self._own if stage == self.pp_rank else self.foreign[stage]
-        if not bufs:
-            raise RuntimeError("AllGatherPPModel: call gather() before reading parameters")
-        for buf, spec in zip(bufs, self.specs[stage], strict=True):
+        """A foreign stage's parameters as views of its buffers (valid while gathered)."""
+        for buf, spec in zip(self.foreign[stage], self.specs[stage], strict=True):
             for slot in spec.slots:
                 n = 1
                 for d in slot.shape:
@@ -145,9 +146,17 @@ class AllGatherPPModel:
 
     def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The whole model (this rank's TP shard) under global layer numbering, in model
-        order: embedding, layers 0..L-1, final norm, output layer."""
-        items = [item for stage in range(self.pp_size) for item in self.stage_views(stage)]
+        order: embedding, layers 0..L-1, final norm, output layer. The own stage is the live
+        trained parameters; foreign stages are views of their buffers."""
+        items = list(megatron_named_params(self.own_chunks))
+        for stage in self.foreign:
+            items += self.stage_views(stage)
         yield from sorted(items, key=lambda kv: _model_order(kv[0]))
+
+
+def _released(buf: torch.Tensor) -> torch.Tensor:
+    buf.untyped_storage().resize_(0)
+    return buf
 
 
 def _model_order(name: str) -> tuple[int, int, str]:

@@ -6,9 +6,13 @@ enter, in this order (STYLE habit 2, slime's ordering):
   2. gradient buffers are freed; optimizer states go to host memory when configured; torch's
      allocator returns its cached blocks (training activations, the freed grads) to the device,
      else the engine's wake-up could not use that memory;
-  3. the engine wakes its weights (not yet its KV cache), and the weights are streamed in:
-     HF-named full tensors, gathered over training TP one tensor (or bucket) at a time and
-     re-sliced by the engine for its own TP, so no rank ever holds a second full model;
+  3. the engine wakes its weights (not yet its KV cache), and the weights are synced. The first
+     sync streams HF-named full tensors, gathered over training TP one tensor (or bucket) at a
+     time and re-sliced by the engine's own loader for its TP, so no rank ever holds a second
+     full model. It then plans direct copies (weight_loaders/direct_copy.py) for the tensors
+     that map straight from megatron's shards onto the engine's parameters (all of them when
+     the TP sizes agree), and keeps the plan only if it reproduces what the loader wrote;
+     later syncs are one fused copy of those, and the stream for the rest;
   4. foreign stages are released right after the push (the engine has its own copy), and their
      memory returned to the device before the KV cache is allocated;
   5. the engine wakes its KV cache; the generation RNG state is switched in.
@@ -23,6 +27,7 @@ parallel group its slice (all ranks of a rollout TP group the same prompts), and
 from __future__ import annotations
 
 import itertools
+import logging
 
 import torch
 import torch.distributed as dist
@@ -35,9 +40,12 @@ from hybrid_engine.memory import (
     restore_grad_buffers,
     return_cached_memory,
 )
+from tandem_core import cpu_compat
 from tandem_core import distributed as D
 from tandem_core.protocol import Batch
-from weight_loaders import stream_hf_weights
+from weight_loaders import DirectCopies, plan_direct_copies, stream_hf_weights
+
+log = logging.getLogger(__name__)
 
 
 class MegatronRolloutShardingManager(BaseShardingManager):
@@ -62,6 +70,7 @@ class MegatronRolloutShardingManager(BaseShardingManager):
         self._gen_rng = _rng_state_from_seed(generation_seed)
         self._train_rng = None
         self.weight_filter = None  # tests hook a filter in to simulate a partial sync
+        self.direct: DirectCopies | None = None  # planned at the first sync
         self._pad = 0
         # Outside the block the engine sleeps, from the start: training's first step gets the
         # memory vLLM took at start-up, and the first enter is like every later one.
@@ -85,7 +94,7 @@ class MegatronRolloutShardingManager(BaseShardingManager):
             self.wake_weights()
             undo.append(lambda: self.rollout.sleep(level=self.sleep_level))
             with self.phase_timer("sync"):
-                self.rollout.load_weights(self.hf_weights())
+                self.sync_weights()
             self.allgather.release()
             return_cached_memory()
             self.wake_cache()
@@ -114,11 +123,45 @@ class MegatronRolloutShardingManager(BaseShardingManager):
     def load_state_dict(self, state: dict) -> None:
         self._gen_rng = state["generation_rng"]
 
-    def hf_weights(self):
-        """The lazy HF-named stream of the whole model (TP gathered, bucketed when asked)."""
-        stream = stream_hf_weights(
-            self.allgather.named_parameters(), self.worker.args, D.tp_group(), self.bucket_mb
+    def sync_weights(self) -> None:
+        """Make the engine's weights the trained ones (the engine's weights awake, the whole
+        model gathered)."""
+        if self.direct is None:
+            self.rollout.load_weights(self.hf_weights())
+            self.direct = self._plan_direct_copies()
+            return
+        keep = None if self.weight_filter is None else lambda name: self.weight_filter((name, None))
+        self.direct.copy(keep)
+        if self.direct.remaining:
+            self.rollout.load_weights(self.hf_weights(set(self.direct.remaining)))
+
+    def _plan_direct_copies(self) -> DirectCopies:
+        """Planned right after the engine's own loader wrote every tensor, and kept only if each
+        planned piece equals what that loader wrote, on every rank; else all goes by stream."""
+        engine = self.rollout.engine_parameters()
+        params, packed, tp = (
+            (engine.params, engine.packed, engine.tp_size) if engine else ({}, {}, 0)
         )
+        named = list(self.allgather.named_parameters())
+        plan = plan_direct_copies(named, self.worker.args, params, packed, D.tp_size(), tp)
+        mismatch = plan.first_mismatch()
+        agreed = torch.tensor([0 if mismatch else 1], device=cpu_compat.device())
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        if not agreed.item():
+            if mismatch:
+                log.warning(
+                    "direct weight copies disabled: %s differs from the engine's loader", mismatch
+                )
+            plan = DirectCopies(remaining=[name for name, _ in named])
+        return plan
+
+    def hf_weights(self, names: set[str] | None = None):
+        """The lazy HF-named stream of the whole model, or of the megatron tensors in `names`
+        (TP gathered, bucketed when asked)."""
+        named = self.allgather.named_parameters()
+        if names is not None:
+            named = ((n, t) for n, t in named if n in names)
+        stream = stream_hf_weights(named, self.worker.args, D.tp_group(), self.bucket_mb)
         # Buckets are the unit an out-of-process transport ships; an in-process engine loads
         # pairs, so they are flattened again (still lazy: one bucket materialised at a time).
         if self.bucket_mb:

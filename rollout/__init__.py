@@ -3,11 +3,18 @@
 engines (vLLM, transformers) are imported only when one is built."""
 
 from rollout import hf_rollout, vllm_rollout  # noqa: F401  (registration side effect)
-from rollout.base import BaseRollout, build_rollout, register_rollout, registered_rollouts
+from rollout.base import (
+    BaseRollout,
+    EngineParameters,
+    build_rollout,
+    register_rollout,
+    registered_rollouts,
+)
 from rollout.sampling import SAMPLING_KEY, SamplingSettings, resolve_sampling
 
 __all__ = [
     "BaseRollout",
+    "EngineParameters",
     "SAMPLING_KEY",
     "SamplingSettings",
     "build_rollout",

@@ -5,22 +5,35 @@ A backend is a class with one abstract method, `generate_sequences(batch) -> bat
 only ever calls `build_rollout(cfg.rollout, model_path, ...)`, so adding a backend never
 touches trainer code.
 
-The other methods (`wake_up`, `sleep`, `load_weights`) are plain hooks that a ShardingManager
-calls around generation. They are not abstract: an engine with nothing to free sleeps as a
-no-op. `load_weights` has no default because an engine whose weights silently stay stale is
-the worst failure an RL loop can have.
+The other methods (`wake_up`, `sleep`, `load_weights`, `engine_parameters`) are plain hooks that
+a ShardingManager calls around generation. They are not abstract: an engine with nothing to
+free sleeps as a no-op, and one that exposes no parameters gets every sync through
+`load_weights`. `load_weights` has no default because an engine whose weights silently stay
+stale is the worst failure an RL loop can have.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tandem_core.config import RolloutConfig
 from tandem_core.protocol import Batch
+
+
+@dataclass(frozen=True)
+class EngineParameters:
+    """This rank's engine parameters, for weight syncs that write them in place."""
+
+    params: dict[str, torch.Tensor]
+    """By HF name, except fused modules, which appear under their own name (`qkv_proj`)."""
+    packed: dict[str, list[str]]
+    """Fused module -> the HF modules it stacks, in row order (vLLM's packed_modules_mapping)."""
+    tp_size: int
 
 
 class BaseRollout(ABC):
@@ -47,6 +60,12 @@ class BaseRollout(ABC):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Make the engine's weights equal to these HF-named tensors (full, unsharded)."""
         raise NotImplementedError(f"{type(self).__name__} cannot load weights in place")
+
+    def engine_parameters(self) -> EngineParameters | None:
+        """The engine's own parameters, when copies into them are a valid weight update and the
+        tensors stay the same across sleep and wake (syncs after the first then copy straight
+        into them; see weight_loaders/direct_copy.py). None: every sync uses `load_weights`."""
+        return None
 
 
 RolloutBuilder = Callable[..., BaseRollout]

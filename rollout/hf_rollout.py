@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from rollout.assemble import build_output, prompt_token_lists
-from rollout.base import BaseRollout, register_rollout
+from rollout.base import BaseRollout, EngineParameters, register_rollout
 from rollout.sampling import SamplingSettings, checkpoint_defaults, resolve_sampling
 from tandem_core import cpu_compat
 from tandem_core.config import RolloutConfig
@@ -59,6 +59,7 @@ class HFRollout(BaseRollout):
             )
         self.model.to(self.device)
         self.model.eval()
+        self._weight_bytes: dict[torch.nn.Parameter, int] = {}  # storage sizes during sleep 2
         # generate() fills every unset field from the checkpoint's generation_config.json
         # (e.g. Qwen's repetition_penalty=1.05, top_k=20) and then from transformers' own
         # defaults (top_k=50): start from a neutral config so only our settings apply.
@@ -139,15 +140,23 @@ class HFRollout(BaseRollout):
                     raise KeyError(f"{name!r} is not a parameter of the HF rollout model")
                 params[name].copy_(tensor)
 
+    def engine_parameters(self) -> EngineParameters | None:
+        return EngineParameters(dict(self.model.named_parameters()), {}, tp_size=1)
+
     def sleep(self, level: int = 1) -> None:
-        # The static cache lives only inside one generate call; level 2 also moves the
-        # weights off the GPU. On CPU there is nothing to give back.
+        # The static cache lives only inside one generate call. Level 2 drops the weights too
+        # (the next sync rewrites them) by emptying their storage: the parameter tensors stay,
+        # so in-place copies reach them after wake_up. On CPU there is nothing to give back.
         if self.device.type != "cuda":
             return
         if level >= 2:
-            self.model.to("cpu")
+            for p in self.model.parameters():
+                if p not in self._weight_bytes:  # a second sleep finds them already empty
+                    self._weight_bytes[p] = p.untyped_storage().nbytes()
+                    p.untyped_storage().resize_(0)
         torch.cuda.empty_cache()
 
     def wake_up(self, tags: list[str] | None = None) -> None:
-        if self.device.type == "cuda":
-            self.model.to(self.device)
+        for p, nbytes in self._weight_bytes.items():
+            p.untyped_storage().resize_(nbytes)
+        self._weight_bytes.clear()

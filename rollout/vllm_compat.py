@@ -9,6 +9,9 @@ so what differs is the platform:
   fast path (~10 ms for 0.5B); on CPU it breaks the repacked linear weights (0-element
   parameters after loading), and the `reload_weights` worker RPC is the path that works
   (followed by a re-pack of a tied lm_head, which the CPU reload leaves stale).
+- direct weight copies (into the engine's parameter tensors): CUDA only, where the parameters
+  keep their layout and, through vLLM's sleep-mode allocator, their addresses across sleep and
+  wake; the CPU build's parameters are emptied by the repack.
 - "no top-k" is spelled 0 (both builds accept it; -1 is deprecated upstream).
 """
 
@@ -54,6 +57,10 @@ def _repack_tied_lm_head(model) -> None:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
+
+
+def parameters_writable_in_place() -> bool:
+    return on_cuda()
 
 
 def pick_weight_loader() -> WeightLoader:

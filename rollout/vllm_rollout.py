@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from rollout import vllm_compat
 from rollout.assemble import build_output, prompt_token_lists
-from rollout.base import BaseRollout, register_rollout
+from rollout.base import BaseRollout, EngineParameters, register_rollout
 from rollout.sampling import SamplingSettings, checkpoint_defaults, resolve_sampling
 from tandem_core.config import RolloutConfig
 from tandem_core.distributed import init_distributed
@@ -142,6 +142,17 @@ class VLLMRollout(BaseRollout):
     # ---- hooks ----------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         self._load(self.llm, weights)
+
+    def engine_parameters(self) -> EngineParameters | None:
+        if not vllm_compat.parameters_writable_in_place():
+            return None
+
+        def describe(model):
+            packed = getattr(model, "packed_modules_mapping", None) or {}
+            return dict(model.named_parameters()), {k: list(v) for k, v in packed.items()}
+
+        params, packed = self.llm.apply_model(describe)[0]
+        return EngineParameters(params, packed, self.tp_size)
 
     def sleep(self, level: int = 1) -> None:
         # Level 1 offloads weights to host memory and drops the KV cache; level 2 drops both,

@@ -8,6 +8,8 @@
 - `megatron_named_params(chunks, config)`: a rank's params under global layer numbers.
 - `stream_hf_weights(global_named_params, args, tp_group, bucket_mb)`: lazy HF-named full
   tensors (or buckets of them) for a rollout engine.
+- `plan_direct_copies(global_named_params, args, engine_params, packed, train_tp, engine_tp)`:
+  the tensors that map straight onto an engine sharded like megatron, as views copied in one go.
 
 An architecture is one module (llama, qwen2, mistral) registering a weight map and a config
 reader; importing it here is what registers it.
@@ -22,6 +24,7 @@ from weight_loaders.core import (
     model_args_from_hf,
     register_arch,
 )
+from weight_loaders.direct_copy import DirectCopies, plan_direct_copies
 from weight_loaders.hf_export import export_megatron_to_hf
 from weight_loaders.hf_import import load_hf_into_megatron
 from weight_loaders.stream import bucket, iter_hf_tensors, megatron_named_params, stream_hf_weights
@@ -36,6 +39,7 @@ from weight_loaders.transforms import (
 
 __all__ = [
     "ARCHS",
+    "DirectCopies",
     "WeightLoaderError",
     "bucket",
     "deinterleave_qkv",
@@ -50,6 +54,7 @@ __all__ = [
     "megatron_named_params",
     "megatron_shards_to_hf",
     "model_args_from_hf",
+    "plan_direct_copies",
     "register_arch",
     "split_gate_up",
     "stream_hf_weights",

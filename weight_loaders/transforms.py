@@ -1,6 +1,6 @@
 """The layout transforms between HF tensors and megatron tensor-parallel shards: pure functions.
 
-A megatron parameter has one of a few layouts; each layout answers four questions, all pure
+A megatron parameter has one of a few layouts; each layout answers five questions, all pure
 (tensors and shapes in, tensors and shapes out; no process groups, no files):
 
 - `hf_shapes(shard_shape, args, tp)`: the full HF shapes a TP shard of this shape implies
@@ -8,7 +8,9 @@ A megatron parameter has one of a few layouts; each layout answers four question
 - `shard_index(hf_shapes, args, tp, rank)`: which slice of each HF tensor TP rank `rank` owns
   (the importer reads exactly these slices, lazily, from safetensors);
 - `assemble(parts, shard_shape, args)`: the megatron shard from those slices;
-- `to_hf(shards, args)`: the full HF tensors from the shards of all TP ranks (export, stream).
+- `to_hf(shards, args)`: the full HF tensors from the shards of all TP ranks (export, stream);
+- `local_rows(shard, args)`: this shard's rows of each HF tensor, as views (no copy) in HF row
+  order, for an engine sharded like megatron (same TP); what direct weight copies read.
 
 The two real transforms are named functions: `interleave_qkv`/`deinterleave_qkv` (megatron's
 `linear_qkv` stores, per query group, that group's query heads then its one key head then its
@@ -106,6 +108,10 @@ class Layout:
 
     def to_hf(self, shards: Sequence[torch.Tensor], args: ModelArgs) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def local_rows(self, shard: torch.Tensor, args: ModelArgs) -> list[list[torch.Tensor]]:
+        """Per HF tensor, the contiguous row blocks of it that this shard holds, in order."""
+        return [[shard]]
 
     # Replicated tensors need no gather; the streamer asks.
     gathered: bool = True
@@ -218,6 +224,18 @@ class QKV(Layout):
         q, k, v = parts
         return interleave_qkv(q, k, v, k.shape[0] // args.kv_channels)
 
+    def local_rows(self, shard, args):
+        # Per query group: its q heads, its k head, its v head; each a contiguous block.
+        q_rows = args.num_attention_heads // args.num_query_groups * args.kv_channels
+        kv_rows = args.kv_channels
+        grouped = shard.view(-1, q_rows + 2 * kv_rows, *shard.shape[1:])
+        q, k, v = ([], [], [])
+        for g in grouped:
+            q.append(g[:q_rows])
+            k.append(g[q_rows : q_rows + kv_rows])
+            v.append(g[q_rows + kv_rows :])
+        return [q, k, v]
+
     def to_hf(self, shards, args):
         # TP ranks hold contiguous groups, so the concatenated shards are the full interleave.
         full = _cat(shards, 0)
@@ -242,6 +260,10 @@ class GateUp(Layout):
 
     def assemble(self, parts, shard_shape, args):
         return fuse_gate_up(*parts)
+
+    def local_rows(self, shard, args):
+        gate, up = split_gate_up(shard)
+        return [[gate], [up]]
 
     def to_hf(self, shards, args):
         halves = [split_gate_up(s) for s in shards]

@@ -105,6 +105,113 @@ def test_bucket_limits():
     assert [len(b) for b in wl.bucket(iter(pairs), bucket_mb=0.0001)] == [1] * 10
 
 
+# ---- direct copies into an engine sharded like megatron ---------------------------------------
+PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+def _hf_state(args: ModelArgs) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    hd, h, f = args.kv_channels, args.hidden_size, args.ffn_hidden_size
+    shapes = {
+        "embed_tokens": (args.vocab_size, h),
+        "lm_head": (args.vocab_size, h),
+        "q_proj.weight": (args.num_attention_heads * hd, h),
+        "k_proj.weight": (args.num_query_groups * hd, h),
+        "v_proj.weight": (args.num_query_groups * hd, h),
+        "q_proj.bias": (args.num_attention_heads * hd,),
+        "k_proj.bias": (args.num_query_groups * hd,),
+        "v_proj.bias": (args.num_query_groups * hd,),
+        "o_proj": (h, args.num_attention_heads * hd),
+        "gate_proj": (f, h),
+        "up_proj": (f, h),
+        "down_proj": (h, f),
+        "norm": (h,),
+    }
+    out = {}
+    for name in wl.expected_hf_names(args):
+        key = next(k for k in shapes if k in name) if "layernorm" not in name else "norm"
+        out[name] = torch.randn(shapes[key], generator=g)
+    return out
+
+
+def _megatron_rank(hf: dict, args: ModelArgs, tp: int, rank: int) -> list[tuple[str, torch.Tensor]]:
+    """Every megatron tensor of TP rank `rank` (global layer names), built by the importer's math."""
+    out = []
+    for pattern, rule in wl.get_arch(args.arch).weight_map.items():
+        for i in range(args.num_layers) if "{i}" in pattern else [None]:
+            if pattern == "output_layer.weight" and args.tie_word_embeddings:
+                continue
+            parts = [hf[h.format(i=i)] for h in rule.hf]
+            shape = (args.padded_vocab_size(tp) // tp, args.hidden_size)
+            shard = wl.hf_to_megatron_shard(rule.layout, parts, shape, args, tp, rank)
+            out.append((pattern.format(i=i), shard))
+    return out
+
+
+def _engine_rank(hf: dict, args: ModelArgs, tp: int, rank: int, vocab_rows: int):
+    """What a vLLM-style engine (packed qkv/gate_up, HF row order, TP rank `rank`) should hold."""
+    want = {}
+    for pattern, rule in wl.get_arch(args.arch).weight_map.items():
+        for i in range(args.num_layers) if "{i}" in pattern else [None]:
+            names = [h.format(i=i) for h in rule.hf]
+            parts = [hf[n] for n in names]
+            if rule.layout == "vocab":  # the engine's own padding and split
+                full = torch.cat(
+                    [parts[0], parts[0].new_zeros(vocab_rows * tp - len(parts[0]), 16)]
+                )
+                want[names[0]] = full[rank * vocab_rows : (rank + 1) * vocab_rows]
+                continue
+            index = LAYOUTS[rule.layout].shard_index([p.shape for p in parts], args, tp, rank)
+            local = torch.cat([p[ix] for p, ix in zip(parts, index, strict=True)])
+            fused = {"qkv": "qkv_proj", "gate_up": "gate_up_proj"}.get(rule.layout)
+            name = names[0].replace(names[0].split(".")[-2], fused) if fused else names[0]
+            want[name] = local
+    return want
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("engine_pad", [256, 64])  # megatron's padded vocab at TP 2; vLLM's
+def test_direct_copies_fill_a_packed_engine(tp, engine_pad):
+    hf = _hf_state(ARGS)
+    vocab_rows = -(-ARGS.vocab_size // engine_pad) * engine_pad // tp  # vLLM: pad, then split
+    for rank in range(tp):
+        want = _engine_rank(hf, ARGS, tp, rank, vocab_rows)
+        params = {n: torch.zeros_like(t) for n, t in want.items()}
+        shards = _megatron_rank(hf, ARGS, tp, rank)
+        plan = wl.plan_direct_copies(shards, ARGS, params, PACKED, tp, tp)
+        plan.copy()
+        vocab_mapped = engine_pad == 256 or tp == 1
+        assert plan.remaining == (
+            [] if vocab_mapped else ["embedding.word_embeddings.weight", "output_layer.weight"]
+        )
+        for name, got in params.items():
+            if "embed_tokens" in name or "lm_head" in name:
+                if not vocab_mapped:
+                    assert not got.any(), name
+                    continue
+                got, expect = got[: ARGS.vocab_size], want[name][: ARGS.vocab_size]
+            else:
+                expect = want[name]
+            assert torch.equal(got, expect), name
+        assert plan.first_mismatch() is None
+
+
+def test_direct_copies_unpacked_engine_and_tp_mismatch():
+    hf = _hf_state(ARGS)
+    params = {n: torch.zeros_like(t) for n, t in hf.items()}  # transformers' own names
+    plan = wl.plan_direct_copies(_megatron_rank(hf, ARGS, 1, 0), ARGS, params, {}, 1, 1)
+    plan.copy()
+    assert plan.remaining == [] and all(torch.equal(params[n], hf[n]) for n in hf)
+    # Training TP 2 into an engine at TP 1: only the replicated norms map directly.
+    params = {n: torch.zeros_like(t) for n, t in hf.items()}
+    plan = wl.plan_direct_copies(_megatron_rank(hf, ARGS, 2, 0), ARGS, params, {}, 2, 1)
+    assert set(plan.names) == {n for n in plan.names if "layernorm" in n}
+    assert len(plan.remaining) == 2 + ARGS.num_layers * 5 and plan.names  # qkv w+b, proj, fc1, fc2
+    plan.copy(keep=lambda name: "layers.1." not in name)  # a filtered copy skips layer 1
+    norms = [n for n in hf if "layernorm" in n or n == "model.norm.weight"]
+    assert all(torch.equal(params[n], hf[n]) != ("layers.1." in n) for n in norms)
+
+
 # ---- configs: dispatch and refusals -----------------------------------------------------------
 @pytest.mark.parametrize(
     "preset,arch,tied,bias",

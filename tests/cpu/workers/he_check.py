@@ -6,7 +6,9 @@ PRESET: a tandem_core.tiny_models.TINY_SPECS name, tiny_llama by default (4 head
 TP ≤ 2); tiny_llama_wide (8 / 8) allows training and rollout TP 4 and 8.
 For each training layout (the world is shared; DP = world / (TP×PP)):
 1. after enter, the engine's greedy samples have log-probs equal to the actor's (≤1e-4);
-   inside the block gradients and foreign pipeline stages are released;
+   inside the block gradients and foreign pipeline stages are released; the first sync planned
+   direct copies (all tensors at equal training and rollout TP, the norms alone otherwise;
+   none for an engine without writable parameters), which every later sync uses;
 2. after an optimizer step and a new enter, the engine reflects the new weights; a partial
    sync and a skipped sync are caught by the stale-weights detector;
 3. after exit, foreign stages hold no memory, and training continues bit-identically to a
@@ -112,6 +114,13 @@ def check_layout(tp, pp, vpp, rollout, backend, hf_dir, args, tokenizer) -> dict
         result["cuda_mib_freed_by_enter"] = inside["cuda_freed_by_enter"] / 2**20
     assert inside["grad_bytes"] == 0 and inside["foreign_bytes"] == 0, inside
     assert manager.allgather.foreign_bytes() == 0
+    direct = manager.direct
+    if rollout.engine_parameters() is None:
+        assert not direct.names, direct.names
+    elif tp == rollout.tp_size:
+        assert direct.names and not direct.remaining, direct.remaining
+    else:
+        assert direct.names and all("layernorm" in n for n in direct.names), direct.names
 
     # 3. training after a swap is bit-identical to a twin that never swapped
     update = train_batch(actor, out)
