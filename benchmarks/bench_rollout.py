@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_rollout [--models qwen2_0p5b]
         [--backends vllm vllm-bare vllm-bare-seeded] [--prompts 256] [--response-length 256]
-        [--stop-at-eos]
+        [--stop-at-eos] [--enforce-eager true|false]
 
 Each (model, backend) runs in its own process (a world of one), so engines never share a
 process's distributed state or memory. For each model, every backend generates from the same
@@ -84,6 +84,7 @@ def bench_ours(backend: str, src: C.ModelSource, prompts, opts) -> dict:
         seed=0,
         load_format=src.load_format,
         gpu_memory_utilization=opts.gpu_memory_utilization,
+        enforce_eager=opts.enforce_eager,
     )
     ro, start_s = C.timed_call(
         lambda: build_rollout(cfg, src.hf_dir, dtype=opts.dtype, max_model_len=opts.max_model_len)
@@ -127,7 +128,7 @@ def bench_bare(src: C.ModelSource, prompts, opts, seeded: bool) -> dict:
             max_model_len=opts.max_model_len,
             tensor_parallel_size=1,
             distributed_executor_backend="external_launcher",
-            enforce_eager=defaults.enforce_eager,
+            enforce_eager=opts.enforce_eager,
             enable_prefix_caching=defaults.enable_prefix_caching,
             logprobs_mode="raw_logprobs",
             seed=defaults.seed,
@@ -166,6 +167,7 @@ def bench_bare(src: C.ModelSource, prompts, opts, seeded: bool) -> dict:
 
 def main() -> None:
     from rollout import registered_rollouts
+    from tandem_core.config import RolloutConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -185,6 +187,12 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     ap.add_argument("--repeats", type=int, default=C.pick(1, 2))
     ap.add_argument("--stop-at-eos", action="store_true")
+    ap.add_argument(
+        "--enforce-eager",
+        type=lambda v: v.lower() in ("1", "true", "yes"),
+        default=RolloutConfig().enforce_eager,
+        help="true: no CUDA graphs (the config default); false: vLLM captures CUDA graphs",
+    )
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
     opts = ap.parse_args()
 
@@ -214,6 +222,7 @@ def main() -> None:
             "dtype",
             "gpu_memory_utilization",
             "repeats",
+            "enforce_eager",
         )
     ] + (["--stop-at-eos"] if opts.stop_at_eos else [])
     results = {}
@@ -227,7 +236,8 @@ def main() -> None:
     eos = "stop at EOS" if opts.stop_at_eos else "EOS ignored (fixed lengths)"
     lines = [
         f"{opts.prompts} prompts × up to {opts.response_length} new tokens, {opts.dtype}, "
-        f"temperature 1, {eos}; {C.device_name()}, "
+        f"temperature 1, {eos}, {'eager' if opts.enforce_eager else 'CUDA graphs'}; "
+        f"{C.device_name()}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}",
         "",
     ]

@@ -1,8 +1,10 @@
 """The CUDA path with NCCL on 2, 4 and 8 GPUs: `make test-multigpu` (skips, saying so, without
 GPUs; each test skips, naming the count it needs, when fewer GPUs are visible).
 
-- 1 GPU: every test here skips (each needs at least 2; the parity tests run their 1-GPU bf16
-  references themselves); test_logprobs_cuda.py checks the fused log-prob kernels;
+- 1 GPU: HybridEngine swaps with CUDA vLLM (training 1x1, rollout TP 1: the direct weight
+  copies run against vLLM's own parameters); a short GRPO run with CUDA graphs in the rollout
+  (`rollout.enforce_eager=false`) across sleep/wake; test_logprobs_cuda.py checks the fused
+  log-prob kernels;
 - 2 GPUs: megatron TP=2, PP=2 and TP=2+SP in bf16 equal one GPU on the same weights;
   HybridEngine swaps with CUDA vLLM (rollout TP 1 and 2) for training layouts 1x1 (DP=2), 2x1,
   1x2 (TPxPP) on tiny_llama; a short GRPO run end to end (TP=2 training, rollout TP 1);
@@ -61,6 +63,7 @@ def swap_runs(world: int, layouts: str, preset: str | None, rollout_tps: tuple[i
 
 
 HE_RUNS = [
+    *swap_runs(1, "1x1", None, (1,)),
     *swap_runs(2, "1x1,2x1,1x2", None, (1, 2)),
     *swap_runs(4, "4x1,2x2,2x1,1x2", WIDE, (1, 2, 4)),
     *swap_runs(8, "8x1,4x2,2x2", WIDE, (2, 4, 8)),
@@ -68,6 +71,7 @@ HE_RUNS = [
 
 # ---- GRPO end to end: (world, hydra overrides on top of grpo_command's) -------------------------
 GRPO_RUNS = [
+    pytest.param(1, ["rollout.enforce_eager=false"], id="1gpu-cuda_graphs", marks=needs_gpus(1)),
     pytest.param(2, ["parallel=tp2"], id="2gpu-tp2-rollout_tp1", marks=needs_gpus(2)),
     pytest.param(
         4,
