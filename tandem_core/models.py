@@ -185,8 +185,10 @@ def build_transformer_config(
         add_qkv_bias=args.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
+        # megatron's own fused SwiGLU and residual add (torch.compile'd kernels), on CUDA; on
+        # CPU they would compile C++ at every start for nothing the tests measure.
+        bias_activation_fusion=cpu_compat.cuda_available(),
+        bias_dropout_fusion=cpu_compat.cuda_available(),
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
