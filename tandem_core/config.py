@@ -175,8 +175,10 @@ class RolloutConfig:
     sleep/wake and in-place weight updates; 1.7x the tokens/s on 0.5B). CPU: always eager."""
     enable_prefix_caching: bool = False
     """Off: outputs after sleep/wake are not proven equal with it on."""
-    sleep_level: int = 1
-    """Engine sleep level between generations (1: free KV cache, keep weights; 2: free both)."""
+    sleep_level: int = 2
+    """Engine sleep level between generations. 2: free the KV cache and drop the weights (every
+    enter rewrites them all anyway); 1: free the KV cache, offload the weights to host memory
+    and bring them back at wake-up (a copy each way, and pinned host memory, for nothing)."""
     weight_bucket_mb: int = 256
     """Bucket size of the weight stream into the engine."""
     load_format: str = "auto"
