@@ -1,8 +1,9 @@
 """Log-probabilities and entropy from vocab-parallel logits, without gathering the vocabulary.
 
 Each TP rank holds logits for its vocab slice [start, start + v/tp). The log-softmax needs a
-max and a sum of exponentials over the whole vocabulary: two all-reduces of [tokens] vectors,
-never a gather of [tokens, vocab]. The math runs in fp32 over chunks of tokens, so the only
+max and a sum of exponentials over the whole vocabulary: each rank reads its logits once for
+its own max and sums, then two all-reduces of [tokens] vectors (the max, then the sums rebased
+on it), never a gather of [tokens, vocab]. The math runs in fp32 over chunks of tokens, so the only
 [tokens, vocab/tp] tensors alive are the model's own logits and one fp32 chunk.
 
 Backward is written by hand (megatron's vocab_parallel_cross_entropy has no entropy term):
@@ -35,20 +36,19 @@ def _masked(x: torch.Tensor, start: int, vocab_size: int) -> torch.Tensor:
     return x
 
 
-def _chunk_max(x, start: int, vocab_size: int):
-    return _masked(x, start, vocab_size).max(dim=-1).values
-
-
-def _chunk_sums(x, maxes, local_labels, start: int, vocab_size: int, with_entropy: bool):
-    """Σ exp(z), Σ exp(z)·z (for H; exp(-inf)·-inf would be nan, so masked) and the label's z,
-    with z = x - max; a label outside this rank's slice contributes 0."""
-    z = _masked(x, start, vocab_size) - maxes[:, None]
+def _chunk_stats(x, local_labels, start: int, vocab_size: int, with_entropy: bool):
+    """One read of the chunk: the slice's max m, Σ exp(z), Σ exp(z)·z (for H; exp(-inf)·-inf
+    would be nan, so masked) and the label's z, with z = x - m. A label outside this rank's
+    slice contributes 0; so does a slice of padding only (m = -inf)."""
+    xm = _masked(x, start, vocab_size)
+    m = xm.max(dim=-1).values
+    z = xm - torch.where(m > float("-inf"), m, 0.0)[:, None]
     ex = z.exp()
     sum_pl = torch.where(ex > 0, ex * z, 0.0).sum(-1) if with_entropy else None
     v_local = x.shape[-1]
     owned = (local_labels >= 0) & (local_labels < v_local)
     picked = z.gather(-1, local_labels.clamp(0, v_local - 1)[:, None]).squeeze(-1)
-    return ex.sum(-1), sum_pl, torch.where(owned, picked, 0.0)
+    return m, ex.sum(-1), sum_pl, torch.where(owned, picked, 0.0)
 
 
 def _chunk_grad(x, lse, entropy, g_lp, g_h, local_labels, start: int, vocab_size: int):
@@ -66,10 +66,10 @@ def _chunk_grad(x, lse, entropy, g_lp, g_h, local_labels, start: int, vocab_size
 
 @functools.cache
 def _chunk_ops():
-    """(max, sums, grad). On CUDA each compiles to one fused kernel that reads the bf16 logits
+    """(stats, grad). On CUDA each compiles to one fused kernel that reads the bf16 logits
     once, instead of ~10 fp32 passes over [tokens, vocab] (the log-prob pass would otherwise cost
     as much as the model's forward for a 150k vocabulary)."""
-    ops = (_chunk_max, _chunk_sums, _chunk_grad)
+    ops = (_chunk_stats, _chunk_grad)
     if torch.cuda.is_available():
         ops = tuple(torch.compile(op, dynamic=True) for op in ops)
     return ops
@@ -79,27 +79,30 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, vocab_start, vocab_size, group, chunk_tokens, with_entropy):
         # logits [T, v_local] (any float dtype), labels [T] global ids.
-        chunk_max, chunk_sums, _ = _chunk_ops()
+        chunk_stats, _ = _chunk_ops()
         T = logits.shape[0]
         f32 = dict(dtype=torch.float32, device=logits.device)
         maxes, sumexp = torch.empty(T, **f32), torch.empty(T, **f32)
         sum_pl, label_logit = torch.zeros(T, **f32), torch.empty(T, **f32)
         local_labels = labels - vocab_start
         for s in range(0, T, chunk_tokens):
-            maxes[s : s + chunk_tokens] = chunk_max(
-                logits[s : s + chunk_tokens], vocab_start, vocab_size
-            )
-        if group is not None:
-            dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
-        for s in range(0, T, chunk_tokens):
             e = slice(s, s + chunk_tokens)
-            sums = chunk_sums(
-                logits[e], maxes[e], local_labels[e], vocab_start, vocab_size, with_entropy
-            )
-            sumexp[e], label_logit[e] = sums[0], sums[2]
+            stats = chunk_stats(logits[e], local_labels[e], vocab_start, vocab_size, with_entropy)
+            maxes[e], sumexp[e], label_logit[e] = stats[0], stats[1], stats[3]
             if with_entropy:
-                sum_pl[e] = sums[1]
+                sum_pl[e] = stats[2]
         if group is not None:
+            # Each rank's sums are relative to its own max: rebase them on the global max
+            # (exp(x - M) = exp(x - m)·exp(m - M)) rather than reading the logits a second time.
+            local_max = maxes.clone()
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+            shift = local_max - maxes  # <= 0; -inf on a slice of padding only
+            has_mass = sumexp > 0
+            scale = shift.exp()
+            sum_pl = (sum_pl + torch.where(has_mass, shift, 0.0) * sumexp) * scale
+            sumexp = sumexp * scale
+            owned = (local_labels >= 0) & (local_labels < logits.shape[-1])
+            label_logit = torch.where(owned, label_logit + shift, 0.0)
             stacked = torch.stack([sumexp, sum_pl, label_logit])
             dist.all_reduce(stacked, group=group)
             sumexp, sum_pl, label_logit = stacked
@@ -115,7 +118,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         logits, local_labels, lse, entropy = ctx.saved_tensors
         vocab_start, vocab_size, chunk_tokens = ctx.meta
-        chunk_grad = _chunk_ops()[2]
+        chunk_grad = _chunk_ops()[1]
         grad = torch.empty_like(logits)
         g_lp = grad_logp.float() if grad_logp is not None else torch.zeros_like(lse)
         with_h = entropy is not None and grad_entropy is not None

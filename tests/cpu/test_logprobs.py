@@ -62,3 +62,9 @@ def test_without_entropy_gives_the_same_logprobs_and_grads():
         logps.append(lp)
     torch.testing.assert_close(logps[0], logps[1], rtol=0, atol=0)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+
+
+def test_three_tp_ranks_match_the_whole_vocabulary(torchrun):
+    """Each rank's sums are rebased on the global max, also when a rank holds padding only."""
+    errors = torchrun("logprob_tp.py", 3)
+    assert set(errors) == {"40", "30"} and max(errors.values()) < 1e-5, errors
