@@ -7,7 +7,8 @@ TP ≤ 2); tiny_llama_wide (8 / 8) allows training and rollout TP 4 and 8.
 For each training layout (the world is shared; DP = world / (TP×PP)):
 1. after enter, the engine's greedy samples have log-probs equal to the actor's (≤1e-4);
    inside the block gradients and foreign pipeline stages are released; the first sync planned
-   direct copies (all tensors at equal training and rollout TP, the norms alone otherwise;
+   direct copies (all tensors at equal training and rollout TP, but the vocab where vLLM pads
+   it unlike megatron at TP > 1; the norms alone at unequal TP;
    none for an engine without writable parameters), which every later sync uses;
 2. after an optimizer step and a new enter, the engine reflects the new weights; a partial
    sync and a skipped sync are caught by the stale-weights detector;
@@ -117,8 +118,9 @@ def check_layout(tp, pp, vpp, rollout, backend, hf_dir, args, tokenizer) -> dict
     direct = manager.direct
     if rollout.engine_parameters() is None:
         assert not direct.names, direct.names
-    elif tp == rollout.tp_size:
-        assert direct.names and not direct.remaining, direct.remaining
+    elif tp == rollout.tp_size:  # all but the vocab where the two sides pad it differently
+        vocab = {"embedding.word_embeddings.weight", "output_layer.weight"}
+        assert direct.names and set(direct.remaining) <= vocab, direct.remaining
     else:
         assert direct.names and all("layernorm" in n for n in direct.names), direct.names
 
