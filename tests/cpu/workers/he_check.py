@@ -164,7 +164,14 @@ def main():
     hf_dir = ensure_tiny_checkpoint(sys.argv[4] if len(sys.argv) > 4 else "tiny_llama")
     args = weight_loaders.model_args_from_hf(hf_dir)
     rollout = build_rollout(
-        RolloutConfig(name=backend, tensor_model_parallel_size=rollout_tp, response_length=8),
+        # Eager: each GPU run starts a fresh engine, and capturing CUDA graphs would double the
+        # suite's time (the GRPO test covers graphs across swaps).
+        RolloutConfig(
+            name=backend,
+            tensor_model_parallel_size=rollout_tp,
+            response_length=8,
+            enforce_eager=True,
+        ),
         hf_dir,
         max_model_len=128,
     )
