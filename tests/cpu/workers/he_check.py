@@ -164,8 +164,8 @@ def main():
     hf_dir = ensure_tiny_checkpoint(sys.argv[4] if len(sys.argv) > 4 else "tiny_llama")
     args = weight_loaders.model_args_from_hf(hf_dir)
     rollout = build_rollout(
-        # Eager: each GPU run starts a fresh engine, and capturing CUDA graphs would double the
-        # suite's time (the GRPO test covers graphs across swaps).
+        # Eager: every GPU run starts a fresh engine, and capturing CUDA graphs there took one
+        # 2-GPU swap run past 5.5 minutes (the GRPO test covers graphs across swaps).
         RolloutConfig(
             name=backend,
             tensor_model_parallel_size=rollout_tp,
