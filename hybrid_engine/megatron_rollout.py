@@ -10,9 +10,10 @@ enter, in this order (STYLE habit 2, slime's ordering):
      sync streams HF-named full tensors, gathered over training TP one tensor (or bucket) at a
      time and re-sliced by the engine's own loader for its TP, so no rank ever holds a second
      full model. It then plans direct copies (weight_loaders/direct_copy.py) for the tensors
-     that map straight from megatron's shards onto the engine's parameters (all of them when
-     the TP sizes agree), and keeps the plan only if it reproduces what the loader wrote;
-     later syncs are one fused copy of those, and the stream for the rest;
+     that map from megatron's shards onto the engine's parameters (all of them when the
+     engine's TP divides training's, through bucketed gathers over training TP when it is
+     smaller), and keeps the plan only if it reproduces what the loader wrote; later syncs
+     are fused copies of those, and the stream for the rest;
   4. foreign stages are released right after the push (the engine has its own copy), and their
      memory returned to the device before the KV cache is allocated;
   5. the engine wakes its KV cache; the generation RNG state is switched in.
@@ -143,7 +144,17 @@ class MegatronRolloutShardingManager(BaseShardingManager):
             (engine.params, engine.packed, engine.tp_size) if engine else ({}, {}, 0)
         )
         named = list(self.allgather.named_parameters())
-        plan = plan_direct_copies(named, self.worker.args, params, packed, D.tp_size(), tp)
+        plan = plan_direct_copies(
+            named,
+            self.worker.args,
+            params,
+            packed,
+            D.tp_size(),
+            tp,
+            tp_group=D.tp_group(),
+            tp_rank=D.tp_rank(),
+            bucket_mb=self.bucket_mb or 256,
+        )
         mismatch = plan.first_mismatch()
         agreed = torch.tensor([0 if mismatch else 1], device=cpu_compat.device())
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)

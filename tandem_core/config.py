@@ -180,7 +180,9 @@ class RolloutConfig:
     enter rewrites them all anyway); 1: free the KV cache, offload the weights to host memory
     and bring them back at wake-up (a copy each way, and pinned host memory, for nothing)."""
     weight_bucket_mb: int = 256
-    """Bucket size of the weight stream into the engine."""
+    """Bucket size of the weight stream into the engine, and of the gathers of direct copies
+    when the rollout TP is smaller than training's (they hold 1 + training TP buckets while
+    syncing)."""
     load_format: str = "auto"
     """auto: the engine loads the checkpoint at start. dummy: it starts with random weights
     (faster start; the first sync overwrites them). Forced to dummy by model.random_init."""

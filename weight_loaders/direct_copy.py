@@ -10,10 +10,13 @@ two lists of views, and each later sync is one `torch._foreach_copy_`:
 - replicated tensors (norms) map for any pair of TP sizes;
 - row, column and fused gate/up tensors map block for block at equal TP;
 - megatron's per-group interleaved QKV maps as three contiguous blocks per query group;
-- the vocab maps at TP 1 (the real rows) or when both sides pad the vocab alike.
+- the vocab maps at TP 1 (the real rows) or when both sides pad the vocab alike;
+- when the engine's TP divides training's (k = train/engine), engine rank j holds exactly the
+  shards of training TP ranks jk .. jk+k-1: those tensors are all-gathered over training TP in
+  buckets (one flat buffer each way, reused), then copied from the gathered views the same way.
 
-What does not map (different TP sizes, different vocab padding, an engine parameter whose shape
-disagrees) stays with the engine's loader. An engine describes its parameters by name, plus the
+What does not map (an engine TP larger than training's or not dividing it, different vocab
+padding, an engine parameter whose shape disagrees) stays with the engine's loader. An engine describes its parameters by name, plus the
 fused ("packed") modules that stack several HF modules (vLLM's `packed_modules_mapping`, e.g.
 qkv_proj = [q_proj, k_proj, v_proj]); packed or not, each engine parameter holds its HF
 tensors' rows for its TP rank, concatenated.
@@ -29,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from tandem_core.models import ModelArgs
 from weight_loaders.core import get_arch, lookup
@@ -36,35 +40,106 @@ from weight_loaders.transforms import LAYOUTS
 
 
 @dataclass
+class _Bucket:
+    """Tensors gathered together: packed into the flat send buffer, all-gathered, then copied
+    from views of the receive buffer into the engine."""
+
+    numel: int
+    pack_dst: list[torch.Tensor]  # views of the send buffer
+    pack_src: list[torch.Tensor]  # this rank's shards
+    dst: list[torch.Tensor] = field(default_factory=list)
+    src: list[torch.Tensor] = field(default_factory=list)  # views of the receive buffer
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _GatherStage:
+    """Bucketed all-gather over training TP; its two flat buffers hold memory only during a
+    sync (released by resizing their storage, so the planned views stay valid)."""
+
+    group: object
+    send: torch.Tensor
+    recv: torch.Tensor
+    buckets: list[_Bucket]
+
+    def run(self, each_bucket: Callable[[_Bucket], None]) -> None:
+        _grow(self.send), _grow(self.recv)
+        try:
+            for b in self.buckets:
+                torch._foreach_copy_(b.pack_dst, b.pack_src)
+                world = dist.get_world_size(self.group)
+                dist.all_gather_into_tensor(
+                    self.recv[: world * b.numel], self.send[: b.numel], group=self.group
+                )
+                each_bucket(b)
+        finally:
+            _release(self.send), _release(self.recv)
+
+
+@dataclass
 class DirectCopies:
-    """Pairs of views (engine piece, megatron piece), and the megatron tensors left over."""
+    """Pairs of views (engine piece, megatron piece), the gathered ones, and the megatron
+    tensors left over for the engine's loader."""
 
     dst: list[torch.Tensor] = field(default_factory=list)
     src: list[torch.Tensor] = field(default_factory=list)
     names: list[str] = field(default_factory=list)  # the megatron tensor of each pair
-    remaining: list[str] = field(default_factory=list)  # megatron names for the engine's loader
+    remaining: list[str] = field(default_factory=list)
+    gather: _GatherStage | None = None
+
+    @property
+    def planned(self) -> set[str]:
+        """The megatron tensors synced by direct copies (gathered ones included)."""
+        gathered = [n for b in self.gather.buckets for n in b.names] if self.gather else []
+        return set(self.names) | set(gathered)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.src)
+        """Bytes written into the engine per sync (gathered tensors included)."""
+        pairs = (
+            self.src + [t for b in self.gather.buckets for t in b.dst] if self.gather else self.src
+        )
+        return sum(t.numel() * t.element_size() for t in pairs)
 
     @torch.no_grad()
     def copy(self, keep: Callable[[str], bool] | None = None) -> None:
-        """Every pair (or those whose megatron name `keep` accepts): one fused copy."""
-        if keep is None:
-            dst, src = self.dst, self.src
-        else:
-            chosen = [i for i, n in enumerate(self.names) if keep(n)]
-            dst, src = [self.dst[i] for i in chosen], [self.src[i] for i in chosen]
-        if dst:
-            torch._foreach_copy_(dst, src)
+        """Every pair (or those whose megatron name `keep` accepts): one fused copy, and one
+        more per gathered bucket (the gathers run regardless: they are collectives)."""
+        _copy_pairs(self.dst, self.src, self.names, keep)
+        if self.gather is not None:
+            self.gather.run(lambda b: _copy_pairs(b.dst, b.src, b.names, keep))
 
+    @torch.no_grad()
     def first_mismatch(self) -> str | None:
         """The first megatron tensor whose engine pieces differ from it (None: all equal)."""
-        for name, d, s in zip(self.names, self.dst, self.src, strict=True):
-            if not torch.equal(d, s):
-                return name
-        return None
+        found = _mismatch(self.dst, self.src, self.names)
+        if self.gather is not None:
+            gathered: list[str] = []
+            self.gather.run(lambda b: gathered.append(_mismatch(b.dst, b.src, b.names)))
+            found = found or next((n for n in gathered if n), None)
+        return found
+
+
+def _copy_pairs(dst, src, names, keep) -> None:
+    if keep is not None:
+        chosen = [i for i, n in enumerate(names) if keep(n)]
+        dst, src = [dst[i] for i in chosen], [src[i] for i in chosen]
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+def _mismatch(dst, src, names) -> str | None:
+    return next((n for n, d, s in zip(names, dst, src, strict=True) if not torch.equal(d, s)), None)
+
+
+def _grow(buf: torch.Tensor) -> None:
+    if buf.untyped_storage().size() == 0:
+        buf.untyped_storage().resize_(buf.numel() * buf.element_size())
+
+
+def _release(buf: torch.Tensor) -> torch.Tensor:
+    buf.untyped_storage().resize_(0)
+    return buf
 
 
 def _engine_target(
@@ -82,33 +157,46 @@ def _engine_target(
     return None
 
 
-def _row_pairs(dst: torch.Tensor, srcs: list[torch.Tensor]):
-    """`srcs` paired with consecutive row blocks of `dst`; None unless they tile `dst` exactly
-    (same trailing shape, dtype and device)."""
+def _tile(dst: torch.Tensor, srcs: list[torch.Tensor], dim: int):
+    """`srcs` paired with consecutive blocks of `dst` along `dim`; None unless they tile `dst`
+    exactly (same other dims, dtype and device)."""
     pairs, start = [], 0
     for s in srcs:
-        if s.shape[1:] != dst.shape[1:] or s.dtype != dst.dtype or s.device != dst.device:
+        same = s.dim() == dst.dim() and all(
+            s.shape[d] == dst.shape[d] for d in range(dst.dim()) if d != dim
+        )
+        if not same or s.dtype != dst.dtype or s.device != dst.device:
             return None
-        pairs.append((dst[start : start + s.shape[0]], s))
-        start += s.shape[0]
-    return pairs if start == dst.shape[0] else None
+        pairs.append((dst.narrow(dim, start, s.shape[dim]), s))
+        start += s.shape[dim]
+    return pairs if start == dst.shape[dim] else None
+
+
+def _first_rows(blocks: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    out = []
+    for b in blocks:
+        if n <= 0:
+            break
+        out.append(b[:n])
+        n -= b.shape[0]
+    return out
 
 
 def plan_tensor(
     megatron_name: str,
-    shard: torch.Tensor,
+    shards: list[torch.Tensor],
     args: ModelArgs,
     params: dict[str, torch.Tensor],
     packed: dict[str, list[str]],
-    train_tp: int,
     engine_tp: int,
 ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """The (engine view, shard view) pairs that fill this tensor's engine pieces, or None when
-    they are not a fixed local mapping."""
+    """The (engine view, shard view) pairs that fill this tensor's engine pieces from
+    `shards`, the training TP shards that make up the engine rank's slice, in TP order (one
+    shard at equal TP); None when they do not tile the engine's parameters."""
     rule, hf_names = lookup(get_arch(args.arch).weight_map, megatron_name)
-    if rule.layout != "replicated" and train_tp != engine_tp:
-        return None
-    blocks = LAYOUTS[rule.layout].local_rows(shard.detach(), args)
+    layout = LAYOUTS[rule.layout]
+    per_shard = [layout.local_rows(s.detach(), args) for s in shards]
+    blocks = [[b for rows in per_shard for b in rows[i]] for i in range(len(hf_names))]
     # Each engine parameter's HF tensors, in its packed order; all members must be here.
     by_param: dict[str, dict[int, list[torch.Tensor]]] = {}
     sizes: dict[str, int] = {}
@@ -125,12 +213,12 @@ def plan_tensor(
             return None  # a packed parameter this tensor fills only in part
         dst = params[name]
         srcs = [block for _, rows in sorted(members.items()) for block in rows]
-        if rule.layout == "vocab" and dst.shape[0] != srcs[0].shape[0]:
-            if train_tp != 1:
+        if rule.layout == "vocab" and dst.shape[0] != sum(b.shape[0] for b in srcs):
+            if engine_tp != 1:
                 return None  # the two sides pad the vocab differently: the TP splits differ
-            # TP 1: the real rows; neither side's padding rows are ever read.
-            dst, srcs = dst[: args.vocab_size], [srcs[0][: args.vocab_size]]
-        found = _row_pairs(dst, srcs)
+            # Engine TP 1: the real rows; neither side's padding rows are ever read.
+            dst, srcs = dst[: args.vocab_size], _first_rows(srcs, args.vocab_size)
+        found = _tile(dst, srcs, layout.split_dim)
         if found is None:
             return None
         pairs += found
@@ -144,16 +232,29 @@ def plan_direct_copies(
     packed: dict[str, list[str]],
     train_tp: int,
     engine_tp: int,
+    tp_group=None,
+    tp_rank: int = 0,
+    bucket_mb: float = 256,
 ) -> DirectCopies:
     """Direct copies for every tensor of `named_shards` (megatron names under global layer
     numbering, this rank's TP shards) that maps onto `params`; the rest in `remaining`.
 
-    Decided from names and shapes alone, so every rank of a TP group plans alike."""
+    Decided from names and shapes alone, so every rank of a TP group plans alike. Gathered
+    copies need `tp_group` (training TP) and this rank's `tp_rank` in it."""
     plan = DirectCopies()
+    can_gather = tp_group is not None and train_tp > engine_tp > 0 and train_tp % engine_tp == 0
+    to_gather: list[tuple[str, torch.Tensor]] = []
     for name, shard in named_shards:
         if name == "output_layer.weight" and args.tie_word_embeddings:
             continue  # the engine ties it to the embedding, which is copied
-        pairs = plan_tensor(name, shard, args, params, packed, train_tp, engine_tp)
+        replicated = not LAYOUTS[lookup(get_arch(args.arch).weight_map, name)[0].layout].gathered
+        if replicated or train_tp == engine_tp:
+            pairs = plan_tensor(name, [shard], args, params, packed, engine_tp)
+        elif can_gather and (not to_gather or shard.dtype == to_gather[0][1].dtype):
+            to_gather.append((name, shard))
+            continue
+        else:
+            pairs = None
         if pairs is None:
             plan.remaining.append(name)
             continue
@@ -161,4 +262,54 @@ def plan_direct_copies(
             plan.dst.append(dst)
             plan.src.append(src)
             plan.names.append(name)
+    if to_gather:
+        k = train_tp // engine_tp
+        needed = range(tp_rank % engine_tp * k, (tp_rank % engine_tp + 1) * k)
+        plan.gather = _plan_gather(
+            to_gather, args, params, packed, train_tp, engine_tp, needed, tp_group, bucket_mb
+        )
+        planned = {n for b in plan.gather.buckets for n in b.names}
+        plan.remaining += [n for n, _ in to_gather if n not in planned]
     return plan
+
+
+def _plan_gather(
+    to_gather, args, params, packed, train_tp, engine_tp, needed, group, bucket_mb
+) -> _GatherStage:
+    """Buckets of at most `bucket_mb` MiB (a larger tensor alone) sharing one send buffer and
+    one receive buffer (train_tp times as large), sized for the largest bucket; `needed` are
+    the training TP ranks whose shards make up this rank's engine slice."""
+    limit = max(int(bucket_mb * 2**20) // to_gather[0][1].element_size(), 1)
+    groups, current, size = [], [], 0
+    for name, shard in to_gather:
+        if current and size + shard.numel() > limit:
+            groups.append(current)
+            current, size = [], 0
+        current.append((name, shard))
+        size += shard.numel()
+    groups.append(current)
+    largest = max(sum(s.numel() for _, s in g) for g in groups)
+    ref = to_gather[0][1]
+    # Views are cut while the buffers hold memory (a view of an empty storage is refused).
+    send = torch.empty(largest, dtype=ref.dtype, device=ref.device)
+    recv = torch.empty(train_tp * largest, dtype=ref.dtype, device=ref.device)
+    buckets = []
+    for members in groups:
+        numel = sum(s.numel() for _, s in members)
+        bucket = _Bucket(numel, [], [])
+        offset = 0
+        for name, shard in members:
+            n = shard.numel()
+            bucket.pack_dst.append(send[offset : offset + n].view(shard.shape))
+            bucket.pack_src.append(shard.detach())
+            gathered = [
+                recv[r * numel + offset : r * numel + offset + n].view(shard.shape) for r in needed
+            ]
+            offset += n
+            pairs = plan_tensor(name, gathered, args, params, packed, engine_tp)
+            for dst, src in pairs or []:
+                bucket.dst.append(dst)
+                bucket.src.append(src)
+                bucket.names.append(name)
+        buckets.append(bucket)
+    return _GatherStage(group, _release(send), _release(recv), buckets)

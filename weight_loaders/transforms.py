@@ -9,8 +9,8 @@ A megatron parameter has one of a few layouts; each layout answers five question
   (the importer reads exactly these slices, lazily, from safetensors);
 - `assemble(parts, shard_shape, args)`: the megatron shard from those slices;
 - `to_hf(shards, args)`: the full HF tensors from the shards of all TP ranks (export, stream);
-- `local_rows(shard, args)`: this shard's rows of each HF tensor, as views (no copy) in HF row
-  order, for an engine sharded like megatron (same TP); what direct weight copies read.
+- `local_rows(shard, args)`: this shard's blocks of each HF tensor along `split_dim`, as views
+  (no copy) in HF order; what direct weight copies read.
 
 The two real transforms are named functions: `interleave_qkv`/`deinterleave_qkv` (megatron's
 `linear_qkv` stores, per query group, that group's query heads then its one key head then its
@@ -110,11 +110,13 @@ class Layout:
         raise NotImplementedError
 
     def local_rows(self, shard: torch.Tensor, args: ModelArgs) -> list[list[torch.Tensor]]:
-        """Per HF tensor, the contiguous row blocks of it that this shard holds, in order."""
+        """Per HF tensor, the contiguous blocks of it (along `split_dim`) this shard holds."""
         return [[shard]]
 
     # Replicated tensors need no gather; the streamer asks.
     gathered: bool = True
+    # The dimension TP splits (rows, except a row-parallel linear's input columns).
+    split_dim: int = 0
 
 
 LAYOUTS: dict[str, Layout] = {}
@@ -162,6 +164,8 @@ class Column(Layout):
 @register_layout("row")
 class Row(Layout):
     """RowParallelLinear: input columns split evenly over TP."""
+
+    split_dim = 1
 
     def hf_shapes(self, shard_shape, args, tp):
         return [(shard_shape[0], shard_shape[1] * tp)]

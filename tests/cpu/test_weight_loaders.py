@@ -196,6 +196,25 @@ def test_direct_copies_fill_a_packed_engine(tp, engine_pad):
         assert plan.first_mismatch() is None
 
 
+def test_shards_of_two_training_ranks_fill_one_engine_rank():
+    """Training TP 2 into a packed engine at TP 1 (what the gathered copies plan from the two
+    gathered shards): QKV per group, gate/up, row-parallel columns, vocab rows all tile it."""
+    hf = _hf_state(ARGS)
+    want = _engine_rank(hf, ARGS, 1, 0, vocab_rows=192)  # vLLM pads 130 to 192
+    params = {n: torch.zeros_like(t) for n, t in want.items()}
+    ranks = [dict(_megatron_rank(hf, ARGS, 2, r)) for r in range(2)]
+    for name in ranks[0]:
+        replicated = "layernorm" in name  # the same tensor on both ranks: one is the whole
+        shards = [ranks[0][name]] if replicated else [ranks[0][name], ranks[1][name]]
+        pairs = wl.direct_copy.plan_tensor(name, shards, ARGS, params, PACKED, engine_tp=1)
+        assert pairs, name
+        for dst, src in pairs:
+            dst.copy_(src)
+    for name, got in params.items():
+        rows = ARGS.vocab_size if ("embed" in name or "lm_head" in name) else len(got)
+        assert torch.equal(got[:rows], want[name][:rows]), name
+
+
 def test_direct_copies_unpacked_engine_and_tp_mismatch():
     hf = _hf_state(ARGS)
     params = {n: torch.zeros_like(t) for n, t in hf.items()}  # transformers' own names

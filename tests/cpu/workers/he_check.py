@@ -7,8 +7,9 @@ TP ≤ 2); tiny_llama_wide (8 / 8) allows training and rollout TP 4 and 8.
 For each training layout (the world is shared; DP = world / (TP×PP)):
 1. after enter, the engine's greedy samples have log-probs equal to the actor's (≤1e-4);
    inside the block gradients and foreign pipeline stages are released; the first sync planned
-   direct copies (all tensors at equal training and rollout TP, but the vocab where vLLM pads
-   it unlike megatron at TP > 1; the norms alone at unequal TP;
+   direct copies (all tensors when the rollout TP divides the training TP, gathered over
+   training TP when smaller, but the vocab where vLLM pads it unlike megatron at TP > 1; the
+   norms alone when the rollout TP is larger;
    none for an engine without writable parameters), which every later sync uses;
 2. after an optimizer step and a new enter, the engine reflects the new weights; a partial
    sync and a skipped sync are caught by the stale-weights detector;
@@ -117,12 +118,13 @@ def check_layout(tp, pp, vpp, rollout, backend, hf_dir, args, tokenizer) -> dict
     assert manager.allgather.foreign_bytes() == 0
     direct = manager.direct
     if rollout.engine_parameters() is None:
-        assert not direct.names, direct.names
-    elif tp == rollout.tp_size:  # all but the vocab where the two sides pad it differently
+        assert not direct.planned, direct.planned
+    elif tp % rollout.tp_size == 0:  # all but a vocab the engine pads unlike megatron (TP > 1)
         vocab = {"embedding.word_embeddings.weight", "output_layer.weight"}
-        assert direct.names and set(direct.remaining) <= vocab, direct.remaining
+        assert direct.planned and set(direct.remaining) <= vocab, direct.remaining
+        assert (direct.gather is not None) == (tp > rollout.tp_size)
     else:
-        assert direct.names and all("layernorm" in n for n in direct.names), direct.names
+        assert direct.planned and all("layernorm" in n for n in direct.planned), direct.planned
 
     # 3. training after a swap is bit-identical to a twin that never swapped
     update = train_batch(actor, out)
