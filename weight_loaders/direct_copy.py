@@ -63,17 +63,20 @@ class _GatherStage:
     buckets: list[_Bucket]
 
     def run(self, each_bucket: Callable[[_Bucket], None]) -> None:
-        _grow(self.send), _grow(self.recv)
+        """Gather bucket by bucket, calling `each_bucket` while its gathered views are filled."""
+        world = dist.get_world_size(self.group)
+        _grow(self.send)
+        _grow(self.recv)
         try:
             for b in self.buckets:
                 torch._foreach_copy_(b.pack_dst, b.pack_src)
-                world = dist.get_world_size(self.group)
                 dist.all_gather_into_tensor(
                     self.recv[: world * b.numel], self.send[: b.numel], group=self.group
                 )
                 each_bucket(b)
         finally:
-            _release(self.send), _release(self.recv)
+            _release(self.send)
+            _release(self.recv)
 
 
 @dataclass
