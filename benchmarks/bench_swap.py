@@ -49,7 +49,8 @@ def sync_vs_copy(manager, rollout, repeat: int) -> dict:
 
     out = {"bytes": nbytes, "devices": {str(t.device) for _, t in pairs}}
     out["copy_s"] = C.best_of(plain_copy, repeat, warmup=1)
-    pairs.clear(), dst.clear()  # the copy's memory back before the syncs
+    pairs.clear()  # the copy's memory back before the syncs
+    dst.clear()
     out["loader_s"] = C.best_of(
         lambda: rollout.load_weights(manager.hf_weights()), repeat, warmup=1
     )
