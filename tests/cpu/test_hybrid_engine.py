@@ -35,6 +35,14 @@ def test_swaps_interleaved_vpp(torchrun):
     assert all(err <= TOL for err in result["1x2v2"].values()), result
 
 
+def test_swaps_four_ranks_gather_over_training_tp(torchrun):
+    """Training TP 2 × PP 2 and TP 4 into transformers engines (TP 1): the direct copies gather
+    each tensor's shards over training TP in buckets (from foreign pipeline stages too)."""
+    result = torchrun("he_check.py", 4, "hf", "1", "2x2,4x1", "tiny_llama_wide", timeout=900)
+    assert set(result) == {"2x2", "4x1"}
+    assert all(err <= TOL for errs in result.values() for err in errs.values()), result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rollout_tp", [1, 2])
 def test_swaps_tp2_pp2_four_ranks(rollout_tp, torchrun):
