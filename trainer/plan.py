@@ -69,7 +69,9 @@ class PlanError(ConfigError):
 
 
 # ---- activations -----------------------------------------------------------------------------
-def activation_bytes_per_token(m: ModelArgs, tp: int, sp: bool, dtype_bytes: int) -> float:
+def activation_bytes_per_token(
+    m: ModelArgs, tp: int, sp: bool, dtype_bytes: int, fused_swiglu: bool = False
+) -> float:
     """Bytes one decoder layer keeps for backward per token (Tandem's sdpa/local specs, no
     recompute, dropout 0), counted as Korthikanti et al. 2022 do, term by term for a Llama
     layer (tests/cpu/test_plan.py checks the sum against autograd's saved tensors):
@@ -79,14 +81,16 @@ def activation_bytes_per_token(m: ModelArgs, tp: int, sp: bool, dtype_bytes: int
       inverse RMS of each norm: 2 (× 4 B);
     - split over TP: the linear_qkv output (a+2g)d (v is a view that keeps it alive), the
       rotated q and k (a+g)d, the attention output and its copy into linear_proj 2ad: (4a+3g)d;
-      the linear_fc1 output 2f, gate, silu(gate) and the SwiGLU output 3f: 5f; the fp32
+      the linear_fc1 output 2f, gate, silu(gate) and the SwiGLU output 3f: 5f (with
+      megatron's fused SwiGLU, on CUDA: its input 2f and its output f, 3f); the fp32
       log-sum-exp of the attention: a (× 4 B).
     """
     h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
     a, g = m.num_attention_heads, m.num_query_groups
     seq_split = tp if sp else 1
     replicated = (6 * h * dtype_bytes + 2 * 4) / seq_split
-    split = (((4 * a + 3 * g) * d + 5 * f) * dtype_bytes + a * 4) / tp
+    mlp = (3 if fused_swiglu else 5) * f
+    split = (((4 * a + 3 * g) * d + mlp) * dtype_bytes + a * 4) / tp
     return replicated + split
 
 
@@ -119,7 +123,8 @@ def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
         micro_note = f"micro-batch {a.micro_batch_size} × {lay.seq_len} tokens"
         microbatches = a.ppo_mini_batch_size * cfg.rollout.n / lay.dp / a.micro_batch_size
     in_flight = layer_microbatches_in_flight(m.num_layers, lay.pp, lay.vpp, stage, microbatches)
-    per_token = activation_bytes_per_token(m, lay.tp, lay.sp, lay.dtype_bytes)
+    # The plan is for GPUs, where the model runs megatron's fused SwiGLU (tandem_core.models).
+    per_token = activation_bytes_per_token(m, lay.tp, lay.sp, lay.dtype_bytes, fused_swiglu=True)
     params = stage_params(m, lay.tp, lay.pp, stage)
     terms = _model_state_terms(lay, params, "actor")
     terms.append(
