@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from tandem_core import cpu_compat
 from weight_loaders import megatron_named_params
+from weight_loaders.direct_copy import regrow_storage, release_storage
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ class AllGatherPPModel:
         # re-grown in place, so views of them, cached by a weight-sync plan, stay valid.
         self.foreign: dict[int, list[torch.Tensor]] = {
             stage: [
-                _released(torch.empty(s.numel, dtype=s.dtype, device=device)) for s in stage_specs
+                release_storage(torch.empty(s.numel, dtype=s.dtype, device=device))
+                for s in stage_specs
             ]
             for stage, stage_specs in enumerate(specs)
             if stage != self.pp_rank
@@ -113,22 +115,17 @@ class AllGatherPPModel:
         if self.pp_size == 1:
             return  # the whole model is the own stage
         own, _ = _own_buffers(self.own_chunks)
-        for stage, stage_specs in enumerate(self.specs):
-            for i, spec in enumerate(stage_specs):
-                if stage == self.pp_rank:
-                    buf = own[i]
-                else:
-                    buf = self.foreign[stage][i]
-                    storage = buf.untyped_storage()
-                    if storage.size() == 0:
-                        storage.resize_(spec.numel * buf.element_size())
+        for stage in range(self.pp_size):
+            bufs = own if stage == self.pp_rank else self.foreign[stage]
+            for buf in bufs:
+                regrow_storage(buf)  # a no-op on the owner's own buffers
                 dist.broadcast(buf, src=self.owners[stage], group=self.group)
 
     def release(self) -> None:
         """Give back the foreign stages' memory (storage resized to 0)."""
         for bufs in self.foreign.values():
             for buf in bufs:
-                _released(buf)
+                release_storage(buf)
 
     def foreign_bytes(self) -> int:
         """Bytes the foreign stages hold now (0 once released)."""
@@ -152,11 +149,6 @@ class AllGatherPPModel:
         for stage in self.foreign:
             items += self.stage_views(stage)
         yield from sorted(items, key=lambda kv: _model_order(kv[0]))
-
-
-def _released(buf: torch.Tensor) -> torch.Tensor:
-    buf.untyped_storage().resize_(0)
-    return buf
 
 
 def _model_order(name: str) -> tuple[int, int, str]:

@@ -65,8 +65,8 @@ class _GatherStage:
     def run(self, each_bucket: Callable[[_Bucket], None]) -> None:
         """Gather bucket by bucket, calling `each_bucket` while its gathered views are filled."""
         world = dist.get_world_size(self.group)
-        _grow(self.send)
-        _grow(self.recv)
+        regrow_storage(self.send)
+        regrow_storage(self.recv)
         try:
             for b in self.buckets:
                 torch._foreach_copy_(b.pack_dst, b.pack_src)
@@ -75,8 +75,8 @@ class _GatherStage:
                 )
                 each_bucket(b)
         finally:
-            _release(self.send)
-            _release(self.recv)
+            release_storage(self.send)
+            release_storage(self.recv)
 
 
 @dataclass
@@ -135,12 +135,16 @@ def _mismatch(dst, src, names) -> str | None:
     return next((n for n, d, s in zip(names, dst, src, strict=True) if not torch.equal(d, s)), None)
 
 
-def _grow(buf: torch.Tensor) -> None:
+# A buffer whose memory comes and goes while the tensor, and every view of it, stays valid
+# (AllGatherPPModel's foreign stages use the same pair).
+def regrow_storage(buf: torch.Tensor) -> None:
+    """Give a released buffer its memory back (contents undefined); no-op when it has it."""
     if buf.untyped_storage().size() == 0:
         buf.untyped_storage().resize_(buf.numel() * buf.element_size())
 
 
-def _release(buf: torch.Tensor) -> torch.Tensor:
+def release_storage(buf: torch.Tensor) -> torch.Tensor:
+    """Free the buffer's memory, keeping the tensor (and its views) for a later regrow."""
     buf.untyped_storage().resize_(0)
     return buf
 
@@ -315,4 +319,4 @@ def _plan_gather(
                 bucket.src.append(src)
                 bucket.names.append(name)
         buckets.append(bucket)
-    return _GatherStage(group, _release(send), _release(recv), buckets)
+    return _GatherStage(group, release_storage(send), release_storage(recv), buckets)
