@@ -102,6 +102,43 @@ def interleaved_best(fns: dict[str, Callable[[], object]], repeats: int) -> dict
     return best
 
 
+def profile_kernels(fn: Callable[[], object], top: int) -> str:
+    """Markdown table of the `top` kernels (CPU: operators) by self device time in one call of
+    fn, each with its share of the call's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if on_cuda() else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        wall = timed(fn)
+    events = [e for e in prof.key_averages() if _self_device_us(e) > 0]
+    events.sort(key=_self_device_us, reverse=True)
+    total = sum(_self_device_us(e) for e in events)
+    rows = [
+        [
+            e.key[:90].replace("|", "/"),
+            e.count,
+            f"{_self_device_us(e) / 1e3:,.1f}",
+            f"{100 * _self_device_us(e) / 1e6 / wall:.1f} %",
+        ]
+        for e in events[:top]
+    ]
+    rows.append(
+        [
+            "(all kernels)",
+            sum(e.count for e in events),
+            f"{total / 1e3:,.1f}",
+            f"{100 * total / 1e6 / wall:.1f} %",
+        ]
+    )
+    return markdown_table(["kernel", "calls", "ms", "of the step"], rows)
+
+
+def _self_device_us(event) -> float:
+    if on_cuda():
+        return getattr(event, "self_device_time_total", 0.0) or 0.0
+    return event.self_cpu_time_total
+
+
 # ---- models -----------------------------------------------------------------------------------
 SMOLLM2_NAMES = ("smollm2", "smollm2_135m")
 

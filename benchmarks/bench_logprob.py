@@ -1,9 +1,10 @@
 """Log-prob throughput of the actor vs a plain megatron forward of the same model, one process.
 
 "forward" calls the megatron GPTModel on the very micro-batches the actor builds (aligned,
-trimmed, already on the device), keeping the logits and nothing else: the floor. "log-prob" is
-`MegatronActor.compute_log_prob` end to end: host→device copies, micro-batching, megatron's
-schedule, the chunked vocab-parallel log-softmax (fp32), the [B, R] gather and the copy back.
+trimmed, already on the device), keeping the logits of every position and nothing else: the
+floor. "log-prob" is `MegatronActor.compute_log_prob` end to end: host→device copies,
+micro-batching, megatron's schedule, the LM head on the response rows only, the chunked
+vocab-parallel log-softmax (fp32) and the copy back.
 The ratio is what log-probs cost on top of the forward. Tokens are real (unpadded) prompt +
 response tokens; rows have mixed lengths (prompt and response lengths drawn in [len/2, len]).
 Both are timed best of `--repeats`, interleaved, with the device synchronised around each.
@@ -13,6 +14,9 @@ micro-batch 16; on CPU SmolLM2-135M in fp32, 8 rows × (32 + 32), micro-batch 4.
 
     python -m benchmarks.bench_logprob [--model qwen2_0p5b|smollm2|tiny_llama|...]
         [--batch 64] [--prompt-len 256] [--response-len 256] [--micro-batch 16] [--repeats 3]
+        [--profile 15]
+
+`--profile N` adds the N kernels with the most device time in one call of each.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=C.default_dtype(), choices=["float32", "bfloat16"])
     ap.add_argument("--layer-spec", default="sdpa", choices=["sdpa", "local"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="top-N kernel tables")
     opts = ap.parse_args()
 
     import weight_loaders as wl
@@ -83,7 +88,12 @@ def main() -> None:
             ["compute_log_prob", f"{lp_s * 1e3:,.1f} ms", f"{tokens / lp_s:,.0f}"],
         ],
     )
-    C.report(f"{head}\n\n{table}\n\nlog-prob / forward throughput: {fwd_s / lp_s:.3f}")
+    text = f"{head}\n\n{table}\n\nlog-prob / forward throughput: {fwd_s / lp_s:.3f}"
+    if opts.profile:
+        for name, fn in (("plain megatron forward", plain_forward), ("compute_log_prob", logprobs)):
+            text += f"\n\n{name}: kernels with the most device time\n\n"
+            text += C.profile_kernels(fn, opts.profile)
+    C.report(text)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Model FLOPs utilisation of the actor update, `sdpa` layer spec vs megatron's `local` spec.
 
     python -m benchmarks.bench_mfu [--model llama3_1b] [--batch 16] [--seq 1024]
-        [--micro-batch 4] [--specs sdpa local] [--steps 3] [--peak-size 8192]
+        [--micro-batch 4] [--specs sdpa local] [--steps 3] [--peak-size 8192] [--profile 20]
 
 What is timed: `MegatronActor.update_policy` on one mini-batch (= one optimizer step):
 forward + backward of every micro-batch through megatron's schedule, the PPO loss on
@@ -13,16 +13,20 @@ this device's matmul peak: the best of `--peak-repeats` `--peak-size`³ torch.ma
 same dtype (after warm-up), 2·n³ FLOP each. Step time is the best of `--steps` after
 `--warmup` steps, with the device synchronised around each.
 
-FLOP count per token (fwd + bwd = 3 × forward, the Megatron/PaLM convention):
-    6·N + 12·L·q·s
-N = matmul weights: L·[h·(q + 2·kv) + q·h + 3·h·f] + h·V (attention QKV and output, gated MLP,
-the LM head; the embedding lookup, norms and biases are not counted), q = heads·head_dim,
+FLOP count (fwd + bwd = 3 × forward, the Megatron/PaLM convention), per step:
+    tokens·(6·N + 12·L·q·s) + response tokens·6·h·V
+N = the layers' matmul weights: L·[h·(q + 2·kv) + q·h + 3·h·f] (attention QKV and output,
+gated MLP; the embedding lookup, norms and biases are not counted), q = heads·head_dim,
 kv = query_groups·head_dim, f = FFN width, V = the real (unpadded) vocabulary, s = sequence
-length. The attention term counts the full s×s score and value products, NOT halved for
-causal masking (SDPA's flash kernel skips the upper half; the local spec computes it and
-masks it), so the same number of FLOPs is credited to both specs. Tokens = every token of
-the batch (all rows are full). MFU = achieved FLOP/s / peak, against the measured peak and
+length. The LM head (h·V) runs on the response positions only (`ResponseRowsGPTModel`), so
+only those are credited. The attention term counts the full s×s score and value products, NOT
+halved for causal masking (SDPA's flash kernel skips the upper half; the local spec computes
+it and masks it), so the same number of FLOPs is credited to both specs. Tokens = every token
+of the batch (all rows are full). MFU = achieved FLOP/s / peak, against the measured peak and
 against 989 TFLOP/s (H100/H200 SXM dense bf16, nominal; CUDA only).
+
+`--profile N` adds, per spec, the N kernels with the most device time in one more step
+(torch.profiler), as a share of that step.
 """
 
 from __future__ import annotations
@@ -35,16 +39,18 @@ from benchmarks import _common as C
 
 
 def matmul_weights(args) -> int:
-    """N of the docstring: the parameters every token multiplies with (incl. the LM head)."""
+    """N of the docstring: the layers' parameters every token multiplies with."""
     h, f, L = args.hidden_size, args.ffn_hidden_size, args.num_layers
     q = args.num_attention_heads * args.kv_channels
     kv = args.num_query_groups * args.kv_channels
-    return L * (h * (q + 2 * kv) + q * h + 3 * h * f) + h * args.vocab_size
+    return L * (h * (q + 2 * kv) + q * h + 3 * h * f)
 
 
-def flops_per_token(args, seq: int) -> float:
+def step_flops(args, rows: int, seq: int, response: int) -> float:
+    """FLOPs of one update over `rows` full rows of `seq` tokens, `response` of them response."""
     q = args.num_attention_heads * args.kv_channels
-    return 6.0 * matmul_weights(args) + 12.0 * args.num_layers * q * seq
+    per_token = 6.0 * matmul_weights(args) + 12.0 * args.num_layers * q * seq
+    return rows * (seq * per_token + response * 6.0 * args.hidden_size * args.vocab_size)
 
 
 def matmul_peak_tflops(size: int, dtype: torch.dtype, repeats: int) -> float:
@@ -87,6 +93,7 @@ def run_spec(opts, spec: str) -> dict:
         metrics.append(actor.update_policy(batch))
 
     step_s = C.best_of(step, opts.steps, warmup=opts.warmup)
+    top_kernels = C.profile_kernels(step, opts.profile) if opts.profile else None
     skipped = sum(m["actor/skipped_steps"] for m in metrics)
     if skipped:
         raise RuntimeError(f"{spec}: {skipped:g} of {len(metrics)} steps skipped (non-finite loss)")
@@ -96,8 +103,9 @@ def run_spec(opts, spec: str) -> dict:
         "spec": spec,
         "step_s": step_s,
         "tokens": tokens,
-        "flops_per_token": flops_per_token(args, opts.seq),
+        "flops": step_flops(args, opts.batch, opts.seq, opts.seq - prompt),
         "matmul_weights": matmul_weights(args),
+        "top_kernels": top_kernels,
         "peak_mem_gib": peak_mem,
         "pg_loss": metrics[-1]["actor/pg_loss"],
         "layers": args.num_layers,
@@ -118,6 +126,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--peak-size", type=int, default=C.pick(1024, 8192))
     ap.add_argument("--peak-repeats", type=int, default=10)
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="top-N kernel table")
     ap.add_argument("--one", metavar="SPEC", help="(internal) run one spec in this process")
     opts = ap.parse_args()
 
@@ -128,7 +137,7 @@ def main() -> None:
     C.resolve_model(opts.model)  # build the model directory once, before the timed processes
     forwarded = [
         f"--{k.replace('_', '-')}={getattr(opts, k)}"
-        for k in ("model", "batch", "seq", "micro_batch", "dtype", "warmup", "steps")
+        for k in ("model", "batch", "seq", "micro_batch", "dtype", "warmup", "steps", "profile")
     ]
     results = {}
     for spec in opts.specs:
@@ -142,16 +151,17 @@ def main() -> None:
         f"model {opts.model} ({first['layers']} layers, hidden {first['hidden']}, vocab "
         f"{first['vocab']}, N = {first['matmul_weights'] / 1e9:.3f}B matmul weights), "
         f"{opts.dtype}, {C.device_name()}",
-        f"batch {opts.batch} × {opts.seq} tokens (full rows), micro-batch {opts.micro_batch}, "
-        f"one optimizer step; {first['flops_per_token'] / 1e9:.2f} GFLOP/token "
-        "(6·N + 12·L·q·s, attention not halved for causal)",
+        f"batch {opts.batch} × {opts.seq} tokens (full rows, half response), micro-batch "
+        f"{opts.micro_batch}, one optimizer step; {first['flops'] / first['tokens'] / 1e9:.2f} "
+        "GFLOP/token (6·N + 12·L·q·s, + 6·h·V per response token; attention not halved for "
+        "causal)",
         f"measured matmul peak: {peak:.1f} TFLOP/s ({opts.peak_size}³ {opts.dtype}, best of "
         f"{opts.peak_repeats})",
         "",
     ]
     rows = []
     for spec, r in results.items():
-        tflops = r["flops_per_token"] * r["tokens"] / r["step_s"] / 1e12
+        tflops = r["flops"] / r["step_s"] / 1e12
         nominal = f"{100 * tflops / C.H100_BF16_DENSE_TFLOPS:.1f} %" if C.on_cuda() else "n/a"
         rows.append(
             [
@@ -170,6 +180,10 @@ def main() -> None:
     if "sdpa" in results and "local" in results:
         speedup = results["local"]["step_s"] / results["sdpa"]["step_s"]
         lines.append(f"\nsdpa / local speedup (tokens/s): {speedup:.2f}×")
+    for spec, r in results.items():
+        if r["top_kernels"]:
+            lines.append(f"\n{spec}: kernels with the most device time in one step\n")
+            lines.append(r["top_kernels"])
     C.report("\n".join(lines))
 
 

@@ -4,7 +4,8 @@ Variation is a spec, not a flag inside a layer (STYLE habit 7):
 - `local`: megatron's own local spec, but with Tandem's SP-capable RMSNorm (megatron's
   WrappedTorchNorm refuses sequence parallelism); the baseline.
 - `sdpa`: the same with core attention through torch's fused
-  `scaled_dot_product_attention` (flash kernels on GPU); the default without TE.
+  `scaled_dot_product_attention` (flash kernels on GPU) and RoPE as one compiled kernel per
+  tensor; the default without TE.
 - `te`: megatron's transformer-engine spec, when transformer_engine imports.
 
 Sequences reach these models right-padded (real tokens from position 0, see
@@ -14,6 +15,7 @@ uses positions 0..s-1 whatever position_ids say.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -125,6 +128,52 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
+@functools.cache
+def _rope_kernel():
+    """megatron's own unfused RoPE, compiled on CUDA into one kernel per tensor (forward and
+    backward) instead of six eager passes (its fused RoPE needs transformer-engine)."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    if cpu_compat.cuda_available():
+        return torch.compile(_apply_rotary_pos_emb_bshd, dynamic=True)
+    return _apply_rotary_pos_emb_bshd
+
+
+class SDPASelfAttention(SelfAttention):
+    """megatron's SelfAttention with RoPE applied right after the QKV split by `_rope_kernel`.
+
+    The rotary frequencies are held for the one forward call (megatron is handed None, so it
+    applies nothing itself); recomputing core attention reuses the already-rotated q and k.
+    Packed sequences, inference contexts and layers without RoPE take megatron's path."""
+
+    def forward(self, hidden_states, *args, rotary_pos_emb=None, **kwargs):
+        no_rope = self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]
+        if (
+            rotary_pos_emb is None
+            or args
+            or no_rope
+            or kwargs.get("packed_seq_params") is not None
+            or kwargs.get("inference_context") is not None
+        ):
+            return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
+        if not isinstance(rotary_pos_emb, tuple):
+            rotary_pos_emb = (rotary_pos_emb, rotary_pos_emb)
+        self._rotary_pos_emb = rotary_pos_emb
+        try:
+            return super().forward(hidden_states, rotary_pos_emb=None, **kwargs)
+        finally:
+            self._rotary_pos_emb = None
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        qkv = super().get_query_key_value_tensors(*args, **kwargs)
+        freqs = getattr(self, "_rotary_pos_emb", None)
+        if freqs is None:
+            return qkv
+        query, key, *rest = qkv  # megatron splits q, k, v (+ gate) when handed no RoPE
+        rope, interleaved = _rope_kernel(), self.config.rotary_interleaved
+        return rope(query, freqs[0], interleaved), rope(key, freqs[1], interleaved), *rest
+
+
 # ---- specs ------------------------------------------------------------------------------------
 def _local_layer_spec() -> ModuleSpec:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
@@ -141,6 +190,7 @@ def get_local_block_spec(num_layers: int) -> TransformerBlockSubmodules:
 
 def get_sdpa_block_spec(num_layers: int) -> TransformerBlockSubmodules:
     spec = _local_layer_spec()
+    spec.submodules.self_attention.module = SDPASelfAttention
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
 
@@ -234,6 +284,47 @@ class ValueHead(torch.nn.Module):
         return F.linear(hidden, self.weight), None
 
 
+class ResponseRowsGPTModel(GPTModel):
+    """megatron's GPTModel whose output layer can run on chosen positions only.
+
+    RL losses need the logits of the positions that predict response tokens; the prompt's are
+    thrown away. `model(ids, pos, None, response_index=idx)` ([b, R] positions per row) feeds
+    the output layer those rows only and returns [b, R, v/tp]: the LM head (a 150k-vocab matmul,
+    a quarter of a 0.5B model's FLOPs) and the log-softmax skip the prompt. With sequence
+    parallelism the hidden states are gathered first and the layer runs unsharded over the
+    sequence for that call, as megatron's own last-token inference path does.
+    """
+
+    def forward(self, *args, response_index: torch.Tensor | None = None, **kwargs):
+        self._response_index = response_index
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._response_index = None
+
+    def _postprocess(self, hidden_states, **kwargs):
+        index = getattr(self, "_response_index", None)
+        if index is None or not self.post_process:
+            return super()._postprocess(hidden_states=hidden_states, **kwargs)
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        layer = self.output_layer
+        sequence_parallel = layer.sequence_parallel
+        if sequence_parallel:
+            # Gradients come back summed over TP from the (now unsharded) layer: split, not sum.
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False
+            )
+        # hidden [s, b, h] → [R, b, h]: row j of sequence i is position index[i, j].
+        rows = index.t()[:, :, None].expand(-1, -1, hidden_states.shape[-1])
+        hidden_states = hidden_states.gather(0, rows)
+        layer.sequence_parallel = False
+        try:
+            return super()._postprocess(hidden_states=hidden_states, **kwargs)
+        finally:
+            layer.sequence_parallel = sequence_parallel
+
+
 def build_gpt_model(
     args: ModelArgs,
     config: TransformerConfig,
@@ -250,7 +341,7 @@ def build_gpt_model(
     with cpu_compat.megatron_device_scope():
         num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
         spec = LAYER_SPECS[spec_name](num_layers)
-        model = GPTModel(
+        model = ResponseRowsGPTModel(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=args.padded_vocab_size(config.tensor_model_parallel_size),

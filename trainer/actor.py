@@ -24,7 +24,7 @@ from trainer.megatron_worker import (  # noqa: F401  (re-exported names)
     make_micro_batches,
     update_over_mini_batches,
 )
-from trainer.sequences import AlignedMicroBatch, gather_response
+from trainer.sequences import AlignedMicroBatch, mask_response
 
 
 class MegatronActor:
@@ -45,9 +45,7 @@ class MegatronActor:
             temperature=self.temperature,
             with_entropy=with_entropy,
         )
-        return gather_response(logp, mb), entropy if entropy is None else gather_response(
-            entropy, mb
-        )
+        return mask_response(logp, mb), None if entropy is None else mask_response(entropy, mb)
 
     def compute_log_prob(self, batch: Batch, calculate_entropy: bool = False) -> Batch:
         """Batch with `log_probs` [B, R] (and `entropy`) for the full batch."""

@@ -4,7 +4,7 @@ the clipped value loss `core_algos.compute_value_loss`.
 Built by `build_model_worker(..., value_head=True)`: the backbone comes from the HF checkpoint,
 the head is megatron's output layer replaced by a replicated, zero-initialised `ValueHead`.
 The value of response token j is read at the position whose hidden state precedes it, which
-is where the actor reads the log-prob of token j (`trainer.sequences.gather_response`), so
+is where the actor reads the log-prob of token j (`AlignedMicroBatch.response_index`), so
 values, log-probs and advantages line up column for column. Micro-batching, data-parallel
 slicing and global loss normalisers are the actor's own (`trainer.megatron_worker`).
 """
@@ -22,7 +22,7 @@ from trainer.megatron_worker import (
     forward_per_token,
     update_over_mini_batches,
 )
-from trainer.sequences import AlignedMicroBatch, gather_response
+from trainer.sequences import AlignedMicroBatch, mask_response
 
 
 class MegatronCritic:
@@ -35,8 +35,8 @@ class MegatronCritic:
 
     @staticmethod
     def _values(mb: AlignedMicroBatch, output: torch.Tensor) -> torch.Tensor:
-        # output [b, s, 1] → fp32 [b, R]; 0 on response padding.
-        return gather_response(output[..., 0].float(), mb)
+        # output [b, R, 1] → fp32 [b, R]; 0 on response padding.
+        return mask_response(output[..., 0].float(), mb)
 
     def compute_values(self, batch: Batch) -> Batch:
         """Batch with `values` [B, R] for the full batch."""

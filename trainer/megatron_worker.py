@@ -254,7 +254,8 @@ def run_micro_batches(
 ) -> list[dict]:
     """Forward (and backward) every micro-batch through megatron's schedule.
 
-    `loss_fn(mb, output)` runs on the last pipeline stage with the model output [b, s, ...];
+    `loss_fn(mb, output)` runs on the last pipeline stage with the model output [b, R, ...]
+    (the rows that predict the response tokens);
     it returns (loss, outputs). Megatron divides each micro-batch loss by the number of
     micro-batches; loss functions here already return their share of the mini-batch loss
     (global normalisers), so that division is undone. Returns the outputs dicts (last stage
@@ -266,7 +267,8 @@ def run_micro_batches(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        output = model(mb.input_ids, mb.position_ids, None)
+        # The last stage's output: [b, R, ...] at the response rows only (ResponseRowsGPTModel).
+        output = model(mb.input_ids, mb.position_ids, None, response_index=mb.response_index)
 
         def loss_func(out):
             loss, extra = loss_fn(mb, out)

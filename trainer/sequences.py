@@ -18,8 +18,8 @@ import torch
 @dataclass
 class AlignedMicroBatch:
     input_ids: torch.Tensor  # [b, s] real tokens from 0, right-padded
-    labels: torch.Tensor  # [b, s] next token at each position (0 past the end)
     response_index: torch.Tensor  # [b, R] position whose logits predict response token j
+    labels: torch.Tensor  # [b, R] response token j (what position response_index[j] predicts)
     response_mask: torch.Tensor  # [b, R]
     fields: dict  # the micro-batch's other per-row tensors ([b, R] advantages, ...)
 
@@ -51,10 +51,10 @@ def align_micro_batch(
     if s > total:  # rounding up past the row: extend with pads
         ids = torch.cat([ids, ids.new_zeros(b, s - total)], dim=1)
     ids = ids[:, :s].contiguous()
-    labels = torch.cat([ids[:, 1:], ids.new_zeros(b, 1)], dim=1)
     index = resp_start[:, None] - 1 + torch.arange(resp_len, device=ids.device)[None, :]
     index = index.clamp(0, s - 1)
-    return AlignedMicroBatch(ids, labels, index, response_mask, dict(fields or {}))
+    labels = torch.cat([ids[:, 1:], ids.new_zeros(b, 1)], dim=1).gather(1, index)
+    return AlignedMicroBatch(ids, index, labels, response_mask, dict(fields or {}))
 
 
 def pad_to_length(mb: AlignedMicroBatch, length: int) -> AlignedMicroBatch:
@@ -64,17 +64,13 @@ def pad_to_length(mb: AlignedMicroBatch, length: int) -> AlignedMicroBatch:
         return mb
     pad = mb.input_ids.new_zeros(mb.input_ids.shape[0], extra)
     return AlignedMicroBatch(
-        torch.cat([mb.input_ids, pad], 1),
-        torch.cat([mb.labels, pad], 1),
-        mb.response_index,
-        mb.response_mask,
-        mb.fields,
+        torch.cat([mb.input_ids, pad], 1), mb.response_index, mb.labels, mb.response_mask, mb.fields
     )
 
 
-def gather_response(per_position: torch.Tensor, mb: AlignedMicroBatch) -> torch.Tensor:
-    """[b, s] per-position values → [b, R] values for the response tokens (0 on padding)."""
-    return per_position.gather(1, mb.response_index) * mb.response_mask.to(per_position.dtype)
+def mask_response(values: torch.Tensor, mb: AlignedMicroBatch) -> torch.Tensor:
+    """[b, R] values at the response rows (the model's output rows) → 0 on response padding."""
+    return values * mb.response_mask.to(values.dtype)
 
 
 def split_by_token_budget(lengths: list[int], max_tokens: int) -> list[list[int]]:

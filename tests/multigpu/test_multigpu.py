@@ -3,8 +3,8 @@ GPUs; each test skips, naming the count it needs, when fewer GPUs are visible).
 
 - 1 GPU: HybridEngine swaps with CUDA vLLM (training 1x1, rollout TP 1: the direct weight
   copies run against vLLM's own parameters); a short GRPO run with CUDA graphs in the rollout
-  (`rollout.enforce_eager=false`) across sleep/wake; test_logprobs_cuda.py checks the fused
-  log-prob kernels;
+  (`rollout.enforce_eager=false`) across sleep/wake; test_kernels_cuda.py checks the fused
+  log-prob kernels and the compiled RoPE;
 - 2 GPUs: megatron TP=2, PP=2 and TP=2+SP in bf16 equal one GPU on the same weights;
   HybridEngine swaps with CUDA vLLM (rollout TP 1 and 2) for training layouts 1x1 (DP=2), 2x1,
   1x2 (TPxPP) on tiny_llama; a short GRPO run end to end (TP=2 training, rollout TP 1);

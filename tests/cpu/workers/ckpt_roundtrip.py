@@ -37,7 +37,7 @@ from tandem_core.tiny_models import ensure_tiny_checkpoint  # noqa: E402
 from trainer import checkpoint as C  # noqa: E402
 from trainer.actor import MegatronActor, dp_slice, make_micro_batches  # noqa: E402
 from trainer.megatron_worker import build_model_worker, reduce_metrics, train_step  # noqa: E402
-from trainer.sequences import gather_response  # noqa: E402
+from trainer.sequences import mask_response  # noqa: E402
 from trainer.tracking import Tracker  # noqa: E402
 
 OPTIM = OptimConfig(
@@ -66,7 +66,7 @@ def rollout(vocab: int, seed: int) -> Batch:
 
 def value_loss(tokens: float, n_micro: int):
     def loss_fn(mb, values):
-        v = gather_response(values.squeeze(-1), mb)
+        v = mask_response(values.squeeze(-1), mb)
         loss = ((v - mb.fields["returns"]) ** 2 * mb.response_mask).sum() / tokens
         return loss, {"loss": loss.detach().clone(), "vf_loss": loss.detach() * n_micro}
 

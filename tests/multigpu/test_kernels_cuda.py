@@ -1,8 +1,10 @@
-"""The fused (torch.compile) log-prob/entropy kernels on CUDA equal the eager CPU math."""
+"""Tandem's compiled kernels on CUDA equal the eager math they replace: the fused log-prob/
+entropy kernels (vs eager on CPU) and the sdpa spec's RoPE (vs megatron's unfused RoPE)."""
 
 import pytest
 import torch
 
+import tandem_core.models as M
 import trainer.logprobs as L
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -34,3 +36,26 @@ def test_fused_kernels_match_eager(with_entropy):
     # bf16 gradients: one ulp of the largest entries.
     torch.testing.assert_close(got[2], want[2], rtol=1e-2, atol=1e-3)
     assert got[2][:, vocab:].abs().max() == 0
+
+
+def test_compiled_rope_matches_megatron_eager():
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    torch.manual_seed(0)
+    s, b, heads, dim = 300, 3, 8, 64
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.outer(torch.arange(s, dtype=torch.float32), inv_freq)
+    freqs = torch.cat([angles, angles], dim=-1)[:, None, None, :].cuda()
+    q = torch.randn(s, b, heads, dim, device="cuda", dtype=torch.bfloat16)
+    weights = torch.randn_like(q)
+
+    def run(fn):
+        x = q.clone().requires_grad_()
+        out = fn(x, freqs, False)
+        (out.float() * weights).sum().backward()
+        return out.float(), x.grad.float()
+
+    got, want = run(M._rope_kernel()), run(_apply_rotary_pos_emb_bshd)
+    # bf16: the compiled kernel rounds once, megatron's eager ops after every step.
+    torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[1], want[1], rtol=2e-2, atol=2e-2)
