@@ -1,5 +1,5 @@
-"""Real megatron-core on CPU: TP=2, PP=2 (1F1B) and TP=2+SP give the same loss and gradients
-as TP=1/PP=1 on the same weights (fp32, 1e-5)."""
+"""Real megatron-core on CPU: TP=2, PP=2 (1F1B), TP=2+SP and DP=2 give the same loss and
+gradients as one rank on the same weights (fp32, 1e-5)."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ LAYOUTS = {  # name: (processes, TP, PP, SP)
     "tp2": (2, 2, 1, 0),
     "pp2_1f1b": (2, 1, 2, 0),
     "tp2_sp": (2, 2, 1, 1),
+    "dp2": (2, 1, 1, 0),
 }
 
 

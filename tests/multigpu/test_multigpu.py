@@ -5,7 +5,7 @@ GPUs; each test skips, naming the count it needs, when fewer GPUs are visible).
   copies run against vLLM's own parameters); a short GRPO run with CUDA graphs in the rollout
   (`rollout.enforce_eager=false`) across sleep/wake; test_kernels_cuda.py checks the fused
   log-prob kernels and the compiled RoPE;
-- 2 GPUs: megatron TP=2, PP=2 and TP=2+SP in bf16 equal one GPU on the same weights;
+- 2 GPUs: megatron TP=2, PP=2, TP=2+SP and DP=2 in bf16 equal one GPU on the same weights;
   HybridEngine swaps with CUDA vLLM (rollout TP 1 and 2) for training layouts 1x1 (DP=2), 2x1,
   1x2 (TPxPP) on tiny_llama; a short GRPO run end to end (TP=2 training, rollout TP 1);
 - 4 GPUs: megatron parity for TP=4, TP2×PP2 and TP2×DP2; swaps for training layouts 4x1, 2x2,
@@ -43,6 +43,7 @@ PARITY_LAYOUTS = [
     pytest.param(2, 2, 1, 0, "gqa", id="tp2", marks=needs_gpus(2)),
     pytest.param(2, 1, 2, 0, "gqa", id="pp2", marks=needs_gpus(2)),
     pytest.param(2, 2, 1, 1, "gqa", id="tp2_sp", marks=needs_gpus(2)),
+    pytest.param(2, 1, 1, 0, "gqa", id="dp2", marks=needs_gpus(2)),
     pytest.param(4, 4, 1, 0, "wide", id="tp4", marks=needs_gpus(4)),
     pytest.param(4, 2, 2, 0, "wide", id="tp2_pp2", marks=needs_gpus(4)),
     pytest.param(4, 2, 1, 0, "wide", id="tp2_dp2", marks=needs_gpus(4)),
