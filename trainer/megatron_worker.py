@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from tandem_core import cpu_compat
 from tandem_core import distributed as D
@@ -393,7 +394,9 @@ def forward_per_token(
     shape = (len(local), batch["responses"].shape[1])
     result = {}
     for key in keys:
-        mine = torch.cat([o[key] for o in outputs]) if outputs else None
+        # Each micro-batch's response columns were trimmed: pad them back to the batch's R.
+        mine = [F.pad(o[key], (0, shape[1] - o[key].shape[1])) for o in outputs]
+        mine = torch.cat(mine) if mine else None
         result[key] = gather_over_dp(broadcast_from_last_stage(mine, shape, torch.float32)).cpu()
     worker.train(True)
     return result

@@ -10,8 +10,8 @@ table; the trainer calls `plan_or_raise` at start.
 Phases (the rank that needs most, per phase):
 - training: actor weights, grads, Adam states and fp32 master weights of one PP stage's TP
   shard, plus the activations the pipeline schedule keeps in flight, plus the logits of one
-  micro-batch on the last stage. The critic's state (PPO/GAE) and the reference weights stay
-  resident beside it.
+  micro-batch's response rows on the last stage. The critic's state (PPO/GAE) and the
+  reference weights stay resident beside it.
 - swap: AllGatherPPModel gathers every PP stage's weights of this rank's TP shard while the
   training state (grads, optimizer) is still on the GPU (DESIGN's order: gather, then release).
 - generation: the gathered weights stay while the engine runs: vLLM takes
@@ -136,12 +136,15 @@ def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
     )
     if stage == lay.pp - 1:
         vocab = m.padded_vocab_size(lay.tp) // lay.tp
+        # The LM head runs on the response rows only (ResponseRowsGPTModel); a token budget
+        # bounds them too (rows × trimmed response width ≤ rows × longest row).
+        rows = tokens if a.use_dynamic_bsz else a.micro_batch_size * cfg.rollout.response_length
         terms.append(
             _t(
                 "logits of one micro-batch and their grad",
-                tokens * vocab * 2 * lay.dtype_bytes,
-                f"{tokens} tokens × vocab/TP {vocab} × 2 × {lay.dtype_bytes} B (the fp32 softmax"
-                " math runs fused, chunk by chunk: trainer/logprobs.py)",
+                rows * vocab * 2 * lay.dtype_bytes,
+                f"{rows} response rows × vocab/TP {vocab} × 2 × {lay.dtype_bytes} B (the fp32"
+                " softmax math runs fused, chunk by chunk: trainer/logprobs.py)",
             )
         )
     if lay.critic:

@@ -18,10 +18,11 @@ import torch
 @dataclass
 class AlignedMicroBatch:
     input_ids: torch.Tensor  # [b, s] real tokens from 0, right-padded
+    # R: the batch's response columns trimmed to the last one this micro-batch uses.
     response_index: torch.Tensor  # [b, R] position whose logits predict response token j
     labels: torch.Tensor  # [b, R] response token j (what position response_index[j] predicts)
     response_mask: torch.Tensor  # [b, R]
-    fields: dict  # the micro-batch's other per-row tensors ([b, R] advantages, ...)
+    fields: dict  # the micro-batch's other per-token tensors ([b, R] advantages, ...)
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -37,10 +38,16 @@ def align_micro_batch(
     seq_multiple: int = 1,
 ) -> AlignedMicroBatch:
     """Roll rows so real tokens start at 0; trim to the longest row (rounded up to
-    `seq_multiple`, e.g. TP for sequence parallelism)."""
+    `seq_multiple`, e.g. TP for sequence parallelism). The response columns (mask and the
+    [b, R] `fields`) are trimmed to the last one any row uses: the model's output rows are
+    these columns, so response padding costs no logits."""
     b, total = input_ids.shape
-    resp_len = response_mask.shape[1]
-    prompt_len = total - resp_len
+    prompt_len = total - response_mask.shape[1]
+    columns = torch.arange(1, response_mask.shape[1] + 1, device=response_mask.device)
+    last_used = response_mask.bool() * columns
+    resp_len = int(last_used.max().clamp(min=1))
+    response_mask = response_mask[:, :resp_len]
+    fields = {k: v[:, :resp_len] for k, v in (fields or {}).items()}
     shift = (attention_mask.cumsum(-1) == 0).sum(-1)  # leading pads per row
     cols = (torch.arange(total, device=input_ids.device)[None, :] + shift[:, None]) % total
     ids = input_ids.gather(1, cols)
@@ -54,7 +61,7 @@ def align_micro_batch(
     index = resp_start[:, None] - 1 + torch.arange(resp_len, device=ids.device)[None, :]
     index = index.clamp(0, s - 1)
     labels = torch.cat([ids[:, 1:], ids.new_zeros(b, 1)], dim=1).gather(1, index)
-    return AlignedMicroBatch(ids, index, labels, response_mask, dict(fields or {}))
+    return AlignedMicroBatch(ids, index, labels, response_mask, fields)
 
 
 def pad_to_length(mb: AlignedMicroBatch, length: int) -> AlignedMicroBatch:

@@ -1,0 +1,47 @@
+"""The rollout layout → megatron micro-batch alignment (trainer/sequences.py)."""
+
+import torch
+
+from trainer.sequences import align_micro_batch, mask_response
+
+
+def _rows():
+    # [left-padded prompt (4) | right-padded response (5)], pad id 0.
+    prompts = torch.tensor([[0, 0, 11, 12], [21, 22, 23, 24], [0, 31, 32, 33]])
+    responses = torch.tensor([[13, 14, 15, 0, 0], [25, 0, 0, 0, 0], [34, 35, 0, 0, 0]])
+    response_mask = (responses != 0).long()
+    attention_mask = torch.cat([(prompts != 0).long(), response_mask], dim=1)
+    return torch.cat([prompts, responses], dim=1), attention_mask, responses, response_mask
+
+
+def test_rows_start_at_zero_and_point_at_their_response():
+    ids, attn, responses, rmask = _rows()
+    adv = torch.arange(15, dtype=torch.float32).view(3, 5)
+    mb = align_micro_batch(ids, attn, rmask, {"advantages": adv})
+
+    # Real tokens from position 0; trimmed to the longest row (2 + 3 = 4 + 1 = 5 tokens).
+    assert mb.input_ids.tolist() == [
+        [11, 12, 13, 14, 15],
+        [21, 22, 23, 24, 25],
+        [31, 32, 33, 34, 35],
+    ]
+    # Response columns trimmed to the last one any row uses (3 of 5), fields alike.
+    assert mb.response_mask.shape == (3, 3) and mb.fields["advantages"].shape == (3, 3)
+    assert torch.equal(mb.fields["advantages"], adv[:, :3])
+    # Position response_index[i, j] predicts response token j: the next input is that token.
+    real = mb.response_mask.bool()
+    nxt = mb.input_ids.gather(1, (mb.response_index + 1).clamp(max=mb.input_ids.shape[1] - 1))
+    assert torch.equal(nxt[real], responses[:, :3][real])
+    assert torch.equal(mb.labels[real], responses[:, :3][real])
+    assert mb.response_index[0].tolist() == [1, 2, 3]
+    assert mb.response_index[1, 0] == 3 and mb.response_index[2, :2].tolist() == [2, 3]
+    # Values at padded response columns are zeroed.
+    assert torch.equal(mask_response(torch.ones(3, 3), mb), real.float())
+
+
+def test_sequence_parallel_rounding_and_empty_responses():
+    ids, attn, _, rmask = _rows()
+    mb = align_micro_batch(ids, attn, rmask, seq_multiple=4)
+    assert mb.input_ids.shape[1] == 8  # 5 rounded up to a multiple of 4
+    empty = align_micro_batch(ids, attn, torch.zeros_like(rmask))
+    assert empty.response_mask.shape == (3, 1) and not empty.response_mask.any()
