@@ -90,6 +90,10 @@ class ActorConfig:
     """Prompts per optimizer step (×rollout.n sequences), global over data-parallel ranks."""
     micro_batch_size: int = 2
     """Sequences per forward/backward micro-batch on each rank."""
+    log_prob_micro_batch_size: int | None = None
+    """Sequences per micro-batch of the forward-only passes (old and reference log-probs) on
+    each rank; None = micro_batch_size. They keep no activations for a backward, so larger
+    micro-batches fit, and they keep a small model's forward from being host-bound."""
     ppo_epochs: int = 1
     """Passes over each iteration's rollouts."""
     use_dynamic_bsz: bool = False
@@ -126,18 +130,22 @@ class ActorConfig:
 class CriticConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     cliprange_value: float = 0.5
+    """Value clip around the old values (> 0)."""
     loss_agg_mode: str = "token-mean"
     """Aggregation of the value loss (same modes as actor.loss_agg_mode)."""
     use_dynamic_bsz: bool = False
     """Form micro-batches by a token budget instead of a fixed count."""
     max_tokens_per_microbatch: int = 2048
+    """Token budget of a dynamic micro-batch."""
     max_nan_steps: int = 3
     """Abort after this many consecutive non-finite losses (each such step is skipped)."""
-    """Value clip around the old values (> 0)."""
     ppo_mini_batch_size: int = 8
     """Prompts per critic optimizer step (×rollout.n sequences), global."""
     micro_batch_size: int = 2
     """Sequences per critic forward/backward micro-batch on each rank."""
+    forward_micro_batch_size: int | None = None
+    """Sequences per micro-batch of the forward-only value pass on each rank; None =
+    micro_batch_size (as actor.log_prob_micro_batch_size)."""
     ppo_epochs: int = 1
     """Critic passes over each iteration's rollouts."""
 

@@ -60,6 +60,7 @@ RANGES_TABLE = """
     [1, inf)  actor.ppo_mini_batch_size actor.micro_batch_size actor.ppo_epochs
     [1, inf)  critic.ppo_mini_batch_size critic.micro_batch_size critic.ppo_epochs
     [1, inf)  actor.max_tokens_per_microbatch
+    [1, inf)  actor.log_prob_micro_batch_size critic.forward_micro_batch_size
     (0, inf)  actor.clip_ratio_low actor.clip_ratio_high actor.rollout_is_threshold
     (1, inf)  actor.clip_ratio_c
     [0, inf)  actor.kl_loss_coef actor.max_nan_steps

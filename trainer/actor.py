@@ -60,7 +60,7 @@ class MegatronActor:
             forward_per_token(
                 self.worker,
                 batch,
-                cfg.micro_batch_size,
+                cfg.log_prob_micro_batch_size or cfg.micro_batch_size,
                 cfg.max_tokens_per_microbatch if cfg.use_dynamic_bsz else None,
                 per_token,
                 keys,

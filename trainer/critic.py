@@ -43,7 +43,7 @@ class MegatronCritic:
         out = forward_per_token(
             self.worker,
             batch,
-            self.cfg.micro_batch_size,
+            self.cfg.forward_micro_batch_size or self.cfg.micro_batch_size,
             self.max_tokens,
             lambda mb, o: {"values": self._values(mb, o)},
             ("values",),

@@ -48,6 +48,7 @@ from trainer.plan_model import (
     Layout,
     MemoryPlan,
     Phase,
+    Term,
     _all_stage_weights,
     _count,
     _gpu,
@@ -127,31 +128,57 @@ def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
     per_token = activation_bytes_per_token(m, lay.tp, lay.sp, lay.dtype_bytes, fused_swiglu=True)
     params = stage_params(m, lay.tp, lay.pp, stage)
     terms = _model_state_terms(lay, params, "actor")
-    terms.append(
+    vocab = m.padded_vocab_size(lay.tp) // lay.tp
+    last = stage == lay.pp - 1
+    # The LM head runs on the response rows only (ResponseRowsGPTModel); a token budget bounds
+    # them too (rows × trimmed response width ≤ rows × longest row).
+    rows = tokens if a.use_dynamic_bsz else a.micro_batch_size * cfg.rollout.response_length
+    update = [
         _t(
             "activations in flight",
             in_flight * tokens * per_token,
             f"{in_flight:g} layer·micro-batches × {micro_note} × {per_token / 1024:.1f} KiB",
-        )
-    )
-    if stage == lay.pp - 1:
-        vocab = m.padded_vocab_size(lay.tp) // lay.tp
-        # The LM head runs on the response rows only (ResponseRowsGPTModel); a token budget
-        # bounds them too (rows × trimmed response width ≤ rows × longest row).
-        rows = tokens if a.use_dynamic_bsz else a.micro_batch_size * cfg.rollout.response_length
-        terms.append(
-            _t(
-                "logits of one micro-batch and their grad",
-                rows * vocab * 2 * lay.dtype_bytes,
-                f"{rows} response rows × vocab/TP {vocab} × 2 × {lay.dtype_bytes} B (the fp32"
-                " softmax math runs fused, chunk by chunk: trainer/logprobs.py)",
-            )
-        )
+        ),
+        _t(
+            "logits of one micro-batch and their grad",
+            rows * vocab * 2 * lay.dtype_bytes,
+            f"{rows} response rows × vocab/TP {vocab} × 2 × {lay.dtype_bytes} B (the fp32"
+            " softmax math runs fused, chunk by chunk: trainer/logprobs.py)",
+        ),
+    ][: 2 if last else 1]
+    terms += max(update, _forward_only_terms(cfg, lay, per_token, vocab, last), key=_sum_gib)
     if lay.critic:
         terms += _model_state_terms(lay, stage_params(m, lay.tp, lay.pp, stage, True), "critic")
     terms += _reference(lay, stage)
     terms.append(_reserve(terms))
     return Phase("training", f"PP stage {stage} of {lay.pp}", tuple(terms))
+
+
+def _forward_only_terms(cfg, lay: Layout, per_token: float, vocab: int, last: bool):
+    """The old/reference log-prob pass at actor.log_prob_micro_batch_size: no activations kept,
+    one layer's live at a time (bounded by what the layer would keep), and the logits."""
+    a = cfg.actor
+    if a.use_dynamic_bsz or not a.log_prob_micro_batch_size:
+        return []
+    mbs = a.log_prob_micro_batch_size
+    tokens, rows = mbs * lay.seq_len, mbs * cfg.rollout.response_length
+    return [
+        _t(
+            "activations of one layer, forward-only log-prob pass",
+            tokens * per_token,
+            f"actor.log_prob_micro_batch_size {mbs} × {lay.seq_len} tokens × "
+            f"{per_token / 1024:.1f} KiB",
+        ),
+        _t(
+            "logits of one log-prob micro-batch",
+            rows * vocab * lay.dtype_bytes,
+            f"{rows} response rows × vocab/TP {vocab} × {lay.dtype_bytes} B",
+        ),
+    ][: 2 if last else 1]
+
+
+def _sum_gib(terms: list[Term]) -> float:
+    return sum(t.gib for t in terms)
 
 
 def training_phase(cfg: TandemConfig, lay: Layout) -> Phase:

@@ -99,7 +99,8 @@ class MemoryPlan:
 
 HINTS = {
     "training": "more pipeline stages or TP, parallel.use_distributed_optimizer=true over more"
-    " data-parallel ranks, or a smaller actor.micro_batch_size / max_tokens_per_microbatch",
+    " data-parallel ranks, or a smaller actor.micro_batch_size / max_tokens_per_microbatch /"
+    " log_prob_micro_batch_size",
     "swap": "every rank gathers all PP stages of its TP shard while its grads and optimizer"
     " states are still there: raise parallel.tensor_model_parallel_size (fewer, larger TP"
     " shards) or spread the optimizer over more data-parallel ranks",

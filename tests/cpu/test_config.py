@@ -215,6 +215,7 @@ BAD = [
     (["rollout.top_p=0"], 1, "rollout.top_p"),
     (["rollout.top_p=1.5"], 1, "rollout.top_p"),
     (["rollout.response_length=0"], 1, "rollout.response_length"),
+    (["actor.log_prob_micro_batch_size=0"], 1, "actor.log_prob_micro_batch_size"),
     (["actor.optim.betas=[0.9,1.0]"], 1, "actor.optim.betas"),
     # algorithm needs
     (["algorithm=grpo", "rollout.n=1"], 1, "rollout.n"),

@@ -184,6 +184,17 @@ def test_shipped_70b_layout_fits_80gb_gpus():
     assert "training" in plan.table() and "DOES NOT FIT" not in plan.table()
 
 
+def test_forward_only_micro_batches_count_when_they_need_more():
+    """actor.log_prob_micro_batch_size: the log-prob pass keeps no activations for a backward,
+    so up to some size it costs nothing over the update's own peak."""
+    base = plan70().phases[0]
+    assert plan70(["actor.log_prob_micro_batch_size=32"]).phases[0] == base
+    big = plan70(["actor.log_prob_micro_batch_size=96"]).phases[0]
+    names = [t.name for t in big.terms]
+    assert "logits of one log-prob micro-batch" in names and "activations in flight" not in names
+    assert big.total_gib > base.total_gib
+
+
 def test_without_a_gpu_size_the_plan_only_informs():
     cfg = load_config([*shipped_overrides(), f"{PP}=1"], world_size=8)
     plan = P.plan_or_raise(cfg, 8, None)  # far over 80 GB, but no GPU to compare with
@@ -242,6 +253,12 @@ IMPOSSIBLE = [
         ["algorithm=ppo", "critic.ppo_mini_batch_size=16", "critic.micro_batch_size=1"],
         32,
         r"^training phase: .*critic Adam states",
+    ),
+    (
+        ["actor.log_prob_micro_batch_size=128"],
+        32,
+        r"^training phase: needs 8\d\.\d GiB .*forward-only log-prob pass 20\.9, .*"
+        r"logits of one log-prob micro-batch 11\.8",
     ),
     (SWAP_ONLY, 64, r"^swap phase: needs 8\d\.\d GiB .*other PP stages' weights \(AllGather"),
     # TP 2 × PP 16: every rank gathers 70.55B / 2 parameters for generation.

@@ -2,7 +2,8 @@
 
 usage: actor_check.py ARCH TP PP SP(0|1) [VPP]
 Checks (asserted here, on every rank):
-1. compute_log_prob: log-probs and entropy equal transformers' to 1e-5;
+1. compute_log_prob: log-probs and entropy equal transformers' to 1e-5 (micro-batches of 3,
+   and one micro-batch of 8 through actor.log_prob_micro_batch_size);
 2. update_policy (2 mini-batches, PPO clip + entropy + k3 KL loss) gives the same parameters
    as the plain PyTorch reference (AdamW, clipping) to 1e-5, with micro-batch size 1 and 4.
 """
@@ -60,15 +61,16 @@ def main():
     data = synthetic_rollout(args.vocab_size, batch=8)
     batch = Batch.from_dict(data, meta_info={"n": 1})
 
-    # 1. log-probs and entropy
+    # 1. log-probs and entropy, in micro-batches of 3 and in one of the whole batch
     ref_worker = build_model_worker(args, hf_dir, parallel)
-    actor = MegatronActor(ref_worker, ActorConfig(micro_batch_size=3))
-    out = actor.compute_log_prob(batch, calculate_entropy=True)
     with torch.no_grad():
         want_lp, want_ent = hf_logprobs(hf, data)
-    lp_err = (out["log_probs"] - want_lp).abs().max().item()
-    ent_err = (out["entropy"] - want_ent).abs().max().item()
-    assert lp_err < 1e-5 and ent_err < 1e-5, (lp_err, ent_err)
+    for log_prob_mbs in (None, 8):
+        cfg = ActorConfig(micro_batch_size=3, log_prob_micro_batch_size=log_prob_mbs)
+        out = MegatronActor(ref_worker, cfg).compute_log_prob(batch, calculate_entropy=True)
+        lp_err = (out["log_probs"] - want_lp).abs().max().item()
+        ent_err = (out["entropy"] - want_ent).abs().max().item()
+        assert lp_err < 1e-5 and ent_err < 1e-5, (log_prob_mbs, lp_err, ent_err)
 
     # 2. one PPO update, two mini-batches, vs plain PyTorch
     g = torch.Generator().manual_seed(1)

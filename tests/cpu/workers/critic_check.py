@@ -134,11 +134,13 @@ def check_critic(args, hf_dir, parallel, data) -> dict:
         return worker
 
     worker = build()
-    values = MegatronCritic(worker, cfg).compute_values(Batch.from_dict(data))["values"]
     with torch.no_grad():
         want_values = hf_values(hf.model, head, data)
-    values_err = (values - want_values).abs().max().item()
-    assert values_err < TOL, values_err
+    for forward_mbs in (None, len(data["responses"])):  # micro-batches of 3, then one of all
+        forward_cfg = replace(cfg, forward_micro_batch_size=forward_mbs)
+        values = MegatronCritic(worker, forward_cfg).compute_values(Batch.from_dict(data))
+        values_err = (values["values"] - want_values).abs().max().item()
+        assert values_err < TOL, (forward_mbs, values_err)
     assert want_values.abs().max() > 0.1, "values too small for a meaningful check"
 
     train = {
