@@ -10,8 +10,9 @@ table; the trainer calls `plan_or_raise` at start.
 Phases (the rank that needs most, per phase):
 - training: actor weights, grads, Adam states and fp32 master weights of one PP stage's TP
   shard, plus the activations the pipeline schedule keeps in flight, plus the logits of one
-  micro-batch's response rows on the last stage. The critic's state (PPO/GAE) and the
-  reference weights stay resident beside it.
+  micro-batch's response rows on the last stage (or, when actor.log_prob_micro_batch_size
+  needs more, one layer's activations and the logits of a forward-only micro-batch). The
+  critic's state (PPO/GAE) and the reference weights stay resident beside it.
 - swap: AllGatherPPModel gathers every PP stage's weights of this rank's TP shard while the
   training state (grads, optimizer) is still on the GPU (DESIGN's order: gather, then release).
 - generation: the gathered weights stay while the engine runs: vLLM takes
