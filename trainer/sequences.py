@@ -43,17 +43,18 @@ def align_micro_batch(
     these columns, so response padding costs no logits."""
     b, total = input_ids.shape
     prompt_len = total - response_mask.shape[1]
-    columns = torch.arange(1, response_mask.shape[1] + 1, device=response_mask.device)
-    last_used = response_mask.bool() * columns
-    resp_len = int(last_used.max().clamp(min=1))
-    response_mask = response_mask[:, :resp_len]
-    fields = {k: v[:, :resp_len] for k, v in (fields or {}).items()}
     shift = (attention_mask.cumsum(-1) == 0).sum(-1)  # leading pads per row
-    cols = (torch.arange(total, device=input_ids.device)[None, :] + shift[:, None]) % total
-    ids = input_ids.gather(1, cols)
     resp_start = prompt_len - shift  # aligned position of response token 0
     real_len = resp_start + response_mask.sum(-1)
-    s = int(real_len.max().clamp(min=1))
+    columns = torch.arange(1, response_mask.shape[1] + 1, device=response_mask.device)
+    last_used = response_mask.bool() * columns
+    # One host sync for both trims: the longest row and the last response column in use.
+    longest = torch.stack([real_len.max().long(), last_used.max()]).clamp(min=1).tolist()
+    s, resp_len = longest
+    response_mask = response_mask[:, :resp_len]
+    fields = {k: v[:, :resp_len] for k, v in (fields or {}).items()}
+    cols = (torch.arange(total, device=input_ids.device)[None, :] + shift[:, None]) % total
+    ids = input_ids.gather(1, cols)
     s = min(-(-s // seq_multiple) * seq_multiple, total + seq_multiple)
     if s > total:  # rounding up past the row: extend with pads
         ids = torch.cat([ids, ids.new_zeros(b, s - total)], dim=1)
