@@ -3,15 +3,16 @@
 Each TP rank holds logits for its vocab slice [start, start + v/tp). The log-softmax needs a
 max and a sum of exponentials over the whole vocabulary: each rank reads its logits once for
 its own max and sums, then two all-reduces of [tokens] vectors (the max, then the sums rebased
-on it), never a gather of [tokens, vocab]. The math runs in fp32 over chunks of tokens, so the only
-[tokens, vocab/tp] tensors alive are the model's own logits and one fp32 chunk.
+on it), never a gather of [tokens, vocab]. The math runs in fp32 over chunks of tokens, so the
+only [tokens, vocab/tp] tensors alive are the model's own logits and one fp32 chunk.
 
 Backward is written by hand (megatron's vocab_parallel_cross_entropy has no entropy term):
   d logp / d l_k = 1[k = y] - p_k
   d H    / d l_k = -p_k (log p_k + H)
 Both are local to the rank's slice once lse and H (global) are known, so backward needs no
 communication. Without `with_entropy` the sum for H is skipped (forward and backward), which is
-what the reference pass and an update without an entropy bonus need. Written here because no kept library computes entropy over vocab-parallel logits.
+what the reference pass and an update without an entropy bonus need. Written here because no
+kept library computes entropy over vocab-parallel logits.
 """
 
 from __future__ import annotations

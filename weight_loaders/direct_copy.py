@@ -16,10 +16,10 @@ two lists of views, and each later sync is one `torch._foreach_copy_`:
   buckets (one flat buffer each way, reused), then copied from the gathered views the same way.
 
 What does not map (an engine TP larger than training's or not dividing it, different vocab
-padding, an engine parameter whose shape disagrees) stays with the engine's loader. An engine describes its parameters by name, plus the
-fused ("packed") modules that stack several HF modules (vLLM's `packed_modules_mapping`, e.g.
-qkv_proj = [q_proj, k_proj, v_proj]); packed or not, each engine parameter holds its HF
-tensors' rows for its TP rank, concatenated.
+padding, an engine parameter whose shape disagrees) stays with the engine's loader. An engine
+describes its parameters by name, plus the fused ("packed") modules that stack several HF
+modules (vLLM's `packed_modules_mapping`, e.g. qkv_proj = [q_proj, k_proj, v_proj]); packed or
+not, each engine parameter holds its HF tensors' rows for its TP rank, concatenated.
 
 Written by hand because no library maps megatron's layouts onto another engine's parameters;
 the views stay valid as long as both sides keep their storage (megatron's DDP buffers and
