@@ -1,14 +1,25 @@
-"""Model FLOPs utilisation of the actor update, `sdpa` layer spec vs megatron's `local` spec.
+"""Model FLOPs utilisation of the actor update vs plain megatron-core, in one run.
 
     python -m benchmarks.bench_mfu [--model llama3_1b] [--batch 16] [--seq 1024]
-        [--micro-batch 4] [--specs sdpa local] [--steps 3] [--peak-size 8192] [--profile 20]
+        [--micro-batch 4] [--specs sdpa local megatron] [--steps 3] [--peak-size 8192]
+        [--profile 20]
 
-What is timed: `MegatronActor.update_policy` on one mini-batch (= one optimizer step):
-forward + backward of every micro-batch through megatron's schedule, the PPO loss on
-vocab-parallel log-probs, megatron's distributed optimizer step (Adam, fp32 master weights);
+Three ways to run the same optimizer step (one mini-batch, one optimizer step):
+- `sdpa`: `MegatronActor.update_policy` with Tandem's default layer spec: forward + backward
+  of every micro-batch through megatron's schedule, the LM head on the response rows only,
+  the PPO loss on the fused vocab-parallel log-probs, megatron's distributed optimizer step
+  (Adam, fp32 master weights).
+- `local`: the same update with megatron's local layer spec (unfused attention): the
+  attention alone, everything else shared.
+- `megatron`: plain megatron-core, the baseline the GPU targets are stated against: the local
+  spec, and the loss the way megatron trains a GPTModel (`model(..., labels=...)`: logits for
+  every position, megatron's `vocab_parallel_cross_entropy` on them upcast to fp32), the same
+  PPO loss on -CE at the response positions, the same schedule and optimizer step. Its loss
+  differs from the others' only where the vocabulary is padded (megatron's softmax includes the
+  padding columns; Llama-3.2's 128,256 needs none).
 bf16 on CUDA, fp32 on CPU. Same model shape (random init), same batch (every row full:
-`--seq` tokens, half prompt, half response), one world of one. Each spec runs in its own
-process, one after the other (so neither holds the other's memory); the parent then measures
+`--seq` tokens, half prompt, half response), one world of one. Each runs in its own
+process, one after the other (so none holds another's memory); the parent then measures
 this device's matmul peak: the best of `--peak-repeats` `--peak-size`³ torch.matmul in the
 same dtype (after warm-up), 2·n³ FLOP each. Step time is the best of `--steps` after
 `--warmup` steps, with the device synchronised around each.
@@ -21,21 +32,28 @@ kv = query_groups·head_dim, f = FFN width, V = the real (unpadded) vocabulary, 
 length. The LM head (h·V) runs on the response positions only (`ResponseRowsGPTModel`), so
 only those are credited. The attention term counts the full s×s score and value products, NOT
 halved for causal masking (SDPA's flash kernel skips the upper half; the local spec computes
-it and masks it), so the same number of FLOPs is credited to both specs. Tokens = every token
-of the batch (all rows are full). MFU = achieved FLOP/s / peak, against the measured peak and
-against 989 TFLOP/s (H100/H200 SXM dense bf16, nominal; CUDA only).
+it and masks it), so the same number of FLOPs is credited to every row: `megatron` computes
+the prompt's logits too and is not credited for them (its MFU is of the useful work). Tokens =
+every token of the batch (all rows are full). MFU = achieved FLOP/s / peak, against the
+measured peak and against 989 TFLOP/s (H100/H200 SXM dense bf16, nominal; CUDA only).
 
-`--profile N` adds, per spec, the N kernels with the most device time in one more step
+`--profile N` adds, per row, the N kernels with the most device time in one more step
 (torch.profiler), as a share of that step.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
 from benchmarks import _common as C
+
+BASELINES = {
+    "local": "the same update with unfused attention: attention alone",
+    "megatron": "plain megatron-core, the local spec and its full-logit fp32 cross-entropy",
+}
 
 
 def matmul_weights(args) -> int:
@@ -64,8 +82,57 @@ def matmul_peak_tflops(size: int, dtype: torch.dtype, repeats: int) -> float:
     return 2.0 * size**3 / best / 1e12
 
 
-def run_spec(opts, spec: str) -> dict:
-    """One process: build the actor with this layer spec, time its update steps."""
+def plain_megatron_step(worker, batch, cfg) -> dict[str, float]:
+    """One optimizer step the way megatron-core trains a GPTModel: `model(..., labels=...)`
+    returns the per-token cross-entropy of logits for every position (megatron's
+    `vocab_parallel_cross_entropy`, fp32); the actor's PPO loss runs on -CE at the response
+    positions. Micro-batches, schedule and optimizer step are the actor's."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from tandem_core import cpu_compat
+    from trainer import core_algos
+    from trainer.megatron_worker import make_micro_batches
+
+    mbs = make_micro_batches(batch, cfg.micro_batch_size, None, seq_multiple=1)
+    tokens = float(batch["response_mask"].sum())
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        labels = torch.cat([mb.input_ids[:, 1:], torch.zeros_like(mb.input_ids[:, :1])], 1)
+        cross_entropy = model(mb.input_ids, mb.position_ids, None, labels=labels)  # [b, s]
+
+        def loss_func(ce):
+            logp = -ce.gather(1, mb.response_index)
+            f = mb.fields
+            loss, _ = core_algos.POLICY_LOSSES[cfg.policy_loss](
+                f["old_log_probs"], logp, f["advantages"], mb.response_mask, global_tokens=tokens
+            )
+            return loss * len(mbs), {"pg_loss": loss.detach()}
+
+        return cross_entropy, loss_func
+
+    for chunk in worker.chunks:
+        chunk.zero_grad_buffer()
+    worker.optimizer.zero_grad()
+    with cpu_compat.megatron_device_scope():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter(mbs)],
+            model=worker.chunks,
+            num_microbatches=len(mbs),
+            seq_length=max(mb.input_ids.shape[1] for mb in mbs),
+            micro_batch_size=cfg.micro_batch_size,
+        )
+        worker.optimizer.step()
+    pg_loss = float(sum(o["pg_loss"] for o in outputs))
+    if not math.isfinite(pg_loss):
+        raise RuntimeError(f"megatron: non-finite loss {pg_loss}")
+    return {"actor/pg_loss": pg_loss, "actor/skipped_steps": 0.0}
+
+
+def run_spec(opts, name: str) -> dict:
+    """One process: build the model for this row (`sdpa`, `local` or plain `megatron`), time
+    its update steps."""
     import weight_loaders as wl
     from tandem_core.config import ActorConfig, OptimConfig
     from trainer.actor import MegatronActor
@@ -79,28 +146,30 @@ def run_spec(opts, spec: str) -> dict:
         src.weights_dir,
         parallel,
         dtype=opts.dtype,
-        layer_spec=spec,
+        layer_spec="local" if name == "megatron" else name,
         optim=OptimConfig(lr=1e-6),
     )
-    actor = MegatronActor(
-        worker, ActorConfig(ppo_mini_batch_size=opts.batch, micro_batch_size=opts.micro_batch)
-    )
+    cfg = ActorConfig(ppo_mini_batch_size=opts.batch, micro_batch_size=opts.micro_batch)
+    actor = MegatronActor(worker, cfg)
     prompt = opts.seq // 2
     batch = C.training_batch(args.vocab_size, opts.batch, prompt, opts.seq - prompt, n=1)
     metrics = []
 
     def step():
-        metrics.append(actor.update_policy(batch))
+        if name == "megatron":
+            metrics.append(plain_megatron_step(worker, batch, cfg))
+        else:
+            metrics.append(actor.update_policy(batch))
 
     step_s = C.best_of(step, opts.steps, warmup=opts.warmup)
     top_kernels = C.profile_kernels(step, opts.profile) if opts.profile else None
     skipped = sum(m["actor/skipped_steps"] for m in metrics)
     if skipped:
-        raise RuntimeError(f"{spec}: {skipped:g} of {len(metrics)} steps skipped (non-finite loss)")
+        raise RuntimeError(f"{name}: {skipped:g} of {len(metrics)} steps skipped (non-finite loss)")
     tokens = int(batch["attention_mask"].sum())
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if C.on_cuda() else 0.0
     return {
-        "spec": spec,
+        "spec": name,
         "step_s": step_s,
         "tokens": tokens,
         "flops": step_flops(args, opts.batch, opts.seq, opts.seq - prompt),
@@ -117,7 +186,12 @@ def run_spec(opts, spec: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=C.pick("tiny_llama", "llama3_1b"))
-    ap.add_argument("--specs", nargs="+", default=["sdpa", "local"])
+    ap.add_argument(
+        "--specs",
+        nargs="+",
+        default=["sdpa", "local", "megatron"],
+        choices=["sdpa", "local", "megatron"],
+    )
     ap.add_argument("--batch", type=int, default=C.pick(8, 16), help="sequences per step")
     ap.add_argument("--seq", type=int, default=C.pick(256, 1024), help="tokens per sequence")
     ap.add_argument("--micro-batch", type=int, default=4)
@@ -127,7 +201,7 @@ def main() -> None:
     ap.add_argument("--peak-size", type=int, default=C.pick(1024, 8192))
     ap.add_argument("--peak-repeats", type=int, default=10)
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="top-N kernel table")
-    ap.add_argument("--one", metavar="SPEC", help="(internal) run one spec in this process")
+    ap.add_argument("--one", metavar="SPEC", help="(internal) run one row in this process")
     opts = ap.parse_args()
 
     if opts.one:
@@ -174,12 +248,13 @@ def main() -> None:
                 f"{r['peak_mem_gib']:.1f}",
             ]
         )
-    header = ["layer spec", "update step", "tokens/s", "TFLOP/s", "MFU vs measured peak"]
+    header = ["update", "step", "tokens/s", "TFLOP/s", "MFU vs measured peak"]
     header += ["MFU vs 989 nominal", "peak mem GiB"]
     lines.append(C.markdown_table(header, rows))
-    if "sdpa" in results and "local" in results:
-        speedup = results["local"]["step_s"] / results["sdpa"]["step_s"]
-        lines.append(f"\nsdpa / local speedup (tokens/s): {speedup:.2f}×")
+    for baseline, what in BASELINES.items():
+        if "sdpa" in results and baseline in results:
+            speedup = results[baseline]["step_s"] / results["sdpa"]["step_s"]
+            lines.append(f"\nsdpa / {baseline} (tokens/s): {speedup:.2f}× ({what})")
     for spec, r in results.items():
         if r["top_kernels"]:
             lines.append(f"\n{spec}: kernels with the most device time in one step\n")
