@@ -26,7 +26,7 @@ from tandem_core.models import ModelArgs, build_gpt_model, build_transformer_con
 from tandem_core.protocol import Batch
 from trainer.sequences import (
     AlignedMicroBatch,
-    align_micro_batch,
+    align_micro_batches,
     pad_to_length,
     split_by_token_budget,
 )
@@ -202,14 +202,13 @@ def make_micro_batches(
     `count_multiple`: megatron's interleaved (VPP) schedule needs the number of micro-batches
     to be a multiple of PP; when it is not, rows are re-cut into that many near-equal groups.
     """
-    mask = batch["attention_mask"]
     if max_tokens is None:
         groups = [
-            list(range(i, min(i + micro_batch_size, len(batch))))
+            range(i, min(i + micro_batch_size, len(batch)))
             for i in range(0, len(batch), micro_batch_size)
         ]
     else:
-        groups = split_by_token_budget(mask.sum(-1).tolist(), max_tokens)
+        groups = split_by_token_budget(batch["attention_mask"].sum(-1).tolist(), max_tokens)
     if len(groups) % count_multiple:
         count = -(-len(groups) // count_multiple) * count_multiple
         if count > len(batch):
@@ -217,18 +216,16 @@ def make_micro_batches(
                 f"{len(batch)} rows cannot form a multiple of {count_multiple} "
                 "micro-batches (interleaved pipeline schedule)"
             )
-        groups = [t.tolist() for t in torch.arange(len(batch)).tensor_split(count)]
-    out = []
-    # The trainer's batch lives on the host; each micro-batch goes to the device as it is cut.
-    batch = batch.to(cpu_compat.device())
-    for rows in groups:
-        sub = batch.index(rows)
-        fields = {k: sub[k] for k in PER_TOKEN_FIELDS if k in sub}
-        out.append(
-            align_micro_batch(
-                sub["input_ids"], sub["attention_mask"], sub["response_mask"], fields, seq_multiple
-            )
-        )
+        groups = [range(t[0], t[-1] + 1) for t in torch.arange(len(batch)).tensor_split(count)]
+    out = align_micro_batches(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["response_mask"],
+        {k: batch[k] for k in PER_TOKEN_FIELDS if k in batch},
+        groups,
+        seq_multiple,
+        device=cpu_compat.device(),
+    )
     if count_multiple > 1:
         # megatron's interleaved schedule assumes one activation shape for all micro-batches.
         longest = max(mb.input_ids.shape[1] for mb in out)

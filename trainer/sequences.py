@@ -30,6 +30,65 @@ class AlignedMicroBatch:
         return torch.arange(s, device=self.input_ids.device).expand(b, s)
 
 
+def align_micro_batches(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    fields: dict | None,
+    groups: list[range],
+    seq_multiple: int = 1,
+    device: torch.device | str = "cpu",
+) -> list[AlignedMicroBatch]:
+    """One micro-batch on `device` per group of consecutive rows of a host batch: rows rolled
+    so real tokens start at 0, each micro-batch trimmed to its longest row (rounded up to
+    `seq_multiple`, e.g. TP for sequence parallelism) and its response columns (mask and the
+    [b, R] `fields`) to the last one any of its rows uses: the model's output rows are these
+    columns, so response padding costs no logits.
+
+    The trims are read from the host masks, so cutting a batch never waits on the device; the
+    rows are copied and rolled there once for the whole batch, and each micro-batch is a slice.
+    """
+    b, total = input_ids.shape
+    prompt_len = total - response_mask.shape[1]
+    # Per row: leading pads, aligned position of response token 0, real length, last response
+    # column in use (1-based, 0 if none).
+    shift = (attention_mask.cumsum(-1) == 0).sum(-1)
+    resp_start = prompt_len - shift
+    real_len = (resp_start + response_mask.sum(-1)).tolist()
+    columns = torch.arange(1, response_mask.shape[1] + 1)
+    last_used = (response_mask.bool() * columns).max(-1).values.tolist() if b else []
+
+    input_ids, response_mask, shift, resp_start = (
+        t.to(device, non_blocking=True) for t in (input_ids, response_mask, shift, resp_start)
+    )
+    fields = {k: v.to(device, non_blocking=True) for k, v in (fields or {}).items()}
+    cols = (torch.arange(total, device=device)[None, :] + shift[:, None]) % total
+    rolled = input_ids.gather(1, cols)
+    index = resp_start[:, None] - 1 + torch.arange(response_mask.shape[1], device=device)[None, :]
+    next_token = torch.cat([rolled[:, 1:], rolled.new_zeros(b, 1)], dim=1)
+    labels = next_token.gather(1, index.clamp(0, total - 1))
+
+    out = []
+    for rows in groups:
+        lo, hi = rows.start, rows.stop
+        s = max(max(real_len[lo:hi]), 1)
+        resp_len = max(max(last_used[lo:hi]), 1)
+        s = min(-(-s // seq_multiple) * seq_multiple, total + seq_multiple)
+        ids = rolled[lo:hi, :s]
+        if s > total:  # rounding up past the row: extend with pads
+            ids = torch.cat([ids, ids.new_zeros(hi - lo, s - total)], dim=1)
+        out.append(
+            AlignedMicroBatch(
+                ids.contiguous(),
+                index[lo:hi, :resp_len].clamp(0, s - 1),
+                labels[lo:hi, :resp_len],
+                response_mask[lo:hi, :resp_len],
+                {k: v[lo:hi, :resp_len] for k, v in fields.items()},
+            )
+        )
+    return out
+
+
 def align_micro_batch(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -37,32 +96,11 @@ def align_micro_batch(
     fields: dict | None = None,
     seq_multiple: int = 1,
 ) -> AlignedMicroBatch:
-    """Roll rows so real tokens start at 0; trim to the longest row (rounded up to
-    `seq_multiple`, e.g. TP for sequence parallelism). The response columns (mask and the
-    [b, R] `fields`) are trimmed to the last one any row uses: the model's output rows are
-    these columns, so response padding costs no logits."""
-    b, total = input_ids.shape
-    prompt_len = total - response_mask.shape[1]
-    shift = (attention_mask.cumsum(-1) == 0).sum(-1)  # leading pads per row
-    resp_start = prompt_len - shift  # aligned position of response token 0
-    real_len = resp_start + response_mask.sum(-1)
-    columns = torch.arange(1, response_mask.shape[1] + 1, device=response_mask.device)
-    last_used = response_mask.bool() * columns
-    # One host sync for both trims: the longest row and the last response column in use.
-    longest = torch.stack([real_len.max().long(), last_used.max()]).clamp(min=1).tolist()
-    s, resp_len = longest
-    response_mask = response_mask[:, :resp_len]
-    fields = {k: v[:, :resp_len] for k, v in (fields or {}).items()}
-    cols = (torch.arange(total, device=input_ids.device)[None, :] + shift[:, None]) % total
-    ids = input_ids.gather(1, cols)
-    s = min(-(-s // seq_multiple) * seq_multiple, total + seq_multiple)
-    if s > total:  # rounding up past the row: extend with pads
-        ids = torch.cat([ids, ids.new_zeros(b, s - total)], dim=1)
-    ids = ids[:, :s].contiguous()
-    index = resp_start[:, None] - 1 + torch.arange(resp_len, device=ids.device)[None, :]
-    index = index.clamp(0, s - 1)
-    labels = torch.cat([ids[:, 1:], ids.new_zeros(b, 1)], dim=1).gather(1, index)
-    return AlignedMicroBatch(ids, index, labels, response_mask, fields)
+    """All rows as one micro-batch (see align_micro_batches)."""
+    groups = [range(input_ids.shape[0])]
+    return align_micro_batches(
+        input_ids, attention_mask, response_mask, fields, groups, seq_multiple
+    )[0]
 
 
 def pad_to_length(mb: AlignedMicroBatch, length: int) -> AlignedMicroBatch:
@@ -81,22 +119,20 @@ def mask_response(values: torch.Tensor, mb: AlignedMicroBatch) -> torch.Tensor:
     return values * mb.response_mask.to(values.dtype)
 
 
-def split_by_token_budget(lengths: list[int], max_tokens: int) -> list[list[int]]:
+def split_by_token_budget(lengths: list[int], max_tokens: int) -> list[range]:
     """Consecutive groups of rows whose padded size (rows × longest) stays within max_tokens.
 
     Order is kept, so results map back without a permutation; a single row longer than the
     budget gets a micro-batch of its own.
     """
-    groups: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
+    groups: list[range] = []
+    start, longest = 0, 0
     for i, n in enumerate(lengths):
         new_longest = max(longest, n)
-        if current and new_longest * (len(current) + 1) > max_tokens:
-            groups.append(current)
-            current, new_longest = [], n
-        current.append(i)
+        if i > start and new_longest * (i - start + 1) > max_tokens:
+            groups.append(range(start, i))
+            start, new_longest = i, n
         longest = new_longest
-    if current:
-        groups.append(current)
+    if start < len(lengths):
+        groups.append(range(start, len(lengths)))
     return groups

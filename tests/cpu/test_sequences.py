@@ -2,7 +2,12 @@
 
 import torch
 
-from trainer.sequences import align_micro_batch, mask_response
+from trainer.sequences import (
+    align_micro_batch,
+    align_micro_batches,
+    mask_response,
+    split_by_token_budget,
+)
 
 
 def _rows():
@@ -45,3 +50,29 @@ def test_sequence_parallel_rounding_and_empty_responses():
     assert mb.input_ids.shape[1] == 8  # 5 rounded up to a multiple of 4
     empty = align_micro_batch(ids, attn, torch.zeros_like(rmask))
     assert empty.response_mask.shape == (3, 1) and not empty.response_mask.any()
+
+
+def test_groups_of_one_batch_match_aligning_each_group_alone():
+    ids, attn, _, rmask = _rows()
+    adv = torch.arange(15, dtype=torch.float32).view(3, 5)
+    groups = [range(0, 1), range(1, 3)]
+    together = align_micro_batches(ids, attn, rmask, {"advantages": adv}, groups)
+    for rows, mb in zip(groups, together, strict=True):
+        sl = slice(rows.start, rows.stop)
+        alone = align_micro_batch(ids[sl], attn[sl], rmask[sl], {"advantages": adv[sl]})
+        # Each group is trimmed to its own rows: row 0 alone is 5 tokens with 3 response columns.
+        for name in ("input_ids", "response_index", "labels", "response_mask"):
+            assert torch.equal(getattr(mb, name), getattr(alone, name)), name
+        assert torch.equal(mb.fields["advantages"], alone.fields["advantages"])
+    assert together[1].input_ids.shape == (2, 5) and together[1].response_mask.shape == (2, 2)
+
+
+def test_token_budget_groups_are_consecutive_ranges():
+    # Padded size = rows × longest; a row over the budget gets a group of its own.
+    assert split_by_token_budget([3, 3, 3, 9, 2, 2], 8) == [
+        range(0, 2),
+        range(2, 3),
+        range(3, 4),
+        range(4, 6),
+    ]
+    assert split_by_token_budget([], 8) == []
