@@ -4,8 +4,8 @@ Variation is a spec, not a flag inside a layer (STYLE habit 7):
 - `local`: megatron's own local spec, but with Tandem's SP-capable RMSNorm (megatron's
   WrappedTorchNorm refuses sequence parallelism); the baseline.
 - `sdpa`: the same with core attention through torch's fused
-  `scaled_dot_product_attention` (flash kernels on GPU) and RoPE as one compiled kernel per
-  tensor; the default without TE.
+  `scaled_dot_product_attention` (flash kernels on GPU) and RoPE on q and k as one compiled
+  kernel each way (`RotaryQK`); the default without TE.
 - `te`: megatron's transformer-engine spec, when transformer_engine imports.
 
 Sequences reach these models right-padded (real tokens from position 0, see
@@ -128,19 +128,49 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
-@functools.cache
-def _rope_kernel():
-    """megatron's own unfused RoPE, compiled on CUDA into one kernel per tensor (forward and
-    backward) instead of six eager passes (its fused RoPE needs transformer-engine)."""
+def _rotate_qk(q, k, freqs_q, freqs_k, interleaved: bool, sign: float):
+    """megatron's own unfused RoPE on q and k by angle sign·θ (its fused RoPE needs
+    transformer-engine)."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
+    return (
+        _apply_rotary_pos_emb_bshd(q, freqs_q * sign, interleaved),
+        _apply_rotary_pos_emb_bshd(k, freqs_k * sign, interleaved),
+    )
+
+
+@functools.cache
+def _rotate_qk_kernel():
+    """On CUDA, `_rotate_qk` compiled for inference only: one kernel call for q and k instead of
+    six eager passes each. Autograd is `RotaryQK`'s, so inductor never partitions a joint
+    forward/backward graph (with dynamic shapes that compile took ~46 s of a run's first
+    update) and each direction is one compiled call (each call costs ~0.1 ms of host time)."""
     if cpu_compat.cuda_available():
-        return torch.compile(_apply_rotary_pos_emb_bshd, dynamic=True)
-    return _apply_rotary_pos_emb_bshd
+        return torch.compile(_rotate_qk, dynamic=True)
+    return _rotate_qk
+
+
+class RotaryQK(torch.autograd.Function):
+    """RoPE on q and k. A rotation's transpose is the rotation by -θ (sin is odd and megatron's
+    frequencies repeat each angle over its rotated pair), so backward is the forward kernel
+    with the angles negated; the unrotated tail of a partial rotary dim passes through both."""
+
+    @staticmethod
+    def forward(ctx, q, k, freqs_q, freqs_k, interleaved: bool):
+        ctx.save_for_backward(freqs_q, freqs_k)
+        ctx.interleaved = interleaved
+        return _rotate_qk_kernel()(q, k, freqs_q, freqs_k, interleaved, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        freqs_q, freqs_k = ctx.saved_tensors
+        rotate = _rotate_qk_kernel()
+        grad_q, grad_k = rotate(grad_q, grad_k, freqs_q, freqs_k, ctx.interleaved, -1.0)
+        return grad_q, grad_k, None, None, None
 
 
 class SDPASelfAttention(SelfAttention):
-    """megatron's SelfAttention with RoPE applied right after the QKV split by `_rope_kernel`.
+    """megatron's SelfAttention with RoPE applied right after the QKV split by `RotaryQK`.
 
     The rotary frequencies are held for the one forward call (megatron is handed None, so it
     applies nothing itself); recomputing core attention reuses the already-rotated q and k.
@@ -170,8 +200,8 @@ class SDPASelfAttention(SelfAttention):
         if freqs is None:
             return qkv
         query, key, *rest = qkv  # megatron splits q, k, v (+ gate) when handed no RoPE
-        rope, interleaved = _rope_kernel(), self.config.rotary_interleaved
-        return rope(query, freqs[0], interleaved), rope(key, freqs[1], interleaved), *rest
+        interleaved = self.config.rotary_interleaved
+        return *RotaryQK.apply(query, key, freqs[0], freqs[1], interleaved), *rest
 
 
 # ---- specs ------------------------------------------------------------------------------------
@@ -235,10 +265,12 @@ def build_transformer_config(
         add_qkv_bias=args.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # megatron's own fused SwiGLU and residual add (torch.compile'd kernels), on CUDA; on
-        # CPU they would compile C++ at every start for nothing the tests measure.
+        # megatron's own fused SwiGLU (a torch.compile'd kernel), on CUDA; on CPU it would
+        # compile C++ at every start for nothing the tests measure. Its fused bias-dropout-add
+        # stays off: without linear biases or dropout it is the same single add, plus ~0.1 ms
+        # of host time per call for the compiled region (twice a layer, forward and backward).
         bias_activation_fusion=cpu_compat.cuda_available(),
-        bias_dropout_fusion=cpu_compat.cuda_available(),
+        bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,

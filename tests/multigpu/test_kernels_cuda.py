@@ -39,23 +39,27 @@ def test_fused_kernels_match_eager(with_entropy):
 
 
 def test_compiled_rope_matches_megatron_eager():
+    """RotaryQK (compiled forward, backward = rotation by -θ) vs megatron's eager RoPE under
+    autograd, on q and k with grouped heads."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
     torch.manual_seed(0)
-    s, b, heads, dim = 300, 3, 8, 64
+    s, b, heads, groups, dim = 300, 3, 8, 2, 64
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     angles = torch.outer(torch.arange(s, dtype=torch.float32), inv_freq)
     freqs = torch.cat([angles, angles], dim=-1)[:, None, None, :].cuda()
     q = torch.randn(s, b, heads, dim, device="cuda", dtype=torch.bfloat16)
-    weights = torch.randn_like(q)
+    k = torch.randn(s, b, groups, dim, device="cuda", dtype=torch.bfloat16)
+    weights = torch.randn_like(q), torch.randn_like(k)
 
-    def run(fn):
-        x = q.clone().requires_grad_()
-        out = fn(x, freqs, False)
-        (out.float() * weights).sum().backward()
-        return out.float(), x.grad.float()
+    def run(rotate):
+        x, y = q.clone().requires_grad_(), k.clone().requires_grad_()
+        out = rotate(x, y)
+        sum((o.float() * w).sum() for o, w in zip(out, weights, strict=True)).backward()
+        return [t.float() for t in (*out, x.grad, y.grad)]
 
-    got, want = run(M._rope_kernel()), run(_apply_rotary_pos_emb_bshd)
+    got = run(lambda x, y: M.RotaryQK.apply(x, y, freqs, freqs, False))
+    want = run(lambda x, y: [_apply_rotary_pos_emb_bshd(t, freqs, False) for t in (x, y)])
     # bf16: the compiled kernel rounds once, megatron's eager ops after every step.
-    torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(got[1], want[1], rtol=2e-2, atol=2e-2)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
