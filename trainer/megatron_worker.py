@@ -59,8 +59,11 @@ class ModelWorker:
         return mpu.is_pipeline_last_stage(ignore_virtual=True)
 
     def train(self, mode: bool = True):
+        """Train or eval mode for the next pass. Each pass sets the mode it needs; switching
+        walks every module (~1 ms of host time for 24 layers), so an unchanged mode is kept."""
         for c in self.chunks:
-            c.train(mode)
+            if c.training != mode:
+                c.train(mode)
 
 
 def build_model_chunks(args: ModelArgs, config, layer_spec: str, value_head: bool) -> list:
@@ -319,6 +322,7 @@ def train_step(worker: ModelWorker, micro_batches, loss_fn: LossFn, max_nan_step
     A non-finite loss on any rank skips the step on every rank (grads zeroed, counted);
     `max_nan_steps` skips in a row abort the run. Returns (outputs, grad_norm, skipped).
     """
+    worker.train(True)
     for c in worker.chunks:
         c.zero_grad_buffer()
     worker.optimizer.zero_grad()
@@ -395,7 +399,6 @@ def forward_per_token(
         mine = [F.pad(o[key], (0, shape[1] - o[key].shape[1])) for o in outputs]
         mine = torch.cat(mine) if mine else None
         result[key] = gather_over_dp(broadcast_from_last_stage(mine, shape, torch.float32)).cpu()
-    worker.train(True)
     return result
 
 

@@ -5,7 +5,9 @@ Checks (asserted here, on every rank):
 1. compute_log_prob: log-probs and entropy equal transformers' to 1e-5 (micro-batches of 3,
    and one micro-batch of 8 through actor.log_prob_micro_batch_size);
 2. update_policy (2 mini-batches, PPO clip + entropy + k3 KL loss) gives the same parameters
-   as the plain PyTorch reference (AdamW, clipping) to 1e-5, with micro-batch size 1 and 4.
+   as the plain PyTorch reference (AdamW, clipping) to 1e-5, with micro-batch size 1 and 4;
+3. forward-only passes leave the model in eval mode, and an update after one runs in train
+   mode.
 """
 
 import os
@@ -71,6 +73,7 @@ def main():
         lp_err = (out["log_probs"] - want_lp).abs().max().item()
         ent_err = (out["entropy"] - want_ent).abs().max().item()
         assert lp_err < 1e-5 and ent_err < 1e-5, (log_prob_mbs, lp_err, ent_err)
+    assert not any(c.training for c in ref_worker.chunks), "a forward-only pass left train mode"
 
     # 2. one PPO update, two mini-batches, vs plain PyTorch
     g = torch.Generator().manual_seed(1)
@@ -96,9 +99,10 @@ def main():
     errors = {}
     for mbs in [int(x) for x in os.environ.get("ACTOR_MBS", "1,4").split(",")]:
         worker = build_model_worker(args, hf_dir, parallel, optim=cfg.optim)
-        MegatronActor(worker, replace(cfg, micro_batch_size=mbs)).update_policy(
-            Batch.from_dict({**data, **extra}, meta_info={"n": 1})
-        )
+        actor = MegatronActor(worker, replace(cfg, micro_batch_size=mbs))
+        actor.compute_log_prob(batch)  # leaves eval mode; the update must switch back
+        actor.update_policy(Batch.from_dict({**data, **extra}, meta_info={"n": 1}))
+        assert all(c.training for c in worker.chunks), "an update ran outside train mode"
         got = hf_named_params(worker, args)
         err = max((got[k] - want[k].detach()).abs().max().item() for k in got)
         errors[mbs] = err
