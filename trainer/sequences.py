@@ -96,10 +96,10 @@ def align_micro_batch(
     fields: dict | None = None,
     seq_multiple: int = 1,
 ) -> AlignedMicroBatch:
-    """All rows as one micro-batch (see align_micro_batches)."""
+    """All rows as one micro-batch, where `input_ids` lives (see align_micro_batches)."""
     groups = [range(input_ids.shape[0])]
     return align_micro_batches(
-        input_ids, attention_mask, response_mask, fields, groups, seq_multiple
+        input_ids, attention_mask, response_mask, fields, groups, seq_multiple, input_ids.device
     )[0]
 
 
