@@ -73,7 +73,7 @@ def main():
         lp_err = (out["log_probs"] - want_lp).abs().max().item()
         ent_err = (out["entropy"] - want_ent).abs().max().item()
         assert lp_err < 1e-5 and ent_err < 1e-5, (log_prob_mbs, lp_err, ent_err)
-    assert not any(c.training for c in ref_worker.chunks), "a forward-only pass left train mode"
+    assert not any(c.training for c in ref_worker.chunks), "train mode after a forward-only pass"
 
     # 2. one PPO update, two mini-batches, vs plain PyTorch
     g = torch.Generator().manual_seed(1)
@@ -100,7 +100,7 @@ def main():
     for mbs in [int(x) for x in os.environ.get("ACTOR_MBS", "1,4").split(",")]:
         worker = build_model_worker(args, hf_dir, parallel, optim=cfg.optim)
         actor = MegatronActor(worker, replace(cfg, micro_batch_size=mbs))
-        actor.compute_log_prob(batch)  # leaves eval mode; the update must switch back
+        actor.compute_log_prob(batch)  # leaves the model in eval mode; the update switches back
         actor.update_policy(Batch.from_dict({**data, **extra}, meta_info={"n": 1}))
         assert all(c.training for c in worker.chunks), "an update ran outside train mode"
         got = hf_named_params(worker, args)
