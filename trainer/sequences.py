@@ -89,20 +89,6 @@ def align_micro_batches(
     return out
 
 
-def align_micro_batch(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    response_mask: torch.Tensor,
-    fields: dict | None = None,
-    seq_multiple: int = 1,
-) -> AlignedMicroBatch:
-    """All rows as one micro-batch, where `input_ids` lives (see align_micro_batches)."""
-    groups = [range(input_ids.shape[0])]
-    return align_micro_batches(
-        input_ids, attention_mask, response_mask, fields, groups, seq_multiple, input_ids.device
-    )[0]
-
-
 def pad_to_length(mb: AlignedMicroBatch, length: int) -> AlignedMicroBatch:
     """Right-pad a micro-batch to `length` positions (for schedules that need one shape)."""
     extra = length - mb.input_ids.shape[1]

@@ -2,12 +2,12 @@
 
 import torch
 
-from trainer.sequences import (
-    align_micro_batch,
-    align_micro_batches,
-    mask_response,
-    split_by_token_budget,
-)
+from trainer.sequences import align_micro_batches, mask_response, split_by_token_budget
+
+
+def align_micro_batch(ids, attn, rmask, fields=None, seq_multiple=1):
+    """All rows as one micro-batch."""
+    return align_micro_batches(ids, attn, rmask, fields, [range(len(ids))], seq_multiple)[0]
 
 
 def _rows():
