@@ -139,14 +139,17 @@ def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
             "activations in flight",
             in_flight * tokens * per_token,
             f"{in_flight:g} layer·micro-batches × {micro_note} × {per_token / 1024:.1f} KiB",
-        ),
-        _t(
-            "logits of one micro-batch and their grad",
-            rows * vocab * 2 * lay.dtype_bytes,
-            f"{rows} response rows × vocab/TP {vocab} × 2 × {lay.dtype_bytes} B (the fp32"
-            " softmax math runs fused, chunk by chunk: trainer/logprobs.py)",
-        ),
-    ][: 2 if last else 1]
+        )
+    ]
+    if last:
+        update.append(
+            _t(
+                "logits of one micro-batch and their grad",
+                rows * vocab * 2 * lay.dtype_bytes,
+                f"{rows} response rows × vocab/TP {vocab} × 2 × {lay.dtype_bytes} B (the fp32"
+                " softmax math runs fused, chunk by chunk: trainer/logprobs.py)",
+            )
+        )
     terms += max(update, _forward_only_terms(cfg, lay, per_token, vocab, last), key=_sum_gib)
     if lay.critic:
         terms += _model_state_terms(lay, stage_params(m, lay.tp, lay.pp, stage, True), "critic")
@@ -163,19 +166,23 @@ def _forward_only_terms(cfg, lay: Layout, per_token: float, vocab: int, last: bo
         return []
     mbs = a.log_prob_micro_batch_size
     tokens, rows = mbs * lay.seq_len, mbs * cfg.rollout.response_length
-    return [
+    terms = [
         _t(
             "activations of one layer, forward-only log-prob pass",
             tokens * per_token,
             f"actor.log_prob_micro_batch_size {mbs} × {lay.seq_len} tokens × "
             f"{per_token / 1024:.1f} KiB",
-        ),
-        _t(
-            "logits of one log-prob micro-batch",
-            rows * vocab * lay.dtype_bytes,
-            f"{rows} response rows × vocab/TP {vocab} × {lay.dtype_bytes} B",
-        ),
-    ][: 2 if last else 1]
+        )
+    ]
+    if last:
+        terms.append(
+            _t(
+                "logits of one log-prob micro-batch",
+                rows * vocab * lay.dtype_bytes,
+                f"{rows} response rows × vocab/TP {vocab} × {lay.dtype_bytes} B",
+            )
+        )
+    return terms
 
 
 def _sum_gib(terms: list[Term]) -> float:
