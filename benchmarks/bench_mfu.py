@@ -8,13 +8,14 @@ Three ways to run the same optimizer step (one mini-batch, one optimizer step):
 - `sdpa`: `MegatronActor.update_policy` with Tandem's default layer spec: forward + backward
   of every micro-batch through megatron's schedule, the LM head on the response rows only,
   the PPO loss on the fused vocab-parallel log-probs, megatron's distributed optimizer step
-  (Adam, fp32 master weights).
+  (Adam, fp32 master weights) with torch's fused AdamW kernel (`actor.optim.fused`).
 - `local`: the same update with megatron's local layer spec (unfused attention): the
   attention alone, everything else shared.
 - `megatron`: plain megatron-core, the baseline the GPU targets are stated against: the local
   spec, and the loss the way megatron trains a GPTModel (`model(..., labels=...)`: logits for
   every position, megatron's `vocab_parallel_cross_entropy` on them upcast to fp32), the same
-  PPO loss on -CE at the response positions, the same schedule and optimizer step. Its loss
+  PPO loss on -CE at the response positions, the same schedule and distributed optimizer,
+  stepping with torch's foreach AdamW (megatron's choice without TE/apex). Its loss
   differs from the others' only where the vocabulary is padded (megatron's softmax includes the
   padding columns; Llama-3.2's 128,256 needs none).
 bf16 on CUDA, fp32 on CPU. Same model shape (random init), same batch (every row full:
@@ -148,7 +149,7 @@ def run_spec(opts, name: str) -> dict:
         parallel,
         dtype=opts.dtype,
         layer_spec="local" if name == "megatron" else name,
-        optim=OptimConfig(lr=1e-6),
+        optim=OptimConfig(lr=1e-6, fused=name != "megatron"),  # megatron's default: foreach
     )
     cfg = ActorConfig(ppo_mini_batch_size=opts.batch, micro_batch_size=opts.micro_batch)
     actor = MegatronActor(worker, cfg)

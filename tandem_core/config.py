@@ -81,6 +81,9 @@ class OptimConfig:
     """constant | linear | cosine (megatron's OptimizerParamScheduler)."""
     lr_decay_steps: int | None = None
     """Steps of decay after warmup; None = the run's total optimizer steps."""
+    fused: bool = True
+    """torch's fused AdamW kernel (one launch per param group); False = megatron's default
+    without TE/apex, torch's foreach AdamW. Same update up to rounding."""
 
 
 @dataclass

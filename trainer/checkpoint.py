@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from tandem_core import cpu_compat
-from trainer.megatron_worker import ModelWorker
+from trainer.megatron_worker import ModelWorker, set_adam_kernel, torch_adams
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,10 @@ def load_worker(worker: ModelWorker, path: Path, sharding: str = "dp_reshardable
     # no_grad: in fp32 the distributed optimizer's main params are views of the model's.
     with cpu_compat.megatron_device_scope(), torch.no_grad():
         if worker.optimizer is not None:
+            # torch's load replaces the param groups with the saved ones, kernel flag included;
+            # this run's flag wins, as its LR schedule does (_load_scheduler)
+            adams = torch_adams(worker.optimizer)
+            fused = all(g.get("fused", False) for a in adams for g in a.param_groups)
             _init_empty_adam_state(worker.optimizer)
         template = _sharded_state_dict(worker, sharding, is_loading=True)
         state = dist_checkpointing.load(template, str(path))
@@ -200,20 +204,16 @@ def load_worker(worker: ModelWorker, path: Path, sharding: str = "dp_reshardable
         if worker.optimizer is not None:
             worker.optimizer.load_state_dict(state["optimizer"])
             _untie_adam_steps(worker.optimizer)
+            set_adam_kernel(worker.optimizer, fused)
             _load_scheduler(worker.scheduler, state["scheduler"])
     worker._skipped_in_a_row = int(state["worker"]["skipped_in_a_row"])
-
-
-def _torch_adams(optimizer) -> list[torch.optim.Optimizer]:
-    inners = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    return [o for o in inners if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
 
 
 def _init_empty_adam_state(optimizer) -> None:
     """A fresh worker (a restarted trainer) has no Adam state yet; megatron-core 0.16.1's
     DistributedOptimizer.state_dict then asserts (it reads torch's `step`), so loading into it
     fails. Give it torch's own zero-step state; the checkpoint then overwrites every value."""
-    for inner in _torch_adams(optimizer):
+    for inner in torch_adams(optimizer):
         for group in inner.param_groups:
             for p in group["params"]:
                 if not inner.state[p]:
@@ -231,7 +231,7 @@ def _untie_adam_steps(optimizer) -> None:
     hands all parameters ONE shared `step` tensor, then overwrites it with the template's stale
     value; torch then increments the shared tensor once per parameter per step, so the bias
     correction after a resume would be wrong. The saved count survives in param_groups."""
-    for inner in _torch_adams(optimizer):
+    for inner in torch_adams(optimizer):
         for group in inner.param_groups:
             if "step" not in group:
                 continue

@@ -153,6 +153,7 @@ def build_optimizer(chunks, config, optim: OptimConfig, parallel: ParallelConfig
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, chunks)
+    set_adam_kernel(optimizer, optim.fused)
     decay_steps = optim.lr_decay_steps or max(total_steps, optim.lr_warmup_steps + 1)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -168,6 +169,29 @@ def build_optimizer(chunks, config, optim: OptimConfig, parallel: ParallelConfig
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def torch_adams(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch Adam(W)s inside a megatron optimizer (none when it runs TE's or apex's)."""
+    inners = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [o for o in inners if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def set_adam_kernel(optimizer, fused: bool) -> None:
+    """Run megatron's torch AdamW as torch's fused kernel, or as foreach (megatron's default).
+
+    Fused is one launch per param group where foreach is a dozen per step, a few percent of a 1B
+    update. torch reads the flag from the param group at every step, so it can be set after
+    megatron built the optimizer. A fused step wants each `step` count on its param's device,
+    foreach on the host: existing counts move with the flag (per parameter, never shared)."""
+    for inner in torch_adams(optimizer):
+        for group in inner.param_groups:
+            group["fused"], group["foreach"] = fused, None
+            for p in group["params"]:
+                state = inner.state.get(p)
+                if state and "step" in state:
+                    device = p.device if fused else torch.device("cpu")
+                    state["step"] = state["step"].to(device, torch.float32, copy=True)
 
 
 # ---- micro-batches ------------------------------------------------------------------------------

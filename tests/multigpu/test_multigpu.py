@@ -8,6 +8,7 @@ GPUs; each test skips, naming the count it needs, when fewer GPUs are visible).
 - 2 GPUs: megatron TP=2, PP=2, TP=2+SP and DP=2 in bf16 equal one GPU on the same weights;
   HybridEngine swaps with CUDA vLLM (rollout TP 1 and 2) for training layouts 1x1 (DP=2), 2x1,
   1x2 (TPxPP) on tiny_llama; a short GRPO run end to end (TP=2 training, rollout TP 1);
+  checkpoint save → load → step, bitwise equal to an uninterrupted run at TP2, PP2, DP2;
 - 4 GPUs: megatron parity for TP=4, TP2×PP2 and TP2×DP2; swaps for training layouts 4x1, 2x2,
   2x1 (DP=2) and 1x2 (DP=2) with rollout TP 1, 2 and 4 on tiny_llama_wide (8 heads / 8 KV
   heads); GRPO with TP2×PP2 training and rollout TP 4 on tiny_llama_wide;
@@ -129,6 +130,20 @@ def test_hybrid_engine_swaps_vllm(world, rollout_tp, layouts, preset, torchrun, 
         for key in ("err_first", "err_after_step", "err_repaired"):
             assert numbers[key] <= HE_TOL, (layout, key, numbers[key])
     print(result)
+
+
+@needs_gpus(2)
+def test_checkpoint_resume_bitwise(torchrun, tiny_checkpoints, tmp_path):
+    """tests/cpu/workers/ckpt_roundtrip.py over NCCL: save, load, one more step, bitwise equal
+    to the run that never stopped (fused AdamW: its step counts live on the GPU), and within
+    rounding when resumed with the other Adam kernel."""
+    layouts = ("tp2", "pp2", "dp2", "dp2_plain")
+    # cuBLAS is deterministic only with a fixed workspace (torch.use_deterministic_algorithms)
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    result = torchrun("ckpt_roundtrip.py", 2, str(tmp_path), *layouts, timeout=900, env=env)
+    assert set(result) == set(layouts), result
+    for layout, r in result.items():
+        assert r["changed_by_step2"] == r["tensors"] > 100, (layout, r)
 
 
 def grpo_command(world: int, output_dir: Path, overrides: list[str]) -> list[str]:

@@ -8,16 +8,21 @@ Per layout, on every rank (asserted here):
    loads step 1: params, optimizer moments/step, LR schedule and RNG equal A's at step 1;
    trained on batch 2: metrics, params and optimizer state equal A's after step 2, bitwise;
    run C: the same from a freshly built worker (a restarted trainer: no optimizer state yet);
+   run D: the same with the other Adam kernel (fused ⇄ foreach): its flag wins over the
+   checkpoint's, state equal after load, the next step equal to rounding (rtol 1e-4);
 3. latest_complete() finds step 2 on every rank; A's actor at step 2 is exported as HF (read
    back by the pytest side, which also damages the checkpoint files);
 4. a SIGUSR1 on the last rank only makes StopRequest.agreed() true on all ranks;
 5. a Tracker on every rank writes from rank 0 only (checked by the pytest side).
 """
 
+import importlib.util
+import math
 import os
 import random
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +41,12 @@ from tandem_core.protocol import Batch  # noqa: E402
 from tandem_core.tiny_models import ensure_tiny_checkpoint  # noqa: E402
 from trainer import checkpoint as C  # noqa: E402
 from trainer.actor import MegatronActor, dp_slice, make_micro_batches  # noqa: E402
-from trainer.megatron_worker import build_model_worker, reduce_metrics, train_step  # noqa: E402
+from trainer.megatron_worker import (  # noqa: E402
+    build_model_worker,
+    reduce_metrics,
+    torch_adams,
+    train_step,
+)
 from trainer.sequences import mask_response  # noqa: E402
 from trainer.tracking import Tracker  # noqa: E402
 
@@ -91,11 +101,11 @@ def critic_update(worker, batch: Batch) -> dict:
     return metrics
 
 
-def build(args, hf_dir, parallel):
+def build(args, hf_dir, parallel, optim=OPTIM):
     return {
-        "actor": build_model_worker(args, hf_dir, parallel, optim=OPTIM, total_optimizer_steps=10),
+        "actor": build_model_worker(args, hf_dir, parallel, optim=optim, total_optimizer_steps=10),
         "critic": build_model_worker(
-            args, hf_dir, parallel, value_head=True, optim=OPTIM, total_optimizer_steps=10
+            args, hf_dir, parallel, value_head=True, optim=optim, total_optimizer_steps=10
         ),
     }
 
@@ -119,8 +129,10 @@ def snapshot(workers) -> dict[str, torch.Tensor]:
                 out[f"{role}.opt{j}.g{g}.lr"] = torch.tensor(group["lr"], dtype=torch.float64)
                 for k, p in enumerate(group["params"]):
                     out[f"{role}.opt{j}.g{g}.p{k}"] = p.detach().clone()
-                    for name, v in inner.state.get(p, {}).items():
-                        out[f"{role}.opt{j}.g{g}.p{k}.{name}"] = torch.as_tensor(v).clone()
+                    for name, v in inner.state.get(p, {}).items():  # `step` may sit on the host
+                        out[f"{role}.opt{j}.g{g}.p{k}.{name}"] = torch.as_tensor(v).to(
+                            "cpu", copy=True
+                        )
         out[f"{role}.sched"] = torch.tensor(w.scheduler.num_steps)
     return out
 
@@ -193,6 +205,25 @@ def run_layout(
     assert train(c, b2) == metrics_a
     bad = diff(snapshot(c), after_a)
     assert not bad, f"{name}: fresh worker, the step after resume differs: {bad[:5]}"
+
+    # run D: resumed with the other Adam kernel (actor.optim.fused flipped): this run's kernel
+    # wins over the checkpoint's, the state is the saved one, the next step equal to rounding
+    d = build(args, hf_dir, parallel, replace(OPTIM, fused=not OPTIM.fused))
+    mgr.load(path, d)
+    flags = {
+        g["fused"] for w in d.values() for a in torch_adams(w.optimizer) for g in a.param_groups
+    }
+    assert flags == {not OPTIM.fused}, f"{name}: Adam kernel after load {flags}"
+    bad = diff(snapshot(d), at_save)
+    assert not bad, f"{name}: other kernel, after load differs from the saved state in {bad[:5]}"
+    metrics_d = train(d, b2)
+    assert metrics_d.keys() == metrics_a.keys()
+    far = [k for k in metrics_a if not math.isclose(metrics_a[k], metrics_d[k], rel_tol=1e-4)]
+    assert not far, f"{name}: other kernel, metrics {[(metrics_a[k], metrics_d[k]) for k in far]}"
+    after_d = snapshot(d)
+    far = [k for k in after_a if not torch.allclose(after_d[k], after_a[k], rtol=1e-4, atol=1e-7)]
+    assert not far, f"{name}: other kernel, the step after resume is not close in {far[:5]}"
+
     moved = sum(not torch.equal(at_save[k], after_a[k]) for k in at_save)
     return {"tensors": len(at_save), "changed_by_step2": moved, "metrics": metrics_b}
 
@@ -210,6 +241,8 @@ LAYOUTS = {  # name: (TP, PP, distributed optimizer[, VPP chunks per rank])
 
 def main():
     out_dir = Path(sys.argv[1])
+    if torch.cuda.is_available():  # bitwise on GPUs too: no atomics-ordered reductions
+        torch.use_deterministic_algorithms(True, warn_only=True)
     D.init_distributed()
     results = {name: run_layout(name, out_dir, *LAYOUTS[name]) for name in sys.argv[2:]}
 
@@ -222,9 +255,9 @@ def main():
     stop.uninstall()
 
     # every rank logs; only rank 0 may write (the pytest side counts the records)
-    with Tracker(
-        ["console", "tensorboard"], "tandem", "ckpt", out_dir / "tracker", total_steps=2
-    ) as tracker:
+    # tensorboard where installed (the CUDA stack of tests/multigpu may lack it)
+    backends = ["console"] + ["tensorboard"] * bool(importlib.util.find_spec("tensorboard"))
+    with Tracker(backends, "tandem", "ckpt", out_dir / "tracker", total_steps=2) as tracker:
         tracker.log({"actor/pg_loss": float(dist.get_rank())}, step=1)
     write_result(results)
     D.destroy()
