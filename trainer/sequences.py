@@ -55,7 +55,7 @@ def align_micro_batches(
     shift = (attention_mask.cumsum(-1) == 0).sum(-1)
     resp_start = prompt_len - shift
     real_len = (resp_start + response_mask.sum(-1)).tolist()
-    columns = torch.arange(1, response_mask.shape[1] + 1)
+    columns = torch.arange(1, response_mask.shape[1] + 1, device=response_mask.device)
     last_used = (response_mask.bool() * columns).max(-1).values.tolist() if b else []
 
     input_ids, response_mask, shift, resp_start = (

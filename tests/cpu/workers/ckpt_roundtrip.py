@@ -34,7 +34,6 @@ from _common import write_result  # noqa: E402
 from _reference import synthetic_rollout  # noqa: E402
 
 import weight_loaders  # noqa: E402
-from tandem_core import cpu_compat  # noqa: E402
 from tandem_core import distributed as D  # noqa: E402
 from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig  # noqa: E402
 from tandem_core.protocol import Batch  # noqa: E402
@@ -71,7 +70,7 @@ def rollout(vocab: int, seed: int) -> Batch:
         advantages=torch.randn(shape, generator=g),
         returns=torch.randn(shape, generator=g),
     )
-    return Batch.from_dict(data, meta_info={"n": 1}).to(cpu_compat.device())
+    return Batch.from_dict(data, meta_info={"n": 1})  # on the host, as the trainer hands it over
 
 
 def value_loss(tokens: float, n_micro: int):
