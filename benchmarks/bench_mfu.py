@@ -149,7 +149,8 @@ def run_spec(opts, name: str) -> dict:
         parallel,
         dtype=opts.dtype,
         layer_spec="local" if name == "megatron" else name,
-        optim=OptimConfig(lr=1e-6, fused=name != "megatron"),  # megatron's default: foreach
+        # plain megatron-core steps torch's foreach AdamW (its default without TE/apex)
+        optim=OptimConfig(lr=1e-6, fused=name != "megatron" and opts.adam == "fused"),
     )
     cfg = ActorConfig(ppo_mini_batch_size=opts.batch, micro_batch_size=opts.micro_batch)
     actor = MegatronActor(worker, cfg)
@@ -205,6 +206,7 @@ def main() -> None:
     ap.add_argument("--peak-size", type=int, default=C.pick(1024, 8192))
     ap.add_argument("--peak-repeats", type=int, default=10)
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="top-N kernel table")
+    ap.add_argument("--adam", default="fused", choices=["fused", "foreach"], help="sdpa/local")
     ap.add_argument("--one", metavar="SPEC", help="(internal) run one row in this process")
     opts = ap.parse_args()
 
@@ -215,7 +217,17 @@ def main() -> None:
     C.resolve_model(opts.model)  # build the model directory once, before the timed processes
     forwarded = [
         f"--{k.replace('_', '-')}={getattr(opts, k)}"
-        for k in ("model", "batch", "seq", "micro_batch", "dtype", "warmup", "steps", "profile")
+        for k in (
+            "model",
+            "batch",
+            "seq",
+            "micro_batch",
+            "dtype",
+            "warmup",
+            "steps",
+            "profile",
+            "adam",
+        )
     ]
     results = {}
     for spec in opts.specs:
