@@ -49,7 +49,6 @@ from trainer.plan_model import (
     Layout,
     MemoryPlan,
     Phase,
-    Term,
     _all_stage_weights,
     _count,
     _gpu,
@@ -58,6 +57,7 @@ from trainer.plan_model import (
     _reference,
     _reserve,
     _t,
+    counted_gib,
     stage_params,
     total_params,
 )
@@ -150,7 +150,7 @@ def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
                 " softmax math runs fused, chunk by chunk: trainer/logprobs.py)",
             )
         )
-    terms += max(update, _forward_only_terms(cfg, lay, per_token, vocab, last), key=_sum_gib)
+    terms += max(update, _forward_only_terms(cfg, lay, per_token, vocab, last), key=counted_gib)
     if lay.critic:
         terms += _model_state_terms(lay, stage_params(m, lay.tp, lay.pp, stage, True), "critic")
     terms += _reference(lay, stage)
@@ -183,10 +183,6 @@ def _forward_only_terms(cfg, lay: Layout, per_token: float, vocab: int, last: bo
             )
         )
     return terms
-
-
-def _sum_gib(terms: list[Term]) -> float:
-    return sum(t.gib for t in terms)
 
 
 def training_phase(cfg: TandemConfig, lay: Layout) -> Phase:

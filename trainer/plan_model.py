@@ -52,7 +52,7 @@ class Phase:
 
     @property
     def total_gib(self) -> float:
-        return sum(t.gib for t in self.terms if t.counted)
+        return counted_gib(self.terms)
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,11 @@ def _gib(n_bytes: float) -> float:
     return n_bytes / GIB
 
 
+def counted_gib(terms) -> float:
+    """What a list of terms adds to the total (terms shown for information only add nothing)."""
+    return sum(t.gib for t in terms if t.counted)
+
+
 def _t(name: str, n_bytes: float, formula: str = "", counted: bool = True) -> Term:
     """A term from its size in bytes."""
     return Term(name, n_bytes / GIB, formula, counted)
@@ -209,7 +214,7 @@ def _count(n: float) -> str:
 
 
 def _reserve(terms: list[Term]) -> Term:
-    own = sum(t.gib for t in terms if t.counted)
+    own = counted_gib(terms)
     return Term(
         "reserve (CUDA context, NCCL, fragmentation)",
         RESERVE_FIXED_GIB + RESERVE_FRACTION * own,
