@@ -25,7 +25,7 @@ import argparse
 
 import torch
 
-from benchmarks import _common as C
+from benchmarks import common as C
 
 
 def main() -> None:
@@ -41,16 +41,17 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="top-N kernel tables")
     opts = ap.parse_args()
 
-    import weight_loaders as wl
+    import archs
     from tandem_core import cpu_compat
     from tandem_core.config import ActorConfig
     from tandem_core.protocol import Batch
-    from trainer.actor import MegatronActor
-    from trainer.megatron_worker import build_model_worker, make_micro_batches, micro_batch_layout
+    from trainer.workers.actor import MegatronActor
+    from trainer.workers.model import build_model_worker
+    from trainer.workers.passes import make_micro_batches, micro_batch_layout
 
     src = C.resolve_model(opts.model)
     parallel = C.init_world()
-    args = wl.model_args_from_hf(src.hf_dir)
+    args = archs.model_args_from_hf(src.hf_dir)
     worker = build_model_worker(
         args, src.weights_dir, parallel, dtype=opts.dtype, layer_spec=opts.layer_spec
     )

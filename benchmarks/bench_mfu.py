@@ -50,7 +50,7 @@ import math
 
 import torch
 
-from benchmarks import _common as C
+from benchmarks import common as C
 
 BASELINES = {
     "local": "the same update with unfused attention: attention alone",
@@ -93,7 +93,7 @@ def plain_megatron_step(worker, batch, cfg) -> dict[str, float]:
 
     from tandem_core import cpu_compat
     from trainer import core_algos
-    from trainer.megatron_worker import make_micro_batches
+    from trainer.workers.passes import make_micro_batches
 
     mbs = make_micro_batches(batch, cfg.micro_batch_size, None, seq_multiple=1)
     tokens = float(batch["response_mask"].sum())
@@ -135,14 +135,14 @@ def plain_megatron_step(worker, batch, cfg) -> dict[str, float]:
 def run_spec(opts, name: str) -> dict:
     """One process: build the model for this row (`sdpa`, `local` or plain `megatron`), time
     its update steps."""
-    import weight_loaders as wl
+    import archs
     from tandem_core.config import ActorConfig, OptimConfig
-    from trainer.actor import MegatronActor
-    from trainer.megatron_worker import build_model_worker
+    from trainer.workers.actor import MegatronActor
+    from trainer.workers.model import build_model_worker
 
     src = C.resolve_model(opts.model)
     parallel = C.init_world()
-    args = wl.model_args_from_hf(src.hf_dir)
+    args = archs.model_args_from_hf(src.hf_dir)
     worker = build_model_worker(
         args,
         src.weights_dir,

@@ -39,7 +39,7 @@ import argparse
 import os
 import random
 
-from benchmarks import _common as C
+from benchmarks import common as C
 
 BARE = "vllm-bare"
 BARE_SEEDED = "vllm-bare-seeded"
@@ -164,7 +164,7 @@ def bench_bare(src: C.ModelSource, prompts, opts, seeded: bool) -> dict:
 
 
 def main() -> None:
-    from rollout import registered_rollouts
+    from rollout import ROLLOUTS
     from tandem_core.config import RolloutConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -174,9 +174,8 @@ def main() -> None:
     ap.add_argument(
         "--backends",
         nargs="+",
-        default=C.pick([*sorted(registered_rollouts()), *BARE_KINDS], ["vllm", *BARE_KINDS]),
-        help=f"registered backends ({', '.join(sorted(registered_rollouts()))}), "
-        f"{BARE} and {BARE_SEEDED}",
+        default=C.pick([*sorted(ROLLOUTS), *BARE_KINDS], ["vllm", *BARE_KINDS]),
+        help=f"registered backends ({', '.join(sorted(ROLLOUTS))}), {BARE} and {BARE_SEEDED}",
     )
     ap.add_argument("--prompts", type=int, default=C.pick(64, 256))
     ap.add_argument("--response-length", type=int, default=C.pick(64, 256))
@@ -205,7 +204,7 @@ def main() -> None:
         C.emit_result({**r, "tok_per_s": r["tokens"] / r["gen_s"]})
         return
 
-    known = [*sorted(registered_rollouts()), *BARE_KINDS]
+    known = [*sorted(ROLLOUTS), *BARE_KINDS]
     unknown = set(opts.backends) - set(known)
     if unknown:
         raise SystemExit(f"unknown backends {sorted(unknown)}; known: {', '.join(known)}")

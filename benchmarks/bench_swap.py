@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 import torch
 
-from benchmarks import _common as C
+from benchmarks import common as C
 
 
 def sync_vs_copy(manager, rollout, repeat: int) -> dict:
@@ -77,16 +77,16 @@ def main() -> None:
     ap.add_argument("--step-warmup", type=int, default=C.pick(0, 1))
     opts = ap.parse_args()
 
-    import weight_loaders
-    from hybrid_engine import get_sharding_manager
+    import archs
+    from hybrid_engine import MegatronShardingManager
     from rollout import build_rollout
     from tandem_core.config import ActorConfig, OptimConfig, RolloutConfig
-    from trainer.actor import MegatronActor
-    from trainer.megatron_worker import build_model_worker
+    from trainer.workers.actor import MegatronActor
+    from trainer.workers.model import build_model_worker
 
     src = C.resolve_model(opts.model)
     parallel = C.init_world()
-    args = weight_loaders.model_args_from_hf(src.hf_dir)
+    args = archs.model_args_from_hf(src.hf_dir)
     worker = build_model_worker(
         args, src.weights_dir, parallel, dtype=opts.dtype, optim=OptimConfig(lr=1e-6)
     )
@@ -98,7 +98,7 @@ def main() -> None:
         gpu_memory_utilization=opts.gpu_memory_utilization,
     )
     rollout = build_rollout(rcfg, src.hf_dir, dtype=opts.dtype, max_model_len=max(seq, 256))
-    manager = get_sharding_manager(opts.backend)(
+    manager = MegatronShardingManager(
         worker, rollout, weight_bucket_mb=rcfg.weight_bucket_mb, sleep_level=rcfg.sleep_level
     )
 

@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from benchmarks import _common as C
+from benchmarks import common as C
 
 
 def main() -> None:
@@ -27,12 +27,13 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=float, default=64.0)
     opts = parser.parse_args()
 
+    import archs
     import weight_loaders as wl
     from tandem_core.models import build_gpt_model, build_transformer_config
 
     src = C.resolve_model(opts.model)
     parallel = C.init_world()
-    args = wl.model_args_from_hf(src.hf_dir)
+    args = archs.model_args_from_hf(src.hf_dir)
     config = build_transformer_config(args, parallel, opts.dtype)
     model = build_gpt_model(args, config)
     load_s = 0.0

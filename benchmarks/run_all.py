@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import _common as C
+from benchmarks import common as C
 
 CPU_SET = {
     "weight_stream": ["benchmarks.bench_weight_stream"],

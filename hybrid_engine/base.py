@@ -6,14 +6,13 @@
         out = sharding_manager.postprocess_data(out)          # rollout layout → training layout
 
 `__enter__` makes the engine's weights equal to the trained ones and frees what training does
-not need while generating; `__exit__` undoes it. A pair (trainer, engine) is one subclass;
-a registry maps the rollout backend's name to its manager, so the trainer names neither.
+not need while generating; `__exit__` undoes it. One subclass per training strategy
+(megatron_rollout.py); the engines' differences are the rollout's hooks, not subclasses.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 from tandem_core.protocol import Batch
@@ -37,30 +36,6 @@ class BaseShardingManager(ABC):
 
     def postprocess_data(self, batch: Batch) -> Batch:
         return batch
-
-
-_MANAGERS: dict[str, Callable[..., BaseShardingManager]] = {}
-
-
-def register_sharding_manager(rollout_name: str):
-    """Decorator: the manager used with `rollout.name=<rollout_name>`."""
-
-    def decorate(cls):
-        if rollout_name in _MANAGERS:
-            raise ValueError(f"sharding manager for {rollout_name!r} registered twice")
-        _MANAGERS[rollout_name] = cls
-        return cls
-
-    return decorate
-
-
-def get_sharding_manager(rollout_name: str) -> Callable[..., BaseShardingManager]:
-    if rollout_name not in _MANAGERS:
-        raise KeyError(
-            f"no sharding manager for rollout {rollout_name!r}; "
-            f"known: {', '.join(sorted(_MANAGERS))}"
-        )
-    return _MANAGERS[rollout_name]
 
 
 class StaleWeightsError(RuntimeError):

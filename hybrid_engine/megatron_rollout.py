@@ -20,6 +20,10 @@ enter, in this order (STYLE habit 2, slime's ordering):
 exit: the engine sleeps; the training RNG state returns; optimizer states and gradient buffers
 come back. An exception inside `enter` rolls back what was done; `exit` always runs fully.
 
+One class serves every engine: what differs between engines (whether the weights and the KV
+cache wake apart, whether the engine exposes parameters for direct copies, what sleep frees)
+is the rollout's own hooks (rollout/base.py).
+
 Data: every rank holds the full prompt batch; `preprocess_data` hands each rollout data-
 parallel group its slice (all ranks of a rollout TP group the same prompts), and
 `postprocess_data` gathers the groups' outputs back into the full batch on every rank.
@@ -34,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from hybrid_engine.allgather_pp import AllGatherPPModel
-from hybrid_engine.base import BaseShardingManager, register_sharding_manager
+from hybrid_engine.base import BaseShardingManager
 from hybrid_engine.memory import (
     OptimizerOffload,
     release_grad_buffers,
@@ -49,7 +53,7 @@ from weight_loaders import DirectCopies, plan_direct_copies, stream_hf_weights
 log = logging.getLogger(__name__)
 
 
-class MegatronRolloutShardingManager(BaseShardingManager):
+class MegatronShardingManager(BaseShardingManager):
     def __init__(
         self,
         actor_worker,
@@ -208,18 +212,6 @@ class MegatronRolloutShardingManager(BaseShardingManager):
         full = Batch.concat([parts[g * tp] for g in range(dp)])
         n = len(full) // self._padded_rows  # samples per prompt
         return full.unpad(self._pad * n)
-
-
-@register_sharding_manager("vllm")
-class MegatronVLLMShardingManager(MegatronRolloutShardingManager):
-    """vLLM keeps its own weight copy (level-1 sleep offloads it on CUDA; the next enter
-    overwrites it in place through the engine's loader)."""
-
-
-@register_sharding_manager("hf")
-class MegatronHFShardingManager(MegatronRolloutShardingManager):
-    """transformers keeps a full model copy; it has no separate KV-cache wake, so the tags
-    are passed through and ignored by the backend."""
 
 
 # ---- RNG states (torch CPU and, when present, CUDA) ------------------------------------------

@@ -4,11 +4,11 @@ engines (vLLM, transformers) are imported only when one is built."""
 
 from rollout import hf_rollout, vllm_rollout  # noqa: F401  (registration side effect)
 from rollout.base import (
+    ROLLOUTS,
     BaseRollout,
     EngineParameters,
     build_rollout,
     register_rollout,
-    registered_rollouts,
 )
 from rollout.sampling import SAMPLING_KEY, SamplingSettings, resolve_sampling
 
@@ -17,8 +17,8 @@ __all__ = [
     "EngineParameters",
     "SAMPLING_KEY",
     "SamplingSettings",
+    "ROLLOUTS",
     "build_rollout",
     "register_rollout",
-    "registered_rollouts",
     "resolve_sampling",
 ]

@@ -23,6 +23,7 @@ import torch
 
 from tandem_core.config import RolloutConfig
 from tandem_core.protocol import Batch
+from tandem_core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -69,24 +70,13 @@ class BaseRollout(ABC):
 
 
 RolloutBuilder = Callable[..., BaseRollout]
-_REGISTRY: dict[str, RolloutBuilder] = {}
+ROLLOUTS = Registry("rollout backend")
+"""rollout.name -> backend class (or factory); the conformance suite runs every entry."""
 
 
 def register_rollout(name: str) -> Callable[[RolloutBuilder], RolloutBuilder]:
     """Class (or factory) decorator: `rollout.name=<name>` builds it."""
-
-    def decorate(builder: RolloutBuilder) -> RolloutBuilder:
-        if name in _REGISTRY and _REGISTRY[name] is not builder:
-            raise ValueError(f"rollout backend {name!r} is registered twice")
-        _REGISTRY[name] = builder
-        return builder
-
-    return decorate
-
-
-def registered_rollouts() -> dict[str, RolloutBuilder]:
-    """Name -> builder of every registered backend (the conformance suite iterates this)."""
-    return dict(_REGISTRY)
+    return ROLLOUTS.register(name)
 
 
 def build_rollout(
@@ -101,8 +91,4 @@ def build_rollout(
     `max_model_len` bounds prompt + response tokens (None: the checkpoint's
     max_position_embeddings). Call it on every rank, after `init_distributed()`.
     """
-    if cfg.name not in _REGISTRY:
-        raise ValueError(
-            f"unknown rollout.name {cfg.name!r}; registered backends: {sorted(_REGISTRY)}"
-        )
-    return _REGISTRY[cfg.name](cfg, Path(model_path), dtype=dtype, max_model_len=max_model_len)
+    return ROLLOUTS[cfg.name](cfg, Path(model_path), dtype=dtype, max_model_len=max_model_len)

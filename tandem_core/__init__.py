@@ -1,5 +1,5 @@
-"""What every Tandem package shares: the batch protocol, typed config, distributed set-up,
-megatron layer specs, the CPU compatibility layer and the locally built test models."""
+"""What every Tandem package shares: the batch protocol, the typed config schema, `ModelArgs`,
+the `Registry`, distributed set-up, megatron layer specs and the CPU compatibility layer."""
 
 import warnings
 

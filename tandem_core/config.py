@@ -1,12 +1,10 @@
 """Typed configuration: one dataclass per section, a docstring per field.
 
-`load_config(overrides)` is the one entry: hydra composes `configs/ppo.yaml` and its groups
-on top of this schema (so an unknown key or a wrong type fails at once), the result becomes
-these dataclasses, and `validate_config` (tandem_core/config_rules.py) checks the cross-field
-rules no type can express (TP divides heads, PP divides layers, batch divisible by DP ×
-micro-batches, lengths, choices, ranges). Every failure is a ConfigError whose message starts
-with the full key name, raised before any model is built. The model's shape, which the rules
-need, is read without building it by tandem_core/model_shapes.py (presets, config.json).
+Hydra composes `configs/ppo.yaml` and its groups on top of this schema (`compose_config`), so
+an unknown key or a wrong type fails at once; `to_structured` turns the result into these
+dataclasses. Every failure is a ConfigError whose message starts with the full key name.
+The rules no type can express (registry names, ranges, layouts) are checked right after, by
+trainer/config_check.py (`load_config` there is the one entry a run uses).
 
 Each function takes only the section it needs (`build_rollout(cfg.rollout, ...)`).
 """
@@ -196,9 +194,8 @@ class RolloutConfig:
     syncing)."""
     load_format: str = "auto"
     """auto: the engine loads the checkpoint at start. dummy: it starts with random weights
-    (faster start; the first sync overwrites them). Forced to dummy by model.random_init."""
-    val_greedy: bool = True
-    """Validation generation is greedy."""
+    (faster start; the first sync overwrites them). Forced to dummy by model.random_init.
+    (Validation always generates greedily, one sample per prompt.)"""
 
 
 @dataclass
@@ -283,8 +280,6 @@ class LoggerConfig:
 class TrainerConfig:
     total_steps: int = 20
     """Iterations to run (each: generate, score, update)."""
-    total_epochs: int = 1000
-    """Upper bound on passes over the prompt set (total_steps usually ends the run first)."""
     output_dir: str = "runs/${logger.experiment}"
     """Checkpoints, exports and logs go here."""
     save_freq: int = 10
@@ -330,26 +325,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SCHEMA_NAME = "tandem_schema"
 """ConfigStore name of TandemConfig; first in ppo.yaml's defaults, so hydra types every group
 file and every override against the dataclasses while it composes."""
-
-
-def load_config(
-    overrides: Sequence[str] = (),
-    config_dir: str | os.PathLike | None = None,
-    world_size: int | None = None,
-    config_name: str = "ppo",
-) -> TandemConfig:
-    """Compose `configs/<config_name>.yaml` with hydra overrides, type it, validate it.
-
-    Every failure is a ConfigError whose message starts with the full key name. Nothing is
-    built or allocated. world_size: ranks of the run; None = $WORLD_SIZE (torchrun) or 1.
-    """
-    from tandem_core.config_rules import validate_config  # the rules import this schema
-
-    cfg = to_structured(compose_config(overrides, config_dir, config_name))
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_config(cfg, world_size)
-    return cfg
 
 
 def compose_config(

@@ -9,7 +9,7 @@ Variation is a spec, not a flag inside a layer (STYLE habit 7):
 - `te`: megatron's transformer-engine spec, when transformer_engine imports.
 
 Sequences reach these models right-padded (real tokens from position 0, see
-`trainer.sequences`), so plain causal attention is exact and no mask is needed; RoPE in megatron
+`trainer/workers/sequences.py`), so plain causal attention is exact and no mask is needed; RoPE in megatron
 uses positions 0..s-1 whatever position_ids say.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,32 +31,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from tandem_core import cpu_compat
 from tandem_core.config import ParallelConfig
-
-VOCAB_PAD_MULTIPLE = 128
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    """An architecture-neutral description of a decoder-only transformer (from an HF config)."""
-
-    arch: str
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    ffn_hidden_size: int
-    vocab_size: int
-    kv_channels: int
-    max_position_embeddings: int
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-
-    def padded_vocab_size(self, tp: int) -> int:
-        """Vocab rounded up so every TP rank holds an equal slice (megatron's convention)."""
-        multiple = VOCAB_PAD_MULTIPLE * tp
-        return int(math.ceil(self.vocab_size / multiple) * multiple)
+from tandem_core.model_args import ModelArgs
+from tandem_core.registry import Registry
 
 
 # ---- layers Tandem adds -----------------------------------------------------------------------
@@ -233,15 +208,17 @@ def get_te_block_spec(num_layers: int):
     return get_gpt_layer_with_transformer_engine_spec()
 
 
-LAYER_SPECS = {"local": get_local_block_spec, "sdpa": get_sdpa_block_spec, "te": get_te_block_spec}
+LAYER_SPECS = Registry("layer spec")
+LAYER_SPECS.add("local", get_local_block_spec)
+LAYER_SPECS.add("sdpa", get_sdpa_block_spec)
+LAYER_SPECS.add("te", get_te_block_spec)
 
 
 def resolve_layer_spec(name: str) -> str:
     if name == "auto":
         te = importlib.util.find_spec("transformer_engine") is not None
         return "te" if te and cpu_compat.cuda_available() else "sdpa"
-    if name not in LAYER_SPECS:
-        raise ValueError(f"model.layer_spec={name!r}; known: auto, {', '.join(LAYER_SPECS)}")
+    LAYER_SPECS[name]  # an unknown name raises, listing the known ones
     return name
 
 

@@ -146,7 +146,10 @@ def _kl_k3(logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Tensor:
     return (log_ratio.exp() - log_ratio - 1).clamp(-10, 10)
 
 
-KL_PENALTIES.update({"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3})
+# Schulman's names for the same estimators.
+KL_PENALTIES.add("k1", _kl_k1)
+KL_PENALTIES.add("k2", _kl_k2)
+KL_PENALTIES.add("k3", _kl_k3)
 
 
 def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kind: str) -> torch.Tensor:

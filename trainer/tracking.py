@@ -18,22 +18,18 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
 import torch.distributed as dist
 
-BACKENDS: dict[str, Callable[..., Backend]] = {}
+from tandem_core.registry import Registry
 
-
-def register_backend(name: str):
-    def deco(cls):
-        BACKENDS[name] = cls
-        return cls
-
-    return deco
+LOGGERS = Registry("logger")
+"""logger.backends name -> Backend class."""
+register_backend = LOGGERS.register
 
 
 class TrackingError(RuntimeError):
@@ -207,9 +203,9 @@ class Tracker:
         total_steps: int | None = None,
         stream: TextIO | None = None,
     ):
-        unknown = [b for b in backends if b not in BACKENDS]
+        unknown = [b for b in backends if b not in LOGGERS]
         if unknown:
-            raise TrackingError(f"unknown logger backend(s) {unknown}; known: {sorted(BACKENDS)}")
+            raise TrackingError(f"unknown logger backend(s) {unknown}; known: {LOGGERS.names()}")
         self.active = _is_logging_rank()
         self.backends: list[Backend] = []
         self._jsonl = None
@@ -227,7 +223,7 @@ class Tracker:
             total_steps=total_steps,
             stream=stream,
         )
-        self.backends = [BACKENDS[name](**kwargs) for name in backends]
+        self.backends = [LOGGERS[name](**kwargs) for name in backends]
         self._jsonl = open(out / "metrics.jsonl", "a")
         self._jsonl.write(json.dumps({"event": "start", "time": time.time()}) + "\n")
 

@@ -1,7 +1,6 @@
-"""Per-architecture layout conversion megatron <-> HF: import, export, and streaming to engines.
+"""Layout conversion megatron <-> HF, driven by each architecture's weight map (archs/):
+import, export, and streaming to engines.
 
-- `model_args_from_hf(dir_or_config)`: `ModelArgs` for an HF checkpoint (refuses what Tandem
-  cannot run, naming the config key).
 - `load_hf_into_megatron(chunks, hf_dir, args, config)`: fill a rank's chunks, reading only the
   slices it owns.
 - `export_megatron_to_hf(chunks, args, config, out_dir, hf_source_dir)`: an HF directory.
@@ -10,25 +9,15 @@
   tensors (or buckets of them) for a rollout engine.
 - `plan_direct_copies(global_named_params, args, engine_params, packed, train_tp, engine_tp)`:
   the tensors that map straight onto an engine sharded like megatron, as views copied in one go.
-
-An architecture is one module (llama, qwen2, mistral) registering a weight map and a config
-reader; importing it here is what registers it.
 """
 
-from weight_loaders import llama, mistral, qwen2  # noqa: F401  (register the architectures)
-from weight_loaders.core import (
-    ARCHS,
-    WeightLoaderError,
-    expected_hf_names,
-    get_arch,
-    model_args_from_hf,
-    register_arch,
-)
 from weight_loaders.direct_copy import DirectCopies, plan_direct_copies
 from weight_loaders.hf_export import export_megatron_to_hf
 from weight_loaders.hf_import import load_hf_into_megatron
+from weight_loaders.names import WeightLoaderError, expected_hf_names, weight_map
 from weight_loaders.stream import bucket, iter_hf_tensors, megatron_named_params, stream_hf_weights
 from weight_loaders.transforms import (
+    LAYOUTS,
     deinterleave_qkv,
     fuse_gate_up,
     hf_to_megatron_shard,
@@ -38,7 +27,7 @@ from weight_loaders.transforms import (
 )
 
 __all__ = [
-    "ARCHS",
+    "LAYOUTS",
     "DirectCopies",
     "WeightLoaderError",
     "bucket",
@@ -46,16 +35,14 @@ __all__ = [
     "expected_hf_names",
     "export_megatron_to_hf",
     "fuse_gate_up",
-    "get_arch",
     "hf_to_megatron_shard",
     "interleave_qkv",
     "iter_hf_tensors",
     "load_hf_into_megatron",
     "megatron_named_params",
     "megatron_shards_to_hf",
-    "model_args_from_hf",
     "plan_direct_copies",
-    "register_arch",
     "split_gate_up",
     "stream_hf_weights",
+    "weight_map",
 ]

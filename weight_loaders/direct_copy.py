@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from tandem_core.models import ModelArgs
-from weight_loaders.core import get_arch, lookup
+from tandem_core.model_args import ModelArgs
+from weight_loaders.names import lookup, weight_map
 from weight_loaders.transforms import LAYOUTS
 
 
@@ -200,7 +200,7 @@ def plan_tensor(
     """The (engine view, shard view) pairs that fill this tensor's engine pieces from
     `shards`, the training TP shards that make up the engine rank's slice, in TP order (one
     shard at equal TP); None when they do not tile the engine's parameters."""
-    rule, hf_names = lookup(get_arch(args.arch).weight_map, megatron_name)
+    rule, hf_names = lookup(weight_map(args), megatron_name)
     layout = LAYOUTS[rule.layout]
     per_shard = [layout.local_rows(s.detach(), args) for s in shards]
     blocks = [[b for rows in per_shard for b in rows[i]] for i in range(len(hf_names))]
@@ -254,7 +254,7 @@ def plan_direct_copies(
     for name, shard in named_shards:
         if name == "output_layer.weight" and args.tie_word_embeddings:
             continue  # the engine ties it to the embedding, which is copied
-        replicated = not LAYOUTS[lookup(get_arch(args.arch).weight_map, name)[0].layout].gathered
+        replicated = not LAYOUTS[lookup(weight_map(args), name)[0].layout].gathered
         if replicated or train_tp == engine_tp:
             pairs = plan_tensor(name, [shard], args, params, packed, engine_tp)
         elif can_gather and (not to_gather or shard.dtype == to_gather[0][1].dtype):

@@ -19,8 +19,9 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tandem_core.models import ModelArgs
-from weight_loaders.core import WeightLoaderError, model_args_from_hf
+from archs import model_args_from_hf
+from tandem_core.model_args import ModelArgs
+from weight_loaders.names import WeightLoaderError
 from weight_loaders.stream import iter_hf_tensors, megatron_named_params
 
 # Files of the source directory that are weights (rewritten here), not config or tokenizer.

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from tandem_core.models import ModelArgs, ValueHead
-from weight_loaders.core import WeightLoaderError, expected_hf_names, get_arch, lookup
+from tandem_core.model_args import ModelArgs
+from tandem_core.models import ValueHead
+from weight_loaders.names import WeightLoaderError, expected_hf_names, lookup, weight_map
 from weight_loaders.stream import megatron_named_params, unwrap_model
 from weight_loaders.transforms import LAYOUTS
 
@@ -83,7 +84,7 @@ def load_hf_into_megatron(model_chunks: list, hf_dir, args: ModelArgs, config) -
         raise WeightLoaderError(
             f"num_key_value_heads={args.num_query_groups} is not divisible by TP={tp}"
         )
-    weight_map = get_arch(args.arch).weight_map
+    weights = weight_map(args)
     with ExitStack() as stack:
         ckpt = SafetensorsCheckpoint(hf_dir, stack)
         check_names(ckpt.names(), args)
@@ -97,7 +98,7 @@ def load_hf_into_megatron(model_chunks: list, hf_dir, args: ModelArgs, config) -
                 if name == "output_layer.weight" and args.tie_word_embeddings:
                     # A tied model's last PP stage holds its own copy of the embedding.
                     source = "embedding.word_embeddings.weight"
-                rule, hf_names = lookup(weight_map, source)
+                rule, hf_names = lookup(weights, source)
                 with torch.no_grad():
                     param.copy_(
                         _read_shard(ckpt, rule.layout, hf_names, name, param, args, tp, rank)

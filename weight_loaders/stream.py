@@ -16,8 +16,8 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from tandem_core.models import ModelArgs
-from weight_loaders.core import get_arch, lookup
+from tandem_core.model_args import ModelArgs
+from weight_loaders.names import lookup, weight_map
 from weight_loaders.transforms import LAYOUTS
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -67,11 +67,11 @@ def iter_hf_tensors(
     """(hf_name, full tensor), one at a time, in the order of the input.
 
     Every rank of `tp_group` must consume the stream in step (the gathers are collectives)."""
-    weight_map = get_arch(args.arch).weight_map
+    weights = weight_map(args)
     for name, shard in global_named_params:
         if name == "output_layer.weight" and args.tie_word_embeddings:
             continue  # HF ties lm_head to embed_tokens; the embedding is streamed once
-        rule, hf_names = lookup(weight_map, name)
+        rule, hf_names = lookup(weights, name)
         layout = LAYOUTS[rule.layout]
         shards = _gather_tp(shard, tp_group) if layout.gathered else [shard.detach()]
         yield from zip(hf_names, layout.to_hf(shards, args), strict=True)

@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tandem_core.models import ModelArgs
+from tandem_core.model_args import ModelArgs
+from tandem_core.registry import Registry
 
 Shape = tuple[int, ...]
 Index = tuple[slice, ...]
@@ -119,12 +120,13 @@ class Layout:
     split_dim: int = 0
 
 
-LAYOUTS: dict[str, Layout] = {}
+LAYOUTS = Registry("weight layout")
+"""layout name (what a weight map's Rule names) -> its Layout instance."""
 
 
 def register_layout(name: str) -> Callable[[type[Layout]], type[Layout]]:
     def wrap(cls: type[Layout]) -> type[Layout]:
-        LAYOUTS[name] = cls()
+        LAYOUTS.add(name, cls())
         return cls
 
     return wrap

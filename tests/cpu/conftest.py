@@ -28,7 +28,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ckpt(cache_dir):
     """tiny_ckpt("tiny_llama") -> Path of the HF directory."""
-    from tandem_core.tiny_models import ensure_tiny_checkpoint
+    from archs import ensure_tiny_checkpoint
 
     return lambda name="tiny_llama": ensure_tiny_checkpoint(name, cache_dir)
 

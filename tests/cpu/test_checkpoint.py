@@ -1,5 +1,5 @@
-"""trainer/checkpoint.py: exact round trips of real megatron workers under torchrun, then the
-manager's bookkeeping (atomic commit, damaged checkpoints, keep-last-K), RNG and stop signals.
+"""Run state: exact round trips of real megatron workers under torchrun (their own state is
+trainer/workers/checkpoint.py), then trainer/state/: the manager's bookkeeping (atomic commit, damaged checkpoints, keep-last-K), RNG and stop signals.
 
 The torchrun test leaves real torch_dist checkpoints behind; the damage tests below work on
 copies of them, so a flipped byte lands in real megatron shard files.
@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import checkpoint as C
+from trainer.state import checkpoints as C
+from trainer.state.rng import capture_rng_state, restore_rng_state
+from trainer.state.signals import install_signal_handlers
 
 REPO = Path(__file__).resolve().parents[2]
 LAYOUTS = ("tp2", "pp2", "pp2_vpp2", "dp2", "dp2_plain")
@@ -99,7 +101,7 @@ def test_flipped_byte_falls_back_with_warning(two_ckpts, caplog):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="trainer.state.checkpoints"):
         assert two_ckpts.latest_complete() == (1, two_ckpts.root / "step_1")
     assert "checksum mismatch in actor/" in caplog.text and "step_2" in caplog.text
     # verify="size" trusts same-size files: the cheap mode misses a flipped byte.
@@ -117,7 +119,7 @@ def test_flipped_byte_falls_back_with_warning(two_ckpts, caplog):
 )
 def test_partial_checkpoint_falls_back(two_ckpts, caplog, damage, message):
     damage(two_ckpts.root / "step_2")
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="trainer.state.checkpoints"):
         assert two_ckpts.latest_complete()[0] == 1
     assert message in caplog.text
 
@@ -145,7 +147,7 @@ def test_keep_last_k_and_leftovers(tmp_path, caplog):
     assert not list(mgr.root.glob(".tmp_*"))
     # A later step from before the resume would shadow this run at the next resume: removed.
     mgr.save(7, {}, {"step": 7})
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="trainer.state.checkpoints"):
         mgr.save(5, {}, {"step": 5})
     assert [s for s, _ in mgr.step_dirs()] == [5, 4]
     assert "newer than the step just saved" in caplog.text
@@ -183,22 +185,22 @@ def _draws(gen):
 def test_rng_state_round_trip(tmp_path):
     gen = torch.Generator().manual_seed(3)
     torch.manual_seed(0)
-    state = C.capture_rng_state({"rollout": gen})
+    state = capture_rng_state({"rollout": gen})
     torch.save(state, tmp_path / "rng.pt")  # what save() does with extra_state
     want = _draws(gen)
     _draws(gen)  # move every stream on
-    C.restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False), {"rollout": gen})
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False), {"rollout": gen})
     got = _draws(gen)
     assert got[:2] == want[:2]
     assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
-    with pytest.raises(C.CheckpointError, match="'critic'"):
-        C.restore_rng_state(state, {"critic": gen})
+    with pytest.raises(KeyError, match="'critic'"):
+        restore_rng_state(state, {"critic": gen})
 
 
 # ---- stop signals ---------------------------------------------------------------------------
 def test_signal_handler_sets_flag():
     before = signal.getsignal(signal.SIGUSR1)
-    stop = C.install_signal_handlers()
+    stop = install_signal_handlers()
     try:
         assert not stop.requested and not stop.agreed()
         os.kill(os.getpid(), signal.SIGUSR1)

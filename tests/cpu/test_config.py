@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tandem_core.config import ConfigError, TandemConfig, load_config, to_structured, uses_critic
-from tandem_core.config_rules import CHOICES, RANGES, validate_config
-from tandem_core.model_shapes import hf_config_to_model_args, read_model_args
-from tandem_core.models import ModelArgs
+import archs
+from archs import model_args_from_hf, read_model_args
+from tandem_core.config import ConfigError, ModelConfig, TandemConfig, to_structured, uses_critic
+from tandem_core.model_args import ModelArgs
+from trainer.config_check import CHOICES, RANGES, check_config, load_config
 
 TP, PP = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"
 VPP = "parallel.virtual_pipeline_model_parallel_size"
@@ -126,8 +127,6 @@ def test_model_presets(model):
 @pytest.mark.parametrize("preset", ["tiny_llama", "tiny_llama_tied", "tiny_qwen2", "tiny_mistral"])
 def test_preset_shapes_match_the_built_checkpoints(tiny_ckpt, preset):
     """The cheap preset table agrees with the config.json of the checkpoint actually built."""
-    from tandem_core.config import ModelConfig
-
     table = read_model_args(ModelConfig(preset=preset))
     built = read_model_args(ModelConfig(path=str(tiny_ckpt(preset))))
     assert table == built
@@ -137,10 +136,7 @@ def test_preset_shapes_match_the_built_checkpoints(tiny_ckpt, preset):
 def test_shape_dirs_match_the_preset_table(tmp_path, preset):
     """A shape preset's weightless directory (model.random_init) has the table's exact shape,
     and its model file names the same preset."""
-    from tandem_core.config import ModelConfig
-    from tandem_core.tiny_models import ensure_shape_dir
-
-    built = ensure_shape_dir(preset, tmp_path)
+    built = archs.ensure_preset_dir(preset, tmp_path, weights=False)
     assert not list(built.glob("*.safetensors"))
     assert read_model_args(ModelConfig(path=str(built))) == read_model_args(
         ModelConfig(preset=preset)
@@ -150,15 +146,16 @@ def test_shape_dirs_match_the_preset_table(tmp_path, preset):
 
 
 def test_shape_presets_need_a_path_or_random_init():
-    from trainer.main import check_model_source
+    from archs import check_model_source
 
-    check_model_source(load_config(["model=llama2_7b"], world_size=1))  # random_init=true there
+    # random_init=true there
+    check_model_source(load_config(["model=llama2_7b"], world_size=1).model)
     with pytest.raises(ConfigError, match=r"^model.preset: 'llama2_7b' is a shape only"):
         check_model_source(
-            load_config(["model=llama2_7b", "model.random_init=false"], world_size=1)
+            load_config(["model=llama2_7b", "model.random_init=false"], world_size=1).model
         )
-    with pytest.raises(ConfigError, match=r"^model.path: no HF checkpoint at /nonexistent"):
-        check_model_source(load_config(["model.path=/nonexistent"], world_size=1))
+    with pytest.raises(ConfigError, match=r"^model.path: /nonexistent: no HF checkpoint at"):
+        load_config(["model.path=/nonexistent"], world_size=1)
 
 
 # ---- the catalogue of bad configs: (overrides, world size, key the message starts with) ----
@@ -217,6 +214,21 @@ BAD = [
     (["rollout.response_length=0"], 1, "rollout.response_length"),
     (["actor.log_prob_micro_batch_size=0"], 1, "actor.log_prob_micro_batch_size"),
     (["actor.optim.betas=[0.9,1.0]"], 1, "actor.optim.betas"),
+    (["actor.optim.betas=[0.9]"], 1, "actor.optim.betas"),
+    (["critic.optim.betas=[0.9,0.95,0.99]"], 1, "critic.optim.betas"),
+    # names a registry owns (one per registry; tests/cpu/test_cli.py runs them as commands)
+    (["rollout.name=vlm"], 1, "rollout.name"),
+    (["reward.name=arth"], 1, "reward.name"),
+    (["reward.fn=nomodule"], 1, "reward.fn"),
+    (["reward.fn=no_such_module:score"], 1, "reward.fn"),
+    (["reward.fn=json:nothing"], 1, "reward.fn"),
+    (["reward.fn=json:__doc__"], 1, "reward.fn"),
+    (["actor.policy_loss=vanila"], 1, "actor.policy_loss"),
+    (["algorithm.adv_estimator=gpro"], 1, "algorithm.adv_estimator"),
+    (["algorithm.kl_penalty=k9"], 1, "algorithm.kl_penalty"),
+    (["algorithm.name=bogus"], 1, "algorithm.name"),
+    # dynamic micro-batches of the critic
+    (["algorithm=ppo", "critic.use_dynamic_bsz=true", "critic.max_tokens_per_microbatch=100"], 1, "critic.max_tokens_per_microbatch"),
     # algorithm needs
     (["algorithm=grpo", "rollout.n=1"], 1, "rollout.n"),
     (["algorithm=dapo", "rollout.n=1"], 1, "rollout.n"),
@@ -241,6 +253,20 @@ def test_choice_errors_list_the_allowed_values():
     assert all(mode in str(info.value) for mode in CHOICES["actor.loss_agg_mode"])
 
 
+@pytest.mark.parametrize("alias", ["k1", "k2", "k3", "low_var_kl"])
+def test_kl_estimator_aliases_are_accepted(alias):
+    cfg = load_config(
+        [f"actor.kl_loss_type={alias}", f"algorithm.kl_penalty={alias}"], world_size=1
+    )
+    assert cfg.actor.kl_loss_type == alias
+
+
+def test_critic_dynamic_batches_skip_the_micro_batch_rule():
+    # 3 does not divide the 8 sequences per rank, which a token budget does not need
+    overrides = ["algorithm=ppo", "critic.micro_batch_size=3"]
+    load_config([*overrides, "critic.use_dynamic_bsz=true"], world_size=1)
+
+
 def test_unknown_key_error_lists_the_known_ones():
     with pytest.raises(ConfigError) as info:
         load_config(["actor.optim.lrr=1e-6"], world_size=1)
@@ -261,8 +287,8 @@ def test_model_path_is_read_from_config_json(tmp_path):
         rope_parameters={"rope_theta": 5e5},
     )  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(hf))
-    args = hf_config_to_model_args(hf)
-    assert (args["kv_channels"], args["rope_theta"], args["num_query_groups"]) == (32, 5e5, 2)
+    args = model_args_from_hf(hf)
+    assert (args.kv_channels, args.rope_theta, args.num_query_groups) == (32, 5e5, 2)
     base = [f"model.path={tmp_path}", "model.max_seq_len=128"]
     assert load_config(base + ["parallel=tp2_pp2"], world_size=4).model.path == str(tmp_path)
     cases = [
@@ -278,16 +304,16 @@ def test_model_path_is_read_from_config_json(tmp_path):
         load_config([f"model.path={tmp_path / 'missing'}"], world_size=1)
 
 
-def test_validate_config_with_given_model_args():
+def test_check_config_with_given_model_args():
     cfg = load_config([], world_size=2)
     wide = ModelArgs(
         arch="llama", num_layers=6, hidden_size=384, num_attention_heads=6, num_query_groups=6,
         ffn_hidden_size=768, vocab_size=256, kv_channels=64, max_position_embeddings=4096,
     )  # fmt: skip
     tp3 = replace(cfg.parallel, tensor_model_parallel_size=3)
-    validate_config(replace(cfg, parallel=tp3), world_size=3, model_args=wide)
+    check_config(replace(cfg, parallel=tp3), world_size=3, model_args=wide)
     with pytest.raises(ConfigError, match=f"^{TP}: 3 does not divide the model's 4 attention"):
-        validate_config(replace(cfg, parallel=tp3), world_size=3)  # the preset: 4 heads
+        check_config(replace(cfg, parallel=tp3), world_size=3)  # the preset: 4 heads
 
 
 def test_to_structured_rejects_plain_dicts_with_unknown_keys():
@@ -317,15 +343,15 @@ class _CountOps(TorchDispatchMode):
 
 def test_validation_is_pure(monkeypatch, tmp_path):
     """Loading and validating builds no model, writes no checkpoint, runs no tensor op."""
+    import archs.checkpoints as checkpoints
     import tandem_core.models as models
-    import tandem_core.tiny_models as tiny_models
 
     def forbidden(*args, **kwargs):
         raise AssertionError("validation must not build anything")
 
     monkeypatch.setattr(models, "build_gpt_model", forbidden)
-    monkeypatch.setattr(tiny_models, "build_tiny_checkpoint", forbidden)
-    monkeypatch.setattr(tiny_models, "ensure_tiny_checkpoint", forbidden)
+    monkeypatch.setattr(checkpoints, "build_tiny_checkpoint", forbidden)
+    monkeypatch.setattr(checkpoints, "ensure_preset_dir", forbidden)
     monkeypatch.setenv("TANDEM_CACHE", str(tmp_path))
     with _CountOps() as counter:
         load_config(["model=smollm2_135m", "algorithm=ppo"], world_size=1)

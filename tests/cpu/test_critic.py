@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tandem_core.config import RefConfig
-from trainer.megatron_worker import ModelWorker
-from trainer.reference import offload_params, params_on_device, reload_params
+from trainer.workers.model import ModelWorker
+from trainer.workers.reference import offload_params, params_on_device, reload_params
 
 TOL = 1e-5
 LAYOUTS = {  # name: (processes, arch, TP, PP, SP, checks)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tandem_core.tiny_models import build_char_tokenizer
+from archs.checkpoints import build_char_tokenizer
 from trainer import data as D
 from trainer.rewards import REWARDS
 

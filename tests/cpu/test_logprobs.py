@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainer.logprobs import vocab_parallel_logprobs
+from trainer.workers.logprobs import vocab_parallel_logprobs
 
 
 def reference(logits, labels, vocab_size, temperature):

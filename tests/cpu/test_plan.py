@@ -15,18 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from tandem_core.config import ConfigError, ModelConfig, load_config
-from tandem_core.model_shapes import LLAMA3_70B_ARGS
-from tandem_core.models import ModelArgs
+from archs import read_model_args
+from archs.llama import LLAMA3_70B
+from tandem_core.config import ConfigError, ModelConfig
 from trainer import plan as P
-from trainer import plan_generation as G
-from trainer import plan_model as PM
+from trainer.config_check import load_config
+from trainer.plan import generation as G
+from trainer.plan import terms as PM
+from trainer.plan import training as PT
+from trainer.plan.__main__ import main as plan_main
 
 REPO = Path(__file__).resolve().parents[2]
 TP, PP = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"
 VPP, RTP = "parallel.virtual_pipeline_model_parallel_size", "rollout.tensor_model_parallel_size"
 H100 = P.H100_80GB_GIB
-M70 = ModelArgs(**LLAMA3_70B_ARGS)
+M70 = LLAMA3_70B
 
 
 def shipped_overrides() -> list[str]:
@@ -45,14 +48,14 @@ def plan70(extra=(), world=32, gpu=H100):
 def test_llama3_70b_parameter_count_matches_transformers():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    a = LLAMA3_70B_ARGS
+    a = LLAMA3_70B
     hf = LlamaConfig(
-        hidden_size=a["hidden_size"],
-        intermediate_size=a["ffn_hidden_size"],
-        num_hidden_layers=a["num_layers"],
-        num_attention_heads=a["num_attention_heads"],
-        num_key_value_heads=a["num_query_groups"],
-        vocab_size=a["vocab_size"],
+        hidden_size=a.hidden_size,
+        intermediate_size=a.ffn_hidden_size,
+        num_hidden_layers=a.num_layers,
+        num_attention_heads=a.num_attention_heads,
+        num_key_value_heads=a.num_query_groups,
+        vocab_size=a.vocab_size,
         tie_word_embeddings=False,
     )
     with torch.device("meta"):
@@ -76,9 +79,9 @@ def test_70b_rank_counts_split_the_model():
 
 MEASURE = """
 import json, sys, torch
+from archs import read_model_args
 from tandem_core import cpu_compat
 from tandem_core.config import ModelConfig, ParallelConfig
-from tandem_core.model_shapes import read_model_args
 from tandem_core.distributed import init_distributed, init_model_parallel
 from tandem_core.models import build_gpt_model, build_transformer_config
 
@@ -129,12 +132,11 @@ def megatron_counts():
 
 @pytest.mark.parametrize("preset", ["tiny_llama", "tiny_qwen2"])
 def test_counts_match_a_real_megatron_model(megatron_counts, preset):
-    from tandem_core.model_shapes import read_model_args
 
     m = read_model_args(ModelConfig(preset=preset))
     measured = megatron_counts[preset]
     assert measured["params"] == PM.stage_params(m, 1, 1, 0)
-    formula = P.activation_bytes_per_token(m, tp=1, sp=False, dtype_bytes=4)
+    formula = PT.activation_bytes_per_token(m, tp=1, sp=False, dtype_bytes=4)
     # An upper bound within 3 %: autograd keeps one [s, b, h] tensor per layer fewer than the
     # 6h counted for the two norms, which the model's input and RoPE's angle table (kept once,
     # per position) make up in part.
@@ -145,22 +147,21 @@ def test_counts_match_a_real_megatron_model(megatron_counts, preset):
 def test_fused_swiglu_keeps_its_input_and_output_only():
     """megatron's fused SwiGLU (on CUDA) saves fc1's output 2f; fc2 saves its input f: 3f,
     where the unfused gate, silu(gate) and product add 2f more."""
-    from tandem_core.model_shapes import read_model_args
 
     m = read_model_args(ModelConfig(preset="llama3_70b"))
-    unfused = P.activation_bytes_per_token(m, tp=8, sp=True, dtype_bytes=2)
-    fused = P.activation_bytes_per_token(m, tp=8, sp=True, dtype_bytes=2, fused_swiglu=True)
+    unfused = PT.activation_bytes_per_token(m, tp=8, sp=True, dtype_bytes=2)
+    fused = PT.activation_bytes_per_token(m, tp=8, sp=True, dtype_bytes=2, fused_swiglu=True)
     assert unfused - fused == 2 * m.ffn_hidden_size * 2 / 8
 
 
 def test_pipeline_in_flight_counts():
     # 1F1B: the first stage holds pp micro-batches of L/pp layers = L; the last one.
-    assert P.layer_microbatches_in_flight(80, 4, None, 0, 16) == 80
-    assert P.layer_microbatches_in_flight(80, 4, None, 3, 16) == 20
-    assert P.layer_microbatches_in_flight(80, 4, None, 0, 2) == 40  # fewer micro-batches
+    assert PT.layer_microbatches_in_flight(80, 4, None, 0, 16) == 80
+    assert PT.layer_microbatches_in_flight(80, 4, None, 3, 16) == 20
+    assert PT.layer_microbatches_in_flight(80, 4, None, 0, 2) == 40  # fewer micro-batches
     # Interleaved: L × (1 + (p-1)/(p·v)) on the first stage (Korthikanti et al. 2022).
-    assert P.layer_microbatches_in_flight(80, 4, 5, 0, 16) == pytest.approx(80 * (1 + 3 / 20))
-    assert P.layer_microbatches_in_flight(80, 1, None, 0, 1) == 80
+    assert PT.layer_microbatches_in_flight(80, 4, 5, 0, 16) == pytest.approx(80 * (1 + 3 / 20))
+    assert PT.layer_microbatches_in_flight(80, 1, None, 0, 1) == 80
 
 
 # ---- the shipped layout -------------------------------------------------------------------------
@@ -304,11 +305,11 @@ def test_memory_refusals_are_plan_errors_with_the_table():
 
 
 def test_cli(capsys):
-    assert P.main([*shipped_overrides(), "--world-size", "32", "--gpu-memory-gb", "79.1"]) == 0
+    assert plan_main([*shipped_overrides(), "--world-size", "32", "--gpu-memory-gb", "79.1"]) == 0
     out = capsys.readouterr().out
     assert "world 32 = TP 8 × PP 4 × DP 1 (SP)" in out and out.count(": fits") == 3
-    assert P.main([*shipped_overrides(), f"{PP}=1", "--world-size", "8"]) == 2
-    assert "REFUSED: training phase" in capsys.readouterr().err
+    assert plan_main([*shipped_overrides(), f"{PP}=1", "--world-size", "8"]) == 2
+    assert "python -m trainer.plan: error: training phase" in capsys.readouterr().err
 
 
 def test_compare_with_a_run_takes_each_phase_peak(tmp_path):

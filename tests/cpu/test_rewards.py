@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
+from archs.checkpoints import build_char_tokenizer
 from tandem_core.protocol import Batch
-from tandem_core.tiny_models import build_char_tokenizer
 from trainer import rewards as rw
 
 

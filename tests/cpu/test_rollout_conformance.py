@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import pytest
 
-from rollout import registered_rollouts
+from rollout import ROLLOUTS
 
 
 def _cases():
-    for name, builder in sorted(registered_rollouts().items()):
+    for name, builder in sorted(ROLLOUTS.items()):
         tps = (1, 2) if getattr(builder, "supports_tensor_parallel", False) else (1,)
         for tp in tps:
             yield pytest.param(name, tp, id=f"{name}-tp{tp}")

@@ -1,8 +1,8 @@
-"""The rollout layout → megatron micro-batch alignment (trainer/sequences.py)."""
+"""The rollout layout → megatron micro-batch alignment (trainer/workers/sequences.py)."""
 
 import torch
 
-from trainer.sequences import align_micro_batches, mask_response, split_by_token_budget
+from trainer.workers.sequences import align_micro_batches, mask_response, split_by_token_budget
 
 
 def align_micro_batch(ids, attn, rmask, fields=None, seq_multiple=1):

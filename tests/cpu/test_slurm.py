@@ -43,7 +43,7 @@ TINY = [  # a tiny GRPO run that fits two CPU ranks (the script's 70B defaults c
 ENTRY = """
 import json, os, sys
 import torch, torch.distributed as dist
-from tandem_core.config import load_config
+from trainer.config_check import load_config
 from tandem_core.distributed import init_distributed
 
 launch = init_distributed()

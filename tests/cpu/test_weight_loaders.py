@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import archs
 import weight_loaders as wl
-from tandem_core.models import ModelArgs
+from archs.base import read_hf_config
+from tandem_core.model_args import ModelArgs
 from weight_loaders.transforms import LAYOUTS
 
 PRESETS = ["tiny_llama", "tiny_llama_tied", "tiny_qwen2", "tiny_mistral"]
@@ -137,7 +139,7 @@ def _hf_state(args: ModelArgs) -> dict[str, torch.Tensor]:
 def _megatron_rank(hf: dict, args: ModelArgs, tp: int, rank: int) -> list[tuple[str, torch.Tensor]]:
     """Every megatron tensor of TP rank `rank` (global layer names), built by the importer's math."""
     out = []
-    for pattern, rule in wl.get_arch(args.arch).weight_map.items():
+    for pattern, rule in wl.weight_map(args).items():
         for i in range(args.num_layers) if "{i}" in pattern else [None]:
             if pattern == "output_layer.weight" and args.tie_word_embeddings:
                 continue
@@ -151,7 +153,7 @@ def _megatron_rank(hf: dict, args: ModelArgs, tp: int, rank: int) -> list[tuple[
 def _engine_rank(hf: dict, args: ModelArgs, tp: int, rank: int, vocab_rows: int):
     """What a vLLM-style engine (packed qkv/gate_up, HF row order, TP rank `rank`) should hold."""
     want = {}
-    for pattern, rule in wl.get_arch(args.arch).weight_map.items():
+    for pattern, rule in wl.weight_map(args).items():
         for i in range(args.num_layers) if "{i}" in pattern else [None]:
             names = [h.format(i=i) for h in rule.hf]
             parts = [hf[n] for n in names]
@@ -242,14 +244,14 @@ def test_direct_copies_unpacked_engine_and_tp_mismatch():
     ],
 )
 def test_model_args_from_hf(tiny_ckpt, preset, arch, tied, bias):
-    args = wl.model_args_from_hf(tiny_ckpt(preset))
+    args = archs.model_args_from_hf(tiny_ckpt(preset))
     assert (args.arch, args.tie_word_embeddings, args.qkv_bias) == (arch, tied, bias)
     assert (args.num_layers, args.num_query_groups, args.kv_channels) == (4, 2, 32)
     assert args.rope_theta == (1e6 if arch == "qwen2" else 1e4) and args.norm_eps == 1e-6
 
 
 def _cfg(tiny_ckpt, preset, **changes):
-    cfg = wl.core.read_hf_config(tiny_ckpt(preset))
+    cfg = read_hf_config(tiny_ckpt(preset))
     cfg.update(changes)
     return cfg
 
@@ -272,19 +274,19 @@ def _cfg(tiny_ckpt, preset, **changes):
     ],
 )
 def test_unsupported_features_are_refused(tiny_ckpt, preset, changes, key):
-    with pytest.raises(wl.WeightLoaderError, match=key):
-        wl.model_args_from_hf(_cfg(tiny_ckpt, preset, **changes))
+    with pytest.raises(archs.UnsupportedModelError, match=key):
+        archs.model_args_from_hf(_cfg(tiny_ckpt, preset, **changes))
 
 
 def test_window_as_long_as_the_context_is_accepted(tiny_ckpt):
     cfg = _cfg(tiny_ckpt, "tiny_mistral", sliding_window=512)
-    assert wl.model_args_from_hf(cfg).arch == "mistral"
+    assert archs.model_args_from_hf(cfg).arch == "mistral"
 
 
 def test_name_check_names_the_missing_and_the_unexpected(tiny_ckpt):
     from weight_loaders.hf_import import check_names
 
-    args = wl.model_args_from_hf(tiny_ckpt("tiny_qwen2"))
+    args = archs.model_args_from_hf(tiny_ckpt("tiny_qwen2"))
     names = set(wl.expected_hf_names(args))
     check_names(names, args)
     with pytest.raises(wl.WeightLoaderError, match="model.layers.2.self_attn.k_proj.bias"):
@@ -329,9 +331,9 @@ def test_bad_checkpoints_name_the_tensor(torchrun, tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("tp", [1, 3])
 def test_smollm2_logits_equal_hf(torchrun, cache_dir, tp):
-    from tandem_core.smollm2 import ensure_smollm2_checkpoint
+    from archs import ensure_preset_dir
 
-    ensure_smollm2_checkpoint(cache_dir)  # built once, before the ranks start
+    ensure_preset_dir("smollm2_135m", cache_dir)  # built once, before the ranks start
     res = torchrun("wl_smollm2.py", tp, str(tp))
     assert res["tokens"] > 10 and res["same_argmax"]
     # TP=1 runs the same fp32 ops as transformers. TP=3 sums each row-parallel matmul in three

@@ -31,6 +31,6 @@ def tiny_checkpoints():
     """Build the tiny checkpoints here, before any torchrun: built inside a process group,
     transformers writes the weights and config.json on global rank 0 only, so a cold cache
     won by another rank would hold a checkpoint without them."""
-    from tandem_core.tiny_models import ensure_tiny_checkpoint
+    from archs import ensure_tiny_checkpoint
 
     return {name: ensure_tiny_checkpoint(name) for name in ("tiny_llama", "tiny_llama_wide")}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tandem_core.models as M
-import trainer.logprobs as L
+import trainer.workers.logprobs as L
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 

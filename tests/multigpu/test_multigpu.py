@@ -37,7 +37,7 @@ from conftest import needs_gpus
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 REPO = Path(__file__).resolve().parents[2]
 HE_TOL = 3e-3
-WIDE = "tiny_llama_wide"  # tandem_core/tiny_models.py: 8 heads and 8 KV heads, TP up to 8
+WIDE = "tiny_llama_wide"  # archs/llama.py: 8 heads and 8 KV heads, TP up to 8
 
 # ---- megatron parity: (world, TP, PP, SP, worker model); DP = world / (TP × PP) ----------------
 PARITY_LAYOUTS = [

@@ -21,13 +21,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import write_result  # noqa: E402
 from _reference import hf_logprobs, reference_ppo_step, synthetic_rollout  # noqa: E402
 
+import archs  # noqa: E402
 import weight_loaders  # noqa: E402
+from archs import ensure_tiny_checkpoint  # noqa: E402
 from tandem_core import distributed as D  # noqa: E402
 from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig  # noqa: E402
 from tandem_core.protocol import Batch  # noqa: E402
-from tandem_core.tiny_models import ensure_tiny_checkpoint  # noqa: E402
-from trainer.actor import MegatronActor  # noqa: E402
-from trainer.megatron_worker import build_model_worker  # noqa: E402
+from trainer.workers.actor import MegatronActor  # noqa: E402
+from trainer.workers.model import build_model_worker  # noqa: E402
 
 LR, EPS, CLIP = 1e-3, 1e-4, 1.0  # large eps: Adam's first step is then smooth in the grad
 
@@ -58,7 +59,7 @@ def main():
     from transformers import AutoModelForCausalLM
 
     hf_dir = ensure_tiny_checkpoint(arch)
-    args = weight_loaders.model_args_from_hf(hf_dir)
+    args = archs.model_args_from_hf(hf_dir)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
     data = synthetic_rollout(args.vocab_size, batch=8)
     batch = Batch.from_dict(data, meta_info={"n": 1})

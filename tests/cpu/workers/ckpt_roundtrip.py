@@ -33,21 +33,25 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import write_result  # noqa: E402
 from _reference import synthetic_rollout  # noqa: E402
 
-import weight_loaders  # noqa: E402
+import archs  # noqa: E402
+from archs import ensure_tiny_checkpoint  # noqa: E402
 from tandem_core import distributed as D  # noqa: E402
 from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig  # noqa: E402
 from tandem_core.protocol import Batch  # noqa: E402
-from tandem_core.tiny_models import ensure_tiny_checkpoint  # noqa: E402
-from trainer import checkpoint as C  # noqa: E402
-from trainer.actor import MegatronActor, dp_slice, make_micro_batches  # noqa: E402
-from trainer.megatron_worker import (  # noqa: E402
-    build_model_worker,
+from trainer.state import checkpoints as C  # noqa: E402
+from trainer.state.rng import capture_rng_state, restore_rng_state  # noqa: E402
+from trainer.state.signals import install_signal_handlers  # noqa: E402
+from trainer.tracking import Tracker  # noqa: E402
+from trainer.workers.actor import MegatronActor  # noqa: E402
+from trainer.workers.model import build_model_worker  # noqa: E402
+from trainer.workers.optimizer import torch_adams  # noqa: E402
+from trainer.workers.passes import (  # noqa: E402
+    dp_slice,
+    make_micro_batches,
     reduce_metrics,
-    torch_adams,
     train_step,
 )
-from trainer.sequences import mask_response  # noqa: E402
-from trainer.tracking import Tracker  # noqa: E402
+from trainer.workers.sequences import mask_response  # noqa: E402
 
 OPTIM = OptimConfig(
     lr=1e-3,
@@ -152,7 +156,7 @@ def run_layout(
     )
     D.init_model_parallel(parallel)
     hf_dir = ensure_tiny_checkpoint("tiny_llama")
-    args = weight_loaders.model_args_from_hf(hf_dir)
+    args = archs.model_args_from_hf(hf_dir)
     b1, b2, b3 = (rollout(args.vocab_size, s) for s in (1, 2, 3))
     mgr = C.CheckpointManager(out_dir / name, max_to_keep=2)
     gen = torch.Generator().manual_seed(7 + dist.get_rank())
@@ -162,14 +166,14 @@ def run_layout(
     train(a, b1)
     torch.manual_seed(1000 + dist.get_rank())
     random.seed(dist.get_rank())
-    extra = {"step": 1, "rank": dist.get_rank(), "rng": C.capture_rng_state({"rollout": gen})}
+    extra = {"step": 1, "rank": dist.get_rank(), "rng": capture_rng_state({"rollout": gen})}
     path = mgr.save(1, a, extra)
     at_save = snapshot(a)
     draws_a = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=gen))
     metrics_a = train(a, b2)
     after_a = snapshot(a)
     path2 = mgr.save(2, a, {"step": 2, "rank": dist.get_rank()})
-    mgr.export_hf(2, a["actor"], hf_dir)  # read back by the pytest side
+    mgr.export_hf(2, lambda out: a["actor"].export_hf(out, hf_dir))  # read back by pytest
 
     # run B: different history, then the checkpoint
     b = build(args, hf_dir, parallel)
@@ -183,7 +187,7 @@ def run_layout(
     assert found == (2, path2), found
     loaded = mgr.load(path, b)
     assert loaded["rank"] == dist.get_rank() and loaded["step"] == 1, loaded
-    C.restore_rng_state(loaded["rng"], {"rollout": gen})
+    restore_rng_state(loaded["rng"], {"rollout": gen})
     draws_b = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=gen))
     assert all(
         torch.equal(torch.as_tensor(x), torch.as_tensor(y))
@@ -245,7 +249,7 @@ def main():
     D.init_distributed()
     results = {name: run_layout(name, out_dir, *LAYOUTS[name]) for name in sys.argv[2:]}
 
-    stop = C.install_signal_handlers()
+    stop = install_signal_handlers()
     assert not stop.agreed()
     if dist.get_rank() == dist.get_world_size() - 1:
         os.kill(os.getpid(), signal.SIGUSR1)

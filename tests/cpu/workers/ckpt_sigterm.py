@@ -15,7 +15,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from tandem_core import distributed as D
-from trainer.checkpoint import CheckpointManager, install_signal_handlers
+from trainer.state.checkpoints import CheckpointManager
+from trainer.state.signals import install_signal_handlers
 
 MAX_STEPS = 2000  # 100 s: the test failed to signal
 

@@ -25,7 +25,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import write_result  # noqa: E402
 from _reference import hf_logprobs, synthetic_rollout  # noqa: E402
 
+import archs  # noqa: E402
 import weight_loaders  # noqa: E402
+from archs import ensure_tiny_checkpoint  # noqa: E402
 from tandem_core import distributed as D  # noqa: E402
 from tandem_core.config import (  # noqa: E402
     ActorConfig,
@@ -36,16 +38,12 @@ from tandem_core.config import (  # noqa: E402
 )
 from tandem_core.models import ValueHead  # noqa: E402
 from tandem_core.protocol import Batch  # noqa: E402
-from tandem_core.tiny_models import ensure_tiny_checkpoint  # noqa: E402
 from trainer import core_algos  # noqa: E402
-from trainer.actor import MegatronActor  # noqa: E402
-from trainer.critic import MegatronCritic  # noqa: E402
-from trainer.megatron_worker import (  # noqa: E402
-    NonFiniteLossError,
-    SequenceTooLongError,
-    build_model_worker,
-)
-from trainer.reference import MegatronReference, reload_params  # noqa: E402
+from trainer.workers.actor import MegatronActor  # noqa: E402
+from trainer.workers.critic import MegatronCritic  # noqa: E402
+from trainer.workers.model import build_model_worker  # noqa: E402
+from trainer.workers.passes import NonFiniteLossError, SequenceTooLongError  # noqa: E402
+from trainer.workers.reference import MegatronReference, reload_params  # noqa: E402
 from weight_loaders.stream import unwrap_model  # noqa: E402
 
 LR, EPS, CLIP = 1e-3, 1e-4, 1.0  # large eps: Adam's first step is then smooth in the grad
@@ -345,7 +343,7 @@ def main():
     from transformers import AutoModelForCausalLM
 
     hf_dir = ensure_tiny_checkpoint(arch)
-    args = weight_loaders.model_args_from_hf(hf_dir)
+    args = archs.model_args_from_hf(hf_dir)
     data = synthetic_rollout(args.vocab_size, batch=8)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     with torch.no_grad():

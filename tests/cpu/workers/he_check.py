@@ -2,7 +2,7 @@
 
 usage: he_check.py BACKEND ROLLOUT_TP LAYOUTS [PRESET]   (LAYOUTS like "1x1,2x1,1x2" = TPxPP,
 "1x2v2" = TP 1, PP 2 with two interleaved VPP chunks per rank)
-PRESET: a tandem_core.tiny_models.TINY_SPECS name, tiny_llama by default (4 heads / 2 KV heads:
+PRESET: a tiny preset of archs/ (archs.PRESETS), tiny_llama by default (4 heads / 2 KV heads:
 TP ≤ 2); tiny_llama_wide (8 / 8) allows training and rollout TP 4 and 8.
 For each training layout (the world is shared; DP = world / (TP×PP)):
 1. after enter, the engine's greedy samples have log-probs equal to the actor's (≤1e-4);
@@ -25,17 +25,18 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import write_result  # noqa: E402
 
+import archs  # noqa: E402
 import weight_loaders  # noqa: E402
-from hybrid_engine import get_sharding_manager  # noqa: E402
+from archs.checkpoints import build_char_tokenizer, ensure_tiny_checkpoint  # noqa: E402
+from hybrid_engine import MegatronShardingManager  # noqa: E402
 from hybrid_engine.base import StaleWeightsError, check_weights_synced  # noqa: E402
 from hybrid_engine.memory import grad_buffer_bytes  # noqa: E402
 from rollout import build_rollout  # noqa: E402
 from tandem_core import distributed as D  # noqa: E402
 from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig, RolloutConfig  # noqa: E402
 from tandem_core.protocol import Batch  # noqa: E402
-from tandem_core.tiny_models import build_char_tokenizer, ensure_tiny_checkpoint  # noqa: E402
-from trainer.actor import MegatronActor  # noqa: E402
-from trainer.megatron_worker import build_model_worker  # noqa: E402
+from trainer.workers.actor import MegatronActor  # noqa: E402
+from trainer.workers.model import build_model_worker  # noqa: E402
 
 # fp32 on CPU; CUDA vLLM's attention runs fp32 matmuls in TF32 (~1e-3), so GPU runs pass a wider
 # bound through HE_TOL.
@@ -105,7 +106,7 @@ def check_layout(tp, pp, vpp, rollout, backend, hf_dir, args, tokenizer) -> dict
     twin = build_model_worker(args, hf_dir, parallel, optim=optim)
     cfg = ActorConfig(ppo_mini_batch_size=4, micro_batch_size=2)
     actor, twin_actor = MegatronActor(worker, cfg), MegatronActor(twin, cfg)
-    manager = get_sharding_manager(backend)(worker, rollout, offload_optimizer=True)
+    manager = MegatronShardingManager(worker, rollout, offload_optimizer=True)
     batch = prompts(tokenizer)
     result = {}
 
@@ -164,7 +165,7 @@ def main():
     backend, rollout_tp, layouts = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
     D.init_distributed()
     hf_dir = ensure_tiny_checkpoint(sys.argv[4] if len(sys.argv) > 4 else "tiny_llama")
-    args = weight_loaders.model_args_from_hf(hf_dir)
+    args = archs.model_args_from_hf(hf_dir)
     rollout = build_rollout(
         # Eager: every GPU run starts a fresh engine, and capturing CUDA graphs there took one
         # 2-GPU swap run past 5.5 minutes (the GRPO test covers graphs across swaps).

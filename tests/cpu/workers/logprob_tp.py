@@ -13,7 +13,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import write_result  # noqa: E402
 
-from trainer.logprobs import vocab_parallel_logprobs  # noqa: E402
+from trainer.workers.logprobs import vocab_parallel_logprobs  # noqa: E402
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

@@ -29,7 +29,8 @@ from _common import write_result  # noqa: E402
 from tandem_core import cpu_compat  # noqa: E402
 from tandem_core import distributed as D  # noqa: E402
 from tandem_core.config import ParallelConfig  # noqa: E402
-from tandem_core.models import ModelArgs, build_gpt_model, build_transformer_config  # noqa: E402
+from tandem_core.model_args import ModelArgs
+from tandem_core.models import build_gpt_model, build_transformer_config  # noqa: E402
 
 ARGS = ModelArgs(
     "llama",

@@ -19,8 +19,9 @@ from _common import write_result  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from wl_common import build_chunks, setup  # noqa: E402
 
+import archs  # noqa: E402
 import weight_loaders as wl  # noqa: E402
-from tandem_core.tiny_models import ensure_tiny_checkpoint  # noqa: E402
+from archs import ensure_tiny_checkpoint  # noqa: E402
 
 
 def variant(src: Path, dst: Path, edit) -> Path:
@@ -42,7 +43,7 @@ def message(fn) -> str:
 def main():
     src, tmp = ensure_tiny_checkpoint(sys.argv[1]), Path(sys.argv[2])
     parallel = setup(1, 1)
-    args = wl.model_args_from_hf(src)
+    args = archs.model_args_from_hf(src)
     chunks, config = build_chunks(args, parallel)
     q = "model.layers.1.self_attn.q_proj.weight"
     missing = variant(src, tmp / "missing", lambda t: t.pop(q))

@@ -18,8 +18,9 @@ from _common import write_result  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from wl_common import build_chunks, hf_logits, megatron_logits, setup  # noqa: E402
 
+import archs  # noqa: E402
 import weight_loaders as wl  # noqa: E402
-from tandem_core.tiny_models import ensure_tiny_checkpoint  # noqa: E402
+from archs import ensure_tiny_checkpoint  # noqa: E402
 
 BUCKET_MB = 0.1
 
@@ -55,7 +56,7 @@ def run_preset(preset: str, parallel, out_root: Path, tokens: torch.Tensor) -> d
     from megatron.core import parallel_state as mpu
 
     src = ensure_tiny_checkpoint(preset)
-    args = wl.model_args_from_hf(src)
+    args = archs.model_args_from_hf(src)
     chunks, config = build_chunks(args, parallel)
     wl.load_hf_into_megatron(chunks, src, args, config)
 

@@ -17,14 +17,17 @@ from _common import write_result  # noqa: E402
 from wl_common import build_chunks, hf_logits, megatron_logits, setup  # noqa: E402
 
 import weight_loaders as wl  # noqa: E402
-from tandem_core.smollm2 import ensure_smollm2_checkpoint  # noqa: E402
+from archs import (
+    ensure_preset_dir,  # noqa: E402
+    model_args_from_hf,  # noqa: E402
+)
 
 
 def main():
     tp = int(sys.argv[1])
-    src = ensure_smollm2_checkpoint()
+    src = ensure_preset_dir("smollm2_135m")
     parallel = setup(tp, 1)
-    args = wl.model_args_from_hf(src)
+    args = model_args_from_hf(src)
     chunks, config = build_chunks(args, parallel)
     wl.load_hf_into_megatron(chunks, src, args, config)
 

@@ -19,8 +19,9 @@ import torch  # noqa: E402
 from _common import write_result  # noqa: E402
 from wl_common import build_chunks, setup  # noqa: E402
 
+import archs  # noqa: E402
 import weight_loaders as wl  # noqa: E402
-from tandem_core.tiny_models import ensure_tiny_checkpoint  # noqa: E402
+from archs import ensure_tiny_checkpoint  # noqa: E402
 
 PROMPTS = [[5, 17, 33, 60, 9], [40, 41, 42], [7, 70, 100, 12, 99, 3, 8]]
 NEW_TOKENS = 16
@@ -79,7 +80,7 @@ def hf_logprobs(hf_dir, responses) -> torch.Tensor:
 def main():
     src, out = ensure_tiny_checkpoint(sys.argv[1]), Path(sys.argv[2])
     parallel = setup(1, 1)
-    args = wl.model_args_from_hf(src)
+    args = archs.model_args_from_hf(src)
     chunks, config = build_chunks(args, parallel)
     wl.load_hf_into_megatron(chunks, src, args, config)
     wl.export_megatron_to_hf(chunks, args, config, out / "exported", src)

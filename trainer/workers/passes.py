@@ -1,19 +1,17 @@
-"""One megatron-core model role (actor, critic, reference): its chunks, optimizer, and the
-forward/backward plumbing through megatron's own pipeline schedules.
+"""The megatron passes every role shares (actor, critic, reference): micro-batches through
+megatron's own pipeline schedules, and the two loops built on them.
 
-`build_model_worker` builds this rank's model chunks (one per VPP stage) from an HF checkpoint
-through the weight loaders, wraps them in megatron's DDP and builds megatron's optimizer and
-LR scheduler when the role trains. `run_micro_batches` feeds aligned micro-batches to
-`get_forward_backward_func()` (1F1B / interleaved VPP / no-pipelining, chosen by megatron) and
-hands each micro-batch's output to a loss function on the last stage. `forward_per_token` and
-`update_over_mini_batches` are the two loops every role shares (actor, critic, reference): the
-data-parallel slicing, micro-batching and global loss normalisers live only here.
+`run_micro_batches` feeds aligned micro-batches to `get_forward_backward_func()` (1F1B /
+interleaved VPP / no-pipelining, chosen by megatron) and hands each micro-batch's output to a
+loss function on the last stage. `forward_per_token` (forward-only, per-token results for the
+whole batch) and `update_over_mini_batches` (epochs × mini-batches of optimizer steps) are the
+two loops: the data-parallel slicing, micro-batching and global loss normalisers live only here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,10 +19,9 @@ import torch.nn.functional as F
 
 from tandem_core import cpu_compat
 from tandem_core import distributed as D
-from tandem_core.config import OptimConfig, ParallelConfig
-from tandem_core.models import ModelArgs, build_gpt_model, build_transformer_config
 from tandem_core.protocol import Batch
-from trainer.sequences import (
+from trainer.workers.model import ModelWorker
+from trainer.workers.sequences import (
     AlignedMicroBatch,
     align_micro_batches,
     pad_to_length,
@@ -40,158 +37,6 @@ PER_TOKEN_FIELDS = (
     "values",
     "returns",
 )
-
-
-@dataclass
-class ModelWorker:
-    args: ModelArgs
-    config: object  # megatron TransformerConfig
-    chunks: list  # DDP-wrapped GPTModel chunks (plain chunks when not trained)
-    optimizer: object | None = None
-    scheduler: object | None = None
-    offloaded: bool = False
-    _skipped_in_a_row: int = field(default=0)
-
-    @property
-    def is_last_stage(self) -> bool:
-        from megatron.core import parallel_state as mpu
-
-        return mpu.is_pipeline_last_stage(ignore_virtual=True)
-
-    def train(self, mode: bool = True):
-        """Train or eval mode for the next pass. Each pass sets the mode it needs; switching
-        walks every module (~1 ms of host time for 24 layers), so an unchanged mode is kept."""
-        for c in self.chunks:
-            if c.training != mode:
-                c.train(mode)
-
-
-def build_model_chunks(args: ModelArgs, config, layer_spec: str, value_head: bool) -> list:
-    from megatron.core import parallel_state as mpu
-
-    vpp = config.virtual_pipeline_model_parallel_size or 1
-    chunks = []
-    for vp in range(vpp):
-        vp_stage = vp if vpp > 1 else None
-        pre = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-        post = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        chunks.append(build_gpt_model(args, config, layer_spec, pre, post, vp_stage, value_head))
-    return chunks
-
-
-def build_model_worker(
-    args: ModelArgs,
-    hf_dir,
-    parallel: ParallelConfig,
-    dtype: str = "float32",
-    layer_spec: str = "sdpa",
-    value_head: bool = False,
-    optim: OptimConfig | None = None,
-    total_optimizer_steps: int = 1,
-) -> ModelWorker:
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-
-    import weight_loaders
-
-    config = build_transformer_config(args, parallel, dtype)
-    config.finalize_model_grads_func = finalize_model_grads
-    chunks = build_model_chunks(args, config, layer_spec, value_head)
-    if hf_dir is not None:  # else: megatron's own random init (model.random_init)
-        weight_loaders.load_hf_into_megatron(chunks, hf_dir, args, config)
-    if optim is None:
-        for c in chunks:
-            c.requires_grad_(False)
-            c.eval()
-        return ModelWorker(args, config, chunks)
-
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        use_distributed_optimizer=parallel.use_distributed_optimizer,
-        overlap_grad_reduce=False,
-    )
-    with cpu_compat.megatron_device_scope():
-        chunks = [
-            DistributedDataParallel(config, ddp_config, c, disable_bucketing=(i > 0))
-            for i, c in enumerate(chunks)
-        ]
-        optimizer, scheduler = build_optimizer(
-            chunks, config, optim, parallel, total_optimizer_steps
-        )
-    return ModelWorker(args, config, chunks, optimizer, scheduler)
-
-
-def copy_weights(src: ModelWorker, dst: ModelWorker) -> None:
-    """dst's parameters := src's, name by name (same model, same layout on this rank)."""
-    from weight_loaders import megatron_named_params
-
-    dst_params = dict(megatron_named_params(dst.chunks))
-    with torch.no_grad():
-        for name, p in megatron_named_params(src.chunks):
-            dst_params[name].copy_(p)
-
-
-def build_optimizer(chunks, config, optim: OptimConfig, parallel: ParallelConfig, total_steps):
-    """megatron's optimizer (distributed when configured) and OptimizerParamScheduler."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    opt_config = OptimizerConfig(
-        optimizer="adam",
-        lr=optim.lr,
-        min_lr=optim.min_lr,
-        weight_decay=optim.weight_decay,
-        adam_beta1=optim.betas[0],
-        adam_beta2=optim.betas[1],
-        adam_eps=optim.eps,
-        clip_grad=optim.clip_grad,
-        bf16=config.bf16,
-        params_dtype=config.params_dtype,
-        use_distributed_optimizer=parallel.use_distributed_optimizer,
-    )
-    optimizer = get_megatron_optimizer(opt_config, chunks)
-    set_adam_kernel(optimizer, optim.fused)
-    decay_steps = optim.lr_decay_steps or max(total_steps, optim.lr_warmup_steps + 1)
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0 if optim.lr_warmup_steps else optim.lr,
-        max_lr=optim.lr,
-        min_lr=optim.min_lr,
-        lr_warmup_steps=optim.lr_warmup_steps,
-        lr_decay_steps=decay_steps,
-        lr_decay_style=optim.lr_decay_style,
-        start_wd=optim.weight_decay,
-        end_wd=optim.weight_decay,
-        wd_incr_steps=decay_steps,
-        wd_incr_style="constant",
-    )
-    return optimizer, scheduler
-
-
-def torch_adams(optimizer) -> list[torch.optim.Optimizer]:
-    """The torch Adam(W)s inside a megatron optimizer (none when it runs TE's or apex's)."""
-    inners = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    return [o for o in inners if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
-
-
-def set_adam_kernel(optimizer, fused: bool) -> None:
-    """Run megatron's torch AdamW as torch's fused kernel, or as foreach (megatron's default).
-
-    Fused is one launch per param group where foreach is a dozen per step, a few percent of a 1B
-    update. torch reads the flag from the param group at every step, so it can be set after
-    megatron built the optimizer. A fused step wants each `step` count on its param's device,
-    foreach on the host: existing counts move with the flag (per parameter, never shared)."""
-    for inner in torch_adams(optimizer):
-        for group in inner.param_groups:
-            group["fused"], group["foreach"] = fused, None
-            for p in group["params"]:
-                state = inner.state.get(p)
-                if state and "step" in state:
-                    device = p.device if fused else torch.device("cpu")
-                    state["step"] = state["step"].to(device, torch.float32, copy=True)
 
 
 # ---- micro-batches ------------------------------------------------------------------------------
@@ -357,17 +202,17 @@ def train_step(worker: ModelWorker, micro_batches, loss_fn: LossFn, max_nan_step
             bad.fill_(1.0)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item() > 0:
-        worker._skipped_in_a_row += 1
+        worker.skipped_in_a_row += 1
         for c in worker.chunks:
             c.zero_grad_buffer()
-        if worker._skipped_in_a_row >= max_nan_steps:
+        if worker.skipped_in_a_row >= max_nan_steps:
             raise NonFiniteLossError(
-                f"non-finite loss in {worker._skipped_in_a_row} consecutive steps "
+                f"non-finite loss in {worker.skipped_in_a_row} consecutive steps "
                 f"(max_nan_steps={max_nan_steps}); aborting. Lower the learning rate or "
                 "check the data/rewards."
             )
         return outputs, float("nan"), True
-    worker._skipped_in_a_row = 0
+    worker.skipped_in_a_row = 0
     with cpu_compat.megatron_device_scope():
         _, grad_norm, _ = worker.optimizer.step()
     worker.scheduler.step(increment=1)

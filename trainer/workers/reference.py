@@ -17,8 +17,8 @@ import torch
 from tandem_core import cpu_compat
 from tandem_core.config import ActorConfig, RefConfig
 from tandem_core.protocol import Batch
-from trainer.actor import MegatronActor
-from trainer.megatron_worker import ModelWorker
+from trainer.workers.actor import MegatronActor
+from trainer.workers.model import ModelWorker
 
 
 def _unique_params(worker: ModelWorker) -> list[torch.nn.Parameter]:

@@ -162,27 +162,22 @@ class ModelSource:
 
 
 def model_names() -> list[str]:
-    from tandem_core.model_shapes import SHAPE_PRESETS
-    from tandem_core.tiny_models import TINY_SPECS
+    from archs import PRESETS
 
-    return [*TINY_SPECS, *SMOLLM2_NAMES, *(p for p in SHAPE_PRESETS if p not in SMOLLM2_NAMES)]
+    return [*PRESETS.names(), *(n for n in SMOLLM2_NAMES if n not in PRESETS)]
 
 
 def resolve_model(name: str) -> ModelSource:
     """tiny presets and SmolLM2-135M: real local checkpoints; the other shape presets
     (qwen2_0p5b, llama3_1b, llama2_7b, ...): a weightless directory, random weights."""
-    from tandem_core.model_shapes import SHAPE_PRESETS
-    from tandem_core.tiny_models import TINY_SPECS, ensure_shape_dir, ensure_tiny_checkpoint
+    from archs import PRESETS, ensure_preset_dir
 
     if name in SMOLLM2_NAMES:
-        from tandem_core.smollm2 import ensure_smollm2_checkpoint
-
-        return ModelSource(name, ensure_smollm2_checkpoint(), False)
-    if name in TINY_SPECS:
-        return ModelSource(name, ensure_tiny_checkpoint(name), False)
-    if name in SHAPE_PRESETS:
-        return ModelSource(name, ensure_shape_dir(name), True)
-    raise SystemExit(f"unknown model {name!r}; known: {', '.join(model_names())}")
+        return ModelSource(name, ensure_preset_dir("smollm2_135m"), False)
+    if name not in PRESETS:
+        raise SystemExit(f"unknown model {name!r}; known: {', '.join(model_names())}")
+    shape_only = PRESETS[name].kind == "shape"
+    return ModelSource(name, ensure_preset_dir(name, weights=not shape_only), shape_only)
 
 
 def init_world(parallel=None):

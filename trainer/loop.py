@@ -2,42 +2,54 @@
 
 Every rank runs this same loop (SPMD). Every rank holds the whole (small) batch of token ids
 and masks; the actor, critic and sharding manager slice and gather it for their own layouts.
-`RLTrainer.step` is the algorithm; everything it calls is built once by `trainer.main`.
+`RLTrainer.step` is one iteration, the algorithm; `fit` is the run around it (resume,
+validation, logging, checkpoints, HF exports, stop signals). Everything they call is built
+once by trainer/build.py; what each part must offer is trainer/roles.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from hybrid_engine.base import check_weights_synced
+from hybrid_engine.base import BaseShardingManager, check_weights_synced
+from rollout import BaseRollout
 from tandem_core.config import TandemConfig
 from tandem_core.protocol import Batch
 from trainer import core_algos
-from trainer.tracking import DevicePeakMemory, timed
+from trainer.roles import Actor, Critic, KLController, PromptSource, Reference, Scorer
+from trainer.state.checkpoints import CheckpointManager, ShardedState
+from trainer.state.rng import RNGState
+from trainer.state.signals import StopRequest
+from trainer.tracking import DevicePeakMemory, Tracker, timed
 
 
 @dataclass
 class Components:
-    """Everything the loop uses, built by trainer.main.build_components."""
+    """Everything the loop uses, built by trainer/build.py."""
 
-    actor: object  # trainer.actor.MegatronActor
-    ref: object | None  # trainer.reference.MegatronReference
-    critic: object | None  # trainer.critic.MegatronCritic
-    rollout: object  # rollout.BaseRollout
-    sharding_manager: object  # hybrid_engine.BaseShardingManager
-    scorer: object  # trainer.rewards.RewardScorer
+    actor: Actor
+    ref: Reference | None
+    critic: Critic | None
+    rollout: BaseRollout
+    sharding_manager: BaseShardingManager
+    scorer: Scorer
     tokenizer: object
-    train_loader: object  # trainer.data.PromptLoader
-    val_loader: object | None
-    kl_ctrl: object
-    checkpoints: object  # trainer.checkpoint.CheckpointManager
-    tracker: object  # trainer.tracking.Tracker
-    signals: object  # .requested set by SIGTERM/SIGUSR1
-    export_hf: object  # callable(step) exporting the actor as an HF directory
+    train_loader: PromptSource
+    val_loader: PromptSource | None
+    kl_ctrl: KLController
+    checkpoints: CheckpointManager
+    tracker: Tracker
+    signals: StopRequest
+    sharded: dict[str, ShardedState]
+    """The roles whose own state a checkpoint holds (actor, critic), by name."""
+    export_hf: Callable[[Path], None]
+    """Writes the actor as an HF directory into the path given (collective)."""
 
 
 class RLTrainer:
@@ -251,3 +263,71 @@ def _informative_groups(batch: Batch, seq_scores: torch.Tensor) -> list[int]:
         if float(s.max() - s.min()) > 0:
             keep.extend(members)
     return sorted(keep) if keep else []
+
+
+# ---- the run -----------------------------------------------------------------------------------
+def fit(cfg: TandemConfig, parts: Components) -> dict:
+    """Resume if a checkpoint exists, run `trainer.total_steps` iterations: after each, validate,
+    log, checkpoint and export as configured, and stop cleanly at a signal."""
+    trainer = RLTrainer(cfg, parts)
+    t = cfg.trainer
+    rank0 = dist.get_rank() == 0
+    # Every component whose state an exact resume needs (the rollout's generation RNG lives
+    # in the sharding manager); the sharded roles write their own directories.
+    stateful = {"trainer": trainer, "rng": RNGState(), "sharding_manager": parts.sharding_manager}
+
+    def save():
+        state = {name: part.state_dict() for name, part in stateful.items()}
+        parts.checkpoints.save(trainer.step_no, parts.sharded, state)
+
+    def export(step: int):
+        parts.checkpoints.export_hf(step, parts.export_hf)
+
+    latest = parts.checkpoints.latest_complete() if t.resume else None
+    if latest is not None:
+        step, path = latest
+        state = parts.checkpoints.load(path, parts.sharded)
+        for name, part in stateful.items():
+            part.load_state_dict(state[name])
+        if rank0:
+            print(f"[tandem] resuming from {path} (step {step})", flush=True)
+
+    history = []
+    try:
+        if trainer.step_no == 0 and parts.val_loader is not None:
+            parts.tracker.log(trainer.validate(), step=0)
+        while trainer.step_no < t.total_steps:
+            metrics = trainer.step()
+            step = trainer.step_no
+            if parts.val_loader is not None and t.test_freq and step % t.test_freq == 0:
+                metrics.update(trainer.validate())
+            parts.tracker.log(metrics, step=step)
+            history.append(metrics)
+            last = step == t.total_steps
+            stop = parts.signals.agreed()
+            if (last and t.save_at_end) or stop or (t.save_freq and step % t.save_freq == 0):
+                save()
+            if t.hf_export_freq and step % t.hf_export_freq == 0 and not last:
+                export(step)
+            if stop:
+                if rank0:
+                    print(
+                        f"[tandem] {parts.signals.signal_name or 'signal'}: checkpoint at step "
+                        f"{step} written, exiting",
+                        flush=True,
+                    )
+                return {"history": history, "stopped": True}
+        if trainer.step_no == t.total_steps and t.save_at_end:
+            export(trainer.step_no)
+        if rank0 and len(history) > 1:
+            first, last = history[0], history[-1]
+            print(
+                f"[tandem] reward (critic/score/mean): step {first['training/global_step']} "
+                f"{first['critic/score/mean']:.3f} -> step {last['training/global_step']} "
+                f"{last['critic/score/mean']:.3f}",
+                flush=True,
+            )
+    finally:
+        parts.tracker.close()
+        parts.scorer.close()
+    return {"history": history, "stopped": False}

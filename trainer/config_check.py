@@ -1,55 +1,128 @@
-"""Validation of a typed config: the rules no type can express.
+"""Every check of a run's config, right after it loads and before anything is built.
 
-`validate_config(cfg, world_size)` checks the enumerated keys (CHOICES), the numeric ranges
-(RANGES) and the cross-field rules (@rule: TP divides heads, PP divides layers, batch divisible
-by DP × micro-batches, lengths), and raises one ConfigError listing every problem, each line
-starting with its key. `load_config` (tandem_core/config.py) calls it; the model's shape comes
-from tandem_core/model_shapes.py, read without building the model.
+`load_config(overrides)` composes `configs/ppo.yaml` with hydra and types it against the schema
+(tandem_core/config.py: an unknown key or a wrong type fails there, naming the key), then
+`check_config` runs everything no type can express, in this order:
+1. names a registry owns: rollout.name, reward.name (or the import path reward.fn),
+   actor.policy_loss, algorithm.adv_estimator, the KL estimators, logger.backends, model.preset,
+   algorithm.name; each unknown name is refused with the registered ones listed;
+2. enumerated values (CHOICES) and numeric ranges (RANGES);
+3. cross-field rules (@rule): TP divides heads, PP divides layers, batch divisible by DP ×
+   micro-batches, lengths; the model's shape comes from its architecture's reader
+   (archs.read_model_args: the preset table or config.json), without building it.
+Every problem is a line '<key>: <what is wrong>'; all of them are raised as one ConfigError,
+before distributed init, any model, any engine. The planner (trainer/plan) runs the same check.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-from tandem_core.config import ConfigError, TandemConfig, uses_critic
-from tandem_core.model_shapes import read_model_args
-
-if TYPE_CHECKING:  # models.py imports megatron (seconds): import it lazily
-    from tandem_core.models import ModelArgs
-
-
-LOSS_AGG_MODES = (
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
+import archs
+from rollout import ROLLOUTS
+from tandem_core.config import (
+    CONFIG_DIR,
+    ConfigError,
+    TandemConfig,
+    compose_config,
+    to_structured,
+    uses_critic,
 )
-KL_ESTIMATORS = ("kl", "abs", "mse", "low_var_kl")
-LR_DECAY_STYLES = ("constant", "linear", "cosine")
-GROUP_ESTIMATORS = ("grpo", "rloo", "drgrpo")
-"""Advantage estimators that compare the samples of one prompt (they need rollout.n >= 2)."""
+from tandem_core.model_args import ModelArgs
+from trainer import core_algos, rewards, tracking
 
+
+def load_config(
+    overrides: Sequence[str] = (),
+    config_dir: str | os.PathLike | None = None,
+    world_size: int | None = None,
+    config_name: str = "ppo",
+) -> TandemConfig:
+    """Compose `configs/<config_name>.yaml` with hydra overrides, type it, check it.
+
+    world_size: ranks of the run; None = $WORLD_SIZE (torchrun) or 1. Nothing is built.
+    """
+    cfg = to_structured(compose_config(overrides, config_dir, config_name))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_config(cfg, world_size)
+    return cfg
+
+
+def check_config(cfg: TandemConfig, world_size: int, model_args: ModelArgs | None = None) -> None:
+    """Check every rule no type can express; raise one ConfigError listing all problems.
+
+    The message starts with the first offending key; each further problem is a line of its
+    own, also starting with its key. model_args: the model's shape; None = read cheaply from
+    the preset or the checkpoint's config.json (no model is built, no tensor allocated).
+    """
+    problems = [*_check_names(cfg), *_check_values(cfg)]
+    if world_size < 1:
+        problems.append(f"world_size: must be >= 1, got {world_size}")
+    if not problems:  # the rules divide by these values: only once they are in range
+        model_args = model_args or archs.read_model_args(cfg.model)
+        problems = [p for check in RULES for p in check(cfg, world_size, model_args)]
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+# ---- 1. names a registry owns ----------------------------------------------------------------
+def algorithm_names() -> list[str]:
+    """The algorithm presets (configs/algorithm/*.yaml): what algorithm.name may say."""
+    return sorted(p.stem for p in (CONFIG_DIR / "algorithm").glob("*.yaml"))
+
+
+def registered_names(cfg: TandemConfig) -> list[tuple[str, Any, Sequence[str]]]:
+    """(key, value, allowed names) of every key whose values a registry owns."""
+    names = [
+        ("rollout.name", cfg.rollout.name, ROLLOUTS),
+        ("actor.policy_loss", cfg.actor.policy_loss, core_algos.POLICY_LOSSES),
+        ("algorithm.adv_estimator", cfg.algorithm.adv_estimator, core_algos.ADV_ESTIMATORS),
+        ("actor.kl_loss_type", cfg.actor.kl_loss_type, core_algos.KL_PENALTIES),
+        ("algorithm.kl_penalty", cfg.algorithm.kl_penalty, core_algos.KL_PENALTIES),
+        ("algorithm.name", cfg.algorithm.name, algorithm_names()),
+        ("logger.backends", cfg.logger.backends, tracking.LOGGERS),
+    ]
+    if cfg.model.path is None:
+        names.append(("model.preset", cfg.model.preset, archs.PRESETS))
+    if cfg.reward.fn is None:
+        names.append(("reward.name", cfg.reward.name, rewards.REWARDS))
+    return names
+
+
+def _check_names(cfg: TandemConfig) -> Iterator[str]:
+    for key, value, allowed in registered_names(cfg):
+        for item in value if isinstance(value, list) else [value]:
+            if item not in allowed:
+                yield f"{key}: unknown name {item!r}; known: {', '.join(sorted(allowed))}"
+    if cfg.reward.fn is not None:
+        try:
+            rewards.load_reward_fn(cfg.reward.fn)
+        except (ValueError, ImportError, AttributeError, TypeError) as err:
+            yield f"reward.fn: {err}"
+
+
+# ---- 2. enumerated values and ranges ---------------------------------------------------------
 CHOICES: dict[str, tuple] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.layer_spec": ("auto", "local", "sdpa", "te"),
     "data.overlong_prompt": ("filter", "error"),
-    "actor.loss_agg_mode": LOSS_AGG_MODES,
-    "critic.loss_agg_mode": LOSS_AGG_MODES,
-    "actor.kl_loss_type": KL_ESTIMATORS,
-    "actor.optim.lr_decay_style": LR_DECAY_STYLES,
-    "critic.optim.lr_decay_style": LR_DECAY_STYLES,
-    "algorithm.kl_penalty": KL_ESTIMATORS,
+    "actor.loss_agg_mode": core_algos.LOSS_AGG_MODES,
+    "critic.loss_agg_mode": core_algos.LOSS_AGG_MODES,
+    "actor.optim.lr_decay_style": ("constant", "linear", "cosine"),
+    "critic.optim.lr_decay_style": ("constant", "linear", "cosine"),
     "algorithm.kl_ctrl_type": ("fixed", "adaptive"),
     "rollout.sleep_level": (1, 2),
     "rollout.load_format": ("auto", "dummy"),
-    "logger.backends": ("console", "tensorboard", "wandb"),
 }
-"""Enumerated keys and their allowed values (for a list, every item). Names that registries
-own (rollout.name, reward.name, algorithm.adv_estimator, actor.policy_loss) are checked by the
-trainer against those registries instead."""
+"""Enumerated keys that no registry owns, and their allowed values."""
+
+GROUP_ESTIMATORS = ("grpo", "rloo", "drgrpo")
+"""Advantage estimators that compare the samples of one prompt (they need rollout.n >= 2)."""
 
 RANGES_TABLE = """
     [0, inf)  actor.optim.lr actor.optim.min_lr actor.optim.weight_decay actor.optim.clip_grad
@@ -59,7 +132,7 @@ RANGES_TABLE = """
     (0, inf)  actor.optim.eps critic.optim.eps
     [1, inf)  actor.ppo_mini_batch_size actor.micro_batch_size actor.ppo_epochs
     [1, inf)  critic.ppo_mini_batch_size critic.micro_batch_size critic.ppo_epochs
-    [1, inf)  actor.max_tokens_per_microbatch
+    [1, inf)  actor.max_tokens_per_microbatch critic.max_tokens_per_microbatch
     [1, inf)  actor.log_prob_micro_batch_size critic.forward_micro_batch_size
     (0, inf)  actor.clip_ratio_low actor.clip_ratio_high actor.rollout_is_threshold
     (1, inf)  actor.clip_ratio_c
@@ -76,7 +149,7 @@ RANGES_TABLE = """
     [0, 1]    algorithm.gamma algorithm.lam
     [0, inf)  algorithm.kl_coef algorithm.max_refill_rounds
     (0, inf)  algorithm.kl_target reward.timeout_s
-    [1, inf)  algorithm.kl_horizon trainer.total_steps trainer.total_epochs
+    [1, inf)  algorithm.kl_horizon trainer.total_steps
     [1, inf)  trainer.max_ckpt_to_keep
     [0, inf)  trainer.save_freq trainer.test_freq trainer.hf_export_freq
 """
@@ -96,7 +169,7 @@ def _in_interval(value: float, interval: str) -> bool:
     return above and below
 
 
-Rule = Callable[[TandemConfig, int, "ModelArgs"], Iterator[str]]
+Rule = Callable[[TandemConfig, int, ModelArgs], Iterator[str]]
 RULES: list[Rule] = []
 """Cross-field rules, each yielding '<key>: <problem>' lines; filled by @rule."""
 
@@ -104,25 +177,6 @@ RULES: list[Rule] = []
 def rule(fn: Rule) -> Rule:
     RULES.append(fn)
     return fn
-
-
-def validate_config(
-    cfg: TandemConfig, world_size: int, model_args: ModelArgs | None = None
-) -> None:
-    """Check every rule no type can express; raise one ConfigError listing all problems.
-
-    The message starts with the first offending key; each further problem is a line of its
-    own, also starting with its key. model_args: the model's shape; None = read cheaply from
-    the preset or the checkpoint's config.json (no model is built, no tensor allocated).
-    """
-    problems = list(_check_values(cfg))
-    if world_size < 1:
-        problems.append(f"world_size: must be >= 1, got {world_size}")
-    if not problems:  # the rules divide by these values: only once they are in range
-        model_args = model_args or read_model_args(cfg.model)
-        problems = [p for check in RULES for p in check(cfg, world_size, model_args)]
-    if problems:
-        raise ConfigError("\n".join(problems))
 
 
 def _get(cfg: TandemConfig, key: str) -> Any:
@@ -141,7 +195,9 @@ def _check_values(cfg: TandemConfig) -> Iterator[str]:
             yield f"{key}: must be in {interval}, got {value}"
     for section in ("actor", "critic"):
         betas = _get(cfg, f"{section}.optim.betas")
-        if not all(0 <= b < 1 for b in betas):
+        if len(betas) != 2:
+            yield f"{section}.optim.betas: needs two values (beta1, beta2), got {list(betas)}"
+        elif not all(0 <= b < 1 for b in betas):
             yield f"{section}.optim.betas: each must be in [0, 1), got {tuple(betas)}"
     if cfg.rollout.top_k != -1 and cfg.rollout.top_k < 1:
         yield f"rollout.top_k: must be -1 (off) or >= 1, got {cfg.rollout.top_k}"
@@ -236,14 +292,14 @@ def _batch_sizes(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
     )
     if uses_critic(cfg.algorithm):
         yield from _micro_batches(
-            "critic", c.ppo_mini_batch_size, c.micro_batch_size, False, cfg, dp
+            "critic", c.ppo_mini_batch_size, c.micro_batch_size, c.use_dynamic_bsz, cfg, dp
         )
 
 
 @rule
 def _lengths(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
     prompt, response = cfg.data.max_prompt_length, cfg.rollout.response_length
-    seq, budget = cfg.model.max_seq_len, cfg.actor.max_tokens_per_microbatch
+    seq = cfg.model.max_seq_len
     if prompt + response > seq:
         yield (
             f"model.max_seq_len: {seq} < data.max_prompt_length {prompt}"
@@ -254,11 +310,16 @@ def _lengths(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
             f"model.max_seq_len: {seq} exceeds the model's max_position_embeddings"
             f" {m.max_position_embeddings}"
         )
-    if cfg.actor.use_dynamic_bsz and budget < seq:
-        yield (
-            f"actor.max_tokens_per_microbatch: {budget} < model.max_seq_len {seq}:"
-            " a sequence of the longest length would fit no micro-batch"
-        )
+    roles = [("actor", cfg.actor)] + (
+        [("critic", cfg.critic)] if uses_critic(cfg.algorithm) else []
+    )
+    for section, role in roles:
+        budget = role.max_tokens_per_microbatch
+        if role.use_dynamic_bsz and budget < seq:
+            yield (
+                f"{section}.max_tokens_per_microbatch: {budget} < model.max_seq_len {seq}:"
+                " a sequence of the longest length would fit no micro-batch"
+            )
 
 
 @rule

@@ -13,21 +13,22 @@ import math
 from collections.abc import Callable
 
 from tandem_core.config import RolloutConfig, TandemConfig
-from tandem_core.models import ModelArgs
-from trainer.plan_model import (
+from tandem_core.model_args import ModelArgs
+from tandem_core.registry import Registry
+from trainer.plan.terms import (
     GIB,
     Layout,
     Phase,
     Term,
-    _all_stage_weights,
-    _count,
-    _gib,
-    _gpu,
-    _model_state_terms,
-    _reference,
-    _reserve,
-    _t,
+    all_stage_weights,
+    format_count,
+    format_gpu,
+    gib,
+    model_state_terms,
+    reference_terms,
+    reserve_term,
     stage_params,
+    term,
     total_params,
 )
 
@@ -62,16 +63,10 @@ def engine_params(m: ModelArgs, rollout_tp: int) -> int:
 
 # ---- generation: one memory model per rollout backend ----------------------------------------
 GenerationModel = Callable[[TandemConfig, Layout, "float | None"], Phase]
-GENERATION_MODELS: dict[str, GenerationModel] = {}
-"""rollout.name -> the memory its generation phase needs; filled by @generation_model."""
-
-
-def generation_model(name: str) -> Callable[[GenerationModel], GenerationModel]:
-    def register(fn: GenerationModel) -> GenerationModel:
-        GENERATION_MODELS[name] = fn
-        return fn
-
-    return register
+GENERATION_MODELS = Registry("generation memory model")
+"""rollout.name -> the memory its generation phase needs; a backend without one of its own
+gets `generic_generation`."""
+generation_model = GENERATION_MODELS.register
 
 
 def kv_bytes_per_token(m: ModelArgs, kv_heads: int, dtype_bytes: int) -> int:
@@ -89,25 +84,25 @@ def _resident_in_generation(lay: Layout, stage: int) -> list[Term]:
     terms = []
     if lay.critic:
         critic = stage_params(lay.m, lay.tp, lay.pp, stage, True)
-        terms.append(_t("critic weights", critic * lay.dtype_bytes, "params × dtype"))
-    return terms + _reference(lay, stage)
+        terms.append(term("critic weights", critic * lay.dtype_bytes, "params × dtype"))
+    return terms + reference_terms(lay, stage)
 
 
 def _optimizer_terms(lay: Layout, params: int, who: str) -> list[Term]:
     """Adam states and fp32 master weights: freed grads aside, what a trained model keeps on
     the GPU while the engine runs (unless offloaded)."""
     return [
-        t for t in _model_state_terms(lay, params, who) if "Adam" in t.name or "master" in t.name
+        t for t in model_state_terms(lay, params, who) if "Adam" in t.name or "master" in t.name
     ]
 
 
 def _generation_base(cfg: TandemConfig, lay: Layout) -> list[Term]:
-    gathered = _all_stage_weights(lay)
+    gathered = all_stage_weights(lay)
     terms = [
-        _t(
+        term(
             "actor weights, all PP stages (AllGatherPPModel)",
             gathered * lay.dtype_bytes,
-            f"{_count(gathered)} params × {lay.dtype_bytes} B",
+            f"{format_count(gathered)} params × {lay.dtype_bytes} B",
         ),
         *_resident_in_generation(lay, 0),
     ]
@@ -129,17 +124,17 @@ def vllm_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Phase:
     m, w, rtp = lay.m, lay.dtype_bytes, r.tensor_model_parallel_size
     h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
     kv_heads = engine_kv_heads(m, rtp)
-    weights = _gib(engine_params(m, rtp) * w)
+    weights = gib(engine_params(m, rtp) * w)
     step = (
         VLLM_MAX_BATCHED_TOKENS
         * (4 * h + (m.num_attention_heads // rtp * 2 + 2 * kv_heads) * d + 3 * f // rtp)
         * w
     )
     sampler = VLLM_MAX_NUM_SEQS * m.vocab_size * 4 * 2
-    workspace = _gib(step + sampler) + (0.0 if r.enforce_eager else CUDA_GRAPH_GIB)
+    workspace = gib(step + sampler) + (0.0 if r.enforce_eager else CUDA_GRAPH_GIB)
     per_token = kv_bytes_per_token(m, kv_heads, w)
     seqs = _sequences_per_engine(cfg, lay.world // rtp)
-    kv_needed = _gib(seqs * lay.seq_len * per_token)
+    kv_needed = gib(seqs * lay.seq_len * per_token)
     needed = weights + workspace + kv_needed
     budget = needed if gpu is None else r.gpu_memory_utilization * gpu
     base = _generation_base(cfg, lay)
@@ -148,12 +143,14 @@ def vllm_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Phase:
         Term(
             "vLLM engine (rollout.gpu_memory_utilization × GPU)",
             budget,
-            f"{r.gpu_memory_utilization:g} × {_gpu(gpu)}" if gpu else "weights + workspace + KV",
+            f"{r.gpu_memory_utilization:g} × {format_gpu(gpu)}"
+            if gpu
+            else "weights + workspace + KV",
         ),
         Term(
             f"engine weights at rollout TP {rtp}",
             weights,
-            f"{_count(engine_params(m, rtp))} params × {w} B",
+            f"{format_count(engine_params(m, rtp))} params × {w} B",
             counted=False,
         ),
         Term(
@@ -170,7 +167,7 @@ def vllm_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Phase:
             counted=False,
         ),
     ]
-    terms.append(_reserve(base))
+    terms.append(reserve_term(base))
     problems, notes = [], []
     kv_room = budget - weights - workspace
     if kv_room <= 0:
@@ -179,10 +176,10 @@ def vllm_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Phase:
             f" budget rollout.gpu_memory_utilization {r.gpu_memory_utilization:g} × GPU"
             f" = {budget:.1f} GiB: raise rollout.tensor_model_parallel_size or the utilization"
         )
-    elif kv_room < _gib(cfg.model.max_seq_len * per_token):
+    elif kv_room < gib(cfg.model.max_seq_len * per_token):
         problems.append(
             f"KV cache room {kv_room:.2f} GiB holds less than one model.max_seq_len"
-            f" {cfg.model.max_seq_len} sequence ({_gib(cfg.model.max_seq_len * per_token):.2f}"
+            f" {cfg.model.max_seq_len} sequence ({gib(cfg.model.max_seq_len * per_token):.2f}"
             " GiB): vLLM refuses to start"
         )
     elif kv_room < kv_needed:
@@ -210,19 +207,19 @@ def hf_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Phase:
     base = _generation_base(cfg, lay)
     terms = [
         *base,
-        _t(
+        term(
             "HF model (whole, TP 1)",
             total_params(m) * w,
-            f"{_count(total_params(m))} params × {w} B",
+            f"{format_count(total_params(m))} params × {w} B",
         ),
-        _t(
+        term(
             "KV cache for the batch",
             seqs * lay.seq_len * per_token,
             f"{seqs} seqs × {lay.seq_len} tokens × {per_token / 1024:.0f} KiB",
         ),
-        _t("logits of one step", seqs * m.vocab_size * 4, f"{seqs} seqs × vocab × 4 B"),
+        term("logits of one step", seqs * m.vocab_size * 4, f"{seqs} seqs × vocab × 4 B"),
     ]
-    terms.append(_reserve(terms))
+    terms.append(reserve_term(terms))
     return Phase("generation", f"hf, one model per rank × DP {lay.world}", tuple(terms))
 
 
@@ -233,13 +230,13 @@ def generic_generation(cfg: TandemConfig, lay: Layout, gpu: float | None) -> Pha
     per_token = kv_bytes_per_token(m, engine_kv_heads(m, rtp), w)
     terms = [
         *_generation_base(cfg, lay),
-        _t(f"engine weights at rollout TP {rtp}", engine_params(m, rtp) * w, "params × dtype"),
-        _t(
+        term(f"engine weights at rollout TP {rtp}", engine_params(m, rtp) * w, "params × dtype"),
+        term(
             "KV cache for the batch",
             seqs * lay.seq_len * per_token,
             f"{seqs} seqs × {lay.seq_len} tokens",
         ),
     ]
-    terms.append(_reserve(terms))
+    terms.append(reserve_term(terms))
     note = f"rollout.name {cfg.rollout.name!r} has no memory model: generic estimate"
     return Phase("generation", f"rollout TP {rtp}", tuple(terms), notes=(note,))

@@ -3,7 +3,7 @@
 Every rank passes the same full batch; each data-parallel rank takes its slice, runs it
 through megatron's schedule, and results are gathered back, so callers never see the layout.
 The loss is `core_algos.POLICY_LOSSES[actor.policy_loss]` (+ KL loss, - entropy bonus) on
-log-probs computed from vocab-parallel logits by `trainer.logprobs`.
+log-probs computed from vocab-parallel logits by `trainer/workers/logprobs.py`.
 """
 
 from __future__ import annotations
@@ -14,17 +14,10 @@ from tandem_core import distributed as D
 from tandem_core.config import ActorConfig
 from tandem_core.protocol import Batch
 from trainer import core_algos
-from trainer.logprobs import vocab_parallel_logprobs
-from trainer.megatron_worker import (  # noqa: F401  (re-exported names)
-    PER_TOKEN_FIELDS,
-    MiniBatching,
-    ModelWorker,
-    dp_slice,
-    forward_per_token,
-    make_micro_batches,
-    update_over_mini_batches,
-)
-from trainer.sequences import AlignedMicroBatch, mask_response
+from trainer.workers.logprobs import vocab_parallel_logprobs
+from trainer.workers.model import ModelWorker
+from trainer.workers.passes import MiniBatching, forward_per_token, update_over_mini_batches
+from trainer.workers.sequences import AlignedMicroBatch, mask_response
 
 
 class MegatronActor:

@@ -6,7 +6,7 @@ the head is megatron's output layer replaced by a replicated, zero-initialised `
 The value of response token j is read at the position whose hidden state precedes it, which
 is where the actor reads the log-prob of token j (`AlignedMicroBatch.response_index`), so
 values, log-probs and advantages line up column for column. Micro-batching, data-parallel
-slicing and global loss normalisers are the actor's own (`trainer.megatron_worker`).
+slicing and global loss normalisers are the actor's own (`trainer/workers/passes.py`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,9 @@ import torch
 from tandem_core.config import CriticConfig
 from tandem_core.protocol import Batch
 from trainer import core_algos
-from trainer.megatron_worker import (
-    MiniBatching,
-    ModelWorker,
-    forward_per_token,
-    update_over_mini_batches,
-)
-from trainer.sequences import AlignedMicroBatch, mask_response
+from trainer.workers.model import ModelWorker
+from trainer.workers.passes import MiniBatching, forward_per_token, update_over_mini_batches
+from trainer.workers.sequences import AlignedMicroBatch, mask_response
 
 
 class MegatronCritic:

@@ -1,7 +1,7 @@
 """The memory plan's data and the counts every phase builds from: Term, Phase, MemoryPlan and
 the Layout derived once from the config; exact parameter counts from the shapes; the per-term
 constants (bytes per parameter, the reserve) and the terms the phases share (a model's
-training state, the reference weights). Units: GiB (2**30 bytes); see trainer/plan.py.
+training state, the reference weights). Units: GiB (2**30 bytes); see trainer/plan/planner.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tandem_core.config import TandemConfig, uses_critic
-from tandem_core.models import ModelArgs
+from tandem_core.model_args import ModelArgs
 
 GIB = 2**30
 
@@ -91,7 +91,7 @@ class MemoryPlan:
                 if gpu is None
                 else ("fits" if phase.total_gib <= gpu and not phase.problems else "DOES NOT FIT")
             )
-            out.append(f"{'  total':<54}{phase.total_gib:>8.2f}   of {_gpu(gpu)}: {verdict}")
+            out.append(f"{'  total':<54}{phase.total_gib:>8.2f}   of {format_gpu(gpu)}: {verdict}")
             out += [f"  ! {p}" for p in phase.problems] + [f"  note: {n}" for n in phase.notes]
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
@@ -109,7 +109,7 @@ HINTS = {
 }
 
 
-def _gpu(gpu: float | None) -> str:
+def format_gpu(gpu: float | None) -> str:
     return "?" if gpu is None else f"{gpu:.1f}"
 
 
@@ -173,7 +173,7 @@ class Layout:
     """A reference model is used (KL) and its weights stay on the GPU."""
 
 
-def _layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Layout:
+def layout_of(cfg: TandemConfig, world: int, m: ModelArgs) -> Layout:
     p = cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     dp = world // (tp * pp)
@@ -195,7 +195,7 @@ def _layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Layout:
     )
 
 
-def _gib(n_bytes: float) -> float:
+def gib(n_bytes: float) -> float:
     return n_bytes / GIB
 
 
@@ -204,16 +204,16 @@ def counted_gib(terms) -> float:
     return sum(t.gib for t in terms if t.counted)
 
 
-def _t(name: str, n_bytes: float, formula: str = "", counted: bool = True) -> Term:
+def term(name: str, n_bytes: float, formula: str = "", counted: bool = True) -> Term:
     """A term from its size in bytes."""
     return Term(name, n_bytes / GIB, formula, counted)
 
 
-def _count(n: float) -> str:
+def format_count(n: float) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def _reserve(terms: list[Term]) -> Term:
+def reserve_term(terms: list[Term]) -> Term:
     own = counted_gib(terms)
     return Term(
         "reserve (CUDA context, NCCL, fragmentation)",
@@ -222,15 +222,15 @@ def _reserve(terms: list[Term]) -> Term:
     )
 
 
-def _model_state_terms(lay: Layout, params: int, who: str) -> list[Term]:
+def model_state_terms(lay: Layout, params: int, who: str) -> list[Term]:
     """Weights, fp32 grads, Adam states and fp32 master weights (the last two split over DP
     with the distributed optimizer) of one model stage."""
     w, shards = lay.dtype_bytes, lay.optim_shards
     dp_note = f"/ DP {lay.dp}" if shards == lay.dp else "(distributed optimizer off)"
     terms = [
-        _t(f"{who} weights", params * w, f"{_count(params)} params × {w} B"),
-        _t(f"{who} grads (fp32 main_grad)", params * GRAD_BYTES, f"params × {GRAD_BYTES} B"),
-        _t(
+        term(f"{who} weights", params * w, f"{format_count(params)} params × {w} B"),
+        term(f"{who} grads (fp32 main_grad)", params * GRAD_BYTES, f"params × {GRAD_BYTES} B"),
+        term(
             f"{who} Adam states (fp32 m, v)",
             params * ADAM_BYTES / shards,
             f"params × {ADAM_BYTES} B {dp_note}",
@@ -238,7 +238,7 @@ def _model_state_terms(lay: Layout, params: int, who: str) -> list[Term]:
     ]
     if lay.bf16:
         terms.append(
-            _t(
+            term(
                 f"{who} fp32 master weights",
                 params * MASTER_BYTES / shards,
                 f"params × {MASTER_BYTES} B {dp_note}",
@@ -247,13 +247,13 @@ def _model_state_terms(lay: Layout, params: int, who: str) -> list[Term]:
     return terms
 
 
-def _all_stage_weights(lay: Layout) -> int:
+def all_stage_weights(lay: Layout) -> int:
     return sum(stage_params(lay.m, lay.tp, lay.pp, s) for s in range(lay.pp))
 
 
-def _reference(lay: Layout, stage: int) -> list[Term]:
+def reference_terms(lay: Layout, stage: int) -> list[Term]:
     """The reference model's weights (KL), when they stay on the GPU (ref.offload_params)."""
     if not lay.ref_resident:
         return []
     ref = stage_params(lay.m, lay.tp, lay.pp, stage)
-    return [_t("reference weights", ref * lay.dtype_bytes, "params × dtype (not offloaded)")]
+    return [term("reference weights", ref * lay.dtype_bytes, "params × dtype (not offloaded)")]

@@ -1,0 +1,40 @@
+"""One module per architecture (llama, qwen2, mistral), each holding everything the
+architecture means: its HF-config reader, its HF ⇄ megatron weight map, the HF config it
+writes for presets, and its presets (tiny test models, released shapes, real models).
+Importing this package registers them; adding one is docs/adding_a_model.md.
+"""
+
+from archs import llama, mistral, qwen2  # noqa: F401  (register the architectures)
+from archs.base import (
+    ARCHS,
+    PRESETS,
+    Arch,
+    Preset,
+    Rule,
+    UnsupportedModelError,
+    WeightMap,
+    model_args_from_hf,
+)
+from archs.checkpoints import (
+    check_model_source,
+    ensure_preset_dir,
+    ensure_tiny_checkpoint,
+    model_dir,
+    read_model_args,
+)
+
+__all__ = [
+    "ARCHS",
+    "PRESETS",
+    "Arch",
+    "Preset",
+    "Rule",
+    "UnsupportedModelError",
+    "WeightMap",
+    "check_model_source",
+    "ensure_preset_dir",
+    "ensure_tiny_checkpoint",
+    "model_args_from_hf",
+    "model_dir",
+    "read_model_args",
+]

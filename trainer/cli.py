@@ -1,0 +1,56 @@
+"""What Tandem's two commands (`python -m trainer.main`, `python -m trainer.plan`) share:
+`--help` that lists the config groups, and bad input answered like a tool: one line per problem
+(the key first), exit status 2, no traceback (`--debug` or TANDEM_DEBUG=1 shows it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tandem_core.config import CONFIG_DIR
+
+EXIT_BAD_INPUT = 2
+DEBUG_ENV = "TANDEM_DEBUG"
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Each config group (a folder of configs/) and its options (the yaml files in it)."""
+    return {
+        group.name: sorted(p.stem for p in group.glob("*.yaml"))
+        for group in sorted(CONFIG_DIR.iterdir())
+        if group.is_dir()
+    }
+
+
+def groups_help() -> str:
+    lines = ["config groups (pick an option with group=option; then override single keys):"]
+    lines += [f"  {group}: {', '.join(options)}" for group, options in config_groups().items()]
+    return "\n".join(lines)
+
+
+def take_flag(argv: list[str], *flags: str) -> bool:
+    """Remove `flags` from argv; whether any was there."""
+    found = any(f in argv for f in flags)
+    argv[:] = [a for a in argv if a not in flags]
+    return found
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """`--debug` (removed from argv) or TANDEM_DEBUG=1: let tracebacks through."""
+    flag = take_flag(argv, "--debug")
+    return flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def is_first_rank() -> bool:
+    """Rank 0 of a torchrun/srun launch (or a single process): the one that reports."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def report_bad_input(prog: str, err: BaseException) -> int:
+    """One line per problem on stderr (rank 0 only), the exit status for bad input."""
+    if is_first_rank():
+        for line in str(err).splitlines() or [type(err).__name__]:
+            print(f"{prog}: error: {line}", file=sys.stderr)
+        sys.stderr.flush()
+    return EXIT_BAD_INPUT

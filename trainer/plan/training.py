@@ -1,0 +1,165 @@
+"""The training and swap phases of the memory plan, and the activation counts they rest on
+(trainer/plan/planner.py has the overview)."""
+
+from __future__ import annotations
+
+import math
+
+from tandem_core.config import TandemConfig
+from tandem_core.model_args import ModelArgs
+from trainer.plan.terms import (
+    Layout,
+    Phase,
+    all_stage_weights,
+    counted_gib,
+    format_count,
+    model_state_terms,
+    reference_terms,
+    reserve_term,
+    stage_params,
+    term,
+)
+
+
+# ---- activations -----------------------------------------------------------------------------
+def activation_bytes_per_token(
+    m: ModelArgs, tp: int, sp: bool, dtype_bytes: int, fused_swiglu: bool = False
+) -> float:
+    """Bytes one decoder layer keeps for backward per token (Tandem's sdpa/local specs, no
+    recompute, dropout 0), counted as Korthikanti et al. 2022 do, term by term for a Llama
+    layer (tests/cpu/test_plan.py checks the sum against autograd's saved tensors):
+
+    - replicated over TP unless sequence parallel: per RMSNorm its input, the normalised input
+      (for the weight's grad) and its output (the next linear's input): 6h, plus the fp32
+      inverse RMS of each norm: 2 (× 4 B);
+    - split over TP: the linear_qkv output (a+2g)d (v is a view that keeps it alive), the
+      rotated q and k (a+g)d, the attention output and its copy into linear_proj 2ad: (4a+3g)d;
+      the linear_fc1 output 2f, gate, silu(gate) and the SwiGLU output 3f: 5f (with
+      megatron's fused SwiGLU, on CUDA: its input 2f and its output f, 3f); the fp32
+      log-sum-exp of the attention: a (× 4 B).
+    """
+    h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
+    a, g = m.num_attention_heads, m.num_query_groups
+    seq_split = tp if sp else 1
+    replicated = (6 * h * dtype_bytes + 2 * 4) / seq_split
+    mlp = (3 if fused_swiglu else 5) * f
+    split = (((4 * a + 3 * g) * d + mlp) * dtype_bytes + a * 4) / tp
+    return replicated + split
+
+
+def layer_microbatches_in_flight(
+    num_layers: int, pp: int, vpp: int | None, stage: int, microbatches: float
+) -> float:
+    """Layer × micro-batch units of activations a PP stage holds at its peak.
+
+    No PP: one micro-batch through all layers. 1F1B: stage r runs pp - r forwards before its
+    first backward, each through num_layers/pp layers. Interleaved (vpp chunks): megatron's
+    warm-up of (pp - r - 1)·2 + (vpp - 1)·pp chunk forwards plus the one in steady state,
+    each num_layers/(pp·vpp) layers. Both capped by the micro-batches there are.
+    """
+    if pp == 1:
+        return num_layers
+    if vpp is None:
+        return min(pp - stage, microbatches) * num_layers / pp
+    chunks = (pp - stage - 1) * 2 + (vpp - 1) * pp + 1
+    return min(chunks, microbatches * vpp) * num_layers / (pp * vpp)
+
+
+# ---- phases: training and swap ---------------------------------------------------------------
+def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
+    m, a = lay.m, cfg.actor
+    if a.use_dynamic_bsz:
+        tokens, micro_note = a.max_tokens_per_microbatch, "actor.max_tokens_per_microbatch"
+        microbatches = math.inf  # unknown until the lengths are seen: assume enough to fill PP
+    else:
+        tokens = a.micro_batch_size * lay.seq_len
+        micro_note = f"micro-batch {a.micro_batch_size} × {lay.seq_len} tokens"
+        microbatches = a.ppo_mini_batch_size * cfg.rollout.n / lay.dp / a.micro_batch_size
+    in_flight = layer_microbatches_in_flight(m.num_layers, lay.pp, lay.vpp, stage, microbatches)
+    # The plan is for GPUs, where the model runs megatron's fused SwiGLU (tandem_core.models).
+    per_token = activation_bytes_per_token(m, lay.tp, lay.sp, lay.dtype_bytes, fused_swiglu=True)
+    params = stage_params(m, lay.tp, lay.pp, stage)
+    terms = model_state_terms(lay, params, "actor")
+    vocab = m.padded_vocab_size(lay.tp) // lay.tp
+    last = stage == lay.pp - 1
+    # The LM head runs on the response rows only (ResponseRowsGPTModel); a token budget bounds
+    # them too (rows × trimmed response width ≤ rows × longest row).
+    rows = tokens if a.use_dynamic_bsz else a.micro_batch_size * cfg.rollout.response_length
+    update = [
+        term(
+            "activations in flight",
+            in_flight * tokens * per_token,
+            f"{in_flight:g} layer·micro-batches × {micro_note} × {per_token / 1024:.1f} KiB",
+        )
+    ]
+    if last:
+        update.append(
+            term(
+                "logits of one micro-batch and their grad",
+                rows * vocab * 2 * lay.dtype_bytes,
+                f"{rows} response rows × vocab/TP {vocab} × 2 × {lay.dtype_bytes} B (the fp32"
+                " softmax math runs fused, chunk by chunk: trainer/workers/logprobs.py)",
+            )
+        )
+    terms += max(update, _forward_only_terms(cfg, lay, per_token, vocab, last), key=counted_gib)
+    if lay.critic:
+        terms += model_state_terms(lay, stage_params(m, lay.tp, lay.pp, stage, True), "critic")
+    terms += reference_terms(lay, stage)
+    terms.append(reserve_term(terms))
+    return Phase("training", f"PP stage {stage} of {lay.pp}", tuple(terms))
+
+
+def _forward_only_terms(cfg, lay: Layout, per_token: float, vocab: int, last: bool):
+    """The old/reference log-prob pass at actor.log_prob_micro_batch_size: no activations kept,
+    one layer's live at a time (bounded by what the layer would keep), and the logits."""
+    a = cfg.actor
+    if a.use_dynamic_bsz or not a.log_prob_micro_batch_size:
+        return []
+    mbs = a.log_prob_micro_batch_size
+    tokens, rows = mbs * lay.seq_len, mbs * cfg.rollout.response_length
+    terms = [
+        term(
+            "activations of one layer, forward-only log-prob pass",
+            tokens * per_token,
+            f"actor.log_prob_micro_batch_size {mbs} × {lay.seq_len} tokens × "
+            f"{per_token / 1024:.1f} KiB",
+        )
+    ]
+    if last:
+        terms.append(
+            term(
+                "logits of one log-prob micro-batch",
+                rows * vocab * lay.dtype_bytes,
+                f"{rows} response rows × vocab/TP {vocab} × {lay.dtype_bytes} B",
+            )
+        )
+    return terms
+
+
+def training_phase(cfg: TandemConfig, lay: Layout) -> Phase:
+    """The PP stage that needs most (the first holds most activations, the last the logits)."""
+    return max((_training_stage(cfg, lay, s) for s in range(lay.pp)), key=lambda p: p.total_gib)
+
+
+def swap_phase(cfg: TandemConfig, lay: Layout) -> Phase:
+    """AllGatherPPModel fills the other stages' buffers before the training state is released:
+    the own stage's full training state plus every other stage's weights (TP shard)."""
+    stages = []
+    for stage in range(lay.pp):
+        own = stage_params(lay.m, lay.tp, lay.pp, stage)
+        foreign = all_stage_weights(lay) - own
+        terms = model_state_terms(lay, own, "actor")
+        terms.append(
+            term(
+                "other PP stages' weights (AllGatherPPModel)",
+                foreign * lay.dtype_bytes,
+                f"{format_count(foreign)} params × {lay.dtype_bytes} B ({lay.pp - 1} stages)",
+            )
+        )
+        if lay.critic:
+            critic = stage_params(lay.m, lay.tp, lay.pp, stage, True)
+            terms += model_state_terms(lay, critic, "critic")
+        terms += reference_terms(lay, stage)
+        terms.append(reserve_term(terms))
+        stages.append(Phase("swap", f"PP stage {stage} of {lay.pp}, gathering", tuple(terms)))
+    return max(stages, key=lambda p: p.total_gib)

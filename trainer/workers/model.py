@@ -1,0 +1,127 @@
+"""One megatron-core model role (actor, critic, reference) on this rank: its model chunks (one
+per VPP stage, this rank's TP/PP shard), and when it trains, megatron's DDP, optimizer and LR
+scheduler. `build_model_worker` builds it from an HF checkpoint through the weight loaders (or
+megatron's random init). The passes that run it are trainer/workers/passes.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import weight_loaders
+from tandem_core import cpu_compat
+from tandem_core.config import OptimConfig, ParallelConfig
+from tandem_core.model_args import ModelArgs
+from tandem_core.models import build_gpt_model, build_transformer_config
+from trainer.workers.checkpoint import load_megatron, save_megatron
+from trainer.workers.optimizer import build_optimizer
+
+
+@dataclass
+class ModelWorker:
+    args: ModelArgs
+    config: object  # megatron TransformerConfig
+    chunks: list  # DDP-wrapped GPTModel chunks (plain chunks when not trained)
+    optimizer: object | None = None
+    scheduler: object | None = None
+    offloaded: bool = False
+    skipped_in_a_row: int = 0
+    """Consecutive optimizer steps skipped for a non-finite loss (train_step)."""
+
+    @property
+    def is_last_stage(self) -> bool:
+        from megatron.core import parallel_state as mpu
+
+        return mpu.is_pipeline_last_stage(ignore_virtual=True)
+
+    def train(self, mode: bool = True):
+        """Train or eval mode for the next pass. Each pass sets the mode it needs; switching
+        walks every module (~1 ms of host time for 24 layers), so an unchanged mode is kept."""
+        for c in self.chunks:
+            if c.training != mode:
+                c.train(mode)
+
+    # ---- run state (trainer/state/checkpoints.py calls these, collectively) ----------------
+    def save_sharded(self, path: Path) -> None:
+        if self.offloaded:
+            raise RuntimeError("save a worker while its weights are on the device (not offloaded)")
+        counters = {"skipped_in_a_row": self.skipped_in_a_row}
+        save_megatron(path, self.chunks, self.optimizer, self.scheduler, counters)
+
+    def load_sharded(self, path: Path) -> None:
+        counters = {"skipped_in_a_row": self.skipped_in_a_row}
+        saved = load_megatron(path, self.chunks, self.optimizer, self.scheduler, counters)
+        self.skipped_in_a_row = int(saved["skipped_in_a_row"])
+
+    def export_hf(self, out_dir: Path, hf_source_dir) -> None:
+        """This model as an HF directory (collective); config and tokenizer from the source."""
+        weight_loaders.export_megatron_to_hf(
+            self.chunks, self.args, self.config, out_dir, hf_source_dir
+        )
+
+
+def build_model_chunks(args: ModelArgs, config, layer_spec: str, value_head: bool) -> list:
+    from megatron.core import parallel_state as mpu
+
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp in range(vpp):
+        vp_stage = vp if vpp > 1 else None
+        pre = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        chunks.append(build_gpt_model(args, config, layer_spec, pre, post, vp_stage, value_head))
+    return chunks
+
+
+def build_model_worker(
+    args: ModelArgs,
+    hf_dir,
+    parallel: ParallelConfig,
+    dtype: str = "float32",
+    layer_spec: str = "sdpa",
+    value_head: bool = False,
+    optim: OptimConfig | None = None,
+    total_optimizer_steps: int = 1,
+) -> ModelWorker:
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    config = build_transformer_config(args, parallel, dtype)
+    config.finalize_model_grads_func = finalize_model_grads
+    chunks = build_model_chunks(args, config, layer_spec, value_head)
+    if hf_dir is not None:  # else: megatron's own random init (model.random_init)
+        weight_loaders.load_hf_into_megatron(chunks, hf_dir, args, config)
+    if optim is None:
+        for c in chunks:
+            c.requires_grad_(False)
+            c.eval()
+        return ModelWorker(args, config, chunks)
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        overlap_grad_reduce=False,
+    )
+    with cpu_compat.megatron_device_scope():
+        chunks = [
+            DistributedDataParallel(config, ddp_config, c, disable_bucketing=(i > 0))
+            for i, c in enumerate(chunks)
+        ]
+        optimizer, scheduler = build_optimizer(
+            chunks, config, optim, parallel, total_optimizer_steps
+        )
+    return ModelWorker(args, config, chunks, optimizer, scheduler)
+
+
+def copy_weights(src: ModelWorker, dst: ModelWorker) -> None:
+    """dst's parameters := src's, name by name (same model, same layout on this rank)."""
+    dst_params = dict(weight_loaders.megatron_named_params(dst.chunks))
+    with torch.no_grad():
+        for name, p in weight_loaders.megatron_named_params(src.chunks):
+            dst_params[name].copy_(p)
