@@ -21,8 +21,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from tandem_core.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A configuration value that cannot work; the message names the key."""
 
 
@@ -292,8 +294,14 @@ class TrainerConfig:
     """Export the actor as an HF directory every N steps; 0 = only at the end."""
     save_at_end: bool = True
     """Checkpoint and export after the last step (false for benchmark runs of big shapes)."""
-    resume: bool = True
-    """Resume from the latest complete checkpoint in output_dir."""
+    resume: str = "auto"
+    """auto: resume from the latest complete checkpoint in output_dir, or start if there is
+    none; must: refuse to start without one; never: refuse to start in an output_dir that holds
+    checkpoints (unless discard_checkpoints). Damaged checkpoints are skipped with a warning;
+    when all are damaged the run refuses, naming each."""
+    discard_checkpoints: bool = False
+    """With resume=never: delete the checkpoints already in output_dir and start over. The
+    only way a run removes checkpoints other than its own rotation (max_ckpt_to_keep)."""
     seed: int = 42
     """Seed of model init (when not loaded), dropout and data order."""
     debug_check_weight_sync: bool = False

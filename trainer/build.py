@@ -17,11 +17,12 @@ from hybrid_engine import MegatronShardingManager
 from rollout import build_rollout
 from tandem_core import distributed as D
 from tandem_core.config import TandemConfig, uses_critic
+from tandem_core.model_args import ModelArgs
 from trainer import core_algos
-from trainer.data import PromptLoader, RLDataset, write_arith_task
+from trainer.data import DataError, PromptLoader, RLDataset, write_arith_task
 from trainer.loop import Components
-from trainer.rewards import RewardScorer
-from trainer.state.checkpoints import CheckpointManager
+from trainer.rewards import REWARDS, RewardScorer, load_reward_fn
+from trainer.state.checkpoints import CheckpointManager, run_identity
 from trainer.state.signals import install_signal_handlers
 from trainer.tracking import Tracker
 from trainer.workers.actor import MegatronActor
@@ -50,27 +51,44 @@ def prepare_data(cfg: TandemConfig, run_dir: Path) -> tuple[list[str], list[str]
     ]
 
 
+def ground_truth_types(cfg: TandemConfig) -> tuple[type, ...] | None:
+    """What the run's reward function compares against (None: it does not say)."""
+    fn = REWARDS[cfg.reward.name] if cfg.reward.fn is None else load_reward_fn(cfg.reward.fn)
+    return getattr(fn, "ground_truth_types", None)
+
+
 def build_loaders(cfg: TandemConfig, run_dir: Path, tokenizer):
     train_files, val_files = prepare_data(cfg, run_dir)
     data = cfg.data
-    train_set = RLDataset(
-        train_files, tokenizer, data.max_prompt_length, data.overlong_prompt, data.prompt_key
-    )
+    truth = ground_truth_types(cfg)
+
+    def dataset(files):
+        return RLDataset(
+            files, tokenizer, data.max_prompt_length, data.overlong_prompt, data.prompt_key, truth
+        )
+
+    train_set = dataset(train_files)
+    if len(train_set) < data.train_batch_size:
+        dropped = f" ({train_set.num_filtered} longer than data.max_prompt_length dropped)"
+        raise DataError(
+            f"data.train_batch_size: {data.train_batch_size} is more than the {len(train_set)}"
+            f" prompts of {', '.join(train_files)}{dropped if train_set.num_filtered else ''}"
+        )
     train_loader = PromptLoader(train_set, data.train_batch_size, data.shuffle, data.seed)
     val_loader = None
     if val_files and cfg.trainer.test_freq > 0:
-        val_set = RLDataset(
-            val_files, tokenizer, data.max_prompt_length, data.overlong_prompt, data.prompt_key
-        )
+        val_set = dataset(val_files)
         val_loader = PromptLoader(
             val_set, min(data.val_batch_size, len(val_set)), shuffle=False, drop_last=True
         )
     return train_loader, val_loader
 
 
-def build_components(cfg: TandemConfig, run_dir: Path) -> Components:
+def build_components(cfg: TandemConfig, run_dir: Path, args: ModelArgs) -> Components:
+    """Every part of the run; `args` is the model's shape as the config check read it."""
     hf_dir = archs.model_dir(cfg.model)
-    args = archs.model_args_from_hf(hf_dir)
+    if archs.model_args_from_hf(hf_dir) != args:  # a preset's table against its built files
+        raise RuntimeError(f"{hf_dir}/config.json disagrees with {args}")
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     train_loader, val_loader = build_loaders(cfg, run_dir, tokenizer)
 
@@ -138,7 +156,11 @@ def build_components(cfg: TandemConfig, run_dir: Path) -> Components:
         train_loader=train_loader,
         val_loader=val_loader,
         kl_ctrl=kl_ctrl,
-        checkpoints=CheckpointManager(run_dir, cfg.trainer.max_ckpt_to_keep),
+        checkpoints=CheckpointManager(
+            run_dir,
+            cfg.trainer.max_ckpt_to_keep,
+            identity=run_identity(cfg, args, dist.get_world_size()),
+        ),
         tracker=Tracker(
             cfg.logger.backends, cfg.logger.project, cfg.logger.experiment, run_dir, asdict(cfg)
         ),

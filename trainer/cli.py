@@ -1,6 +1,8 @@
 """What Tandem's two commands (`python -m trainer.main`, `python -m trainer.plan`) share:
 `--help` that lists the config groups, and bad input answered like a tool: one line per problem
-(the key first), exit status 2, no traceback (`--debug` or TANDEM_DEBUG=1 shows it).
+(the key first), exit status 2, no traceback (`--debug` or TANDEM_DEBUG=1 shows it). A failure
+of the run's surroundings (tandem_core/errors.py `RunFailure`) is said the same way, status 1;
+Ctrl-C before the loop runs ends with status 130 and no traceback.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ import os
 import sys
 
 from tandem_core.config import CONFIG_DIR
+from tandem_core.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED
 
-EXIT_BAD_INPUT = 2
 DEBUG_ENV = "TANDEM_DEBUG"
 
 
@@ -47,10 +49,25 @@ def is_first_rank() -> bool:
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
-def report_bad_input(prog: str, err: BaseException) -> int:
-    """One line per problem on stderr (rank 0 only), the exit status for bad input."""
+def _say(prog: str, err: BaseException) -> None:
     if is_first_rank():
         for line in str(err).splitlines() or [type(err).__name__]:
             print(f"{prog}: error: {line}", file=sys.stderr)
         sys.stderr.flush()
+
+
+def report_bad_input(prog: str, err: BaseException) -> int:
+    """One line per problem on stderr (rank 0 only), the exit status for bad input."""
+    _say(prog, err)
     return EXIT_BAD_INPUT
+
+
+def report_failure(prog: str, err: BaseException) -> int:
+    _say(prog, err)
+    return EXIT_FAILURE
+
+
+def report_interrupted(prog: str) -> int:
+    if is_first_rank():
+        print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED

@@ -118,8 +118,16 @@ CHOICES: dict[str, tuple] = {
     "algorithm.kl_ctrl_type": ("fixed", "adaptive"),
     "rollout.sleep_level": (1, 2),
     "rollout.load_format": ("auto", "dummy"),
+    "trainer.resume": ("auto", "must", "never"),
 }
 """Enumerated keys that no registry owns, and their allowed values."""
+
+HINTS = {
+    ("trainer.resume", "true"): " (the boolean became auto; true = auto)",
+    ("trainer.resume", "false"): " (the boolean became never; false = never, which refuses an"
+    " output_dir with checkpoints unless trainer.discard_checkpoints=true)",
+}
+"""Old values that still reach us, and what to write instead."""
 
 GROUP_ESTIMATORS = ("grpo", "rloo", "drgrpo")
 """Advantage estimators that compare the samples of one prompt (they need rollout.n >= 2)."""
@@ -188,7 +196,8 @@ def _check_values(cfg: TandemConfig) -> Iterator[str]:
         value = _get(cfg, key)
         for item in value if isinstance(value, list) else [value]:
             if item not in allowed:
-                yield f"{key}: {item!r} is not one of {', '.join(map(str, allowed))}"
+                hint = HINTS.get((key, str(item).lower()), "")
+                yield f"{key}: {item!r} is not one of {', '.join(map(str, allowed))}{hint}"
     for key, interval in RANGES.items():
         value = _get(cfg, key)
         if value is not None and not _in_interval(value, interval):

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from tandem_core.errors import InputError
 from tandem_core.protocol import Batch
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("reward_model", "data_source")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data; the message names the file, and the row or column where it applies."""
 
 
@@ -73,7 +74,80 @@ def _read_table(path: str, prompt_key: str) -> pa.Table:
 
 def _as_messages(prompt: Any) -> list[dict]:
     # A bare string is accepted as one user turn; verl's files always hold message lists.
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt or [])
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+# ---- the columns' contract, row by row -------------------------------------------------------
+def _type_names(types: tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in types)
+
+
+def prompt_problem(prompt: Any) -> str | None:
+    """Why a prompt cell is neither chat messages nor text (None: it is one of them)."""
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "empty prompt"
+    if not isinstance(prompt, list | tuple):
+        return f"expected chat messages or text, got {type(prompt).__name__}"
+    for i, message in enumerate(prompt):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            return f"message {i} is not {{'role': str, 'content': str}}: {str(message)[:60]}"
+    if not any(m["content"].strip() for m in prompt):
+        return "empty prompt"
+    return None
+
+
+def row_problems(
+    record: dict, prompt_key: str, ground_truth_types: tuple[type, ...] | None
+) -> Iterator[str]:
+    """'column <c>: <what>' for each cell of a row that breaks the columns' contract.
+
+    ground_truth_types: what the run's reward function compares against (its
+    `ground_truth_types`); None = not checked (a user function that declares nothing)."""
+    problem = prompt_problem(record[prompt_key])
+    if problem:
+        yield f"column {prompt_key!r}: {problem}"
+    reward = record["reward_model"]
+    truth = reward.get("ground_truth") if isinstance(reward, dict) else None
+    if ground_truth_types is None:
+        pass
+    elif truth is None:
+        yield "column 'reward_model.ground_truth': null (the reward needs a ground truth)"
+    elif isinstance(truth, bool) or not isinstance(truth, ground_truth_types):
+        yield (
+            f"column 'reward_model.ground_truth': expected {_type_names(ground_truth_types)},"
+            f" got {type(truth).__name__} {str(truth)[:40]}"
+        )
+    source = record["data_source"]
+    if source is not None and not isinstance(source, str):
+        yield f"column 'data_source': expected str, got {type(source).__name__}"
+
+
+def check_data_file(
+    path: str, prompt_key: str, ground_truth_types: tuple[type, ...] | None
+) -> tuple[int, str | None]:
+    """(rows, problem) of one parquet file against the columns' contract: the problem (None:
+    there is none) names the file, the first row and column that break it, and how many more
+    rows do."""
+    try:
+        records = _read_table(path, prompt_key).to_pylist()
+    except DataError as err:
+        return 0, str(err)
+    if not records:
+        return 0, f"{path}: no rows"
+    bad = [
+        (row, problem)
+        for row, record in enumerate(records)
+        for problem in row_problems(record, prompt_key, ground_truth_types)
+    ]
+    if not bad:
+        return len(records), None
+    row, problem = bad[0]
+    more = f" (and {len(bad) - 1} more problems)" if len(bad) > 1 else ""
+    return len(records), f"{path}: row {row}, {problem}{more}"
 
 
 class RLDataset:
@@ -91,6 +165,7 @@ class RLDataset:
         max_prompt_length: int,
         overlong_prompt: str = "filter",
         prompt_key: str = "prompt",
+        ground_truth_types: tuple[type, ...] | None = None,
     ):
         if overlong_prompt not in ("filter", "error"):
             raise ValueError(
@@ -101,13 +176,15 @@ class RLDataset:
         files = [files] if isinstance(files, str | os.PathLike) else list(files)
         if not files:
             raise ValueError("RLDataset needs at least one parquet file")
+        self.files = [str(f) for f in files]
         self.examples: list[PromptExample] = []
         self.num_filtered = 0
-        for file in map(str, files):
+        for file in self.files:
             for row, record in enumerate(_read_table(file, prompt_key).to_pylist()):
+                problem = next(row_problems(record, prompt_key, ground_truth_types), None)
+                if problem:
+                    raise DataError(f"{file}: row {row}, {problem}")
                 messages = _as_messages(record[prompt_key])
-                if not any(str(m.get("content") or "").strip() for m in messages):
-                    raise DataError(f"{file}: row {row}: empty prompt")
                 text = tokenizer.apply_chat_template(
                     messages, add_generation_prompt=True, tokenize=False
                 )
@@ -116,8 +193,8 @@ class RLDataset:
                 if len(ids) > max_prompt_length:
                     if overlong_prompt == "error":
                         raise DataError(
-                            f"{file}: row {row}: prompt is {len(ids)} tokens, longer than "
-                            f"max_prompt_length={max_prompt_length}"
+                            f"{file}: row {row}, column {prompt_key!r}: {len(ids)} tokens,"
+                            f" longer than data.max_prompt_length={max_prompt_length}"
                         )
                     self.num_filtered += 1
                     continue
@@ -133,10 +210,17 @@ class RLDataset:
                 )
         if self.num_filtered:
             logger.warning(
-                "dropped %d prompts longer than %d tokens", self.num_filtered, max_prompt_length
+                "dropped %d of %d prompts of %s: longer than data.max_prompt_length=%d tokens",
+                self.num_filtered,
+                self.num_filtered + len(self.examples),
+                ", ".join(self.files),
+                max_prompt_length,
             )
         if not self.examples:
-            raise DataError(f"no prompts left in {files} (max_prompt_length={max_prompt_length})")
+            raise DataError(
+                f"{', '.join(self.files)}: no prompt left: all {self.num_filtered} are longer than"
+                f" data.max_prompt_length={max_prompt_length} tokens"
+            )
         self.max_prompt_length = max_prompt_length
         self.pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -23,7 +23,7 @@ from tandem_core.config import TandemConfig
 from tandem_core.protocol import Batch
 from trainer import core_algos
 from trainer.roles import Actor, Critic, KLController, PromptSource, Reference, Scorer
-from trainer.state.checkpoints import CheckpointManager, ShardedState
+from trainer.state.checkpoints import CheckpointManager, CheckpointRefused, ShardedState
 from trainer.state.rng import RNGState
 from trainer.state.signals import StopRequest
 from trainer.tracking import DevicePeakMemory, Tracker, timed
@@ -283,7 +283,16 @@ def fit(cfg: TandemConfig, parts: Components) -> dict:
     def export(step: int):
         parts.checkpoints.export_hf(step, parts.export_hf)
 
-    latest = parts.checkpoints.latest_complete() if t.resume else None
+    latest, skipped = (None, []) if t.resume == "never" else parts.checkpoints.latest_complete()
+    if latest is None and (skipped or t.resume == "must"):
+        # The pre-launch check (trainer/preflight.py) saw a complete checkpoint by its marker
+        # and sizes; here the checksums say none can be trusted. Never start over silently.
+        listed = "; ".join(f"{path.name}: {problem}" for path, problem in skipped) or "none"
+        raise CheckpointRefused(
+            f"trainer.resume: no checkpoint in {parts.checkpoints.root} passes verification"
+            f" ({listed}); to start over set trainer.resume=never"
+            " trainer.discard_checkpoints=true"
+        )
     if latest is not None:
         step, path = latest
         state = parts.checkpoints.load(path, parts.sharded)

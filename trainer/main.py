@@ -38,6 +38,7 @@ built. To check a layout and its GPU memory without running: python -m trainer.p
 
 def main(argv: list[str] | None = None) -> int:
     from tandem_core.config import ConfigError
+    from tandem_core.errors import InputError, RunFailure
     from trainer import cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -52,10 +53,18 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ConfigError(f"{unknown[0]}: unknown option (see --help)")
         return run(argv)
-    except ConfigError as err:
+    except InputError as err:  # config, data, model directory, checkpoints: the user's to fix
         if debug:
             raise
         return cli.report_bad_input(PROG, err)
+    except KeyboardInterrupt:  # Ctrl-C before the loop's own handler was installed
+        if debug:
+            raise
+        return cli.report_interrupted(PROG)
+    except RunFailure as err:  # a save that failed (disk full, read-only): said in one line
+        if debug:
+            raise
+        return cli.report_failure(PROG, err)
 
 
 def print_config(argv: list[str]) -> int:
@@ -75,13 +84,27 @@ def print_config(argv: list[str]) -> int:
 def run(overrides: list[str]) -> int:
     import archs
     from tandem_core import distributed as D
+    from trainer import cli
     from trainer.config_check import load_config
     from trainer.plan import detect_gpu_memory_gb, plan_or_raise
+    from trainer.preflight import check_inputs, discard_checkpoints
 
     launch = D.read_launch_env()
     cfg = load_config(overrides, world_size=launch.world_size)  # every name and rule
+    model_args = archs.read_model_args(cfg.model)
     archs.check_model_source(cfg.model)
-    plan = plan_or_raise(cfg, launch.world_size, detect_gpu_memory_gb())
+    resume_step = check_inputs(cfg, launch.world_size, model_args)  # what the config names
+    plan = plan_or_raise(cfg, launch.world_size, detect_gpu_memory_gb(), model_args)
+    t = cfg.trainer
+    if resume_step is not None and resume_step >= t.total_steps:
+        if cli.is_first_rank():
+            print(
+                f"[tandem] {t.output_dir} holds a checkpoint at step {resume_step}, and"
+                f" trainer.total_steps={t.total_steps}: nothing to train (raise"
+                " trainer.total_steps to go on)",
+                flush=True,
+            )
+        return 0
 
     # Only now does anything heavy happen: process groups, models, the engine.
     import torch.distributed as dist
@@ -90,11 +113,14 @@ def run(overrides: list[str]) -> int:
     from trainer.loop import fit
 
     D.init_distributed()
-    run_dir = Path(cfg.trainer.output_dir)
+    run_dir = Path(t.output_dir)
     if dist.get_rank() == 0:
+        if t.resume == "never" and t.discard_checkpoints:
+            discard_checkpoints(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         print(plan.table(), flush=True)
-    fit(cfg, build_components(cfg, run_dir))
+    dist.barrier()
+    fit(cfg, build_components(cfg, run_dir, model_args))
     # No destroy_process_group here: the in-process vLLM engine tears its own groups down at
     # exit and fails if the default group is already gone; process exit releases gloo/NCCL.
     return 0

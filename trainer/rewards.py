@@ -5,7 +5,9 @@ A reward function has one signature:
     fn(solution_str, ground_truth, data_source=None, extra_info=None) -> float
 
 Built-ins are registered by name (`@register_reward("arith")`); a user function is named by
-its import path, `package.module:function`.
+its import path, `package.module:function`. A function may say what ground truths it compares
+against as a `ground_truth_types` attribute (a tuple of types); the data files are then checked
+row by row against it before the run starts (trainer/preflight.py).
 
 `RewardScorer` calls the function in worker *processes*, each call under a timeout. A thread
 cannot be stopped once a Python function hangs in it, and a signal alarm cannot interrupt C
@@ -47,7 +49,19 @@ RewardFn = Callable[..., float]
 
 
 REWARDS = Registry("reward")
-register_reward = REWARDS.register
+SCALAR = (str, int, float)
+"""What the built-in rewards compare a response against."""
+
+
+def register_reward(name: str, ground_truth: tuple[type, ...] | None = SCALAR):
+    """Decorator: `reward.name=<name>` scores with the function; `ground_truth` is the types
+    its ground truths must have (None: not used, any value)."""
+
+    def decorate(fn: RewardFn) -> RewardFn:
+        fn.ground_truth_types = ground_truth
+        return REWARDS.add(name, fn)
+
+    return decorate
 
 
 # ---- built-in rewards ------------------------------------------------------------------------
@@ -102,7 +116,7 @@ def math_verify_reward(solution_str, ground_truth, data_source=None, extra_info=
 DEFAULT_FORMAT_PATTERN = r"<answer>.+?</answer>"
 
 
-@register_reward("format")
+@register_reward("format", ground_truth=None)
 def format_reward(solution_str, ground_truth, data_source=None, extra_info=None) -> float:
     """1.0 when the response contains the required pattern (a regex searched with DOTALL):
     `extra_info["format_pattern"]` when the sample gives one, else DEFAULT_FORMAT_PATTERN."""

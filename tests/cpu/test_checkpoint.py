@@ -55,7 +55,13 @@ def test_checkpoint_layout_on_disk(roundtrip):
     assert [s for s, _ in mgr.step_dirs()] == [2, 1]
     manifest = json.loads((out / "pp2/checkpoints/step_2" / C.MARKER).read_text())
     assert manifest["step"] == 2 and manifest["roles"] == ["actor", "critic"]
-    assert manifest["layout"] == {"world_size": 2, "tp": 1, "pp": 2, "dp": 1}
+    assert manifest["identity"]["layout"] == {
+        "tensor_model_parallel_size": 1,
+        "pipeline_model_parallel_size": 2,
+        "virtual_pipeline_model_parallel_size": None,
+        "data_parallel_size": 1,
+    }
+    assert manifest["identity"]["model"]["arch"] == "llama" and manifest["identity"]["roles"]
     files = manifest["files"]
     assert {"extra/rank_0.pt", "extra/rank_1.pt", "actor/metadata.json"} <= set(files)
     assert any(f.startswith("critic/") and f.endswith(".distcp") for f in files)
@@ -96,16 +102,16 @@ def _a_shard(path: Path) -> Path:
 
 
 def test_flipped_byte_falls_back_with_warning(two_ckpts, caplog):
-    assert two_ckpts.latest_complete()[0] == 2
+    assert two_ckpts.latest_complete()[0][0] == 2
     shard = _a_shard(two_ckpts.root / "step_2")
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="trainer.state.checkpoints"):
-        assert two_ckpts.latest_complete() == (1, two_ckpts.root / "step_1")
+        assert two_ckpts.latest_complete()[0] == (1, two_ckpts.root / "step_1")
     assert "checksum mismatch in actor/" in caplog.text and "step_2" in caplog.text
     # verify="size" trusts same-size files: the cheap mode misses a flipped byte.
-    assert C.CheckpointManager(two_ckpts.root.parent, verify="size").latest_complete()[0] == 2
+    assert C.CheckpointManager(two_ckpts.root.parent, verify="size").latest_complete()[0][0] == 2
 
 
 @pytest.mark.parametrize(
@@ -120,19 +126,21 @@ def test_flipped_byte_falls_back_with_warning(two_ckpts, caplog):
 def test_partial_checkpoint_falls_back(two_ckpts, caplog, damage, message):
     damage(two_ckpts.root / "step_2")
     with caplog.at_level(logging.WARNING, logger="trainer.state.checkpoints"):
-        assert two_ckpts.latest_complete()[0] == 1
+        assert two_ckpts.latest_complete()[0][0] == 1
     assert message in caplog.text
 
 
 def test_nothing_usable(two_ckpts):
     for _, path in two_ckpts.step_dirs():
         (path / C.MARKER).unlink()
-    assert two_ckpts.latest_complete() is None
-    assert C.CheckpointManager(two_ckpts.root.parent / "elsewhere").latest_complete() is None
+    latest, skipped = two_ckpts.latest_complete()
+    assert latest is None and [p.name for p, _ in skipped] == ["step_2", "step_1"]
+    assert all("no complete.json" in problem for _, problem in skipped)
+    assert C.CheckpointManager(two_ckpts.root.parent / "elsewhere").latest_complete() == (None, [])
 
 
 # ---- bookkeeping without models (single process, no process group) ---------------------------
-def test_keep_last_k_and_leftovers(tmp_path, caplog):
+def test_keep_last_k_and_never_more(tmp_path, caplog):
     mgr = C.CheckpointManager(tmp_path, max_to_keep=2)
     for step in (1, 2, 3, 4):
         mgr.save(step, {}, {"step": step})
@@ -140,33 +148,76 @@ def test_keep_last_k_and_leftovers(tmp_path, caplog):
     # An interrupted save leaves a temp dir: never a candidate, removed by the next save.
     (mgr.root / ".tmp_step_5").mkdir()
     (mgr.root / ".tmp_step_5" / "junk").write_text("x")
-    assert mgr.latest_complete()[0] == 4
-    # Resuming from step 3 (say step 4 was damaged) and saving step 4 again replaces it.
-    mgr.save(4, {}, {"step": 4, "again": True})
-    assert mgr.load(mgr.root / "step_4", {})["again"] is True
+    assert mgr.latest_complete()[0][0] == 4
+    mgr.save(5, {}, {"step": 5})
     assert not list(mgr.root.glob(".tmp_*"))
-    # A later step from before the resume would shadow this run at the next resume: removed.
-    mgr.save(7, {}, {"step": 7})
-    with caplog.at_level(logging.WARNING, logger="trainer.state.checkpoints"):
-        mgr.save(5, {}, {"step": 5})
     assert [s for s, _ in mgr.step_dirs()] == [5, 4]
-    assert "newer than the step just saved" in caplog.text
+    # step_5 damaged afterwards: the run resumes from step 4, and its save of step 5 sets the
+    # damaged directory aside (renamed, not removed) and never removes step 4.
+    (mgr.root / "step_5" / "extra" / "rank_0.pt").unlink()
+    assert mgr.latest_complete()[0][0] == 4
+    with caplog.at_level(logging.WARNING, logger="trainer.state.checkpoints"):
+        mgr.save(5, {}, {"step": 5, "again": True})
+    assert mgr.load(mgr.root / "step_5", {})["again"] is True
+    assert [s for s, _ in mgr.step_dirs()] == [5, 4]
+    assert len(list(mgr.root.glob("damaged_step_5_*"))) == 1 and "aside" in caplog.text
 
 
-def test_incomplete_step_dir_is_not_counted_as_kept(tmp_path):
+def test_rotation_leaves_damaged_and_newer_directories(tmp_path):
+    mgr = C.CheckpointManager(tmp_path, max_to_keep=1)
+    for step in (1, 2, 3):
+        mgr.save(step, {}, {})
+    (mgr.root / "step_3" / C.MARKER).unlink()  # damaged after the fact
+    (mgr.root / "step_9").mkdir()  # someone else's, or a crash's: not ours to remove
+    mgr.save(2, {}, {"again": True})  # resumed from step_1... saved step 2 again
+    assert [s for s, _ in mgr.step_dirs()] == [9, 3, 2]  # only complete older ones rotate
+
+
+def test_a_failed_save_names_the_cause_and_keeps_the_previous(tmp_path):
+    import errno
+
+    class Full:
+        def save_sharded(self, path):
+            path.mkdir(parents=True)
+            (path / "shard").write_bytes(b"x" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / "shard"))
+
+    class Fine:
+        def save_sharded(self, path):
+            path.mkdir(parents=True)
+            (path / "shard").write_bytes(b"y" * 100)
+
     mgr = C.CheckpointManager(tmp_path, max_to_keep=2)
-    mgr.save(1, {}, {})
-    mgr.save(2, {}, {})
-    (mgr.root / "step_2" / C.MARKER).unlink()  # damaged after the fact
-    mgr.save(3, {}, {})
-    # step_2 has no marker: pruned; the good step_1 is kept as the second checkpoint.
-    assert [s for s, _ in mgr.step_dirs()] == [3, 1]
+    mgr.save(1, {"actor": Fine()}, {"step": 1})
+    before = {p: p.read_bytes() for p in (mgr.root / "step_1").rglob("*") if p.is_file()}
+    with pytest.raises(C.CheckpointError) as info:
+        mgr.save(2, {"actor": Full()}, {"step": 2})
+    message = str(info.value)
+    assert "step_2" in message and "No space left on device" in message and "shard" in message
+    assert not (mgr.root / "step_2").exists() and not list(mgr.root.glob(".tmp_*"))
+    after = {p: p.read_bytes() for p in (mgr.root / "step_1").rglob("*") if p.is_file()}
+    assert after == before  # the previous checkpoint, bitwise
+    assert mgr.latest_complete()[0][0] == 1  # a rerun resumes from it
+
+
+def test_a_save_without_room_is_refused_before_writing(tmp_path, monkeypatch):
+    mgr = C.CheckpointManager(tmp_path)
+    mgr.save(1, {}, {"payload": "x" * 10_000})
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(
+        C.shutil,
+        "disk_usage",
+        lambda path: usage._replace(free=1000),  # 1 kB free
+    )
+    with pytest.raises(C.CheckpointError, match=r"not enough space on .*checkpoints.*free"):
+        mgr.save(2, {}, {"payload": "x" * 10_000})
+    assert [s for s, _ in mgr.step_dirs()] == [1] and not list(mgr.root.glob(".tmp_*"))
 
 
 def test_load_checks_roles(tmp_path):
     mgr = C.CheckpointManager(tmp_path)
     path = mgr.save(1, {}, {"k": 1})
-    with pytest.raises(C.CheckpointError, match=r"no state for \['actor'\]"):
+    with pytest.raises(C.CheckpointRefused, match=r"no state for \['actor'\]"):
         mgr.load(path, {"actor": object()})
 
 
@@ -248,7 +299,7 @@ def test_sigterm_on_one_rank_checkpoints_all_and_exits_cleanly(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output
-    step, path = C.CheckpointManager(tmp_path).latest_complete()
+    (step, path), _ = C.CheckpointManager(tmp_path).latest_complete()
     assert step >= 3
     extras = [torch.load(path / "extra" / f"rank_{r}.pt", weights_only=False) for r in (0, 1)]
     assert [e["step"] for e in extras] == [step, step]

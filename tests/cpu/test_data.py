@@ -103,9 +103,13 @@ def test_overlong_prompts_filter_or_error(tok, tmp_path):
     ds = D.RLDataset(path, tok, max_prompt_length=30)
     assert len(ds) == 2 and ds.num_filtered == 1
     assert [e.index for e in ds.examples] == [0, 1]
-    with pytest.raises(D.DataError, match=rf"{re.escape(path)}: row 1: prompt is 69 tokens.*=30"):
+    with pytest.raises(
+        D.DataError, match=rf"{re.escape(path)}: row 1, column 'prompt': 69 tokens.*=30"
+    ):
         D.RLDataset(path, tok, max_prompt_length=30, overlong_prompt="error")
-    with pytest.raises(D.DataError, match="no prompts left"):
+    with pytest.raises(
+        D.DataError, match="no prompt left: all 3 are longer than data.max_prompt_length=5"
+    ):
         D.RLDataset(path, tok, max_prompt_length=5)
 
 
@@ -137,11 +141,24 @@ def test_bad_data_errors_name_file_row_column(tok, tmp_path):
         D.RLDataset(ok, tok, 64, prompt_key="question")
 
     empty = _write(tmp_path / "empty.parquet", [_row("fine"), _row("fine too"), _row("   ")])
-    with pytest.raises(D.DataError, match=rf"{re.escape(empty)}: row 2: empty prompt"):
+    with pytest.raises(
+        D.DataError, match=rf"{re.escape(empty)}: row 2, column 'prompt': empty prompt"
+    ):
         D.RLDataset(empty, tok, 64)
     no_msgs = _write(tmp_path / "no_msgs.parquet", [{**_row(), "prompt": []}, _row()])
-    with pytest.raises(D.DataError, match=rf"{re.escape(no_msgs)}: row 0: empty prompt"):
+    with pytest.raises(
+        D.DataError, match=rf"{re.escape(no_msgs)}: row 0, column 'prompt': empty prompt"
+    ):
         D.RLDataset(no_msgs, tok, 64)
+    # Types checked as the reward declares: a list is no arithmetic answer, null no answer.
+    truth = (str, int, float)
+    listed = _write(tmp_path / "list.parquet", [{**_row(), "reward_model": {"ground_truth": [1]}}])
+    with pytest.raises(D.DataError, match=rf"{re.escape(listed)}: row 0, column 'reward_model.gr"):
+        D.RLDataset(listed, tok, 64, ground_truth_types=truth)
+    assert len(D.RLDataset(listed, tok, 64)) == 1  # a function that declares nothing: unchecked
+    ints = _write(tmp_path / "int.parquet", [{**_row(), "prompt": 3}])
+    with pytest.raises(D.DataError, match="row 0, column 'prompt': expected chat messages or"):
+        D.RLDataset(ints, tok, 64)
 
 
 # ---- PromptLoader ----------------------------------------------------------------------------

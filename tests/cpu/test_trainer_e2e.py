@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,3 +215,129 @@ def test_random_init_runs_synced(rollout, cache_dir, tmp_path):
     for key in ("swap_enter", "swap_exit", "sync", "generate", "gen"):
         assert metrics[2][f"timing_s/{key}"] >= 0
     assert metrics[2]["timing_s/gen"] >= metrics[2]["timing_s/generate"]
+
+
+def start(overrides, cache):
+    return subprocess.Popen(
+        command(1, overrides),
+        cwd=REPO,
+        env=env(cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_a_step(proc, out: Path):
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or not read_metrics(out / "metrics.jsonl"):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before a step"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_checkpoints_then_a_second_quits_at_once(cache_dir, tmp_path):
+    """Ctrl-C: the first acts as SIGTERM (a checkpoint at the step boundary, exit 0), a second
+    ends the process at once (130); neither prints a traceback."""
+    out = tmp_path / "run"
+    overrides = ["rollout=hf", "trainer.total_steps=50"] + SMALL + [f"trainer.output_dir={out}"]
+    proc = start(overrides, cache_dir)
+    wait_for_a_step(proc, out)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout[-3000:]
+    assert "Ctrl-C" in stdout and "Traceback" not in stdout and "KeyboardInterrupt" not in stdout
+    last = max(read_metrics(out / "metrics.jsonl"))
+    assert last < 50 and (out / "checkpoints" / f"step_{last}" / "complete.json").exists()
+
+    proc = start(overrides, cache_dir)  # resumes, then two Ctrl-C in a row
+    deadline = time.time() + 300
+    while last + 1 not in read_metrics(out / "metrics.jsonl"):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout[-3000:]
+    assert "exiting now" in stdout and "Traceback" not in stdout
+
+
+def test_ctrl_c_while_building_exits_without_traceback(cache_dir, tmp_path):
+    proc = start(["rollout=hf", f"trainer.output_dir={tmp_path / 'run'}"] + SMALL, cache_dir)
+    time.sleep(4)  # past the config check, inside the build (imports, model, engine)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130), stdout[-3000:]
+    assert "Traceback" not in stdout and "KeyboardInterrupt" not in stdout, stdout[-3000:]
+
+
+def test_resume_never_refuses_then_discards_on_request(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    base = ["rollout=hf", "trainer.total_steps=1"] + SMALL + [f"trainer.output_dir={out}"]
+    run(1, base, cache_dir)
+    marker = out / "checkpoints" / "step_1" / "complete.json"
+    written = marker.read_bytes()
+    refused = subprocess.run(
+        command(1, base + ["trainer.resume=never"]),
+        cwd=REPO,
+        env=env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and "trainer.resume: 'never'" in refused.stderr
+    assert marker.read_bytes() == written
+    again = run(1, base + ["trainer.resume=never", "trainer.discard_checkpoints=true"], cache_dir)
+    assert "resuming" not in again.stdout and marker.read_bytes() != written
+
+
+TMPFS = """
+set -e
+mount -t tmpfs -o size={small} tmpfs {mnt}
+{python} -m trainer.main {args} trainer.output_dir={mnt}/run > {log}.1 2>&1 || echo "exit $?" >> {log}.1
+mount -o remount,size={medium} {mnt}
+rm -rf {mnt}/run
+{python} -m trainer.main {args} trainer.output_dir={mnt}/run > {log}.2 2>&1 || echo "exit $?" >> {log}.2
+ls -a {mnt}/run/checkpoints > {log}.ls2
+mount -o remount,size=2g {mnt}
+{python} -m trainer.main {args} trainer.output_dir={mnt}/run > {log}.3 2>&1 || echo "exit $?" >> {log}.3
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(cache_dir, tmp_path):
+    """On a small tmpfs (a private mount namespace): a first save larger than the disk fails in
+    torch's writer and says so; with room for one checkpoint but not two, the second save is
+    refused before writing, naming the space (a checkpoint of tiny_llama is 11 MB); with room,
+    a rerun resumes from step_1, which
+    passes its CRC32 check file by file (bitwise as written)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private tmpfs")
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.decode().strip()}")
+    mnt, log = tmp_path / "mnt", tmp_path / "log"
+    mnt.mkdir()
+    args = " ".join(
+        ["rollout=hf", "trainer.total_steps=3", "trainer.save_freq=1", "trainer.test_freq=0"]
+        + [o for o in SMALL if not o.startswith(("trainer.save_freq", "trainer.test_freq"))]
+    )
+    script = TMPFS.format(
+        small="2m", medium="16m", mnt=mnt, log=log, python=sys.executable, args=args
+    )
+    subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        cwd=REPO,
+        env=env(cache_dir),
+        timeout=900,
+        check=True,
+    )
+    first, second, third = (Path(f"{log}.{i}").read_text() for i in (1, 2, 3))
+    assert "exit 1" in first and "saving checkpoint" in first and "no space" in first.lower()
+    assert "Traceback" not in first
+    assert "exit 1" in second and "not enough space" in second and "Traceback" not in second
+    assert Path(f"{log}.ls2").read_text().split() == [".", "..", "step_1"]  # nothing partial
+    assert "resuming from" in third and "step_1 (step 1)" in third and "exit " not in third

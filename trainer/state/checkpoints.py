@@ -1,15 +1,26 @@
-"""Checkpoints that a killed run resumes from exactly.
+"""Checkpoints that a killed run resumes from exactly, and that no other run deletes.
 
 Layout of `output_dir/checkpoints/step_{N}/`:
     <role>/        one sharded component (`save_sharded(path)` / `load_sharded(path)`, collective):
                    a megatron role writes its model chunks, optimizer, LR scheduler there
     extra/rank_{r}.pt   this rank's plain state: every stateful component's `state_dict()`
                    (the loop's step and dataloader, RNG streams, the swap's generation RNG, ...)
-    complete.json  written last: step, layout, every file with its size and CRC32
+    complete.json  written last: step, what the checkpoint is of (`run_identity`: model shape,
+                   roles, parallel layout, algorithm, Tandem version), every file with its size
+                   and CRC32
 
 A save writes `.tmp_step_{N}` and renames it to `step_{N}` once `complete.json` is on disk,
 so a `step_*` directory is either whole or was damaged afterwards; `latest_complete()`
-re-checks sizes and checksums and falls back to the previous checkpoint, with a warning.
+re-checks sizes and checksums and falls back to the previous checkpoint, with a warning. A save
+checks first that the directory is writable and has room for a checkpoint as large as the last
+one; a save that fails anyway names the path and the cause, removes its partial directory and
+leaves every earlier checkpoint as it was.
+
+Deletion: a save removes only complete checkpoints older than the `max_to_keep` newest (its
+own rotation, never the newest complete one) and partial `.tmp_*` saves; damaged directories
+are left for the user (a later save of the same step moves one aside, renamed, not removed).
+What else may start or resume in an output directory is trainer.resume's business
+(trainer/preflight.py).
 
 Exact resume needs every source of state: the sharded components and the stateful ones
 the loop hands over (trainer/loop.py `fit`). Nothing else may carry state across steps. This
@@ -23,13 +34,20 @@ import logging
 import os
 import re
 import shutil
+import time
 import zlib
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+
+from tandem_core.config import TandemConfig, uses_critic
+from tandem_core.errors import InputError, RunFailure
+from tandem_core.model_args import ModelArgs
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +55,17 @@ MARKER = "complete.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp_"
 _CRC_CHUNK = 16 << 20
+SPACE_MARGIN = 1.1
+"""A save needs this many times the size of the last checkpoint free on the filesystem."""
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(RunFailure):
+    """A save or load that failed; the message names the checkpoint's path and the cause."""
+
+
+class CheckpointRefused(InputError):
+    """A checkpoint this run must not resume from: of another model, roles or layout, or none
+    left that passes verification. The message names the checkpoint and each difference."""
 
 
 class ShardedState(Protocol):
@@ -49,6 +74,71 @@ class ShardedState(Protocol):
     def save_sharded(self, path: Path) -> None: ...
 
     def load_sharded(self, path: Path) -> None: ...
+
+
+# ---- what a checkpoint is of -----------------------------------------------------------------
+def tandem_version() -> str:
+    try:
+        return version("tandem")
+    except PackageNotFoundError:  # a checkout run without installing it
+        return "unknown"
+
+
+def run_identity(cfg: TandemConfig, model_args: ModelArgs, world_size: int) -> dict[str, Any]:
+    """What a checkpoint of this run holds: compared field by field before a resume."""
+    p = cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    return {
+        "model": asdict(model_args),
+        "roles": ["actor", "critic"] if uses_critic(cfg.algorithm) else ["actor"],
+        "layout": {
+            "tensor_model_parallel_size": tp,
+            "pipeline_model_parallel_size": pp,
+            "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
+            "data_parallel_size": world_size // (tp * pp),
+        },
+        "algorithm": cfg.algorithm.name,
+        "tandem_version": tandem_version(),
+    }
+
+
+def identity_mismatches(saved: dict | None, now: dict) -> list[str]:
+    """Why a checkpoint written as `saved` cannot be resumed by a run that is `now`, one
+    sentence per kind of difference, each naming the fields; [] when it can. The algorithm's
+    name and Tandem's version may differ (a warning); a checkpoint without an identity (written
+    before they were recorded) is not compared."""
+    if saved is None:
+        return []
+    problems = []
+    model = [
+        f"{key} {value} (this run: {now['model'].get(key)})"
+        for key, value in saved["model"].items()
+        if now["model"].get(key) != value
+    ]
+    if model:
+        problems.append(f"is of another model: {', '.join(model)}")
+    if saved["roles"] != now["roles"]:
+        problems.append(
+            f"holds the roles {saved['roles']}, this run trains {now['roles']}"
+            " (algorithm.adv_estimator gae trains a critic, the GRPO family none)"
+        )
+    layout = [
+        f"{key} {value} (this run: {now['layout'].get(key)})"
+        for key, value in saved["layout"].items()
+        if now["layout"].get(key) != value
+    ]
+    if layout:
+        problems.append(
+            f"was written at another parallel layout: {', '.join(layout)}; megatron's "
+            "distributed optimizer state is saved per layout (dp_reshardable): resume with"
+            " the checkpoint's layout, or start in another trainer.output_dir"
+        )
+    for key in ("algorithm", "tandem_version"):
+        if saved.get(key) != now.get(key):
+            log.warning(
+                "checkpoint written with %s %s; this run: %s", key, saved.get(key), now[key]
+            )
+    return problems
 
 
 # ---- small distributed helpers (a single process without a process group works too) -------
@@ -112,28 +202,33 @@ def _checksums(root: Path, files: list[str]) -> dict[str, str]:
     return _gather_dicts(mine)
 
 
+def _manifest_problem(path: Path) -> tuple[str | None, dict]:
+    """Why the checkpoint at `path` is incomplete by its marker and file sizes (None: it is
+    complete), and its manifest. Reads only the manifest and the file sizes."""
+    marker = path / MARKER
+    try:
+        manifest = json.loads(marker.read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MARKER} (an interrupted or foreign save)", {}
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MARKER}: {e}", {}
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing", manifest
+        if f.stat().st_size != want["size"]:
+            return f"{name} has {f.stat().st_size} bytes, {want['size']} were written", manifest
+    return None, manifest
+
+
 def _problem(path: Path, verify: str) -> str | None:
     """Why the checkpoint at `path` cannot be trusted (None: it can). Collective for checksums;
     the size/marker part runs on rank 0 only and its verdict is shared."""
-    problem, files = None, []
+    problem, files = None, {}
     if _rank() == 0:
-        marker = path / MARKER
-        try:
-            manifest = json.loads(marker.read_text())
-            files = manifest["files"]
-        except FileNotFoundError:
-            problem = f"no {MARKER} (an interrupted or foreign save)"
-        except (ValueError, KeyError, TypeError) as e:
-            problem = f"unreadable {MARKER}: {e}"
-        else:
-            for name, want in files.items():
-                f = path / name
-                if not f.is_file():
-                    problem = f"{name} is missing"
-                    break
-                if f.stat().st_size != want["size"]:
-                    problem = f"{name} has {f.stat().st_size} bytes, {want['size']} were written"
-                    break
+        problem, manifest = _manifest_problem(path)
+        files = manifest.get("files", {})
     problem, files = _from_rank0((problem, files))
     if problem is None and verify == "checksum":
         recorded = sorted(n for n in files if files[n]["crc32"] is not None)
@@ -146,26 +241,38 @@ def _problem(path: Path, verify: str) -> str | None:
     return problem
 
 
+def _size(n_bytes: float) -> str:
+    if n_bytes >= 2**30:
+        return f"{n_bytes / 2**30:.1f} GiB"
+    return f"{n_bytes / 2**20:.1f} MiB"
+
+
+def _save_failure(err: BaseException, tmp: Path) -> str:
+    """The cause of a failed save in words: the OS error when there is one; torch's writer
+    hides a full disk behind its own message ('unexpected pos ...'), so free space is read."""
+    cause = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"{cause.strerror} ({cause.filename or tmp})"
+    try:
+        free = shutil.disk_usage(tmp.parent).free
+    except OSError:
+        free = None
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if free is not None and free < 64 << 20:
+        return f"no space left on device ({_size(free)} free on {tmp.parent})"
+    return first
+
+
 # ---- the manager -----------------------------------------------------------------------------
-def _layout() -> dict:
-    from megatron.core import parallel_state as mpu
-
-    layout = {"world_size": _world()}
-    if mpu.model_parallel_is_initialized():
-        layout.update(
-            tp=mpu.get_tensor_model_parallel_world_size(),
-            pp=mpu.get_pipeline_model_parallel_world_size(),
-            dp=mpu.get_data_parallel_world_size(),
-        )
-    return layout
-
-
 class CheckpointManager:
     """Saves, finds and loads `output_dir/checkpoints/step_{N}`; keeps the newest `max_to_keep`.
 
     `save` and `load` are collective; so is `latest_complete` once torch.distributed is
     initialised (every rank gets the same answer). `verify`: "checksum" (CRC32 of every file,
-    read back in parallel) or "size" (cheaper, misses flipped bytes).
+    read back in parallel) or "size" (cheaper, misses flipped bytes). `identity`: what this
+    run's checkpoints are of (`run_identity`), written into each and compared at load.
     """
 
     def __init__(
@@ -173,6 +280,7 @@ class CheckpointManager:
         output_dir,
         max_to_keep: int = 2,
         verify: str = "checksum",
+        identity: dict | None = None,
     ):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
@@ -181,6 +289,7 @@ class CheckpointManager:
         self.root = Path(output_dir) / "checkpoints"
         self.max_to_keep = max_to_keep
         self.verify = verify
+        self.identity = identity
 
     def step_dirs(self) -> list[tuple[int, Path]]:
         """Every `step_N` directory, newest first (complete or not)."""
@@ -193,35 +302,81 @@ class CheckpointManager:
         ]
         return sorted(found, reverse=True)
 
+    def scan(self) -> list[tuple[int, Path, str | None]]:
+        """(step, path, problem) of every `step_N` directory, newest first, by marker and file
+        sizes only (no checksums, no collectives): what the pre-launch check reads."""
+        return [(step, path, _manifest_problem(path)[0]) for step, path in self.step_dirs()]
+
+    @staticmethod
+    def saved_identity(path: Path) -> dict | None:
+        """What the checkpoint at `path` says it is of (None: written before that was kept)."""
+        return _manifest_problem(path)[1].get("identity")
+
     # -- save --
     def save(self, step: int, workers: Mapping[str, ShardedState], extra_state: dict) -> Path:
         final = self.root / f"step_{step}"
         tmp = self.root / f"{_TMP_PREFIX}step_{step}"
+        refusal = None
         if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that was interrupted
-            tmp.mkdir(parents=True)
-        _barrier()
-        for role, worker in workers.items():
-            worker.save_sharded(tmp / role)
-        (tmp / "extra").mkdir(exist_ok=True)
-        torch.save(extra_state, tmp / "extra" / f"rank_{_rank()}.pt")
-        _barrier()
-        files = _from_rank0(_list_files(tmp) if _rank() == 0 else None)
-        # CRC32s only when they will be checked: reading a 70B checkpoint back costs minutes.
-        crcs = _checksums(tmp, files) if self.verify == "checksum" else {}
+            refusal = self._prepare(tmp)
+        refusal = _from_rank0(refusal)
+        if refusal:
+            raise CheckpointError(f"cannot save checkpoint {final}: {refusal}")
+        try:
+            for role, worker in workers.items():
+                worker.save_sharded(tmp / role)
+            (tmp / "extra").mkdir(exist_ok=True)
+            torch.save(extra_state, tmp / "extra" / f"rank_{_rank()}.pt")
+            _barrier()
+            files = _from_rank0(_list_files(tmp) if _rank() == 0 else None)
+            # CRC32s only when they will be checked: reading a 70B checkpoint back costs minutes.
+            crcs = _checksums(tmp, files) if self.verify == "checksum" else {}
+            if _rank() == 0:
+                manifest = {
+                    "step": step,
+                    "identity": self.identity,
+                    "roles": sorted(workers),
+                    "files": {
+                        f: {"size": (tmp / f).stat().st_size, "crc32": crcs.get(f)} for f in files
+                    },
+                }
+                self._commit(tmp, final, manifest)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # torch.distributed.checkpoint's own is a BaseException
+            reason = _save_failure(err, tmp)
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"saving checkpoint {final} failed: {reason}; it was removed, the earlier"
+                " checkpoints are intact"
+            ) from err
         if _rank() == 0:
-            manifest = {
-                "step": step,
-                "layout": _layout(),
-                "roles": sorted(workers),
-                "files": {
-                    f: {"size": (tmp / f).stat().st_size, "crc32": crcs.get(f)} for f in files
-                },
-            }
-            self._commit(tmp, final, manifest)
             self._prune(step)
         _barrier()
         return final
+
+    def _prepare(self, tmp: Path) -> str | None:
+        """Rank 0, before a save: a fresh temporary directory, and room for a checkpoint as
+        large as the last one. Returns why the save cannot start (None: it can)."""
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that was interrupted
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            return f"{err.strerror} ({err.filename})"
+        last = next((path for _, path, bad in self.scan() if bad is None), None)
+        if last is None:
+            return None
+        files = json.loads((last / MARKER).read_text())["files"]
+        needed = SPACE_MARGIN * sum(f["size"] for f in files.values())
+        free = shutil.disk_usage(self.root).free
+        if free < needed:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return (
+                f"not enough space on {self.root}: {_size(free)} free, about {_size(needed)}"
+                f" needed (the last checkpoint, {last.name}, took {_size(needed / SPACE_MARGIN)})"
+            )
+        return None
 
     def _commit(self, tmp: Path, final: Path, manifest: dict) -> None:
         marker = tmp / MARKER
@@ -231,28 +386,24 @@ class CheckpointManager:
             os.fsync(f.fileno())
         os.replace(marker.with_suffix(".part"), marker)
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved again after a resume from an older one
-            stale = final.with_name(f"{_TMP_PREFIX}old_{final.name}")
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            shutil.rmtree(stale)
+        if final.exists():
+            # Only a damaged directory can be here (a resume starts from the newest complete
+            # one): set aside, not removed.
+            aside = final.with_name(f"damaged_{final.name}_{int(time.time())}")
+            log.warning("moving the damaged %s aside to %s", final, aside.name)
+            os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_dir(self.root)
 
     def _prune(self, step: int) -> None:
-        """Keep `step` and the newest max_to_keep-1 older complete checkpoints. Directories of
-        later steps are left-overs of a run this one resumed before; they would shadow this
-        run's checkpoints at the next resume, so they go too."""
+        """Keep the `max_to_keep` newest complete checkpoints up to `step` (the one just
+        saved among them); older complete ones go, and partial saves. Nothing newer than
+        `step` and nothing damaged is touched."""
         kept = 0
         for s, path in self.step_dirs():
-            if s > step:
-                log.warning(
-                    "removing %s: newer than the step just saved (%d), left over from "
-                    "before this run resumed",
-                    path,
-                    step,
-                )
-            elif (path / MARKER).is_file() and kept < self.max_to_keep:
+            if s > step or not (path / MARKER).is_file():
+                continue
+            if kept < self.max_to_keep:
                 kept += 1
                 continue
             shutil.rmtree(path, ignore_errors=True)
@@ -260,17 +411,20 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
     # -- find --
-    def latest_complete(self) -> tuple[int, Path] | None:
-        """(step, path) of the newest checkpoint that passes verification, else None. Skipped
-        ones (no marker, missing/short files, checksum mismatch) are named in a warning."""
+    def latest_complete(self) -> tuple[tuple[int, Path] | None, list[tuple[Path, str]]]:
+        """((step, path) of the newest checkpoint that passes verification, or None) and the
+        (path, problem) of each newer one skipped (no marker, missing/short files, checksum
+        mismatch), which is also named in a warning."""
         candidates = _from_rank0(self.step_dirs() if _rank() == 0 else None)
+        skipped = []
         for step, path in candidates:
             problem = _problem(path, self.verify)
             if problem is None:
-                return step, path
+                return (step, path), skipped
+            skipped.append((path, problem))
             if _rank() == 0:
                 log.warning("skipping checkpoint %s: %s", path, problem)
-        return None
+        return None, skipped
 
     # -- load --
     def load(self, path, workers: Mapping[str, ShardedState]) -> dict:
@@ -279,16 +433,13 @@ class CheckpointManager:
         manifest = json.loads((path / MARKER).read_text())
         missing = sorted(set(workers) - set(manifest["roles"]))
         if missing:
-            raise CheckpointError(f"{path} has no state for {missing} (it has {manifest['roles']})")
-        now = _layout()
-        if manifest["layout"] != now:
-            log.warning(
-                "checkpoint %s was written with layout %s, this run has %s: models and "
-                "optimizers are resharded, per-rank state (RNG) is not exact",
-                path,
-                manifest["layout"],
-                now,
+            raise CheckpointRefused(
+                f"{path} has no state for {missing} (it has {manifest['roles']})"
             )
+        if self.identity is not None:
+            problems = identity_mismatches(manifest.get("identity"), self.identity)
+            if problems:
+                raise CheckpointRefused("\n".join(f"{path} {p}" for p in problems))
         for role, worker in workers.items():
             worker.load_sharded(path / role)
         extra = path / "extra" / f"rank_{_rank()}.pt"

@@ -1,27 +1,47 @@
-"""The stop signal that asks the run for a checkpoint at the next step boundary."""
+"""The stop signals that ask the run for a checkpoint at the next step boundary.
+
+SIGTERM and SIGUSR1 (slurm's pre-emption and time-limit warnings) and a first Ctrl-C (SIGINT)
+set a flag the loop reads once per step; it then checkpoints and exits with status 0. A second
+Ctrl-C ends the process at once (status 130), without a traceback.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
 from tandem_core import cpu_compat
+from tandem_core.errors import EXIT_INTERRUPTED
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGUSR1 (slurm's pre-emption and time-limit warnings). The loop checks it
-    once per step, at a point where every rank is, saves, and exits cleanly."""
+    """The flag the signals set. The loop checks it once per step, at a point where every rank
+    is, saves, and exits cleanly."""
 
     def __init__(self):
         self.requested = False
         self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
+        self.previous: dict[int, object] = {}
+        """The handlers this one replaced, by signal (uninstall puts them back)."""
 
-    def _handle(self, signum, frame) -> None:
+    def handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested:
+            print("\n[tandem] second Ctrl-C: exiting now, without a checkpoint", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)  # at once: no unwinding through engine threads
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print(
+                "\n[tandem] Ctrl-C: stopping after this step with a checkpoint"
+                " (Ctrl-C again to quit at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def agreed(self) -> bool:
         """Whether any rank was signalled (collective): the signal may reach ranks at
@@ -33,14 +53,16 @@ class StopRequest:
         return bool(flag.item())
 
     def uninstall(self) -> None:
-        for signum, handler in self._previous.items():
+        for signum, handler in self.previous.items():
             signal.signal(signum, handler)
-        self._previous.clear()
+        self.previous.clear()
 
 
-def install_signal_handlers(signals=(signal.SIGTERM, signal.SIGUSR1)) -> StopRequest:
+def install_signal_handlers(
+    signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT),
+) -> StopRequest:
     """Route `signals` to a StopRequest flag (main thread only, as Python requires)."""
     stop = StopRequest()
     for signum in signals:
-        stop._previous[signum] = signal.signal(signum, stop._handle)
+        stop.previous[signum] = signal.signal(signum, stop.handle)
     return stop

@@ -16,6 +16,7 @@ Per layout, on every rank (asserted here):
 5. a Tracker on every rank writes from rank 0 only (checked by the pytest side).
 """
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -158,7 +159,19 @@ def run_layout(
     hf_dir = ensure_tiny_checkpoint("tiny_llama")
     args = archs.model_args_from_hf(hf_dir)
     b1, b2, b3 = (rollout(args.vocab_size, s) for s in (1, 2, 3))
-    mgr = C.CheckpointManager(out_dir / name, max_to_keep=2)
+    identity = {
+        "model": dataclasses.asdict(args),
+        "roles": ["actor", "critic"],
+        "layout": {
+            "tensor_model_parallel_size": tp,
+            "pipeline_model_parallel_size": pp,
+            "virtual_pipeline_model_parallel_size": vpp,
+            "data_parallel_size": dist.get_world_size() // (tp * pp),
+        },
+        "algorithm": "ppo",
+        "tandem_version": C.tandem_version(),
+    }
+    mgr = C.CheckpointManager(out_dir / name, max_to_keep=2, identity=identity)
     gen = torch.Generator().manual_seed(7 + dist.get_rank())
 
     # run A: never stops
@@ -183,7 +196,7 @@ def run_layout(
     assert not same, f"run B should start out different, equal in {sorted(same)[:5]}"
     torch.manual_seed(99)
     gen.manual_seed(99)
-    found = mgr.latest_complete()
+    found, _ = mgr.latest_complete()
     assert found == (2, path2), found
     loaded = mgr.load(path, b)
     assert loaded["rank"] == dist.get_rank() and loaded["step"] == 1, loaded
