@@ -34,6 +34,8 @@ class ModelArgs:
     norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False
+    """RMSNorm over each head of q and k before RoPE (Qwen3)."""
 
     def padded_vocab_size(self, tp: int) -> int:
         """Vocab rounded up so every TP rank holds an equal slice (megatron's convention)."""

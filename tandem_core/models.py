@@ -180,32 +180,35 @@ class SDPASelfAttention(SelfAttention):
 
 
 # ---- specs ------------------------------------------------------------------------------------
-def _local_layer_spec() -> ModuleSpec:
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+def _local_layer_spec(config: TransformerConfig) -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    if config.qk_layernorm:  # per-head norms of q and k (Qwen3); megatron sums their grads
+        attention = spec.submodules.self_attention.submodules  # over TP (finalize_model_grads)
+        attention.q_layernorm = attention.k_layernorm = RMSNorm
     return spec
 
 
-def get_local_block_spec(num_layers: int) -> TransformerBlockSubmodules:
+def get_local_block_spec(config: TransformerConfig, num_layers: int) -> TransformerBlockSubmodules:
     return TransformerBlockSubmodules(
-        layer_specs=[_local_layer_spec()] * num_layers, layer_norm=RMSNorm
+        layer_specs=[_local_layer_spec(config)] * num_layers, layer_norm=RMSNorm
     )
 
 
-def get_sdpa_block_spec(num_layers: int) -> TransformerBlockSubmodules:
-    spec = _local_layer_spec()
+def get_sdpa_block_spec(config: TransformerConfig, num_layers: int) -> TransformerBlockSubmodules:
+    spec = _local_layer_spec(config)
     spec.submodules.self_attention.module = SDPASelfAttention
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
 
 
-def get_te_block_spec(num_layers: int):
+def get_te_block_spec(config: TransformerConfig, num_layers: int):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
 
 
 LAYER_SPECS = Registry("layer spec")
@@ -240,6 +243,7 @@ def build_transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=args.qkv_bias,
+        qk_layernorm=args.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # megatron's own fused SwiGLU (a torch.compile'd kernel), on CUDA; on CPU it would
@@ -349,7 +353,7 @@ def build_gpt_model(
     spec_name = resolve_layer_spec(layer_spec)
     with cpu_compat.megatron_device_scope():
         num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-        spec = LAYER_SPECS[spec_name](num_layers)
+        spec = LAYER_SPECS[spec_name](config, num_layers)
         model = ResponseRowsGPTModel(
             config=config,
             transformer_layer_spec=spec,

@@ -118,13 +118,16 @@ def test_parallel_presets_validate_at_their_world_size(preset, world):
 
 
 @pytest.mark.parametrize(
-    "model", ["tiny_llama", "tiny_llama_tied", "tiny_qwen2", "tiny_mistral", "smollm2_135m"]
+    "model",
+    ["tiny_llama", "tiny_llama_tied", "tiny_qwen2", "tiny_mistral", "tiny_qwen3", "smollm2_135m"],
 )
 def test_model_presets(model):
     assert load_config([f"model={model}"], world_size=1).model.preset == model
 
 
-@pytest.mark.parametrize("preset", ["tiny_llama", "tiny_llama_tied", "tiny_qwen2", "tiny_mistral"])
+@pytest.mark.parametrize(
+    "preset", ["tiny_llama", "tiny_llama_tied", "tiny_qwen2", "tiny_mistral", "tiny_qwen3"]
+)
 def test_preset_shapes_match_the_built_checkpoints(tiny_ckpt, preset):
     """The cheap preset table agrees with the config.json of the checkpoint actually built."""
     table = read_model_args(ModelConfig(preset=preset))
@@ -132,7 +135,9 @@ def test_preset_shapes_match_the_built_checkpoints(tiny_ckpt, preset):
     assert table == built
 
 
-@pytest.mark.parametrize("preset", ["qwen2_0p5b", "llama3_1b", "llama2_7b", "llama3_70b"])
+@pytest.mark.parametrize(
+    "preset", ["qwen2_0p5b", "llama3_1b", "llama2_7b", "llama3_70b", "qwen3_0p6b", "qwen3_8b"]
+)
 def test_shape_dirs_match_the_preset_table(tmp_path, preset):
     """A shape preset's weightless directory (model.random_init) has the table's exact shape,
     and its model file names the same preset."""

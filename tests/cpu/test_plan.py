@@ -120,7 +120,7 @@ def megatron_counts():
     torch.cuda process-wide, which the rest of the suite must not see."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-c", MEASURE, "tiny_llama", "tiny_qwen2"],
+        [sys.executable, "-c", MEASURE, "tiny_llama", "tiny_qwen2", "tiny_qwen3"],
         env=env,
         capture_output=True,
         text=True,
@@ -130,7 +130,7 @@ def megatron_counts():
     return json.loads(proc.stdout.split("RESULT", 1)[1])
 
 
-@pytest.mark.parametrize("preset", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("preset", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
 def test_counts_match_a_real_megatron_model(megatron_counts, preset):
 
     m = read_model_args(ModelConfig(preset=preset))

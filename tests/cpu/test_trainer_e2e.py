@@ -98,6 +98,16 @@ CASES = {
         "rollout=vllm",
         "rollout.tensor_model_parallel_size=2",
     ],
+    # Qwen3: per-head q/k norms through import, the first sync's stream and the direct copies
+    # after it; every sync checked (engine log-probs = actor's, else the run stops).
+    "grpo-qwen3-tp2-vllm-tp2": [
+        "model=tiny_qwen3",
+        "algorithm=grpo",
+        "parallel=tp2",
+        "rollout=vllm",
+        "rollout.tensor_model_parallel_size=2",
+        "trainer.debug_check_weight_sync=true",
+    ],
 }
 
 

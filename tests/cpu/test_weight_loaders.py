@@ -13,7 +13,7 @@ from archs.base import read_hf_config
 from tandem_core.model_args import ModelArgs
 from weight_loaders.transforms import LAYOUTS
 
-PRESETS = ["tiny_llama", "tiny_llama_tied", "tiny_qwen2", "tiny_mistral"]
+PRESETS = ["tiny_llama", "tiny_llama_tied", "tiny_qwen2", "tiny_mistral", "tiny_qwen3"]
 ARGS = ModelArgs(
     arch="qwen2",
     num_layers=2,
@@ -342,7 +342,7 @@ def test_smollm2_logits_equal_hf(torchrun, cache_dir, tp):
     assert res["logits_max_abs_diff"] < 1e-5 * max(1.0, res["logit_scale"] if tp > 1 else 1.0)
 
 
-@pytest.mark.parametrize("preset", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("preset", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
 def test_vllm_loads_export_and_streamed_weights(torchrun, tiny_ckpt, tmp_path, preset):
     """Export -> vLLM greedy == HF greedy; streamed in-place reload == HF (tied included)."""
     tiny_ckpt(preset)

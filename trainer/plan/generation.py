@@ -55,7 +55,7 @@ def engine_params(m: ModelArgs, rollout_tp: int) -> int:
     q_width = a * d // rollout_tp
     kv_width = 2 * engine_kv_heads(m, rollout_tp) * d
     layer = h * (q_width + kv_width) + (q_width + kv_width if m.qkv_bias else 0)
-    layer += q_width * h + 3 * h * f // rollout_tp + 2 * h
+    layer += q_width * h + 3 * h * f // rollout_tp + 2 * h + (2 * d if m.qk_norm else 0)
     vocab = math.ceil(m.vocab_size / VLLM_VOCAB_PAD) * VLLM_VOCAB_PAD // rollout_tp
     heads = 1 if m.tie_word_embeddings else 2
     return m.num_layers * layer + heads * vocab * h + h

@@ -118,12 +118,13 @@ def layer_params(m: ModelArgs, tp: int) -> int:
     """One decoder layer on one TP rank (megatron's layout).
 
     linear_qkv h×(a+2g)d/tp (+ its bias), linear_proj a·d×h/tp, linear_fc1 h×2f/tp (gate;up),
-    linear_fc2 f×h/tp, two RMSNorm weights h (replicated).
+    linear_fc2 f×h/tp, two RMSNorm weights h (replicated), and q/k norms 2d (replicated).
     """
     h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
     qkv_width = (m.num_attention_heads + 2 * m.num_query_groups) * d
     qkv = h * qkv_width + (qkv_width if m.qkv_bias else 0)
-    return (qkv + m.num_attention_heads * d * h + 3 * h * f) // tp + 2 * h
+    norms = 2 * h + (2 * d if m.qk_norm else 0)
+    return (qkv + m.num_attention_heads * d * h + 3 * h * f) // tp + norms
 
 
 def stage_params(m: ModelArgs, tp: int, pp: int, stage: int, value_head: bool = False) -> int:
