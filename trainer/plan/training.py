@@ -36,17 +36,18 @@ def activation_bytes_per_token(
       rotated q and k (a+g)d, the attention output and its copy into linear_proj 2ad: (4a+3g)d;
       the linear_fc1 output 2f, gate, silu(gate) and the SwiGLU output 3f: 5f (with
       megatron's fused SwiGLU, on CUDA: its input 2f and its output f, 3f); the fp32
-      log-sum-exp of the attention: a (× 4 B); with per-head q/k norms (Qwen3) their fp32
-      inverse RMS per head, a+g (× 4 B): their inputs are views of the linear_qkv output and
-      their outputs are rotated before anything keeps them.
+      log-sum-exp of the attention: a (× 4 B); with per-head q/k norms (Qwen3) as for the
+      hidden norms their normalised inputs (a+g)d, plus q's input ad (megatron reshapes q
+      into heads, a copy; k's input is a view of the linear_qkv output), and their fp32
+      inverse RMS a+g (× 4 B); their outputs are rotated before anything keeps them.
     """
     h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
     a, g = m.num_attention_heads, m.num_query_groups
     seq_split = tp if sp else 1
     replicated = (6 * h * dtype_bytes + 2 * 4) / seq_split
     mlp = (3 if fused_swiglu else 5) * f
-    qk_norm_stats = (a + g) * 4 if m.qk_norm else 0
-    split = (((4 * a + 3 * g) * d + mlp) * dtype_bytes + a * 4 + qk_norm_stats) / tp
+    qk_norms = ((2 * a + g) * d * dtype_bytes + (a + g) * 4) if m.qk_norm else 0
+    split = (((4 * a + 3 * g) * d + mlp) * dtype_bytes + a * 4 + qk_norms) / tp
     return replicated + split
 
 
