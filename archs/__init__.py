@@ -1,10 +1,10 @@
-"""One module per architecture (llama, qwen2, mistral, qwen3), each holding everything the
+"""One module per architecture (llama, qwen2, mistral, qwen3, qwen3_moe), each holding everything the
 architecture means: its HF-config reader, its HF ⇄ megatron weight map, the HF config it
 writes for presets, and its presets (tiny test models, released shapes, real models).
 Importing this package registers them; adding one is docs/adding_a_model.md.
 """
 
-from archs import llama, mistral, qwen2, qwen3  # noqa: F401  (register the architectures)
+from archs import llama, mistral, qwen2, qwen3, qwen3_moe  # noqa: F401  (register them)
 from archs.base import (
     ARCHS,
     PRESETS,

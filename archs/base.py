@@ -33,10 +33,14 @@ class UnsupportedModelError(ConfigError):
 
 @dataclass(frozen=True)
 class Rule:
-    """One megatron parameter: its layout (see weight_loaders/transforms.py) and HF names."""
+    """One megatron parameter: its layout (see weight_loaders/transforms.py) and HF names.
+    Patterns may hold `{i}` (the global layer number) and `{e}` (the global expert number)."""
 
     layout: str
     hf: tuple[str, ...]
+    on: str | None = None
+    """moe | dense: the rule holds only on mixture-of-experts layers, or only on the others
+    (None: on every layer)."""
 
 
 WeightMap = dict[str, Rule]
@@ -58,6 +62,10 @@ class Arch:
     model_args: Callable[[dict[str, Any]], ModelArgs]
     weight_map: WeightMap
     hf_config: Callable[[ModelArgs, SpecialTokens], Any]
+    fused_name: Callable[[str], tuple[str, int, int] | None] | None = None
+    """For checkpoints that stack a layer's experts in one tensor (transformers 5): a
+    per-expert HF name of the weight map -> (the stacked tensor's name, expert, half), half
+    0/1 a half of the stacked gate/up rows and -1 the expert's whole entry; None: not stacked."""
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,13 @@ import torch
 import torch.distributed as dist
 
 from tandem_core import cpu_compat
-from weight_loaders import megatron_named_params
 from weight_loaders.direct_copy import regrow_storage, release_storage
+from weight_loaders.stream import (
+    ExpertShard,
+    layer_named_params,
+    megatron_named_params,
+    per_expert,
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class ParamSlot:
     name: str  # megatron name under global layer numbering
     start: int
     shape: tuple[int, ...]
+    experts: ExpertShard | None = None  # the experts an experts tensor holds
 
 
 @dataclass(frozen=True)
@@ -51,12 +57,12 @@ def _own_buffers(chunks) -> tuple[list[torch.Tensor], list[BufferSpec]]:
     """This stage's contiguous buffers and their index (DDP param_data, or a packed copy)."""
     buffers, specs = [], []
     for chunk in chunks:
-        names = {p: n for n, p in megatron_named_params([chunk])}
+        names = {p: (n, shard) for n, p, shard in layer_named_params([chunk])}
         ddp_buffers = _ddp_buffers(chunk)
         if ddp_buffers and all(b.param_data is not None for b in ddp_buffers):
             for b in ddp_buffers:
                 slots = tuple(
-                    ParamSlot(names[p], start, tuple(p.shape))
+                    ParamSlot(*names[p][:1], start, tuple(p.shape), names[p][1])
                     for p, (start, _end, _bucket) in b.param_index_map.items()
                 )
                 buffers.append(b.param_data)
@@ -65,14 +71,14 @@ def _own_buffers(chunks) -> tuple[list[torch.Tensor], list[BufferSpec]]:
             # No distributed optimizer: DDP keeps no param buffer; pack one (one copy of this
             # stage, rebuilt at each gather).
             by_dtype: dict[torch.dtype, list] = {}
-            for p, n in names.items():
-                by_dtype.setdefault(p.dtype, []).append((n, p))
+            for p, (n, shard) in names.items():
+                by_dtype.setdefault(p.dtype, []).append((n, p, shard))
             for dtype, items in by_dtype.items():
                 slots, start = [], 0
-                for n, p in items:
-                    slots.append(ParamSlot(n, start, tuple(p.shape)))
+                for n, p, shard in items:
+                    slots.append(ParamSlot(n, start, tuple(p.shape), shard))
                     start += p.numel()
-                flat = torch.cat([p.detach().reshape(-1) for _, p in items])
+                flat = torch.cat([p.detach().reshape(-1) for _, p, _ in items])
                 buffers.append(flat)
                 specs.append(BufferSpec(dtype, start, tuple(slots)))
     return buffers, specs
@@ -139,7 +145,11 @@ class AllGatherPPModel:
                 n = 1
                 for d in slot.shape:
                     n *= d
-                yield slot.name, buf[slot.start : slot.start + n].view(slot.shape)
+                view = buf[slot.start : slot.start + n].view(slot.shape)
+                if slot.experts is None:
+                    yield slot.name, view
+                else:
+                    yield from per_expert(slot.name, view, slot.experts)
 
     def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The whole model (this rank's TP shard) under global layer numbering, in model

@@ -48,7 +48,12 @@ from hybrid_engine.memory import (
 from tandem_core import cpu_compat
 from tandem_core import distributed as D
 from tandem_core.protocol import Batch
-from weight_loaders import DirectCopies, plan_direct_copies, stream_hf_weights
+from weight_loaders import (
+    DirectCopies,
+    plan_direct_copies,
+    stream_hf_weights,
+    with_every_expert,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +181,8 @@ class MegatronShardingManager(BaseShardingManager):
         named = self.allgather.named_parameters()
         if names is not None:
             named = ((n, t) for n, t in named if n in names)
+        # Each EP rank holds a share of the experts; the engine gets all of them.
+        named = with_every_expert(named, self.worker.args, D.ep_group())
         stream = stream_hf_weights(named, self.worker.args, D.tp_group(), self.bucket_mb)
         # Buckets are the unit an out-of-process transport ships; an in-process engine loads
         # pairs, so they are flattened again (still lazy: one bucket materialised at a time).

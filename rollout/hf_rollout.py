@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from archs import ARCHS
 from rollout.assemble import build_output, prompt_token_lists
 from rollout.base import BaseRollout, EngineParameters, register_rollout
 from rollout.sampling import SamplingSettings, checkpoint_defaults, resolve_sampling
@@ -134,11 +135,22 @@ class HFRollout(BaseRollout):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        # Experts may come one by one while transformers stacks them ([E, rows, cols]): the
+        # architecture says where each one lives (archs/base.py `fused_name`).
+        arch = ARCHS.get(self.model.config.model_type)
+        fused_name = arch.fused_name if arch is not None else None
         with torch.no_grad():
             for name, tensor in weights:
-                if name not in params:
+                if name in params:
+                    params[name].copy_(tensor)
+                    continue
+                where = fused_name(name) if fused_name else None
+                if where is None or where[0] not in params:
                     raise KeyError(f"{name!r} is not a parameter of the HF rollout model")
-                params[name].copy_(tensor)
+                fused, expert, half = where
+                rows = len(tensor)
+                start = rows * half if half >= 0 else 0
+                params[fused][expert, start : start + rows].copy_(tensor)
 
     def engine_parameters(self) -> EngineParameters | None:
         return EngineParameters(dict(self.model.named_parameters()), {}, tp_size=1)

@@ -45,6 +45,14 @@ class ModelConfig:
     random_init: bool = False
     """Random weights (megatron's init, std 0.02) instead of the checkpoint's: for benchmarks and
     the shape-only presets. The engine starts with dummy weights; the first sync fills them."""
+    moe_experts: str = "grouped"
+    """Mixture-of-experts layers: grouped (all local experts in one grouped matmul,
+    tandem_core/moe.py) | sequential (megatron's SequentialMLP, one expert after another)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the router's load-balancing loss (megatron's aux_loss) in every trained role;
+    0 = off (RL from a balanced pretrained router usually keeps it off)."""
+    moe_z_loss_coeff: float = 0.0
+    """Weight of the router's z-loss (ST-MoE); 0 = off."""
 
 
 @dataclass
@@ -57,6 +65,9 @@ class ParallelConfig:
     """Model chunks per PP stage (interleaved 1F1B); None = no VPP."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs TP > 1)."""
+    expert_model_parallel_size: int = 1
+    """Training EP: the experts of each MoE layer split over this many ranks (carved out of
+    data parallelism: it must divide DP); tokens reach them by all-to-all."""
     use_distributed_optimizer: bool = True
     """Shard optimizer states over data-parallel ranks (megatron's distributed optimizer)."""
 

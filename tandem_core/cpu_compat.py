@@ -47,6 +47,10 @@ class _NullStream:
     def __getattr__(self, name):
         return lambda *a, **k: None
 
+    def record_event(self, *args, **kwargs):
+        # megatron's MoE dispatcher synchronises on the event a stream records.
+        return _NullStream()
+
 
 def patch_cuda_runtime() -> None:
     """Point the CUDA runtime calls megatron makes at CPU equivalents. Idempotent; CPU only."""
@@ -77,6 +81,20 @@ def patch_cuda_runtime() -> None:
 
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    # megatron's all-to-all MoE dispatcher hands c10d its split sizes as the numpy arrays
+    # `maybe_move_tensor_to_cpu(..., as_numpy=True)` makes of CUDA tensors; CPU tensors come
+    # back unchanged, and gloo's all_to_all_single refuses a tensor as split sizes.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    to_host = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def to_host_as_numpy(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return to_host(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host_as_numpy
     _PATCHED = True
 
 

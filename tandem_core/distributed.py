@@ -102,6 +102,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
         )
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
@@ -162,6 +163,24 @@ def dp_rank() -> int:
     from megatron.core import parallel_state as mpu
 
     return mpu.get_data_parallel_rank()
+
+
+def ep_group():
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_expert_model_parallel_group()
+
+
+def ep_rank() -> int:
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_expert_model_parallel_rank()
+
+
+def ep_size() -> int:
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_expert_model_parallel_world_size()
 
 
 def dp_size() -> int:

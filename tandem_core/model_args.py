@@ -36,6 +36,28 @@ class ModelArgs:
     qkv_bias: bool = False
     qk_norm: bool = False
     """RMSNorm over each head of q and k before RoPE (Qwen3)."""
+    num_experts: int = 0
+    """Routed experts of a mixture-of-experts layer; 0 = a dense model."""
+    moe_ffn_hidden_size: int = 0
+    """FFN width of one expert."""
+    moe_router_topk: int = 0
+    """Experts each token is routed to."""
+    moe_norm_topk_prob: bool = True
+    """Renormalise the top-k routing probabilities to sum to 1 (Qwen3-MoE's norm_topk_prob);
+    False: the softmax over all experts, taken at the top k."""
+    moe_layers: tuple[int, ...] = ()
+    """1 where layer i is a mixture-of-experts layer, 0 where it is dense (one entry per layer);
+    () with num_experts > 0: every layer."""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def moe_layer_pattern(self) -> list[int]:
+        """One 0/1 per layer (megatron's `moe_layer_freq` as a list)."""
+        if not self.is_moe:
+            return [0] * self.num_layers
+        return list(self.moe_layers) if self.moe_layers else [1] * self.num_layers
 
     def padded_vocab_size(self, tp: int) -> int:
         """Vocab rounded up so every TP rank holds an equal slice (megatron's convention)."""

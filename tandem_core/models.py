@@ -32,6 +32,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from tandem_core import cpu_compat
 from tandem_core.config import ParallelConfig
 from tandem_core.model_args import ModelArgs
+from tandem_core.moe import TorchGroupedMLP, fix_router_without_te
 from tandem_core.registry import Registry
 
 
@@ -180,35 +181,61 @@ class SDPASelfAttention(SelfAttention):
 
 
 # ---- specs ------------------------------------------------------------------------------------
-def _local_layer_spec(config: TransformerConfig) -> ModuleSpec:
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+EXPERTS = Registry("experts module")
+"""model.moe_experts -> the experts slot of a mixture-of-experts layer, given megatron's MoE
+MLP spec: sequential keeps megatron's SequentialMLP."""
+EXPERTS.add("sequential", lambda mlp_spec: mlp_spec.submodules.experts)
+EXPERTS.add("grouped", lambda mlp_spec: ModuleSpec(module=TorchGroupedMLP))
+
+
+def _local_layer_spec(config: TransformerConfig, moe: bool, experts: str) -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts if moe else None,
+        normalization="RMSNorm",
+        qk_layernorm=config.qk_layernorm,
+    )
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     if config.qk_layernorm:  # per-head norms of q and k (Qwen3); megatron sums their grads
         attention = spec.submodules.self_attention.submodules  # over TP (finalize_model_grads)
         attention.q_layernorm = attention.k_layernorm = RMSNorm
+    if moe:
+        spec.submodules.mlp.submodules.experts = EXPERTS[experts](spec.submodules.mlp)
     return spec
 
 
-def get_local_block_spec(config: TransformerConfig, num_layers: int) -> TransformerBlockSubmodules:
-    return TransformerBlockSubmodules(
-        layer_specs=[_local_layer_spec(config)] * num_layers, layer_norm=RMSNorm
-    )
+def _local_layers(config: TransformerConfig, vp_stage: int | None) -> list[bool]:
+    """Whether each layer this PP stage (VPP chunk) builds is a mixture-of-experts layer."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    pattern = config.moe_layer_freq if config.num_moe_experts else [0] * config.num_layers
+    return [bool(pattern[i]) for i in range(offset, offset + count)]
 
 
-def get_sdpa_block_spec(config: TransformerConfig, num_layers: int) -> TransformerBlockSubmodules:
-    spec = _local_layer_spec(config)
-    spec.submodules.self_attention.module = SDPASelfAttention
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
+def get_local_block_spec(
+    config: TransformerConfig, vp_stage: int | None, experts: str = "grouped"
+) -> TransformerBlockSubmodules:
+    layers = [_local_layer_spec(config, moe, experts) for moe in _local_layers(config, vp_stage)]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=RMSNorm)
 
 
-def get_te_block_spec(config: TransformerConfig, num_layers: int):
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+def get_sdpa_block_spec(
+    config: TransformerConfig, vp_stage: int | None, experts: str = "grouped"
+) -> TransformerBlockSubmodules:
+    block = get_local_block_spec(config, vp_stage, experts)
+    for spec in block.layer_specs:
+        spec.submodules.self_attention.module = SDPASelfAttention
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return block
 
-    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+
+def get_te_block_spec(config: TransformerConfig, vp_stage: int | None, experts: str = "grouped"):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=True, vp_stage=vp_stage)
 
 
 LAYER_SPECS = Registry("layer spec")
@@ -226,11 +253,41 @@ def resolve_layer_spec(name: str) -> str:
 
 
 # ---- config and model -------------------------------------------------------------------------
+def moe_config_fields(args: ModelArgs, aux_loss_coeff: float, z_loss_coeff: float) -> dict:
+    """megatron's mixture-of-experts settings for `args` (none for a dense model).
+
+    The router: a softmax over the experts' logits, top-k. Renormalising the top k (Qwen3-MoE's
+    norm_topk_prob) is megatron's default order, top-k of the logits then a softmax over those k
+    (the same numbers); without it, megatron's pre-softmax order (softmax over all, top-k).
+    Tokens reach experts by megatron's all-to-all dispatcher (gloo has all_to_all on CPU)."""
+    if not args.is_moe:
+        return {"moe_token_dispatcher_type": "alltoall"}  # dense: only to pass its own check
+    return dict(
+        num_moe_experts=args.num_experts,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+        moe_router_topk=args.moe_router_topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not args.moe_norm_topk_prob,
+        moe_layer_freq=args.moe_layer_pattern(),
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
+        moe_aux_loss_coeff=aux_loss_coeff,
+        moe_z_loss_coeff=z_loss_coeff or None,
+        moe_router_dtype="fp32",
+        moe_permute_fusion=False,
+    )
+
+
 def build_transformer_config(
-    args: ModelArgs, parallel: ParallelConfig, dtype: str = "float32"
+    args: ModelArgs,
+    parallel: ParallelConfig,
+    dtype: str = "float32",
+    moe_aux_loss_coeff: float = 0.0,
+    moe_z_loss_coeff: float = 0.0,
 ) -> TransformerConfig:
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     return TransformerConfig(
+        **moe_config_fields(args, moe_aux_loss_coeff, moe_z_loss_coeff),
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
@@ -260,12 +317,12 @@ def build_transformer_config(
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
         use_cpu_initialization=not cpu_compat.cuda_available(),
         params_dtype=torch_dtype,
         pipeline_dtype=torch_dtype,
         bf16=torch_dtype == torch.bfloat16,
         variable_seq_lengths=True,
-        moe_token_dispatcher_type="alltoall",  # dense models; only to satisfy the check above
         # Activations of the pipeline stay in fp32 on CPU tests so equality checks are tight.
         deallocate_pipeline_outputs=True,
         # The interleaved (VPP) schedule's batched p2p posts both directions between the same
@@ -346,14 +403,15 @@ def build_gpt_model(
     post_process: bool = True,
     vp_stage: int | None = None,
     value_head: bool = False,
+    experts: str = "grouped",
 ) -> GPTModel:
-    """One model chunk (the layers this PP stage / VPP chunk owns)."""
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-
+    """One model chunk (the layers this PP stage / VPP chunk owns). `experts`: the module of
+    the mixture-of-experts layers (EXPERTS: grouped | sequential)."""
     spec_name = resolve_layer_spec(layer_spec)
+    if config.num_moe_experts:
+        fix_router_without_te()
     with cpu_compat.megatron_device_scope():
-        num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-        spec = LAYER_SPECS[spec_name](config, num_layers)
+        spec = LAYER_SPECS[spec_name](config, vp_stage, experts)
         model = ResponseRowsGPTModel(
             config=config,
             transformer_layer_spec=spec,

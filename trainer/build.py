@@ -27,7 +27,7 @@ from trainer.state.signals import install_signal_handlers
 from trainer.tracking import Tracker
 from trainer.workers.actor import MegatronActor
 from trainer.workers.critic import MegatronCritic
-from trainer.workers.model import build_model_worker, copy_weights
+from trainer.workers.model import MoESettings, build_model_worker, copy_weights
 from trainer.workers.reference import MegatronReference
 
 
@@ -96,7 +96,9 @@ def build_components(cfg: TandemConfig, run_dir: Path, args: ModelArgs) -> Compo
     steps = cfg.trainer.total_steps * max(
         1, cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size
     )
-    common = dict(parallel=cfg.parallel, dtype=cfg.model.dtype, layer_spec=cfg.model.layer_spec)
+    m = cfg.model
+    moe = MoESettings(m.moe_experts, m.moe_aux_loss_coeff, m.moe_z_loss_coeff)
+    common = dict(parallel=cfg.parallel, dtype=m.dtype, layer_spec=m.layer_spec, moe=moe)
     weights_dir = None if cfg.model.random_init else hf_dir  # None: megatron's random init
     actor_worker = build_model_worker(
         args,

@@ -15,7 +15,13 @@ from weight_loaders.direct_copy import DirectCopies, plan_direct_copies
 from weight_loaders.hf_export import export_megatron_to_hf
 from weight_loaders.hf_import import load_hf_into_megatron
 from weight_loaders.names import WeightLoaderError, expected_hf_names, weight_map
-from weight_loaders.stream import bucket, iter_hf_tensors, megatron_named_params, stream_hf_weights
+from weight_loaders.stream import (
+    bucket,
+    iter_hf_tensors,
+    megatron_named_params,
+    stream_hf_weights,
+    with_every_expert,
+)
 from weight_loaders.transforms import (
     LAYOUTS,
     deinterleave_qkv,
@@ -45,4 +51,5 @@ __all__ = [
     "split_gate_up",
     "stream_hf_weights",
     "weight_map",
+    "with_every_expert",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,10 +20,11 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from archs import model_args_from_hf
+from archs import ARCHS, model_args_from_hf
 from tandem_core.model_args import ModelArgs
-from weight_loaders.names import WeightLoaderError
-from weight_loaders.stream import iter_hf_tensors, megatron_named_params
+from weight_loaders.hf_import import SafetensorsCheckpoint
+from weight_loaders.names import WeightLoaderError, expected_hf_names
+from weight_loaders.stream import iter_hf_tensors, megatron_named_params, with_every_expert
 
 # Files of the source directory that are weights (rewritten here), not config or tokenizer.
 _WEIGHT_SUFFIXES = (
@@ -34,6 +36,40 @@ _WEIGHT_SUFFIXES = (
     ".safetensors.index.json",
     ".bin.index.json",
 )
+
+
+def source_stacks_experts(hf_source_dir: Path, args: ModelArgs) -> bool:
+    """Whether the source checkpoint holds its experts stacked (then the export does too, so a
+    round trip gives the same files; hub checkpoints and a weightless source name experts one
+    by one)."""
+    fused_name = ARCHS[args.arch].fused_name
+    if fused_name is None:
+        return False
+    stacked = {w[0] for n in expected_hf_names(args) if (w := fused_name(n)) is not None}
+    try:
+        with ExitStack() as stack:
+            names = SafetensorsCheckpoint(hf_source_dir, stack).names()
+    except WeightLoaderError:  # no weights (model.random_init)
+        return False
+    return bool(stacked & names)
+
+
+def stack_experts(tensors: dict[str, torch.Tensor], fused_name) -> dict[str, torch.Tensor]:
+    """Per-expert tensors stacked ([E, rows, cols], gate and up rows one after the other), for
+    an architecture that has such a layout (`fused_name`)."""
+    out, stacks = {}, {}
+    for name, tensor in tensors.items():
+        where = fused_name(name)
+        if where is None:
+            out[name] = tensor
+        else:
+            fused, expert, half = where
+            stacks.setdefault(fused, {})[(expert, half)] = tensor
+    for fused, parts in stacks.items():
+        experts = sorted({e for e, _ in parts})
+        halves = sorted({h for _, h in parts})
+        out[fused] = torch.stack([torch.cat([parts[(e, h)] for h in halves]) for e in experts])
+    return out
 
 
 def shard_file_name(pp_rank: int, pp_size: int) -> str:
@@ -91,11 +127,15 @@ def export_megatron_to_hf(
     writer = mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_data_parallel_rank() == 0
     pp_size = mpu.get_pipeline_model_parallel_world_size()
     tensors = {}
-    named = megatron_named_params(model_chunks, config)
+    named = with_every_expert(
+        megatron_named_params(model_chunks, config), args, mpu.get_expert_model_parallel_group()
+    )
     for hf_name, tensor in iter_hf_tensors(named, args, mpu.get_tensor_model_parallel_group()):
         if writer:
             tensors[hf_name] = tensor.detach().to("cpu", copy=True).contiguous()
     if writer:
+        if source_stacks_experts(Path(hf_source_dir), args):
+            tensors = stack_experts(tensors, ARCHS[args.arch].fused_name)
         pp_rank = mpu.get_pipeline_model_parallel_rank()
         save_file(tensors, out / shard_file_name(pp_rank, pp_size), metadata={"format": "pt"})
     del tensors

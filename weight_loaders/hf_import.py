@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from archs import ARCHS
 from tandem_core.model_args import ModelArgs
 from tandem_core.models import ValueHead
 from weight_loaders.names import WeightLoaderError, expected_hf_names, lookup, weight_map
@@ -24,10 +25,32 @@ from weight_loaders.transforms import LAYOUTS
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class SafetensorsCheckpoint:
-    """Lazy access to the tensors of an HF directory (sharded with an index, or one file)."""
+class ExpertSlice:
+    """One expert's tensor inside a stacked expert tensor [E, rows, cols], sliced lazily like
+    safetensors' own slices: `half` 0/1 picks half of the rows (gate, up), -1 all of them."""
 
-    def __init__(self, hf_dir: str | Path, stack: ExitStack):
+    def __init__(self, stacked, expert: int, half: int):
+        self.stacked, self.expert, self.half = stacked, expert, half
+        _, rows, cols = stacked.get_shape()
+        self.rows = rows // 2 if half >= 0 else rows
+        self.shape = [self.rows, cols]
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def __getitem__(self, index: tuple[slice, slice]) -> torch.Tensor:
+        rows, cols = index
+        start, stop, _ = rows.indices(self.rows)
+        base = self.rows * max(self.half, 0)
+        return self.stacked[self.expert, base + start : base + stop, cols]
+
+
+class SafetensorsCheckpoint:
+    """Lazy access to the tensors of an HF directory (sharded with an index, or one file).
+    `fused_name` (the architecture's, archs/base.py): per-expert names are also found inside
+    stacked expert tensors, so either expert layout reads the same."""
+
+    def __init__(self, hf_dir: str | Path, stack: ExitStack, fused_name=None):
         self.dir = Path(hf_dir)
         index = self.dir / "model.safetensors.index.json"
         if index.exists():
@@ -38,15 +61,18 @@ class SafetensorsCheckpoint:
                 raise WeightLoaderError(f"no model.safetensors(.index.json) in {self.dir}")
             with safe_open(single, framework="pt") as f:
                 self.files = {name: single.name for name in f.keys()}
+        self.fused_name = fused_name
         self._stack = stack
         self._handles = {}
 
     def names(self) -> set[str]:
         return {n for n in self.files if not n.endswith(_IGNORED_SUFFIXES)}
 
-    def slice(self, name: str):
-        if name not in self.files:
-            raise WeightLoaderError(f"tensor {name!r} is missing from the checkpoint {self.dir}")
+    def _stacked(self, name: str) -> tuple[str, int, int] | None:
+        where = self.fused_name(name) if self.fused_name else None
+        return where if where is not None and where[0] in self.files else None
+
+    def _slice(self, name: str):
         file = self.files[name]
         if file not in self._handles:
             self._handles[file] = self._stack.enter_context(
@@ -54,14 +80,31 @@ class SafetensorsCheckpoint:
             )
         return self._handles[file].get_slice(name)
 
+    def slice(self, name: str):
+        if name in self.files:
+            return self._slice(name)
+        stacked = self._stacked(name)
+        if stacked is None:
+            raise WeightLoaderError(f"tensor {name!r} is missing from the checkpoint {self.dir}")
+        fused, expert, half = stacked
+        return ExpertSlice(self._slice(fused), expert, half)
 
-def check_names(ckpt_names: set[str], args: ModelArgs) -> None:
+
+def check_names(ckpt_names: set[str], args: ModelArgs, fused_name=None) -> None:
     """The checkpoint holds exactly the tensors `args` implies (lm_head tolerated when tied:
-    some tied checkpoints store the copy, and HF ignores it)."""
+    some tied checkpoints store the copy, and HF ignores it); experts in either layout."""
     expected = set(expected_hf_names(args))
-    missing = sorted(expected - ckpt_names)
+    stacked = {}
+    for name in expected - ckpt_names:
+        where = fused_name(name) if fused_name else None
+        if where is not None and where[0] in ckpt_names:
+            stacked[name] = where[0]
+    missing = sorted(expected - ckpt_names - set(stacked))
     extra = sorted(
-        ckpt_names - expected - ({"lm_head.weight"} if args.tie_word_embeddings else set())
+        ckpt_names
+        - expected
+        - set(stacked.values())
+        - ({"lm_head.weight"} if args.tie_word_embeddings else set())
     )
     if missing:
         raise WeightLoaderError(
@@ -86,8 +129,9 @@ def load_hf_into_megatron(model_chunks: list, hf_dir, args: ModelArgs, config) -
         )
     weights = weight_map(args)
     with ExitStack() as stack:
-        ckpt = SafetensorsCheckpoint(hf_dir, stack)
-        check_names(ckpt.names(), args)
+        fused_name = ARCHS[args.arch].fused_name
+        ckpt = SafetensorsCheckpoint(hf_dir, stack, fused_name)
+        check_names(ckpt.names(), args, fused_name)
         for chunk in model_chunks:
             model = unwrap_model(chunk)
             value_head = model.post_process and isinstance(model.output_layer, ValueHead)

@@ -22,33 +22,46 @@ def weight_map(args: ModelArgs) -> WeightMap:
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^(.*\.experts\.local_experts)\.(\d+)\.(.+)$")
 
 
-def split_layer(name: str) -> tuple[str, int | None]:
-    """'decoder.layers.7.mlp.linear_fc2.weight' -> ('decoder.layers.{i}.mlp.linear_fc2.weight', 7)."""
+def split_layer(name: str) -> tuple[str, int | None, int | None]:
+    """'decoder.layers.7.mlp.experts.local_experts.3.linear_fc2.weight' ->
+    ('decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc2.weight', 7, 3): the pattern,
+    the global layer number and the global expert number (None where there is none)."""
     m = _LAYER.match(name)
     if m is None:
-        return name, None
-    return f"decoder.layers.{{i}}.{m.group(2)}", int(m.group(1))
+        return name, None, None
+    pattern, layer, expert = f"decoder.layers.{{i}}.{m.group(2)}", int(m.group(1)), None
+    e = _EXPERT.match(pattern)
+    if e is not None:
+        pattern, expert = f"{e.group(1)}.{{e}}.{e.group(3)}", int(e.group(2))
+    return pattern, layer, expert
 
 
 def lookup(weights: WeightMap, megatron_name: str) -> tuple[Rule, list[str]]:
-    """The rule for a megatron name (global layer numbering) and its concrete HF names."""
-    pattern, layer = split_layer(megatron_name)
+    """The rule for a megatron name (global layer and expert numbering) and its HF names."""
+    pattern, layer, expert = split_layer(megatron_name)
     if pattern not in weights:
         raise WeightLoaderError(
             f"megatron parameter {megatron_name!r} has no HF counterpart in this architecture"
         )
     rule = weights[pattern]
-    return rule, [h.format(i=layer) for h in rule.hf]
+    return rule, [h.format(i=layer, e=expert) for h in rule.hf]
 
 
 def expected_hf_names(args: ModelArgs) -> Iterator[str]:
-    """Every HF tensor name a checkpoint of `args` must hold (lm_head only when untied)."""
+    """Every HF tensor name a checkpoint of `args` must hold (lm_head only when untied; MoE
+    rules only on MoE layers, dense ones only on the others; experts by their own names)."""
+    moe = args.moe_layer_pattern()
     for pattern, rule in weight_map(args).items():
         if pattern == "output_layer.weight" and args.tie_word_embeddings:
             continue
         layers = range(args.num_layers) if "{i}" in pattern else [None]
         for i in layers:
-            for h in rule.hf:
-                yield h.format(i=i)
+            if i is not None and rule.on is not None and rule.on != ("moe" if moe[i] else "dense"):
+                continue
+            experts = range(args.num_experts) if "{e}" in pattern else [None]
+            for e in experts:
+                for h in rule.hf:
+                    yield h.format(i=i, e=e)

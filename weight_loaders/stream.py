@@ -12,12 +12,13 @@ consumers copy it (as every engine's `load_weights` does) before the parameter c
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from tandem_core.model_args import ModelArgs
-from weight_loaders.names import lookup, weight_map
+from weight_loaders.names import lookup, split_layer, weight_map
 from weight_loaders.transforms import LAYOUTS
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -33,23 +34,94 @@ def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
-def megatron_named_params(model_chunks: list, config=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """A rank's chunk parameters renamed from local to global layer numbers.
+@dataclass(frozen=True)
+class ExpertShard:
+    """Which of a layer's experts a rank's experts tensor holds: `local` of them, numbered from
+    `offset` (the EP rank × local)."""
+
+    local: int
+    offset: int
+
+
+def layer_named_params(
+    model_chunks: list,
+) -> Iterator[tuple[str, torch.Tensor, ExpertShard | None]]:
+    """A rank's chunk parameters renamed from local to global layer numbers, each with the
+    experts it holds (None for a parameter that is no expert's).
 
     The global number is what the layer module itself carries (`layer_number`, 1-based, set
     by megatron from the PP rank's and VPP stage's offset when the chunk was built), so this
-    holds for any PP/VPP layout and for uneven first/last stages. `config` is accepted for
-    API symmetry and not needed.
-    """
-    del config
+    holds for any PP/VPP layout and for uneven first/last stages."""
     for chunk in model_chunks:
         model = unwrap_model(chunk)
         layers = model.decoder.layers
         for name, param in model.named_parameters():
+            shard = None
             if name.startswith("decoder.layers."):
                 local, rest = name[len("decoder.layers.") :].split(".", 1)
-                name = f"decoder.layers.{layers[int(local)].layer_number - 1}.{rest}"
+                layer = layers[int(local)]
+                name = f"decoder.layers.{layer.layer_number - 1}.{rest}"
+                if rest.startswith("mlp.experts."):
+                    experts = layer.mlp.experts
+                    count = experts.num_local_experts
+                    shard = ExpertShard(count, experts.ep_group.rank() * count)
+            yield name, param, shard
+
+
+def per_expert(name: str, tensor: torch.Tensor, shard: ExpertShard):
+    """An experts parameter as (name, tensor) per expert, named as megatron's SequentialMLP
+    names them (`mlp.experts.local_experts.{e}.linear_fc1.weight`) with `e` the global expert
+    number, whichever experts module holds them: SequentialMLP's own parameters renumbered, or
+    views of the stacked `weight1` [h, E·2f] / `weight2` [E·f, h] of a grouped module
+    (megatron's GroupedMLP layout: expert j's fc1 is view(E, h, -1)[j] transposed)."""
+    head, _, tail = name.partition("mlp.experts.")
+    if tail in ("weight1", "weight2"):
+        fc = "linear_fc1" if tail == "weight1" else "linear_fc2"
+        blocks = (
+            tensor.view(shard.local, tensor.shape[0], -1)
+            if tail == "weight1"
+            else tensor.view(shard.local, -1, tensor.shape[1])
+        )
+        for j in range(shard.local):  # indexing, not unbind: the views are written in place
+            yield f"{head}mlp.experts.local_experts.{shard.offset + j}.{fc}.weight", blocks[j].t()
+        return
+    _, j, rest = tail.split(".", 2)  # local_experts.{j}.<rest>
+    yield f"{head}mlp.experts.local_experts.{shard.offset + int(j)}.{rest}", tensor
+
+
+def megatron_named_params(model_chunks: list, config=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """A rank's parameters under global layer numbering, experts one by one under global
+    expert numbers (see `layer_named_params`, `per_expert`). `config` is accepted for API
+    symmetry and not needed."""
+    del config
+    for name, param, shard in layer_named_params(model_chunks):
+        if shard is None:
             yield name, param
+        else:
+            yield from per_expert(name, param, shard)
+
+
+def with_every_expert(
+    global_named_params: NamedTensors, args: ModelArgs, ep_group=None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The same pairs, each expert tensor completed by the other EP ranks' experts (one
+    all-gather over EP per local expert tensor, in step on every EP rank): what an engine or an
+    HF export needs, since each EP rank holds only num_experts / EP of every layer's experts."""
+    size = 1 if ep_group is None else dist.get_world_size(ep_group)
+    if size == 1:
+        yield from global_named_params
+        return
+    rank, local = dist.get_rank(ep_group), args.num_experts // size
+    for name, tensor in global_named_params:
+        pattern, layer, expert = split_layer(name)
+        if expert is None:
+            yield name, tensor
+            continue
+        parts = [torch.empty_like(tensor) for _ in range(size)]
+        dist.all_gather(parts, tensor.detach().contiguous(), group=ep_group)
+        for r, part in enumerate(parts):
+            e = expert + (r - rank) * local
+            yield pattern.format(i=layer, e=e), part
 
 
 def _gather_tp(shard: torch.Tensor, group) -> list[torch.Tensor]:

@@ -100,6 +100,16 @@ CASES = {
     ],
     # Qwen3: per-head q/k norms through import, the first sync's stream and the direct copies
     # after it; every sync checked (engine log-probs = actor's, else the run stops).
+    # Qwen3-MoE at EP 2 (the experts of each layer split over the two data-parallel ranks,
+    # tokens by all-to-all): grouped experts, every sync checked on the hf engine.
+    "grpo-qwen3moe-ep2-hf": [
+        "model=tiny_qwen3_moe",
+        "algorithm=grpo",
+        "parallel=single",
+        "parallel.expert_model_parallel_size=2",
+        "rollout=hf",
+        "trainer.debug_check_weight_sync=true",
+    ],
     "grpo-qwen3-tp2-vllm-tp2": [
         "model=tiny_qwen3",
         "algorithm=grpo",

@@ -20,6 +20,16 @@ from trainer.workers.checkpoint import load_megatron, save_megatron
 from trainer.workers.optimizer import build_optimizer
 
 
+@dataclass(frozen=True)
+class MoESettings:
+    """How a role builds and trains mixture-of-experts layers (model.moe_* in the config)."""
+
+    experts: str = "grouped"
+    """grouped (tandem_core/moe.py) | sequential (megatron's SequentialMLP)."""
+    aux_loss_coeff: float = 0.0
+    z_loss_coeff: float = 0.0
+
+
 @dataclass
 class ModelWorker:
     args: ModelArgs
@@ -63,7 +73,9 @@ class ModelWorker:
         )
 
 
-def build_model_chunks(args: ModelArgs, config, layer_spec: str, value_head: bool) -> list:
+def build_model_chunks(
+    args: ModelArgs, config, layer_spec: str, value_head: bool, experts: str = "grouped"
+) -> list:
     from megatron.core import parallel_state as mpu
 
     vpp = config.virtual_pipeline_model_parallel_size or 1
@@ -72,7 +84,9 @@ def build_model_chunks(args: ModelArgs, config, layer_spec: str, value_head: boo
         vp_stage = vp if vpp > 1 else None
         pre = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        chunks.append(build_gpt_model(args, config, layer_spec, pre, post, vp_stage, value_head))
+        chunks.append(
+            build_gpt_model(args, config, layer_spec, pre, post, vp_stage, value_head, experts)
+        )
     return chunks
 
 
@@ -85,6 +99,7 @@ def build_model_worker(
     value_head: bool = False,
     optim: OptimConfig | None = None,
     total_optimizer_steps: int = 1,
+    moe: MoESettings | None = None,
 ) -> ModelWorker:
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -92,9 +107,10 @@ def build_model_worker(
         finalize_model_grads,
     )
 
-    config = build_transformer_config(args, parallel, dtype)
+    moe = moe or MoESettings()
+    config = build_transformer_config(args, parallel, dtype, moe.aux_loss_coeff, moe.z_loss_coeff)
     config.finalize_model_grads_func = finalize_model_grads
-    chunks = build_model_chunks(args, config, layer_spec, value_head)
+    chunks = build_model_chunks(args, config, layer_spec, value_head, moe.experts)
     if hf_dir is not None:  # else: megatron's own random init (model.random_init)
         weight_loaders.load_hf_into_megatron(chunks, hf_dir, args, config)
     if optim is None:

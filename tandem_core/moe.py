@@ -1,0 +1,236 @@
+"""MoE experts for megatron-core that run all local experts with torch's grouped matmul.
+
+megatron's MoE layer computes its routed experts with one of three modules: `SequentialMLP`
+(a Python loop over the experts, one pair of GEMMs each), `GroupedMLP` (needs the
+`grouped_gemm` CUDA extension and bf16) and `TEGroupedMLP` (needs transformer-engine). Neither
+extension exists on Tandem's machines, and no library we keep runs grouped experts without
+them; `torch._grouped_mm` (torch >= 2.11: the CUTLASS bf16 kernel on CUDA, with a slower
+fallback for fp32; a reference kernel on CPU, bf16 and fp32) does the same job.
+`TorchGroupedMLP` plugs it into megatron's `GroupedMLP`, keeping that class's parameters and
+distributed-checkpoint layout, so a checkpoint saved with `SequentialMLP` experts loads into
+it and back.
+
+Use it in the `experts` slot of megatron's MoE layer spec, e.g.
+`get_gpt_layer_local_spec(num_experts=n, moe_grouped_gemm=True)` with the experts
+`ModuleSpec(module=GroupedMLP)` replaced by `ModuleSpec(module=TorchGroupedMLP)`.
+
+Parameter layout (that of `GroupedMLP`; `E` local experts, `f = moe_ffn_hidden_size / expert
+TP`, `h` hidden), stored transposed with respect to `torch.nn.Linear` because the grouped GEMMs
+take `[K, N]` right-hand sides:
+- `weight1` [h, E * 2f] (GLU) or [h, E * f]: viewed as [E, h, 2f]; expert j's block is
+  `[gate_j | up_j]` along the last dim, i.e. `SequentialMLP`'s `local_experts.j.linear_fc1
+  .weight` ([2f, h] = [gate; up] on this expert-TP rank) transposed.
+- `weight2` [E * f, h]: viewed as [E, f, h]; expert j's block is `local_experts.j.linear_fc2
+  .weight` ([h, f]) transposed.
+`sequential_to_grouped` / `grouped_to_sequential` move one layer's weights between the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.moe import experts as megatron_experts
+from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+# torch's grouped GEMMs (CPU and CUDA) demand 16-byte aligned row strides.
+_ALIGN_BYTES = 16
+
+
+def grouped_mm_available() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+def expert_weights(grouped: GroupedMLP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of `weight1` as [E, h, fc1 width] and `weight2` as [E, f, h]: per local expert,
+    the right-hand sides of its fc1 and fc2 GEMMs (the layout GroupedMLP's forward uses)."""
+    h, n = grouped.config.hidden_size, grouped.num_local_experts
+    return grouped.weight1.view(n, h, -1), grouped.weight2.view(n, -1, h)
+
+
+def fix_router_without_te() -> None:
+    """Let megatron's MoE router run without transformer-engine (idempotent, a no-op with TE).
+
+    megatron-core 0.16.1's `router_gating_linear` tests `te_general_gemm is not None`, but
+    `moe_utils` binds that name only when transformer-engine imports: without TE every MoE
+    forward (SequentialMLP's too) dies of a NameError. None is the value the check expects, and
+    selects its plain `torch.mm` path. Call it before running a MoE layer.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: `_grouped_mm`'s
+    backward rejects strided gradients such as the expanded one of `out.sum()`."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # An empty tensor counts as contiguous whatever its strides, so T = 0 gets a fresh one.
+        return grad.contiguous() if grad.numel() else grad.new_zeros(grad.shape)
+
+
+@contextlib.contextmanager
+def _grouped_gemm_check_skipped():
+    """GroupedMLP.__init__ asserts that the `grouped_gemm` extension imports, though only its
+    own forward (replaced below) uses it. The assert is a no-op for the duration of the
+    constructor only, then restored."""
+    gg = megatron_experts.gg
+    saved = gg.assert_grouped_gemm_is_available
+    gg.assert_grouped_gemm_is_available = lambda: None
+    try:
+        yield
+    finally:
+        gg.assert_grouped_gemm_is_available = saved
+
+
+class TorchGroupedMLP(GroupedMLP):
+    """megatron's `GroupedMLP` (same parameters, attributes and `sharded_state_dict`) with a
+    forward through `torch._grouped_mm`: one GEMM for every local expert's fc1, one for fc2.
+
+    The forward follows megatron's `MLP` as each expert of `SequentialMLP` runs it: fc1, GLU
+    (`act(gate) * (up + glu_linear_offset)`, with `activation_func_clamp_value`), times the
+    router probability, cast back, fc2; on CUDA with `bias_activation_fusion` and SwiGLU the
+    same fused weighted-SwiGLU kernel as `MLP`. Its bf16-only assert is not inherited (the
+    forward is replaced), so fp32 works. Where the grouped kernel cannot run (no
+    `torch._grouped_mm`, or widths whose rows are not 16-byte aligned) it loops over the
+    experts instead.
+    """
+
+    def __init__(self, num_local_experts, config, submodules=None, pg_collection=None):
+        # `submodules` is accepted so that the class can replace SequentialMLP in a spec that
+        # carries its MLPSubmodules; the experts here have no submodules.
+        del submodules
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        with _grouped_gemm_check_skipped():
+            super().__init__(num_local_experts, config, pg_collection=pg_collection)
+
+    @property
+    def use_grouped_mm(self) -> bool:
+        """Whether the grouped kernel can run: read at each forward, since megatron's
+        Float16Module casts the weights to bf16 after construction (halving the byte widths)."""
+        n, size = self.num_local_experts, self.weight1.element_size()
+        widths = (self.config.hidden_size, self.weight1.shape[1] // n, self.weight2.shape[0] // n)
+        return grouped_mm_available() and all(w * size % _ALIGN_BYTES == 0 for w in widths)
+
+    def _activation_with_probs(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """megatron MLP's activation and per-token scaling (mlp.py), probs [T, 1]."""
+        config = self.config
+        if config.bias_activation_fusion and config.gated_linear_unit:
+            if config.activation_func is not F.silu:
+                raise ValueError("bias_activation_fusion with GLU experts supports SwiGLU only")
+            from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+            return weighted_bias_swiglu_impl(x, None, probs, config.activation_func_fp8_input_store)
+        dtype = x.dtype
+        if config.gated_linear_unit:
+            x_glu, x_linear = torch.chunk(x, 2, dim=-1)
+            if (val := config.activation_func_clamp_value) is not None:
+                x_glu = x_glu.clamp(min=None, max=val)
+                x_linear = x_linear.clamp(min=-val, max=val)
+            x = config.activation_func(x_glu) * (x_linear + config.glu_linear_offset)
+        else:
+            x = config.activation_func(x)
+        return (x * probs).to(dtype)
+
+    @staticmethod
+    def _gmm(x, w, offs, counts):
+        """Row block i of `x` (rows offs[i-1]:offs[i], or the i-th of `counts`) times `w[i]`,
+        for every local expert: one grouped GEMM given `offs`, else a loop over `counts`."""
+        if offs is not None:
+            return _ContiguousGrad.apply(torch._grouped_mm(x.contiguous(), w, offs=offs))
+        return torch.cat([xi @ w[i] for i, xi in enumerate(torch.split(x, counts))])
+
+    def forward(
+        self,
+        permuted_local_hidden_states: torch.Tensor,
+        tokens_per_expert: torch.Tensor,
+        permuted_probs: torch.Tensor,
+    ):
+        """[T, h] tokens sorted by local expert, [E] counts summing to T, [T] probs ->
+        ([T, h], None), as SequentialMLP."""
+        x, probs = permuted_local_hidden_states, permuted_probs
+        if self.config.moe_apply_probs_on_input:
+            assert self.config.moe_router_topk == 1, "moe_apply_probs_on_input needs topk 1"
+            x = (probs.unsqueeze(-1) * x).to(x.dtype)
+            probs = torch.ones_like(probs)
+        probs = probs.unsqueeze(-1)
+        if self.use_grouped_mm:
+            # Row ends per expert, on the device, without a host sync. Zero-token experts are
+            # empty groups; an empty batch is T = 0 (the weights still get zero gradients).
+            counts = None
+            offs = torch.cumsum(
+                tokens_per_expert.to(x.device, non_blocking=True), 0, dtype=torch.int32
+            )
+        else:
+            offs, counts = None, tokens_per_expert.tolist()
+        w1, w2 = expert_weights(self)
+        fc1 = self._gmm(x, w1, offs, counts)
+        if self.activation_recompute:
+            # As GroupedMLP: the activation output is freed after fc2 and recomputed from the
+            # fc1 output when fc2's backward needs it. fp8=None, not the default False: megatron
+            # tests `fp8 is not None`, so False would take its transformer-engine FP8 path.
+            self.activation_checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=None)
+            act = self.activation_checkpoint.checkpoint(self._activation_with_probs, fc1, probs)
+            out = self._gmm(act, w2, offs, counts)
+            self.activation_checkpoint.discard_output_and_register_recompute(out)
+        else:
+            out = self._gmm(self._activation_with_probs(fc1, probs), w2, offs, counts)
+        return out, None
+
+
+# ---- weights between SequentialMLP and TorchGroupedMLP, one layer (one rank's experts) -------
+def _check_pair(seq: SequentialMLP, grouped: GroupedMLP) -> None:
+    """Raise unless `seq` and `grouped` hold the same experts' shapes (copy_ would broadcast)."""
+    if seq.num_local_experts != grouped.num_local_experts:
+        raise ValueError(
+            f"{seq.num_local_experts} sequential experts vs {grouped.num_local_experts} grouped"
+        )
+    w1, w2 = expert_weights(grouped)
+    for j, expert in enumerate(seq.local_experts):
+        fc1, fc2 = expert.linear_fc1, expert.linear_fc2
+        if getattr(fc1, "bias", None) is not None or getattr(fc2, "bias", None) is not None:
+            raise ValueError("grouped experts have no biases (add_bias_linear=False)")
+        if fc1.weight.t().shape != w1[j].shape or fc2.weight.t().shape != w2[j].shape:
+            raise ValueError(
+                f"expert {j}: fc1 {tuple(fc1.weight.shape)}, fc2 {tuple(fc2.weight.shape)} do not "
+                f"match grouped blocks {tuple(w1[j].shape)}, {tuple(w2[j].shape)} transposed"
+            )
+
+
+@torch.no_grad()
+def sequential_to_grouped(seq: SequentialMLP, grouped: GroupedMLP) -> None:
+    """Copy `seq`'s local experts into `grouped` (a TorchGroupedMLP or GroupedMLP) in place.
+
+    SequentialMLP keeps expert j as an MLP whose `linear_fc1.weight` is [2f, h] (GLU; [f, h]
+    without), rows [gate; up] of this expert-TP rank's slice, and `linear_fc2.weight` [h, f].
+    GroupedMLP keeps the transposes side by side: `weight1.view(E, h, 2f)[j] = fc1_j.T`, so
+    gate and up are the first and second halves of expert j's columns (the order its GLU
+    chunks them and its `sharded_state_dict` maps them to the checkpoint's `w`/`v` halves),
+    and `weight2.view(E, f, h)[j] = fc2_j.T`.
+    """
+    _check_pair(seq, grouped)
+    w1, w2 = expert_weights(grouped)
+    for j, expert in enumerate(seq.local_experts):
+        w1[j].copy_(expert.linear_fc1.weight.t())
+        w2[j].copy_(expert.linear_fc2.weight.t())
+
+
+@torch.no_grad()
+def grouped_to_sequential(grouped: GroupedMLP, seq: SequentialMLP) -> None:
+    """The inverse of `sequential_to_grouped`: `grouped`'s experts into `seq`, in place."""
+    _check_pair(seq, grouped)
+    w1, w2 = expert_weights(grouped)
+    for j, expert in enumerate(seq.local_experts):
+        expert.linear_fc1.weight.copy_(w1[j].t())
+        expert.linear_fc2.weight.copy_(w2[j].t())

@@ -1,0 +1,63 @@
+"""Qwen3-MoE end to end through the weight loaders, at TP, PP and EP layouts (torchrun, gloo,
+fp32; tests/cpu/workers/wl_moe.py): both HF expert layouts import to the same parameters,
+logits equal transformers', the stream carries every expert, the export is bitwise the source.
+The experts module itself against megatron's SequentialMLP: tests/cpu/test_moe_experts.py."""
+
+from __future__ import annotations
+
+import pytest
+
+import archs
+from tandem_core.config import ConfigError
+from trainer.config_check import load_config
+
+LAYOUTS = {  # name: (processes, TP, PP, EP)
+    "single": (1, 1, 1, 1),
+    "tp2": (2, 2, 1, 1),
+    "pp2": (2, 1, 2, 1),
+    "ep2": (2, 1, 1, 2),
+    "tp2_ep2": (4, 2, 1, 2),
+}
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if n > 2 else name
+        for name, (n, *_) in LAYOUTS.items()
+    ],
+)
+def test_qwen3_moe_import_logits_stream_export(torchrun, tiny_ckpt, tmp_path, layout):
+    nproc, tp, pp, ep = LAYOUTS[layout]
+    tiny_ckpt("tiny_qwen3_moe")
+    r = torchrun("wl_moe.py", nproc, str(tp), str(pp), str(ep), str(tmp_path))
+    for label in ("per_expert", "stacked"):
+        assert r[f"logits_max_abs_diff_{label}"] < 1e-5, r
+        assert r[f"export_bitwise_{label}"] and r[f"hf_reload_equal_{label}"], r
+    assert r["imports_equal"]
+    assert r["streamed"] == r["per_expert_tensors"] == 113  # 3 MoE layers × 8 experts × 3 + rest
+
+
+def test_the_preset_reads_back_from_its_checkpoint(tiny_ckpt):
+    args = archs.model_args_from_hf(tiny_ckpt("tiny_qwen3_moe"))
+    assert args == archs.PRESETS["tiny_qwen3_moe"].args
+    assert args.moe_layer_pattern() == [1, 1, 0, 1] and args.moe_norm_topk_prob
+
+
+@pytest.mark.parametrize(
+    "overrides, world, key",
+    [
+        (["model=tiny_qwen3_moe", "rollout=hf", "parallel.expert_model_parallel_size=3"], 3, "parallel.expert_model_parallel_size: 3 does not divide the model's 8 experts"),
+        (["model=tiny_qwen3_moe", "rollout=hf", "parallel.expert_model_parallel_size=2"], 1, "parallel.expert_model_parallel_size: 2 does not divide the 1 data-parallel"),
+        (["parallel.expert_model_parallel_size=2"], 2, "parallel.expert_model_parallel_size: 2 needs a mixture-of-experts model"),
+        (["model=tiny_qwen3_moe", "rollout=hf", "model.moe_experts=loop"], 1, "model.moe_experts"),
+        (["model=tiny_qwen3_moe", "rollout=vllm"], 1, "rollout.name: 'vllm' does not take weight syncs of mixture-of-experts"),
+    ],
+)  # fmt: skip
+def test_expert_layout_rules(overrides, world, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(overrides, world_size=world)
+    load_config(
+        ["model=tiny_qwen3_moe", "parallel.expert_model_parallel_size=2", "rollout=hf"],
+        world_size=2,
+    )
