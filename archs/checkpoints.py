@@ -141,11 +141,17 @@ def build_tiny_checkpoint(preset: str | Preset, out_dir: str | os.PathLike) -> P
 
 def build_shape_dir(preset: str | Preset, out_dir: str | os.PathLike) -> Path:
     """An HF directory with the preset's config.json and the character tokenizer, no weights."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     tokenizer = build_char_tokenizer()
+    config = hf_config(preset.args, tokenizer)
+    # A saved model names its class; a bare config does not, and engines that pick a model
+    # class from `architectures` (vLLM 0.24 took a Qwen3 config for a pooling model) need it.
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
 
     def write(tmp: Path):
-        hf_config(preset.args, tokenizer).save_pretrained(tmp)
+        config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
     return _write_atomic(Path(out_dir), write)

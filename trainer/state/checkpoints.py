@@ -109,6 +109,8 @@ def identity_mismatches(saved: dict | None, now: dict) -> list[str]:
     before they were recorded) is not compared."""
     if saved is None:
         return []
+    # Compared as JSON holds them (a tuple field reads back as a list).
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))
     problems = []
     model = [
         f"{key} {value} (this run: {now['model'].get(key)})"

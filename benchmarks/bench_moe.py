@@ -1,0 +1,127 @@
+"""The actor update of a mixture-of-experts model: grouped experts (`TorchGroupedMLP`, one
+`torch._grouped_mm` per GEMM for all local experts) vs megatron's `SequentialMLP` (one GEMM
+pair per expert), side by side in one run, and the grouped update's MFU on active parameters.
+
+    python -m benchmarks.bench_moe [--model qwen3_30b_a3b] [--layers 6] [--batch 8]
+        [--seq 1024] [--micro-batch 2] [--experts grouped sequential] [--steps 3]
+    torchrun --nproc-per-node 2 -m benchmarks.bench_moe --ep 2 --layers 12 --one grouped
+
+The model is the preset's shape with its first `--layers` layers (random init, bf16 on CUDA),
+every row full (`--seq` tokens, half prompt, half response), the same update as
+`benchmarks.bench_mfu`'s `sdpa` row: `MegatronActor.update_policy`, megatron's distributed
+optimizer with torch's fused AdamW. Each experts module runs in its own process.
+
+FLOP count (fwd + bwd = 3 × forward), per step: tokens·(6·N_active + 12·L·q·s) + response
+tokens·6·h·V, with N_active = L·[h·(q + 2·kv) + q·h + E·h + k·3·h·f_moe] (attention, the
+router, the k experts a token is routed to). MFU is against the measured bf16 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from benchmarks import common as C
+from benchmarks.bench_mfu import matmul_peak_tflops
+
+
+def active_weights(args) -> int:
+    h, layers = args.hidden_size, args.num_layers
+    q = args.num_attention_heads * args.kv_channels
+    kv = args.num_query_groups * args.kv_channels
+    experts = args.num_experts * h + args.moe_router_topk * 3 * h * args.moe_ffn_hidden_size
+    return layers * (h * (q + 2 * kv) + q * h + experts)
+
+
+def step_flops(args, rows: int, seq: int, response: int) -> float:
+    q = args.num_attention_heads * args.kv_channels
+    per_token = 6.0 * active_weights(args) + 12.0 * args.num_layers * q * seq
+    return rows * (seq * per_token + response * 6.0 * args.hidden_size * args.vocab_size)
+
+
+def run_experts(opts, experts: str) -> dict:
+    import archs
+    from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig
+    from trainer.workers.actor import MegatronActor
+    from trainer.workers.model import MoESettings, build_model_worker
+
+    full = archs.PRESETS[opts.model].args
+    args = dataclasses.replace(
+        full, num_layers=opts.layers, moe_layers=tuple(full.moe_layer_pattern()[: opts.layers])
+    )
+    parallel = C.init_world(ParallelConfig(expert_model_parallel_size=opts.ep))
+    worker = build_model_worker(
+        args,
+        None,  # megatron's random init
+        parallel,
+        dtype=opts.dtype,
+        layer_spec="sdpa",
+        optim=OptimConfig(lr=1e-6),
+        moe=MoESettings(experts=experts),
+    )
+    cfg = ActorConfig(ppo_mini_batch_size=opts.batch, micro_batch_size=opts.micro_batch)
+    actor = MegatronActor(worker, cfg)
+    prompt = opts.seq // 2
+    batch = C.training_batch(args.vocab_size, opts.batch, prompt, opts.seq - prompt, n=1)
+    first_s = C.timed(lambda: actor.update_policy(batch))
+    step_s = C.best_of(lambda: actor.update_policy(batch), opts.steps, warmup=0)
+    tokens = int(batch["attention_mask"].sum())
+    return {
+        "experts": experts,
+        "step_s": step_s,
+        "first_s": first_s,
+        "tokens": tokens,
+        "flops": step_flops(args, opts.batch, opts.seq, opts.seq - prompt),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if C.on_cuda() else 0.0,
+        "layers": args.num_layers,
+        "active": active_weights(args),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=C.pick("tiny_qwen3_moe", "qwen3_30b_a3b"))
+    ap.add_argument("--layers", type=int, default=C.pick(4, 6))
+    ap.add_argument("--ep", type=int, default=1, help="expert parallelism (torchrun ranks)")
+    ap.add_argument("--batch", type=int, default=C.pick(4, 8), help="sequences per step")
+    ap.add_argument("--seq", type=int, default=C.pick(128, 1024), help="tokens per sequence")
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--dtype", default=C.default_dtype(), choices=["float32", "bfloat16"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--experts", nargs="+", default=["grouped", "sequential"])
+    ap.add_argument("--peak-size", type=int, default=C.pick(1024, 8192))
+    ap.add_argument("--one", metavar="EXPERTS", help="(internal) run one row in this process")
+    opts = ap.parse_args()
+    if opts.one:  # one row, in this process (under torchrun for EP > 1)
+        C.emit_result(run_experts(opts, opts.one))
+        return
+    keys = ("model", "layers", "batch", "seq", "micro_batch", "dtype", "steps")
+    forwarded = [f"--{k.replace('_', '-')}={getattr(opts, k)}" for k in keys]
+    rows = []
+    for experts in opts.experts:
+        row = C.run_child(["-m", "benchmarks.bench_moe", *forwarded, "--one", experts], experts)
+        print(f"[bench_moe] {experts}: {row}", flush=True)
+        rows.append(row)
+    peak = matmul_peak_tflops(opts.peak_size, C.torch_dtype(opts.dtype), 10)
+    base = next((r for r in rows if r["experts"] == "sequential"), None)
+    lines = [
+        f"{opts.model}, its first {opts.layers} layers, {opts.dtype}, {opts.batch} × {opts.seq}"
+        f" tokens, micro-batch {opts.micro_batch}; measured matmul peak {peak:.1f} TFLOP/s",
+        f"{'experts':<12}{'step s':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>8}{'vs seq':>9}"
+        f"{'first s':>9}{'peak GiB':>10}",
+    ]
+    for r in rows:
+        tflops = r["flops"] / r["step_s"] / 1e12
+        speedup = base["step_s"] / r["step_s"] if base else float("nan")
+        lines.append(
+            f"{r['experts']:<12}{r['step_s']:>9.3f}{r['tokens'] / r['step_s']:>11.0f}"
+            f"{tflops:>9.1f}{tflops / peak:>8.1%}{speedup:>8.2f}x{r['first_s']:>9.1f}"
+            f"{r['peak_mem_gib']:>10.1f}"
+        )
+    C.report("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
