@@ -120,7 +120,7 @@ def megatron_counts():
     torch.cuda process-wide, which the rest of the suite must not see."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-c", MEASURE, "tiny_llama", "tiny_qwen2", "tiny_qwen3"],
+        [sys.executable, "-c", MEASURE, "tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_qwen3_moe"],
         env=env,
         capture_output=True,
         text=True,
@@ -143,6 +143,22 @@ def test_counts_match_a_real_megatron_model(megatron_counts, preset):
     # position) make up in part.
     saved = measured["saved_per_token_layer"]
     assert saved <= formula <= saved * (1.035 if m.qk_norm else 1.03), (saved, formula)
+
+
+def test_moe_counts_match_megatron_and_transformers(megatron_counts, tiny_ckpt):
+    """Experts, router and the dense layer among them: one rank's parameters as megatron builds
+    them (grouped experts), and the whole model's as transformers counts it."""
+    from transformers import AutoModelForCausalLM
+
+    m = read_model_args(ModelConfig(preset="tiny_qwen3_moe"))
+    assert megatron_counts["tiny_qwen3_moe"]["params"] == PM.stage_params(m, 1, 1, 0)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_ckpt("tiny_qwen3_moe"))
+    assert sum(p.numel() for p in hf.parameters()) == PM.total_params(m)
+    # at EP 2 a rank holds half of each layer's experts
+    experts = PM.stage_expert_params(m, 1, 1, 0)
+    assert PM.stage_params(m, 1, 1, 0) - PM.stage_params(m, 1, 1, 0, ep=2) == experts // 2
+    # transformers counts 30,532,122,624 for the Qwen3-30B-A3B config (on the meta device)
+    assert PM.total_params(read_model_args(ModelConfig(preset="qwen3_30b_a3b"))) == 30_532_122_624
 
 
 def test_fused_swiglu_keeps_its_input_and_output_only():

@@ -24,9 +24,9 @@ from trainer.plan.terms import (
     format_count,
     format_gpu,
     gib,
-    model_state_terms,
     reference_terms,
     reserve_term,
+    role_state_terms,
     stage_params,
     term,
     total_params,
@@ -50,15 +50,18 @@ def engine_kv_heads(m: ModelArgs, rollout_tp: int) -> int:
 
 def engine_params(m: ModelArgs, rollout_tp: int) -> int:
     """Parameters of one vLLM rank at rollout TP (q, o, MLP and vocab split; KV heads split or
-    replicated; norms replicated)."""
+    replicated; norms replicated; every expert, split over TP, and the router replicated)."""
     h, f, d, a = m.hidden_size, m.ffn_hidden_size, m.kv_channels, m.num_attention_heads
     q_width = a * d // rollout_tp
     kv_width = 2 * engine_kv_heads(m, rollout_tp) * d
-    layer = h * (q_width + kv_width) + (q_width + kv_width if m.qkv_bias else 0)
-    layer += q_width * h + 3 * h * f // rollout_tp + 2 * h + (2 * d if m.qk_norm else 0)
+    attention = h * (q_width + kv_width) + (q_width + kv_width if m.qkv_bias else 0)
+    attention += q_width * h + 2 * h + (2 * d if m.qk_norm else 0)
+    dense = 3 * h * f // rollout_tp
+    sparse = m.num_experts * h + m.num_experts * 3 * h * m.moe_ffn_hidden_size // rollout_tp
+    layers = sum(attention + (sparse if moe else dense) for moe in m.moe_layer_pattern())
     vocab = math.ceil(m.vocab_size / VLLM_VOCAB_PAD) * VLLM_VOCAB_PAD // rollout_tp
     heads = 1 if m.tie_word_embeddings else 2
-    return m.num_layers * layer + heads * vocab * h + h
+    return layers + heads * vocab * h + h
 
 
 # ---- generation: one memory model per rollout backend ----------------------------------------
@@ -83,17 +86,16 @@ def _resident_in_generation(lay: Layout, stage: int) -> list[Term]:
     """What stays beside the rollout: the critic's and the reference model's weights."""
     terms = []
     if lay.critic:
-        critic = stage_params(lay.m, lay.tp, lay.pp, stage, True)
+        critic = stage_params(lay.m, lay.tp, lay.pp, stage, True, lay.ep)
         terms.append(term("critic weights", critic * lay.dtype_bytes, "params × dtype"))
     return terms + reference_terms(lay, stage)
 
 
-def _optimizer_terms(lay: Layout, params: int, who: str) -> list[Term]:
+def _optimizer_terms(lay: Layout, who: str, value_head: bool = False) -> list[Term]:
     """Adam states and fp32 master weights: freed grads aside, what a trained model keeps on
     the GPU while the engine runs (unless offloaded)."""
-    return [
-        t for t in model_state_terms(lay, params, who) if "Adam" in t.name or "master" in t.name
-    ]
+    terms = role_state_terms(lay, 0, who, value_head)
+    return [t for t in terms if "Adam" in t.name or "master" in t.name]
 
 
 def _generation_base(cfg: TandemConfig, lay: Layout) -> list[Term]:
@@ -107,9 +109,9 @@ def _generation_base(cfg: TandemConfig, lay: Layout) -> list[Term]:
         *_resident_in_generation(lay, 0),
     ]
     if not cfg.actor.offload_optimizer:
-        terms += _optimizer_terms(lay, stage_params(lay.m, lay.tp, lay.pp, 0), "actor")
+        terms += _optimizer_terms(lay, "actor")
     if lay.critic:
-        terms += _optimizer_terms(lay, stage_params(lay.m, lay.tp, lay.pp, 0, True), "critic")
+        terms += _optimizer_terms(lay, "critic", value_head=True)
     return terms
 
 

@@ -114,26 +114,43 @@ def format_gpu(gpu: float | None) -> str:
 
 
 # ---- parameter counts (exact, from the shapes) -----------------------------------------------
-def layer_params(m: ModelArgs, tp: int) -> int:
-    """One decoder layer on one TP rank (megatron's layout).
+def layer_params(m: ModelArgs, tp: int, ep: int = 1, moe: bool = False) -> int:
+    """One decoder layer on one TP (and EP) rank (megatron's layout).
 
-    linear_qkv h×(a+2g)d/tp (+ its bias), linear_proj a·d×h/tp, linear_fc1 h×2f/tp (gate;up),
-    linear_fc2 f×h/tp, two RMSNorm weights h (replicated), and q/k norms 2d (replicated).
+    linear_qkv h×(a+2g)d/tp (+ its bias), linear_proj a·d×h/tp, two RMSNorm weights h and q/k
+    norms 2d (replicated); a dense MLP: linear_fc1 h×2f/tp (gate;up), linear_fc2 f×h/tp; a
+    mixture-of-experts MLP: the router E×h (replicated) and E/ep experts of 3·h·f_moe/tp.
     """
     h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
     qkv_width = (m.num_attention_heads + 2 * m.num_query_groups) * d
     qkv = h * qkv_width + (qkv_width if m.qkv_bias else 0)
     norms = 2 * h + (2 * d if m.qk_norm else 0)
-    return (qkv + m.num_attention_heads * d * h + 3 * h * f) // tp + norms
+    attention = (qkv + m.num_attention_heads * d * h) // tp + norms
+    if moe:
+        return attention + m.num_experts * h + expert_params(m, tp, ep)
+    return attention + 3 * h * f // tp
 
 
-def stage_params(m: ModelArgs, tp: int, pp: int, stage: int, value_head: bool = False) -> int:
-    """Parameters of one training rank: its PP stage's layers at TP, plus the embedding on the
-    first stage and final norm + output layer on the last (vocab padded to 128·TP). Tied
-    embeddings with PP > 1 keep a second copy on the last stage (megatron's convention); a
-    critic has a value head (h) instead of the output layer."""
+def expert_params(m: ModelArgs, tp: int, ep: int = 1) -> int:
+    """The experts of one mixture-of-experts layer on one TP × EP rank."""
+    return m.num_experts // ep * 3 * m.hidden_size * m.moe_ffn_hidden_size // tp
+
+
+def stage_layers(m: ModelArgs, pp: int, stage: int) -> list[bool]:
+    """Whether each layer of a PP stage is a mixture-of-experts layer."""
+    per = m.num_layers // pp
+    return [bool(x) for x in m.moe_layer_pattern()[stage * per : (stage + 1) * per]]
+
+
+def stage_params(
+    m: ModelArgs, tp: int, pp: int, stage: int, value_head: bool = False, ep: int = 1
+) -> int:
+    """Parameters of one training rank: its PP stage's layers at TP (experts at EP), plus the
+    embedding on the first stage and final norm + output layer on the last (vocab padded to
+    128·TP). Tied embeddings with PP > 1 keep a second copy on the last stage (megatron's
+    convention); a critic has a value head (h) instead of the output layer."""
     h, vocab = m.hidden_size, m.padded_vocab_size(tp)
-    n = m.num_layers // pp * layer_params(m, tp)
+    n = sum(layer_params(m, tp, ep, moe) for moe in stage_layers(m, pp, stage))
     if stage == 0:
         n += vocab * h // tp
     if stage == pp - 1:
@@ -145,10 +162,16 @@ def stage_params(m: ModelArgs, tp: int, pp: int, stage: int, value_head: bool = 
     return n
 
 
+def stage_expert_params(m: ModelArgs, tp: int, pp: int, stage: int, ep: int = 1) -> int:
+    """The experts among a stage's parameters (their optimizer states split over DP / EP)."""
+    return sum(expert_params(m, tp, ep) for moe in stage_layers(m, pp, stage) if moe)
+
+
 def total_params(m: ModelArgs) -> int:
     """The model's parameter count (unpadded vocab, one embedding when tied)."""
     embed = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
-    return m.num_layers * layer_params(m, 1) + embed + m.hidden_size
+    layers = sum(layer_params(m, 1, 1, bool(moe)) for moe in m.moe_layer_pattern())
+    return layers + embed + m.hidden_size
 
 
 # ---- the layout and the terms the phases share -----------------------------------------------
@@ -162,6 +185,8 @@ class Layout:
     pp: int
     vpp: int | None
     dp: int
+    ep: int
+    """Expert parallelism: each layer's experts split over this many of the DP ranks."""
     sp: bool
     dtype_bytes: int
     optim_shards: int
@@ -186,6 +211,7 @@ def layout_of(cfg: TandemConfig, world: int, m: ModelArgs) -> Layout:
         pp=pp,
         vpp=p.virtual_pipeline_model_parallel_size,
         dp=dp,
+        ep=p.expert_model_parallel_size,
         sp=p.sequence_parallel,
         dtype_bytes=DTYPE_BYTES[cfg.model.dtype],
         optim_shards=dp if p.use_distributed_optimizer else 1,
@@ -223,17 +249,22 @@ def reserve_term(terms: list[Term]) -> Term:
     )
 
 
-def model_state_terms(lay: Layout, params: int, who: str) -> list[Term]:
+def model_state_terms(lay: Layout, params: int, who: str, experts: int = 0) -> list[Term]:
     """Weights, fp32 grads, Adam states and fp32 master weights (the last two split over DP
-    with the distributed optimizer) of one model stage."""
+    with the distributed optimizer; an expert's over DP / EP, the ranks that hold it) of one
+    model stage; `experts` of the `params` are experts' parameters."""
     w, shards = lay.dtype_bytes, lay.optim_shards
+    expert_shards = max(shards // lay.ep, 1)
     dp_note = f"/ DP {lay.dp}" if shards == lay.dp else "(distributed optimizer off)"
+    if experts:
+        dp_note += f", experts / (DP / EP) {expert_shards}"
+    sharded = (params - experts) / shards + experts / expert_shards
     terms = [
         term(f"{who} weights", params * w, f"{format_count(params)} params × {w} B"),
         term(f"{who} grads (fp32 main_grad)", params * GRAD_BYTES, f"params × {GRAD_BYTES} B"),
         term(
             f"{who} Adam states (fp32 m, v)",
-            params * ADAM_BYTES / shards,
+            sharded * ADAM_BYTES,
             f"params × {ADAM_BYTES} B {dp_note}",
         ),
     ]
@@ -241,20 +272,27 @@ def model_state_terms(lay: Layout, params: int, who: str) -> list[Term]:
         terms.append(
             term(
                 f"{who} fp32 master weights",
-                params * MASTER_BYTES / shards,
+                sharded * MASTER_BYTES,
                 f"params × {MASTER_BYTES} B {dp_note}",
             )
         )
     return terms
 
 
+def role_state_terms(lay: Layout, stage: int, who: str, value_head: bool = False) -> list[Term]:
+    """model_state_terms of one role's PP stage, its experts' optimizer split counted apart."""
+    params = stage_params(lay.m, lay.tp, lay.pp, stage, value_head, lay.ep)
+    experts = stage_expert_params(lay.m, lay.tp, lay.pp, stage, lay.ep)
+    return model_state_terms(lay, params, who, experts)
+
+
 def all_stage_weights(lay: Layout) -> int:
-    return sum(stage_params(lay.m, lay.tp, lay.pp, s) for s in range(lay.pp))
+    return sum(stage_params(lay.m, lay.tp, lay.pp, s, ep=lay.ep) for s in range(lay.pp))
 
 
 def reference_terms(lay: Layout, stage: int) -> list[Term]:
     """The reference model's weights (KL), when they stay on the GPU (ref.offload_params)."""
     if not lay.ref_resident:
         return []
-    ref = stage_params(lay.m, lay.tp, lay.pp, stage)
+    ref = stage_params(lay.m, lay.tp, lay.pp, stage, ep=lay.ep)
     return [term("reference weights", ref * lay.dtype_bytes, "params × dtype (not offloaded)")]

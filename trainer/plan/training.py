@@ -13,9 +13,10 @@ from trainer.plan.terms import (
     all_stage_weights,
     counted_gib,
     format_count,
-    model_state_terms,
     reference_terms,
     reserve_term,
+    role_state_terms,
+    stage_layers,
     stage_params,
     term,
 )
@@ -23,7 +24,12 @@ from trainer.plan.terms import (
 
 # ---- activations -----------------------------------------------------------------------------
 def activation_bytes_per_token(
-    m: ModelArgs, tp: int, sp: bool, dtype_bytes: int, fused_swiglu: bool = False
+    m: ModelArgs,
+    tp: int,
+    sp: bool,
+    dtype_bytes: int,
+    fused_swiglu: bool = False,
+    moe: bool = False,
 ) -> float:
     """Bytes one decoder layer keeps for backward per token (Tandem's sdpa/local specs, no
     recompute, dropout 0), counted as Korthikanti et al. 2022 do, term by term for a Llama
@@ -40,15 +46,25 @@ def activation_bytes_per_token(
       hidden norms their normalised inputs (a+g)d, plus q's input ad (megatron reshapes q
       into heads, a copy; k's input is a view of the linear_qkv output), and their fp32
       inverse RMS a+g (× 4 B); their outputs are rotated before anything keeps them.
+
+    A mixture-of-experts layer (`moe`) keeps, instead of the dense MLP's, for each of the
+    top-k copies of a token its expert's fc1 output and SwiGLU terms ((3|5)f_moe, split over
+    TP) and the permuted input and output rows (2h), plus the router's fp32 logits and
+    probabilities (2E × 4 B): an estimate, not checked against autograd like the rest.
     """
     h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
     a, g = m.num_attention_heads, m.num_query_groups
     seq_split = tp if sp else 1
     replicated = (6 * h * dtype_bytes + 2 * 4) / seq_split
-    mlp = (3 if fused_swiglu else 5) * f
+    swiglu = 3 if fused_swiglu else 5
+    mlp, routed = swiglu * f, 0.0
+    if moe:
+        k = m.moe_router_topk
+        mlp = k * swiglu * m.moe_ffn_hidden_size
+        routed = k * 2 * m.hidden_size * dtype_bytes + 2 * m.num_experts * 4
     qk_norms = ((2 * a + g) * d * dtype_bytes + (a + g) * 4) if m.qk_norm else 0
     split = (((4 * a + 3 * g) * d + mlp) * dtype_bytes + a * 4 + qk_norms) / tp
-    return replicated + split
+    return replicated + split + routed
 
 
 def layer_microbatches_in_flight(
@@ -81,9 +97,12 @@ def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
         microbatches = a.ppo_mini_batch_size * cfg.rollout.n / lay.dp / a.micro_batch_size
     in_flight = layer_microbatches_in_flight(m.num_layers, lay.pp, lay.vpp, stage, microbatches)
     # The plan is for GPUs, where the model runs megatron's fused SwiGLU (tandem_core.models).
-    per_token = activation_bytes_per_token(m, lay.tp, lay.sp, lay.dtype_bytes, fused_swiglu=True)
-    params = stage_params(m, lay.tp, lay.pp, stage)
-    terms = model_state_terms(lay, params, "actor")
+    # The stage's heavier kind of layer, for each of its layers (MoE and dense may mix).
+    per_token = max(
+        activation_bytes_per_token(m, lay.tp, lay.sp, lay.dtype_bytes, True, moe)
+        for moe in set(stage_layers(m, lay.pp, stage))
+    )
+    terms = role_state_terms(lay, stage, "actor")
     vocab = m.padded_vocab_size(lay.tp) // lay.tp
     last = stage == lay.pp - 1
     # The LM head runs on the response rows only (ResponseRowsGPTModel); a token budget bounds
@@ -107,7 +126,7 @@ def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
         )
     terms += max(update, _forward_only_terms(cfg, lay, per_token, vocab, last), key=counted_gib)
     if lay.critic:
-        terms += model_state_terms(lay, stage_params(m, lay.tp, lay.pp, stage, True), "critic")
+        terms += role_state_terms(lay, stage, "critic", value_head=True)
     terms += reference_terms(lay, stage)
     terms.append(reserve_term(terms))
     return Phase("training", f"PP stage {stage} of {lay.pp}", tuple(terms))
@@ -150,9 +169,9 @@ def swap_phase(cfg: TandemConfig, lay: Layout) -> Phase:
     the own stage's full training state plus every other stage's weights (TP shard)."""
     stages = []
     for stage in range(lay.pp):
-        own = stage_params(lay.m, lay.tp, lay.pp, stage)
+        own = stage_params(lay.m, lay.tp, lay.pp, stage, ep=lay.ep)
         foreign = all_stage_weights(lay) - own
-        terms = model_state_terms(lay, own, "actor")
+        terms = role_state_terms(lay, stage, "actor")
         terms.append(
             term(
                 "other PP stages' weights (AllGatherPPModel)",
@@ -161,8 +180,7 @@ def swap_phase(cfg: TandemConfig, lay: Layout) -> Phase:
             )
         )
         if lay.critic:
-            critic = stage_params(lay.m, lay.tp, lay.pp, stage, True)
-            terms += model_state_terms(lay, critic, "critic")
+            terms += role_state_terms(lay, stage, "critic", value_head=True)
         terms += reference_terms(lay, stage)
         terms.append(reserve_term(terms))
         stages.append(Phase("swap", f"PP stage {stage} of {lay.pp}, gathering", tuple(terms)))
