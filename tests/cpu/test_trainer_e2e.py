@@ -168,18 +168,8 @@ def test_kill9_then_resume_equals_uninterrupted(cache_dir, tmp_path):
 def test_sigterm_leaves_complete_checkpoint(cache_dir, tmp_path):
     out = tmp_path / "run"
     overrides = ["rollout=hf", "trainer.total_steps=50"] + SMALL + [f"trainer.output_dir={out}"]
-    proc = subprocess.Popen(
-        command(1, overrides),
-        cwd=REPO,
-        env=env(cache_dir),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.time() + 300
-    while not (out / "metrics.jsonl").exists() or not read_metrics(out / "metrics.jsonl"):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    proc = start(overrides, cache_dir)
+    wait_for_a_step(proc, out)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, stdout[-3000:]

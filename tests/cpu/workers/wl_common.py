@@ -3,6 +3,8 @@ a forward-only pass through megatron's own schedule, and compute HF reference lo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -86,6 +88,17 @@ def megatron_logits(chunks, config, tokens: torch.Tensor, vocab: int) -> torch.T
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local.contiguous(), group=group)
     return torch.cat(parts, dim=-1)[..., :vocab]
+
+
+def read_all(hf_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory's safetensors files."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
 
 
 def hf_logits(hf_dir, tokens: torch.Tensor) -> torch.Tensor:

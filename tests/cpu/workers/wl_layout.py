@@ -15,22 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _common import write_result  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from wl_common import build_chunks, hf_logits, megatron_logits, setup  # noqa: E402
+from wl_common import build_chunks, hf_logits, megatron_logits, read_all, setup  # noqa: E402
 
 import archs  # noqa: E402
 import weight_loaders as wl  # noqa: E402
 from archs import ensure_tiny_checkpoint  # noqa: E402
 
 BUCKET_MB = 0.1
-
-
-def read_all(hf_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def check_stream(chunks, config, args, source) -> int:

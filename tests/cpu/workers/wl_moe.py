@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _common import write_result  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from wl_common import hf_logits, megatron_logits  # noqa: E402
+from wl_common import hf_logits, megatron_logits, read_all  # noqa: E402
 
 import archs  # noqa: E402
 import weight_loaders as wl  # noqa: E402
@@ -32,14 +31,6 @@ from archs.qwen3_moe import fused_expert_name  # noqa: E402
 from tandem_core.config import ParallelConfig  # noqa: E402
 from tandem_core.distributed import init_distributed, init_model_parallel  # noqa: E402
 from tandem_core.models import build_gpt_model, build_transformer_config  # noqa: E402
-
-
-def read_all(hf_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def stack(separate: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
