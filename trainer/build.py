@@ -21,7 +21,7 @@ from tandem_core.model_args import ModelArgs
 from trainer import core_algos
 from trainer.data import DataError, PromptLoader, RLDataset, write_arith_task
 from trainer.loop import Components
-from trainer.rewards import REWARDS, RewardScorer, load_reward_fn
+from trainer.rewards import RewardScorer, ground_truth_types
 from trainer.state.checkpoints import CheckpointManager, run_identity
 from trainer.state.signals import install_signal_handlers
 from trainer.tracking import Tracker
@@ -51,16 +51,10 @@ def prepare_data(cfg: TandemConfig, run_dir: Path) -> tuple[list[str], list[str]
     ]
 
 
-def ground_truth_types(cfg: TandemConfig) -> tuple[type, ...] | None:
-    """What the run's reward function compares against (None: it does not say)."""
-    fn = REWARDS[cfg.reward.name] if cfg.reward.fn is None else load_reward_fn(cfg.reward.fn)
-    return getattr(fn, "ground_truth_types", None)
-
-
 def build_loaders(cfg: TandemConfig, run_dir: Path, tokenizer):
     train_files, val_files = prepare_data(cfg, run_dir)
     data = cfg.data
-    truth = ground_truth_types(cfg)
+    truth = ground_truth_types(cfg.reward)
 
     def dataset(files):
         return RLDataset(

@@ -73,10 +73,7 @@ def _layer_spec(cfg: TandemConfig) -> Iterator[str]:
 
 
 def _data(cfg: TandemConfig) -> Iterator[str]:
-    if cfg.reward.fn is None:
-        expected = getattr(rewards.REWARDS[cfg.reward.name], "ground_truth_types", None)
-    else:
-        expected = getattr(rewards.load_reward_fn(cfg.reward.fn), "ground_truth_types", None)
+    expected = rewards.ground_truth_types(cfg.reward)
     data = cfg.data
     rows, broken = 0, False
     for key, files in (("data.train_files", data.train_files), ("data.val_files", data.val_files)):

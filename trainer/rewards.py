@@ -151,6 +151,12 @@ def resolve_reward_fn(spec: str) -> RewardFn:
     return load_reward_fn(spec) if ":" in spec else REWARDS[spec]
 
 
+def ground_truth_types(cfg: RewardConfig) -> tuple[type, ...] | None:
+    """What the configured reward compares a response against (None: it does not say)."""
+    fn = load_reward_fn(cfg.fn) if cfg.fn is not None else REWARDS[cfg.name]
+    return getattr(fn, "ground_truth_types", None)
+
+
 def _as_score(value: Any) -> float:
     score = float(value)
     if not math.isfinite(score):
