@@ -51,9 +51,9 @@ def read_model_args(model: ModelConfig) -> ModelArgs:
 
 
 def check_model_source(model: ModelConfig) -> None:
-    """ConfigError naming the key when the weights cannot come from anywhere."""
+    """ConfigError naming the key when a preset's weights cannot come from anywhere (a bad
+    model.path is read_model_args' to report)."""
     if model.path is not None:
-        read_model_args(model)
         return
     preset = PRESETS[model.preset] if model.preset in PRESETS else None
     if preset is not None and preset.kind == "shape" and not model.random_init:
