@@ -61,7 +61,7 @@ def main() -> None:
     actor = MegatronActor(worker, ActorConfig(micro_batch_size=opts.micro_batch))
     tokens = int(batch["attention_mask"].sum())
     model = worker.chunks[0]
-    mbs = make_micro_batches(batch, opts.micro_batch, None, **micro_batch_layout(worker))
+    mbs = make_micro_batches(batch, opts.micro_batch, None, **micro_batch_layout(worker, batch))
 
     @torch.no_grad()
     def plain_forward():

@@ -48,7 +48,7 @@ def check_weights_synced(rollout_log_probs, actor_log_probs, response_mask, tol:
     mask = response_mask.bool()
     diff = (rollout_log_probs - actor_log_probs).abs()[mask]
     worst = float(diff.max()) if diff.numel() else 0.0
-    if worst > tol:
+    if not worst <= tol:  # NaN too: an engine left half-loaded can produce it
         raise StaleWeightsError(
             f"rollout and actor log-probs differ by {worst:.3g} > {tol:g}: the engine's weights "
             "are not the trained ones (weight sync skipped or partial?)"

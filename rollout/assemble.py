@@ -65,12 +65,16 @@ def build_output(
     responses: list[list[int]],
     log_probs: list[list[float]],
     s: SamplingSettings,
+    routed_experts: list[torch.Tensor] | None = None,
 ) -> Batch:
     """Assemble the rollout batch from the responses of B*n samples (prompt-major order).
 
     Adds `prompts`, `responses` [B*n, R] right-padded with the pad id, `response_mask`,
     `rollout_log_probs` (0 on padding), and rebuilds `input_ids` / `attention_mask` /
     `position_ids` for prompt ++ response. Other fields of `prompts` are repeated n times.
+    `routed_experts` (one [tokens, layers, top-k] tensor per sample: the experts the engine
+    routed each prompt and response token to) becomes the `routed_experts` column, see
+    `routing_column`.
     """
     rows, width = len(prompts) * s.n, s.response_length
     if len(responses) != rows or len(log_probs) != rows:
@@ -100,4 +104,40 @@ def build_output(
     out["input_ids"] = torch.cat([prompt_ids, out["responses"]], dim=1)
     out["attention_mask"] = torch.cat([prompt_mask, out["response_mask"]], dim=1)
     out["position_ids"] = torch.cat([prompt_pos, resp_pos], dim=1)
+    if routed_experts is not None:
+        out["routed_experts"] = routing_column(routed_experts, prompt_mask, resp_mask).to(device)
     return out
+
+
+def routing_column(
+    per_sample: list[torch.Tensor], prompt_mask: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """[rows, P + R, layers, k] expert ids aligned with `input_ids`, for routing replay (R3).
+
+    Sample i's tensor lists its real prompt tokens, then its response tokens (an engine never
+    routes the last sampled token: nothing is computed from it). Every other position (padding,
+    that last token, dense layers) gets experts 0..k-1, a valid distinct choice: megatron's
+    dispatcher counts exactly k experts per token, and those positions reach no loss.
+    """
+    rows, prompt_width = prompt_mask.shape
+    layers, k = per_sample[0].shape[1:] if per_sample else (0, 0)
+    dtype = (
+        torch.uint8
+        if max((int(t.max()) for t in per_sample if t.numel()), default=0) < 256
+        else torch.int16
+    )
+    column = (
+        torch.arange(k, dtype=dtype)
+        .expand(rows, prompt_width + response_mask.shape[1], layers, k)
+        .clone()
+    )
+    prompt_len = prompt_mask.sum(-1).tolist()
+    resp_len = response_mask.sum(-1).tolist()
+    for i, ids in enumerate(per_sample):
+        start = prompt_width - prompt_len[i]
+        n = min(len(ids), prompt_len[i] + resp_len[i])
+        routed = ids[:n].to(dtype)
+        dense = (routed == 0).all(-1)  # engines report 0s for layers without experts
+        routed[dense] = column[i, 0, 0]
+        column[i, start : start + n] = routed
+    return column

@@ -85,10 +85,16 @@ def build_rollout(
     *,
     dtype: str = "float32",
     max_model_len: int | None = None,
+    routed_experts: bool = False,
 ) -> BaseRollout:
     """The backend named by `cfg.name`, loaded from an HF checkpoint directory.
 
     `max_model_len` bounds prompt + response tokens (None: the checkpoint's
-    max_position_embeddings). Call it on every rank, after `init_distributed()`.
+    max_position_embeddings). `routed_experts`: outputs carry a `routed_experts` column (MoE
+    models; the experts each token was routed to, for routing replay). Call it on every rank,
+    after `init_distributed()`.
     """
-    return ROLLOUTS[cfg.name](cfg, Path(model_path), dtype=dtype, max_model_len=max_model_len)
+    extra = {"routed_experts": True} if routed_experts else {}
+    return ROLLOUTS[cfg.name](
+        cfg, Path(model_path), dtype=dtype, max_model_len=max_model_len, **extra
+    )

@@ -35,6 +35,7 @@ class HFRollout(BaseRollout):
         *,
         dtype: str = "float32",
         max_model_len: int | None = None,
+        routed_experts: bool = False,
     ):
         from transformers import AutoModelForCausalLM
 
@@ -60,6 +61,7 @@ class HFRollout(BaseRollout):
             )
         self.model.to(self.device)
         self.model.eval()
+        self._routers = _moe_routers(self.model) if routed_experts else None
         self._weight_bytes: dict[torch.nn.Parameter, int] = {}  # storage sizes during sleep 2
         # generate() fills every unset field from the checkpoint's generation_config.json
         # (e.g. Qwen's repetition_penalty=1.05, top_k=20) and then from transformers' own
@@ -80,8 +82,15 @@ class HFRollout(BaseRollout):
         token_lists = prompt_token_lists(
             prompts, max_model_len=self.max_model_len, response_length=s.response_length
         )
-        responses, log_probs = self._generate([t for t in token_lists for _ in range(s.n)], s)
-        return build_output(prompts, responses, log_probs, s)
+        samples = [t for t in token_lists for _ in range(s.n)]
+        if self._routers is None:
+            return build_output(prompts, *self._generate(samples, s), s)
+        with _RoutingRecorder(self._routers, len(samples)) as recorder:
+            responses, log_probs = self._generate(samples, s)
+        width = max(len(t) for t in samples)
+        routed = recorder.per_sample(self.model.config.num_hidden_layers)
+        routed = [r[width - len(t) :] for r, t in zip(routed, samples, strict=True)]
+        return build_output(prompts, responses, log_probs, s, routed_experts=routed)
 
     def _generate(
         self, token_lists: list[list[int]], s: SamplingSettings
@@ -172,3 +181,57 @@ class HFRollout(BaseRollout):
         for p, nbytes in self._weight_bytes.items():
             p.untyped_storage().resize_(nbytes)
         self._weight_bytes.clear()
+
+
+def _moe_routers(model) -> dict[int, torch.nn.Module]:
+    """Layer index -> the MoE router of that decoder layer (transformers' `mlp.gate` that returns
+    (logits, weights, expert ids), as Qwen3-MoE's does)."""
+    routers = {}
+    for i, layer in enumerate(model.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None and hasattr(gate, "top_k"):
+            routers[i] = gate
+    if not routers:
+        raise ValueError(f"{type(model).__name__} has no MoE routers to record experts from")
+    return routers
+
+
+class _RoutingRecorder:
+    """Records the expert ids each router picks during one `generate` call (prefill, then one
+    token per decode step), for routing replay (R3)."""
+
+    def __init__(self, routers: dict[int, torch.nn.Module], rows: int):
+        self.routers, self.rows = routers, rows
+        self.steps: list[dict[int, torch.Tensor]] = []  # per forward: layer -> [rows, t, k]
+        self.handles = []
+
+    def __enter__(self):
+        for i, gate in self.routers.items():
+            self.handles.append(gate.register_forward_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, layer: int):
+        def record(module, inputs, output):
+            ids = output[-1]  # [rows * t, k], row-major over the [rows, t] input
+            if layer == min(self.routers):
+                self.steps.append({})
+            self.steps[-1][layer] = ids.reshape(self.rows, -1, ids.shape[-1]).cpu()
+
+        return record
+
+    def per_sample(self, num_layers: int) -> list[torch.Tensor]:
+        """[tokens fed, num_layers, k] per row (layers without experts: zeros, as vLLM does)."""
+        k = next(iter(self.steps[0].values())).shape[-1]
+        tokens = sum(next(iter(step.values())).shape[1] for step in self.steps)
+        out = torch.zeros(self.rows, tokens, num_layers, k, dtype=torch.int16)
+        t = 0
+        for step in self.steps:
+            n = next(iter(step.values())).shape[1]
+            for layer, ids in step.items():
+                out[:, t : t + n, layer] = ids.to(torch.int16)
+            t += n
+        return list(out)

@@ -50,6 +50,7 @@ class VLLMRollout(BaseRollout):
         *,
         dtype: str = "float32",
         max_model_len: int | None = None,
+        routed_experts: bool = False,
     ):
         init_distributed()
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -58,7 +59,9 @@ class VLLMRollout(BaseRollout):
             raise ValueError(
                 f"rollout.tensor_model_parallel_size={tp} must divide the world size {world}"
             )
-        self.cfg = cfg
+        if routed_experts and not vllm_compat.returns_routed_experts():
+            raise ValueError(vllm_compat.NO_ROUTED_EXPERTS)
+        self.cfg, self.routed_experts = cfg, routed_experts
         self.tp_size, self.dp_size, self.dp_rank = tp, world // tp, rank // tp
         self.eos_ids, self.pad_id, max_pos = checkpoint_defaults(model_path)
         self.max_model_len = max_model_len or max_pos
@@ -89,6 +92,8 @@ class VLLMRollout(BaseRollout):
                 logprobs_mode="raw_logprobs",
                 seed=self.cfg.seed,
                 load_format=self.cfg.load_format,  # "dummy": weights come from the first sync
+                # R3: each output carries the experts every token was routed to.
+                enable_return_routed_experts=self.routed_experts,
                 **vllm_compat.platform_engine_kwargs(
                     self.cfg.gpu_memory_utilization, self.cfg.enforce_eager
                 ),
@@ -112,14 +117,18 @@ class VLLMRollout(BaseRollout):
                 self._sampling_params(s),
                 use_tqdm=False,
             )
-        responses, log_probs = [], []
+        responses, log_probs, routed = [], [], []
         for out in outputs:  # vLLM keeps the input order; the n samples of a prompt in order
             for sample in out.outputs:
                 toks = list(sample.token_ids)
                 steps = zip(sample.logprobs, toks, strict=True)
                 responses.append(toks)
                 log_probs.append([vllm_compat.token_logprob(step, t) for step, t in steps])
-        return build_output(prompts, responses, log_probs, s)
+                if self.routed_experts:  # [prompt + response tokens, layers, k]
+                    routed.append(torch.from_numpy(sample.routed_experts.astype("int16")))
+        return build_output(
+            prompts, responses, log_probs, s, routed_experts=routed if self.routed_experts else None
+        )
 
     def _sampling_params(self, s: SamplingSettings):
         from vllm import SamplingParams

@@ -136,6 +136,12 @@ class ActorConfig:
     """Truncate the train/rollout importance ratio at this value (TIS); None = off."""
     offload_optimizer: bool = False
     """Move optimizer states to host memory while generating (the HybridEngine swap)."""
+    router_replay: bool = False
+    """Routing replay (R3, MoE models): the actor's routers take the experts the rollout engine
+    routed each token to, in the old-log-prob pass and the update, instead of their own top-k
+    (gates stay the actor's softmax, so the router still learns). Removes the train/rollout
+    mismatch that routing flips cause. Needs an engine that returns them: rollout=hf, or CUDA
+    vLLM."""
     max_nan_steps: int = 3
     """Abort after this many consecutive non-finite losses (each such step is skipped)."""
 

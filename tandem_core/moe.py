@@ -234,3 +234,29 @@ def grouped_to_sequential(grouped: GroupedMLP, seq: SequentialMLP) -> None:
     for j, expert in enumerate(seq.local_experts):
         expert.linear_fc1.weight.copy_(w1[j].t())
         expert.linear_fc2.weight.copy_(w2[j].t())
+
+
+def replay_routing(routers: list, routing: torch.Tensor | None, sequence_parallel: bool) -> None:
+    """Routing replay (R3) for one model chunk's forward: each router takes the experts
+    `routing` ([b, s, layers, k], the engine's choice per token and global layer) names for
+    its layer, through megatron's `RouterReplay`; its gates are still its own softmax over
+    those experts, so gradients reach it. `routing=None`: the routers pick their own top-k.
+
+    megatron routes tokens in [s, b] order, a sequence-parallel rank its own slice of s.
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    for router in routers:
+        replay = router.router_replay
+        replay.clear_indices()
+        if routing is None:
+            replay.clear_router_replay_action()
+            continue
+        ids = routing[:, :, router.layer_number - 1].transpose(0, 1)  # [s, b, k]
+        if sequence_parallel:
+            ids = ids.chunk(mpu.get_tensor_model_parallel_world_size())[
+                mpu.get_tensor_model_parallel_rank()
+            ]
+        replay.set_target_indices(ids.reshape(-1, ids.shape[-1]).long())
+        replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)

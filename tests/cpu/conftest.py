@@ -16,6 +16,12 @@ REPO = Path(__file__).resolve().parents[2]
 WORKERS = Path(__file__).resolve().parent / "workers"
 
 
+def some_slow(values, slow) -> list:
+    """Parametrize `values`, those in `slow` marked slow: `make test` keeps one case per
+    concern within CI's time, `make test-slow` runs the rest."""
+    return [pytest.param(v, marks=pytest.mark.slow) if v in slow else v for v in values]
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     # Tiny checkpoints are cheap but not free: share them across the session (and across

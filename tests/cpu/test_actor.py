@@ -4,6 +4,7 @@ mini-batches; clip, entropy bonus, k3 KL loss; AdamW + clipping) with micro-batc
 """
 
 import pytest
+from conftest import some_slow
 
 TOL = 1e-5
 LAYOUTS = {  # name: (processes, arch, TP, PP, SP[, VPP])
@@ -17,7 +18,7 @@ LAYOUTS = {  # name: (processes, arch, TP, PP, SP[, VPP])
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", some_slow(LAYOUTS, {"tp1", "tp2", "pp2"}))
 def test_actor_matches_transformers(layout, torchrun, tiny_ckpt):
     nproc, arch, *layout_args = LAYOUTS[layout]
     tiny_ckpt(arch)  # built once here, not by every rank at once

@@ -55,7 +55,14 @@ MISSPELT = [
 ]
 
 
-@pytest.mark.parametrize("override, key, known", MISSPELT, ids=[m[1] for m in MISSPELT])
+@pytest.mark.parametrize(
+    "override, key, known",
+    [
+        m if m[1] in ("rollout.name", "parallel") else pytest.param(*m, marks=pytest.mark.slow)
+        for m in MISSPELT
+    ],
+    ids=[m[1] for m in MISSPELT],
+)
 def test_a_misspelt_name_fails_fast_in_one_line(override, key, known, tmp_path):
     proc, seconds = run("trainer.main", override, f"trainer.output_dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr

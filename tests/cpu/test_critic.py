@@ -6,6 +6,7 @@ offload mechanism is also tested alone on a plain module, on CPU and (when prese
 
 import pytest
 import torch
+from conftest import some_slow
 
 from tandem_core.config import RefConfig
 from trainer.workers.model import ModelWorker
@@ -38,7 +39,7 @@ def _check_numbers(res: dict, checks: str) -> None:
         assert "2 consecutive" in res["nan_message"], res
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", some_slow(LAYOUTS, {"tp2", "pp2"}))
 def test_critic_reference_and_batching(layout, torchrun, tiny_ckpt):
     nproc, arch, tp, pp, sp, checks = LAYOUTS[layout]
     tiny_ckpt(arch)  # built once here, not by every rank at once

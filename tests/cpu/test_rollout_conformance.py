@@ -20,7 +20,9 @@ def _cases():
     for name, builder in sorted(ROLLOUTS.items()):
         tps = (1, 2) if getattr(builder, "supports_tensor_parallel", False) else (1,)
         for tp in tps:
-            yield pytest.param(name, tp, id=f"{name}-tp{tp}")
+            # vLLM at TP 2 also runs in the fast set's swap and GRPO tests.
+            slow = [pytest.mark.slow] if tp > 1 else []
+            yield pytest.param(name, tp, id=f"{name}-tp{tp}", marks=slow)
 
 
 @pytest.mark.parametrize("backend,tp", list(_cases()))

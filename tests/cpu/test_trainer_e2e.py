@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import some_slow
 
 from trainer.tracking import read_metrics
 
@@ -101,13 +102,23 @@ CASES = {
     # Qwen3: per-head q/k norms through import, the first sync's stream and the direct copies
     # after it; every sync checked (engine log-probs = actor's, else the run stops).
     # Qwen3-MoE at EP 2 (the experts of each layer split over the two data-parallel ranks,
-    # tokens by all-to-all): grouped experts, every sync checked on the hf engine.
-    "grpo-qwen3moe-ep2-hf": [
+    # tokens by all-to-all): grouped experts, every sync checked; on the hf engine with routing
+    # replay (the actor's routers take the engine's experts), and into vLLM's fused experts.
+    "grpo-qwen3moe-ep2-hf-r3": [
         "model=tiny_qwen3_moe",
         "algorithm=grpo",
         "parallel=single",
         "parallel.expert_model_parallel_size=2",
         "rollout=hf",
+        "actor.router_replay=true",
+        "trainer.debug_check_weight_sync=true",
+    ],
+    "grpo-qwen3moe-ep2-vllm": [
+        "model=tiny_qwen3_moe",
+        "algorithm=grpo",
+        "parallel=single",
+        "parallel.expert_model_parallel_size=2",
+        "rollout=vllm",
         "trainer.debug_check_weight_sync=true",
     ],
     "grpo-qwen3-tp2-vllm-tp2": [
@@ -121,7 +132,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# One run per concern in the fast set (critic + PP; vLLM TP 2 + Qwen3; MoE EP 2 + routing
+# replay); the other layouts in the slow set.
+FAST_CASES = {"ppo-pp2", "grpo-qwen3-tp2-vllm-tp2", "grpo-qwen3moe-ep2-hf-r3"}
+
+
+@pytest.mark.parametrize("case", some_slow(CASES, set(CASES) - FAST_CASES))
 def test_two_rank_runs(case, cache_dir, tmp_path):
     out = tmp_path / "run"
     run(2, CASES[case] + SMALL + ["trainer.total_steps=2", f"trainer.output_dir={out}"], cache_dir)
@@ -165,6 +181,7 @@ def test_kill9_then_resume_equals_uninterrupted(cache_dir, tmp_path):
         assert comparable(got[step]) == comparable(want[step]), f"step {step} differs"
 
 
+@pytest.mark.slow  # SIGTERM on one rank of two: test_checkpoint.py, in the fast set
 def test_sigterm_leaves_complete_checkpoint(cache_dir, tmp_path):
     out = tmp_path / "run"
     overrides = ["rollout=hf", "trainer.total_steps=50"] + SMALL + [f"trainer.output_dir={out}"]
@@ -178,7 +195,13 @@ def test_sigterm_leaves_complete_checkpoint(cache_dir, tmp_path):
     assert (out / "checkpoints" / f"step_{last}" / "complete.json").exists(), stdout[-2000:]
 
 
-@pytest.mark.parametrize("algorithm", ["rloo", "reinforce_pp", "dapo", "drgrpo", "gspo"])
+@pytest.mark.parametrize(
+    "algorithm",
+    some_slow(
+        ["rloo", "reinforce_pp", "dapo", "drgrpo", "gspo"],
+        {"rloo", "reinforce_pp", "dapo", "drgrpo"},
+    ),
+)
 def test_every_algorithm_runs(algorithm, cache_dir, tmp_path):
     """The rest of the family, one process, HF rollout: each preset's estimator, loss and
     (dapo) dynamic sampling run and log finite numbers."""
@@ -205,7 +228,7 @@ def test_every_algorithm_runs(algorithm, cache_dir, tmp_path):
             assert step["dapo/kept_groups"] >= 0
 
 
-@pytest.mark.parametrize("rollout", ["hf", "vllm"])
+@pytest.mark.parametrize("rollout", some_slow(["hf", "vllm"], {"hf"}))
 def test_random_init_runs_synced(rollout, cache_dir, tmp_path):
     """model.random_init: megatron's own init, the engine started on dummy weights. The first
     sync must replace them (engine log-probs = actor's) and the reference must start equal to

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import some_slow
 
 import archs
 import weight_loaders as wl
@@ -299,10 +300,10 @@ def test_name_check_names_the_missing_and_the_unexpected(tiny_ckpt):
 @pytest.mark.parametrize(
     "tp,pp,vpp,nproc",
     [
-        (1, 1, 0, 1),
+        pytest.param(1, 1, 0, 1, marks=pytest.mark.slow),
         (2, 1, 0, 2),
         (1, 2, 2, 2),
-        (2, 2, 0, 4),
+        pytest.param(2, 2, 0, 4, marks=pytest.mark.slow),
         (1, 2, 0, 2),
     ],
 )
@@ -329,7 +330,7 @@ def test_bad_checkpoints_name_the_tensor(torchrun, tiny_ckpt, tmp_path):
     assert "num_layers" in msg["export"]
 
 
-@pytest.mark.parametrize("tp", [1, 3])
+@pytest.mark.parametrize("tp", some_slow([1, 3], {3}))
 def test_smollm2_logits_equal_hf(torchrun, cache_dir, tp):
     from archs import ensure_preset_dir
 
@@ -342,7 +343,9 @@ def test_smollm2_logits_equal_hf(torchrun, cache_dir, tp):
     assert res["logits_max_abs_diff"] < 1e-5 * max(1.0, res["logit_scale"] if tp > 1 else 1.0)
 
 
-@pytest.mark.parametrize("preset", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
+@pytest.mark.parametrize(
+    "preset", some_slow(["tiny_llama", "tiny_qwen2", "tiny_qwen3"], {"tiny_llama", "tiny_qwen2"})
+)
 def test_vllm_loads_export_and_streamed_weights(torchrun, tiny_ckpt, tmp_path, preset):
     """Export -> vLLM greedy == HF greedy; streamed in-place reload == HF (tied included)."""
     tiny_ckpt(preset)

@@ -28,6 +28,10 @@ class MoESettings:
     """grouped (tandem_core/moe.py) | sequential (megatron's SequentialMLP)."""
     aux_loss_coeff: float = 0.0
     z_loss_coeff: float = 0.0
+    router_replay: bool = False
+    """R3: the routers take the experts a batch's `routed_experts` column names (the rollout
+    engine's choices) instead of their own top-k; gates stay training's softmax, so gradients
+    reach the router (megatron's RouterReplay)."""
 
 
 @dataclass
@@ -38,6 +42,8 @@ class ModelWorker:
     optimizer: object | None = None
     scheduler: object | None = None
     offloaded: bool = False
+    routers: dict | None = None
+    """Under routing replay: id(chunk) -> that chunk's MoE routers (None: no replay)."""
     skipped_in_a_row: int = 0
     """Consecutive optimizer steps skipped for a non-finite loss (train_step)."""
 
@@ -110,6 +116,7 @@ def build_model_worker(
     moe = moe or MoESettings()
     config = build_transformer_config(args, parallel, dtype, moe.aux_loss_coeff, moe.z_loss_coeff)
     config.finalize_model_grads_func = finalize_model_grads
+    config.moe_enable_routing_replay = moe.router_replay
     chunks = build_model_chunks(args, config, layer_spec, value_head, moe.experts)
     if hf_dir is not None:  # else: megatron's own random init (model.random_init)
         weight_loaders.load_hf_into_megatron(chunks, hf_dir, args, config)
@@ -117,7 +124,7 @@ def build_model_worker(
         for c in chunks:
             c.requires_grad_(False)
             c.eval()
-        return ModelWorker(args, config, chunks)
+        return ModelWorker(args, config, chunks, routers=_replayed_routers(chunks, moe))
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -132,7 +139,15 @@ def build_model_worker(
         optimizer, scheduler = build_optimizer(
             chunks, config, optim, parallel, total_optimizer_steps
         )
-    return ModelWorker(args, config, chunks, optimizer, scheduler)
+    routers = _replayed_routers(chunks, moe)
+    return ModelWorker(args, config, chunks, optimizer, scheduler, routers=routers)
+
+
+def _replayed_routers(chunks: list, moe: MoESettings) -> dict | None:
+    """id(chunk) -> its MoE routers, the objects megatron's schedule hands to forward_step."""
+    if not moe.router_replay:
+        return None
+    return {id(c): [m for m in c.modules() if getattr(m, "router_replay", None)] for c in chunks}
 
 
 def copy_weights(src: ModelWorker, dst: ModelWorker) -> None:

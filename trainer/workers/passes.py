@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from tandem_core import cpu_compat
 from tandem_core import distributed as D
+from tandem_core.moe import replay_routing
 from tandem_core.protocol import Batch
 from trainer.workers.model import ModelWorker
 from trainer.workers.sequences import (
@@ -68,8 +69,11 @@ def make_micro_batches(
     max_tokens: int | None,
     seq_multiple: int,
     count_multiple: int = 1,
+    replay_routing: bool = False,
 ) -> list[AlignedMicroBatch]:
     """Fixed-size micro-batches, or token-budget ones when max_tokens is set.
+
+    `replay_routing`: the micro-batches carry the batch's `routed_experts` (R3).
 
     `count_multiple`: megatron's interleaved (VPP) schedule needs the number of micro-batches
     to be a multiple of PP; when it is not, rows are re-cut into that many near-equal groups.
@@ -97,6 +101,7 @@ def make_micro_batches(
         groups,
         seq_multiple,
         device=cpu_compat.device(),
+        routing=batch["routed_experts"] if replay_routing else None,
     )
     if count_multiple > 1:
         # megatron's interleaved schedule assumes one activation shape for all micro-batches.
@@ -105,11 +110,19 @@ def make_micro_batches(
     return out
 
 
-def micro_batch_layout(worker: ModelWorker) -> dict:
-    """Micro-batch shape rules of the parallel layout (SP: seq % TP; VPP: count % PP)."""
+def micro_batch_layout(worker: ModelWorker, batch: Batch) -> dict:
+    """Micro-batch shape rules of the parallel layout (SP: seq % TP; VPP: count % PP), and
+    whether they carry routing to replay (a worker built for it, a batch that has it)."""
+    replay = worker.routers is not None
+    if replay and "routed_experts" not in batch:
+        raise ValueError(
+            "actor.router_replay: the batch has no routed_experts (the rollout engine must"
+            " return them)"
+        )
     return {
         "seq_multiple": D.tp_size() if worker.config.sequence_parallel else 1,
         "count_multiple": D.pp_size() if len(worker.chunks) > 1 else 1,
+        "replay_routing": replay,
     }
 
 
@@ -137,6 +150,8 @@ def run_micro_batches(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
+        if worker.routers is not None:
+            replay_routing(worker.routers[id(model)], mb.routing, worker.config.sequence_parallel)
         # The last stage's output: [b, R, ...] at the response rows only (ResponseRowsGPTModel).
         output = model(mb.input_ids, mb.position_ids, None, response_index=mb.response_index)
 
@@ -255,7 +270,8 @@ def forward_per_token(
     check_lengths(worker, batch)
     worker.train(False)
     local = dp_slice(batch)
-    mbs = make_micro_batches(local, micro_batch_size, max_tokens, **micro_batch_layout(worker))
+    layout = micro_batch_layout(worker, local)
+    mbs = make_micro_batches(local, micro_batch_size, max_tokens, **layout)
 
     def loss_fn(mb, output):
         return output.new_zeros(()), fn(mb, output)
@@ -311,9 +327,9 @@ def update_over_mini_batches(
             # responses has no token: its loss is 0, not 0/0.
             tokens = max(mini["response_mask"].sum().item(), 1) / D.dp_size()
             seqs = len(mini) / D.dp_size()
-            mbs = make_micro_batches(
-                dp_slice(mini), plan.micro_batch_size, plan.max_tokens, **micro_batch_layout(worker)
-            )
+            local = dp_slice(mini)
+            layout = micro_batch_layout(worker, local)
+            mbs = make_micro_batches(local, plan.micro_batch_size, plan.max_tokens, **layout)
             loss_fn = make_loss_fn(tokens, seqs, len(mbs))
             outputs, grad_norm, skipped = train_step(worker, mbs, loss_fn, plan.max_nan_steps)
             step = reduce_metrics(outputs, metric_keys)

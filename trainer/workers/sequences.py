@@ -23,6 +23,7 @@ class AlignedMicroBatch:
     labels: torch.Tensor  # [b, R] response token j (what position response_index[j] predicts)
     response_mask: torch.Tensor  # [b, R]
     fields: dict  # the micro-batch's other per-token tensors ([b, R] advantages, ...)
+    routing: torch.Tensor | None = None  # [b, s, layers, k] expert ids to replay (R3)
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -38,6 +39,7 @@ def align_micro_batches(
     groups: list[range],
     seq_multiple: int = 1,
     device: torch.device | str = "cpu",
+    routing: torch.Tensor | None = None,
 ) -> list[AlignedMicroBatch]:
     """One micro-batch on `device` per group of consecutive rows of a host batch: rows rolled
     so real tokens start at 0, each micro-batch trimmed to its longest row (rounded up to
@@ -47,6 +49,7 @@ def align_micro_batches(
 
     The trims are read from the host masks, so cutting a batch never waits on the device; the
     rows are copied and rolled there once for the whole batch, and each micro-batch is a slice.
+    `routing` ([B, total, layers, k], aligned with `input_ids`) is rolled and trimmed alike.
     """
     b, total = input_ids.shape
     prompt_len = total - response_mask.shape[1]
@@ -64,6 +67,9 @@ def align_micro_batches(
     fields = {k: v.to(device, non_blocking=True) for k, v in (fields or {}).items()}
     cols = (torch.arange(total, device=device)[None, :] + shift[:, None]) % total
     rolled = input_ids.gather(1, cols)
+    if routing is not None:
+        routing = routing.to(device, non_blocking=True)
+        routing = routing[torch.arange(b, device=device)[:, None], cols]
     index = resp_start[:, None] - 1 + torch.arange(response_mask.shape[1], device=device)[None, :]
     next_token = torch.cat([rolled[:, 1:], rolled.new_zeros(b, 1)], dim=1)
     labels = next_token.gather(1, index.clamp(0, total - 1))
@@ -75,8 +81,10 @@ def align_micro_batches(
         resp_len = max(max(last_used[lo:hi]), 1)
         s = min(-(-s // seq_multiple) * seq_multiple, total + seq_multiple)
         ids = rolled[lo:hi, :s]
+        routed = None if routing is None else routing[lo:hi, :s]
         if s > total:  # rounding up past the row: extend with pads
             ids = torch.cat([ids, ids.new_zeros(hi - lo, s - total)], dim=1)
+            routed = None if routed is None else _extend_routing(routed, s)
         out.append(
             AlignedMicroBatch(
                 ids.contiguous(),
@@ -84,9 +92,18 @@ def align_micro_batches(
                 labels[lo:hi, :resp_len],
                 response_mask[lo:hi, :resp_len],
                 {k: v[lo:hi, :resp_len] for k, v in fields.items()},
+                routed,
             )
         )
     return out
+
+
+def _extend_routing(routing: torch.Tensor, length: int) -> torch.Tensor:
+    """Padding positions route to experts 0..k-1 (any k distinct experts; see
+    rollout.assemble.routing_column)."""
+    b, s, layers, k = routing.shape
+    pad = torch.arange(k, dtype=routing.dtype, device=routing.device)
+    return torch.cat([routing, pad.expand(b, length - s, layers, k)], dim=1)
 
 
 def pad_to_length(mb: AlignedMicroBatch, length: int) -> AlignedMicroBatch:
@@ -95,8 +112,14 @@ def pad_to_length(mb: AlignedMicroBatch, length: int) -> AlignedMicroBatch:
     if extra <= 0:
         return mb
     pad = mb.input_ids.new_zeros(mb.input_ids.shape[0], extra)
+    routing = None if mb.routing is None else _extend_routing(mb.routing, length)
     return AlignedMicroBatch(
-        torch.cat([mb.input_ids, pad], 1), mb.response_index, mb.labels, mb.response_mask, mb.fields
+        torch.cat([mb.input_ids, pad], 1),
+        mb.response_index,
+        mb.labels,
+        mb.response_mask,
+        mb.fields,
+        routing,
     )
 
 
