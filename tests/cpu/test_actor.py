@@ -1,4 +1,5 @@
-"""MegatronActor vs plain transformers/PyTorch for each parallel layout (workers/actor_check.py):
+"""MegatronActor vs plain transformers/PyTorch for each parallel layout (workers/actor_check.py),
+dense and Qwen3-MoE (expert parallel; transformers' stacked experts compared one by one):
 log-probs and entropy of the response tokens, and the parameters after one PPO update (two
 mini-batches; clip, entropy bonus, k3 KL loss; AdamW + clipping) with micro-batches of 1 and 4.
 """
@@ -7,7 +8,7 @@ import pytest
 from conftest import some_slow
 
 TOL = 1e-5
-LAYOUTS = {  # name: (processes, arch, TP, PP, SP[, VPP])
+LAYOUTS = {  # name: (processes, arch, TP, PP, SP[, VPP (0: none)[, EP]])
     "tp1": (1, "tiny_llama", 1, 1, 0),
     "tp2": (2, "tiny_llama", 2, 1, 0),
     "pp2": (2, "tiny_qwen2", 1, 2, 0),
@@ -15,10 +16,13 @@ LAYOUTS = {  # name: (processes, arch, TP, PP, SP[, VPP])
     "dp2": (2, "tiny_llama", 1, 1, 0),
     # interleaved 1F1B: 4 micro-batches per mini-batch reach the schedule's steady state
     "pp2_vpp2": (2, "tiny_mistral", 1, 2, 0, 2),
+    # Qwen3-MoE: experts split over two data-parallel ranks, tokens by all-to-all
+    "ep2_moe": (2, "tiny_qwen3_moe", 1, 1, 0, 0, 2),
+    "tp2_sp_moe": (2, "tiny_qwen3_moe", 2, 1, 1),
 }
 
 
-@pytest.mark.parametrize("layout", some_slow(LAYOUTS, {"tp1", "tp2", "pp2"}))
+@pytest.mark.parametrize("layout", some_slow(LAYOUTS, {"tp1", "tp2", "pp2", "tp2_sp_moe"}))
 def test_actor_matches_transformers(layout, torchrun, tiny_ckpt):
     nproc, arch, *layout_args = LAYOUTS[layout]
     tiny_ckpt(arch)  # built once here, not by every rank at once

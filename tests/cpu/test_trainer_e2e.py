@@ -152,8 +152,17 @@ def test_two_rank_runs(case, cache_dir, tmp_path):
     assert (out / "hf" / "step_2" / "config.json").exists()
 
 
-def test_kill9_then_resume_equals_uninterrupted(cache_dir, tmp_path):
-    overrides = ["rollout=hf", "trainer.total_steps=4", "trainer.save_freq=1"] + SMALL[:-1]
+@pytest.mark.parametrize(
+    "model",
+    [
+        [],
+        # Qwen3-MoE with routing replay (the replayed experts travel in the batch)
+        pytest.param(["model=tiny_qwen3_moe", "actor.router_replay=true"], marks=pytest.mark.slow),
+    ],
+    ids=["dense", "moe-r3"],
+)
+def test_kill9_then_resume_equals_uninterrupted(model, cache_dir, tmp_path):
+    overrides = model + ["rollout=hf", "trainer.total_steps=4", "trainer.save_freq=1"] + SMALL[:-1]
     straight = tmp_path / "straight"
     run(1, overrides + [f"trainer.output_dir={straight}"], cache_dir)
 

@@ -1,6 +1,6 @@
 """Actor on megatron-core vs plain transformers/PyTorch, for one parallel layout.
 
-usage: actor_check.py ARCH TP PP SP(0|1) [VPP]
+usage: actor_check.py ARCH TP PP SP(0|1) [VPP [EP]]   (VPP 0: none; EP: expert parallel, MoE)
 Checks (asserted here, on every rank):
 1. compute_log_prob: log-probs and entropy equal transformers' to 1e-5 (micro-batches of 3,
    and one micro-batch of 8 through actor.log_prob_micro_batch_size);
@@ -11,6 +11,7 @@ Checks (asserted here, on every rank):
 """
 
 import os
+import re
 import sys
 from dataclasses import replace
 
@@ -34,26 +35,51 @@ LR, EPS, CLIP = 1e-3, 1e-4, 1.0  # large eps: Adam's first step is then smooth i
 
 
 def hf_named_params(worker, args):
-    """The megatron actor's weights as HF tensors, whole on every rank."""
+    """The megatron actor's weights as HF tensors, whole on every rank (experts named one by
+    one: `mlp.experts.{e}.gate_proj.weight`, ...)."""
     named = weight_loaders.megatron_named_params(worker.chunks, worker.config)
     mine = {
         k: v.detach().cpu().clone()
         for k, v in weight_loaders.stream_hf_weights(named, args, D.tp_group())
     }
-    stages = [None] * D.pp_size()
-    dist.all_gather_object(stages, mine, group=D.pp_group())
-    return {k: v for s in stages for k, v in s.items()}
+    for group, size in ((D.pp_group(), D.pp_size()), (D.ep_group(), D.ep_size())):
+        parts = [None] * size  # pipeline stages, then each expert-parallel rank's experts
+        dist.all_gather_object(parts, mine, group=group)
+        mine = {k: v for part in parts for k, v in part.items()}
+    return mine
+
+
+def per_expert(named: dict) -> dict:
+    """transformers' stacked experts (`mlp.experts.gate_up_proj` [E, 2f, h], `down_proj`
+    [E, h, f]) named one by one, as the stream names them; other tensors unchanged."""
+    out = {}
+    for name, t in named.items():
+        stacked = re.fullmatch(r"(.*\.experts)\.(gate_up_proj|down_proj)", name)
+        if stacked is None:
+            out[name] = t
+            continue
+        prefix, kind = stacked.groups()
+        for e, w in enumerate(t):
+            if kind == "down_proj":
+                out[f"{prefix}.{e}.down_proj.weight"] = w
+            else:
+                gate, up = w.chunk(2)
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate
+                out[f"{prefix}.{e}.up_proj.weight"] = up
+    return out
 
 
 def main():
     arch, tp, pp, sp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))
-    vpp = int(sys.argv[5]) if len(sys.argv) > 5 else None
+    vpp = int(sys.argv[5]) or None if len(sys.argv) > 5 else None
+    ep = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     D.init_distributed()
     parallel = ParallelConfig(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         sequence_parallel=sp,
+        expert_model_parallel_size=ep,
     )
     D.init_model_parallel(parallel)
     from transformers import AutoModelForCausalLM
@@ -92,9 +118,9 @@ def main():
         kl_loss_type="low_var_kl",
         clip_ratio_high=0.28,
     )
-    before = {k: v.detach().clone() for k, v in hf.named_parameters()}
+    before = {k: v.detach().clone() for k, v in per_expert(dict(hf.named_parameters())).items()}
     reference_ppo_step(hf, {**data, **extra}, cfg, LR, EPS, CLIP, mini_batch=4)
-    want = dict(hf.named_parameters())
+    want = per_expert(dict(hf.named_parameters()))
     moved = min((want[k].detach() - before[k]).abs().max().item() for k in before)
     assert moved > 1e-4, f"the reference step left a tensor unchanged ({moved})"
     errors = {}
