@@ -1,7 +1,7 @@
 """HybridEngine swap cost on this machine, one process (a world of one):
 
     python -m benchmarks.bench_swap [--model qwen2_0p5b|smollm2_135m|tiny_llama|...]
-        [--backend vllm|hf] [--repeat 3] [--gpu-memory-utilization 0.3]
+        [--layers N] [--backend vllm|hf] [--repeat 3] [--gpu-memory-utilization 0.3]
 
 Measured side by side in one run, with the device synchronised around every timing:
 - weight sync, two ways, against one plain copy of the same bytes (torch `copy_` of the HF
@@ -65,6 +65,7 @@ def sync_vs_copy(manager, rollout, repeat: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=C.pick("smollm2_135m", "qwen2_0p5b"))
+    ap.add_argument("--layers", type=int, help="a shape preset cut to its first N layers")
     ap.add_argument("--backend", default="vllm")
     ap.add_argument("--dtype", default=C.default_dtype(), choices=["float32", "bfloat16"])
     ap.add_argument("--repeat", type=int, default=3)
@@ -84,7 +85,7 @@ def main() -> None:
     from trainer.workers.actor import MegatronActor
     from trainer.workers.model import build_model_worker
 
-    src = C.resolve_model(opts.model)
+    src = C.resolve_model(opts.model, opts.layers)
     parallel = C.init_world()
     args = archs.model_args_from_hf(src.hf_dir)
     worker = build_model_worker(

