@@ -22,7 +22,7 @@ LAYOUTS = {  # name: (processes, arch, TP, PP, SP[, VPP (0: none)[, EP]])
 }
 
 
-@pytest.mark.parametrize("layout", some_slow(LAYOUTS, {"tp1", "tp2", "pp2", "tp2_sp_moe"}))
+@pytest.mark.parametrize("layout", some_slow(LAYOUTS, {"tp1", "tp2", "pp2", "dp2", "tp2_sp_moe"}))
 def test_actor_matches_transformers(layout, torchrun, tiny_ckpt):
     nproc, arch, *layout_args = LAYOUTS[layout]
     tiny_ckpt(arch)  # built once here, not by every rank at once

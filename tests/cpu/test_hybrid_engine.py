@@ -23,6 +23,7 @@ def test_swaps_two_ranks(backend, rollout_tp, torchrun):
             assert err <= TOL, (layout, key, err)
 
 
+@pytest.mark.slow  # the tied re-pack after a reload: test_rollout_conformance (tiny_qwen2), fast
 def test_swaps_tied_embeddings_vllm(torchrun):
     # qkv bias + tied embeddings: the output layer is the embedding, re-packed after a reload
     result = torchrun("he_check.py", 2, "vllm", "1", "2x1", "tiny_qwen2", timeout=900)

@@ -165,6 +165,7 @@ def test_a_refused_layout_fails_before_any_rank_starts(tmp_path):
 
 
 # ---- launch plumbing: rendezvous, ranks, run directory, requeue ----------------------------------
+@pytest.mark.slow  # about 45 s of CI; the requeue and refusal tests stay in the fast set
 def test_two_node_launch_rendezvous_and_run_directory(tmp_path):
     env = job_env(tmp_path, 7102, python=stand_in_python(tmp_path, ENTRY))
     proc = sbatch(env, *TINY, "trainer.total_steps=3")

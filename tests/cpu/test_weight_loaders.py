@@ -330,7 +330,7 @@ def test_bad_checkpoints_name_the_tensor(torchrun, tiny_ckpt, tmp_path):
     assert "num_layers" in msg["export"]
 
 
-@pytest.mark.parametrize("tp", some_slow([1, 3], {3}))
+@pytest.mark.parametrize("tp", some_slow([1, 3], {1, 3}))  # the GGUF conversion: ~40 s of CI
 def test_smollm2_logits_equal_hf(torchrun, cache_dir, tp):
     from archs import ensure_preset_dir
 
