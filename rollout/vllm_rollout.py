@@ -160,7 +160,10 @@ class VLLMRollout(BaseRollout):
 
         def describe(model):
             packed = getattr(model, "packed_modules_mapping", None) or {}
-            return dict(model.named_parameters()), {k: list(v) for k, v in packed.items()}
+            params = experts_by_name(dict(model.named_parameters()))
+            packed = {k: list(v) for k, v in packed.items()}
+            packed.setdefault("gate_up_proj", ["gate_proj", "up_proj"])
+            return params, packed
 
         params, packed = self.llm.apply_model(describe)[0]
         return EngineParameters(params, packed, self.tp_size)
@@ -174,3 +177,20 @@ class VLLMRollout(BaseRollout):
         self.llm.wake_up(tags=tags)
         if self.cfg.enable_prefix_caching:
             self.llm.reset_prefix_cache()  # cached blocks may hold pre-update KV
+
+
+def experts_by_name(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """vLLM stacks a MoE layer's experts: `….experts.w13_weight` [E, 2I, H] (each expert's gate
+    rows, then its up rows) and `….experts.w2_weight` [E, H, I]. Adds expert e's pieces under
+    the HF per-expert names, as views into those stacks: `….experts.{e}.gate_up_proj.weight`
+    (the packed [gate_proj, up_proj]) and `….experts.{e}.down_proj.weight`, so that direct
+    copies can plan them like any packed parameter."""
+    out = dict(params)
+    for name, stacked in params.items():
+        prefix, found, kind = name.rpartition(".experts.")
+        if not found or kind not in ("w13_weight", "w2_weight") or stacked.dim() != 3:
+            continue
+        member = "gate_up_proj" if kind == "w13_weight" else "down_proj"
+        for e, piece in enumerate(stacked):
+            out[f"{prefix}.experts.{e}.{member}.weight"] = piece
+    return out

@@ -199,6 +199,47 @@ def test_direct_copies_fill_a_packed_engine(tp, engine_pad):
         assert plan.first_mismatch() is None
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_direct_copies_fill_stacked_experts(tp):
+    """vLLM stacks a MoE layer's experts (w13 [E, 2I/TP, H]: each expert's gate rows, then its
+    up rows; w2 [E, H, I/TP]); the vLLM backend names each expert's piece like HF's per-expert
+    tensors, and every expert's megatron fc1/fc2 shard then tiles them."""
+    from rollout.vllm_rollout import experts_by_name
+
+    args = archs.PRESETS["tiny_qwen3_moe"].args
+    E, h, f = args.num_experts, args.hidden_size, args.moe_ffn_hidden_size
+    g = torch.Generator().manual_seed(5)
+    hf = {
+        f"model.layers.0.mlp.experts.{e}.{kind}.weight": torch.randn(shape, generator=g)
+        for e in range(E)
+        for kind, shape in (("gate_proj", (f, h)), ("up_proj", (f, h)), ("down_proj", (h, f)))
+    }
+    w13, w2 = "model.layers.0.mlp.experts.w13_weight", "model.layers.0.mlp.experts.w2_weight"
+    q = f // tp
+    for rank in range(tp):
+        stacked = {w13: torch.zeros(E, 2 * q, h), w2: torch.zeros(E, h, q)}
+        shards = [
+            (
+                pattern.format(i=0, e=e),
+                wl.hf_to_megatron_shard(
+                    rule.layout, [hf[n.format(i=0, e=e)] for n in rule.hf], None, args, tp, rank
+                ),
+            )
+            for pattern, rule in wl.weight_map(args).items()
+            if "{e}" in pattern
+            for e in range(E)
+        ]
+        plan = wl.plan_direct_copies(shards, args, experts_by_name(stacked), PACKED, tp, tp)
+        assert plan.remaining == [] and len(plan.names) == 3 * E  # gate, up, down per expert
+        plan.copy()
+        rows = slice(rank * q, (rank + 1) * q)
+        for e in range(E):
+            expert = f"model.layers.0.mlp.experts.{e}"
+            assert torch.equal(stacked[w13][e, :q], hf[f"{expert}.gate_proj.weight"][rows])
+            assert torch.equal(stacked[w13][e, q:], hf[f"{expert}.up_proj.weight"][rows])
+            assert torch.equal(stacked[w2][e], hf[f"{expert}.down_proj.weight"][:, rows])
+
+
 def test_shards_of_two_training_ranks_fill_one_engine_rank():
     """Training TP 2 into a packed engine at TP 1 (what the gathered copies plan from the two
     gathered shards): QKV per group, gate/up, row-parallel columns, vocab rows all tile it."""

@@ -141,8 +141,8 @@ def check_layout(tp, pp, vpp, ep, rollout, backend, hf_dir, args, tokenizer, las
         assert not direct.planned, direct.planned
     elif tp % rollout.tp_size == 0:  # all but a vocab the engine pads unlike megatron (TP > 1)
         vocab = {"embedding.word_embeddings.weight", "output_layer.weight"}
-        # and the experts, which vLLM stacks per layer (w13/w2): they go by its loader
-        remaining = {n for n in direct.remaining if ".experts." not in n}
+        # (vLLM's stacked experts are planned too; transformers' stacked ones go by its loader)
+        remaining = {n for n in direct.remaining if backend == "vllm" or ".experts." not in n}
         assert direct.planned and remaining <= vocab, direct.remaining
         assert (direct.gather is not None) == (tp > rollout.tp_size)
     else:
