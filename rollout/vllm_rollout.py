@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -180,16 +181,18 @@ class VLLMRollout(BaseRollout):
 
 
 def experts_by_name(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """vLLM stacks a MoE layer's experts: `….experts.w13_weight` [E, 2I, H] (each expert's gate
-    rows, then its up rows) and `….experts.w2_weight` [E, H, I]. Adds expert e's pieces under
+    """vLLM stacks a MoE layer's experts: `….experts[.routed_experts].w13_weight` [E, 2I, H] (each
+    expert's gate rows, then its up rows) and `….w2_weight` [E, H, I]. Adds expert e's pieces under
     the HF per-expert names, as views into those stacks: `….experts.{e}.gate_up_proj.weight`
     (the packed [gate_proj, up_proj]) and `….experts.{e}.down_proj.weight`, so that direct
     copies can plan them like any packed parameter."""
     out = dict(params)
     for name, stacked in params.items():
-        prefix, found, kind = name.rpartition(".experts.")
-        if not found or kind not in ("w13_weight", "w2_weight") or stacked.dim() != 3:
+        # vLLM >= 0.24 keeps them in the MoE runner's `routed_experts` module
+        stack = re.fullmatch(r"(.*)\.experts\.(?:routed_experts\.)?(w13_weight|w2_weight)", name)
+        if stack is None or stacked.dim() != 3:
             continue
+        prefix, kind = stack.groups()
         member = "gate_up_proj" if kind == "w13_weight" else "down_proj"
         for e, piece in enumerate(stacked):
             out[f"{prefix}.experts.{e}.{member}.weight"] = piece

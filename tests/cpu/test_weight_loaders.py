@@ -200,7 +200,8 @@ def test_direct_copies_fill_a_packed_engine(tp, engine_pad):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_direct_copies_fill_stacked_experts(tp):
+@pytest.mark.parametrize("module", ["experts", "experts.routed_experts"])  # vLLM < / ≥ 0.24
+def test_direct_copies_fill_stacked_experts(tp, module):
     """vLLM stacks a MoE layer's experts (w13 [E, 2I/TP, H]: each expert's gate rows, then its
     up rows; w2 [E, H, I/TP]); the vLLM backend names each expert's piece like HF's per-expert
     tensors, and every expert's megatron fc1/fc2 shard then tiles them."""
@@ -214,7 +215,7 @@ def test_direct_copies_fill_stacked_experts(tp):
         for e in range(E)
         for kind, shape in (("gate_proj", (f, h)), ("up_proj", (f, h)), ("down_proj", (h, f)))
     }
-    w13, w2 = "model.layers.0.mlp.experts.w13_weight", "model.layers.0.mlp.experts.w2_weight"
+    w13, w2 = (f"model.layers.0.mlp.{module}.{kind}" for kind in ("w13_weight", "w2_weight"))
     q = f // tp
     for rank in range(tp):
         stacked = {w13: torch.zeros(E, 2 * q, h), w2: torch.zeros(E, h, q)}
