@@ -35,6 +35,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.moe import experts as megatron_experts
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.moe.router import Router
 
 # torch's grouped GEMMs (CPU and CUDA) demand 16-byte aligned row strides.
 _ALIGN_BYTES = 16
@@ -260,3 +261,51 @@ def replay_routing(routers: list, routing: torch.Tensor | None, sequence_paralle
             ]
         replay.set_target_indices(ids.reshape(-1, ids.shape[-1]).long())
         replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+
+
+class ExpertLoad:
+    """Tokens routed to each expert of each MoE layer while the model trains, for the per-layer
+    load-balance metrics (forward hooks on megatron's routers; forward-only passes are not
+    counted). Padding positions are routed too and counted with the rest.
+
+    `metrics()` sums the counts over the ranks that route distinct tokens (data-parallel ranks,
+    pipeline stages' own layers, and the sequence-parallel slices when SP is on; without SP a
+    TP group routes the same tokens, so its rank 0 speaks for it) and returns, per layer, the
+    busiest expert's tokens over the mean (1 = perfectly balanced), then resets."""
+
+    def __init__(self, chunks: list, num_layers: int, num_experts: int, sequence_parallel: bool):
+        self.counts = None
+        self.shape = (num_layers, num_experts)
+        self.sequence_parallel = sequence_parallel
+        for chunk in chunks:
+            for module in chunk.modules():
+                if isinstance(module, Router):
+                    module.register_forward_hook(self._count)
+
+    def _count(self, router, inputs, output) -> None:
+        if not router.training:
+            return
+        routing_map = output[1]
+        if self.counts is None:
+            self.counts = torch.zeros(self.shape, dtype=torch.float64, device=routing_map.device)
+        self.counts[router.layer_number - 1] += routing_map.sum(0).to(torch.float64).detach()
+
+    def metrics(self) -> dict[str, float]:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as mpu
+
+        if self.counts is None:
+            self.counts = torch.zeros(self.shape, dtype=torch.float64)
+        counts, self.counts = self.counts, None
+        if not self.sequence_parallel and mpu.get_tensor_model_parallel_rank() != 0:
+            counts = torch.zeros_like(counts)
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        out = {}
+        for layer, per_expert in enumerate(counts.tolist()):
+            total = sum(per_expert)
+            if total:
+                out[f"moe/max_load/layer_{layer}"] = max(per_expert) * len(per_expert) / total
+        if out:
+            out["moe/max_load"] = max(out.values())
+        return out

@@ -148,6 +148,10 @@ def test_two_rank_runs(case, cache_dir, tmp_path):
         assert 0 <= step["critic/score/mean"] <= 1
         if case.startswith("ppo"):
             assert math.isfinite(step["critic/vf_loss"])
+        if "moe" in case:  # the busiest expert's share of each MoE layer's tokens (1 = even)
+            loads = [step[f"actor/moe/max_load/layer_{i}"] for i in (0, 1, 3)]  # 2 is dense
+            assert "actor/moe/max_load/layer_2" not in step
+            assert all(1 <= x <= 8 for x in loads) and step["actor/moe/max_load"] == max(loads)
     # the HF export at the end is a loadable checkpoint
     assert (out / "hf" / "step_2" / "config.json").exists()
 

@@ -16,6 +16,7 @@ from tandem_core import cpu_compat
 from tandem_core.config import OptimConfig, ParallelConfig
 from tandem_core.model_args import ModelArgs
 from tandem_core.models import build_gpt_model, build_transformer_config
+from tandem_core.moe import ExpertLoad
 from trainer.workers.checkpoint import load_megatron, save_megatron
 from trainer.workers.optimizer import build_optimizer
 
@@ -44,6 +45,8 @@ class ModelWorker:
     offloaded: bool = False
     routers: dict | None = None
     """Under routing replay: id(chunk) -> that chunk's MoE routers (None: no replay)."""
+    expert_load: ExpertLoad | None = None
+    """A trained MoE model's per-layer expert load (the update's `moe/max_load` metrics)."""
     skipped_in_a_row: int = 0
     """Consecutive optimizer steps skipped for a non-finite loss (train_step)."""
 
@@ -140,7 +143,12 @@ def build_model_worker(
             chunks, config, optim, parallel, total_optimizer_steps
         )
     routers = _replayed_routers(chunks, moe)
-    return ModelWorker(args, config, chunks, optimizer, scheduler, routers=routers)
+    load = None
+    if args.is_moe:
+        load = ExpertLoad(chunks, args.num_layers, args.num_experts, parallel.sequence_parallel)
+    return ModelWorker(
+        args, config, chunks, optimizer, scheduler, routers=routers, expert_load=load
+    )
 
 
 def _replayed_routers(chunks: list, moe: MoESettings) -> dict | None:

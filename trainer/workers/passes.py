@@ -340,4 +340,7 @@ def update_over_mini_batches(
             )
             for k, v in step.items():
                 metrics.setdefault(k, []).append(v)
-    return {k: sum(v) / len(v) for k, v in metrics.items()}
+    averaged = {k: sum(v) / len(v) for k, v in metrics.items()}
+    if worker.expert_load is not None:  # over the whole update (every mini-batch and epoch)
+        averaged.update(worker.expert_load.metrics())
+    return averaged
