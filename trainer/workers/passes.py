@@ -69,11 +69,11 @@ def make_micro_batches(
     max_tokens: int | None,
     seq_multiple: int,
     count_multiple: int = 1,
-    replay_routing: bool = False,
+    with_routing: bool = False,
 ) -> list[AlignedMicroBatch]:
     """Fixed-size micro-batches, or token-budget ones when max_tokens is set.
 
-    `replay_routing`: the micro-batches carry the batch's `routed_experts` (R3).
+    `with_routing`: the micro-batches carry the batch's `routed_experts` (R3).
 
     `count_multiple`: megatron's interleaved (VPP) schedule needs the number of micro-batches
     to be a multiple of PP; when it is not, rows are re-cut into that many near-equal groups.
@@ -101,7 +101,7 @@ def make_micro_batches(
         groups,
         seq_multiple,
         device=cpu_compat.device(),
-        routing=batch["routed_experts"] if replay_routing else None,
+        routing=batch["routed_experts"] if with_routing else None,
     )
     if count_multiple > 1:
         # megatron's interleaved schedule assumes one activation shape for all micro-batches.
@@ -122,7 +122,7 @@ def micro_batch_layout(worker: ModelWorker, batch: Batch) -> dict:
     return {
         "seq_multiple": D.tp_size() if worker.config.sequence_parallel else 1,
         "count_multiple": D.pp_size() if len(worker.chunks) > 1 else 1,
-        "replay_routing": replay,
+        "with_routing": replay,
     }
 
 
