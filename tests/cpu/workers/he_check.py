@@ -180,13 +180,13 @@ def check_layout(tp, pp, vpp, ep, rollout, backend, hf_dir, args, tokenizer, las
 
 def main():
     backend, rollout_tp, layouts = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
-    if torch.cuda.is_available():
-        # The twin comparison is bitwise; megatron's MoE token scatter adds atomically on CUDA.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
     D.init_distributed()
     hf_dir = ensure_tiny_checkpoint(sys.argv[4] if len(sys.argv) > 4 else "tiny_llama")
     args = archs.model_args_from_hf(hf_dir)
+    if torch.cuda.is_available() and args.is_moe:
+        # The twin comparison is bitwise; megatron's MoE token scatter adds atomically on CUDA.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     rollout = build_rollout(
         # Eager: every GPU run starts a fresh engine, and capturing CUDA graphs there took one
         # 2-GPU swap run past 5.5 minutes (the GRPO test covers graphs across swaps).
