@@ -30,12 +30,16 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.moe import experts as megatron_experts
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import Router
+from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+from tandem_core import distributed as D
 
 # torch's grouped GEMMs (CPU and CUDA) demand 16-byte aligned row strides.
 _ALIGN_BYTES = 16
@@ -237,6 +241,11 @@ def grouped_to_sequential(grouped: GroupedMLP, seq: SequentialMLP) -> None:
         expert.linear_fc2.weight.copy_(w2[j].t())
 
 
+def moe_routers(chunk: torch.nn.Module) -> list[Router]:
+    """The MoE routers of one model chunk, in layer order."""
+    return [m for m in chunk.modules() if isinstance(m, Router)]
+
+
 def replay_routing(routers: list, routing: torch.Tensor | None, sequence_parallel: bool) -> None:
     """Routing replay (R3) for one model chunk's forward: each router takes the experts
     `routing` ([b, s, layers, k], the engine's choice per token and global layer) names for
@@ -245,9 +254,6 @@ def replay_routing(routers: list, routing: torch.Tensor | None, sequence_paralle
 
     megatron routes tokens in [s, b] order, a sequence-parallel rank its own slice of s.
     """
-    from megatron.core import parallel_state as mpu
-    from megatron.core.transformer.moe.router_replay import RouterReplayAction
-
     for router in routers:
         replay = router.router_replay
         replay.clear_indices()
@@ -256,9 +262,7 @@ def replay_routing(routers: list, routing: torch.Tensor | None, sequence_paralle
             continue
         ids = routing[:, :, router.layer_number - 1].transpose(0, 1)  # [s, b, k]
         if sequence_parallel:
-            ids = ids.chunk(mpu.get_tensor_model_parallel_world_size())[
-                mpu.get_tensor_model_parallel_rank()
-            ]
+            ids = ids.chunk(D.tp_size())[D.tp_rank()]
         replay.set_target_indices(ids.reshape(-1, ids.shape[-1]).long())
         replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
 
@@ -278,9 +282,8 @@ class ExpertLoad:
         self.shape = (num_layers, num_experts)
         self.sequence_parallel = sequence_parallel
         for chunk in chunks:
-            for module in chunk.modules():
-                if isinstance(module, Router):
-                    module.register_forward_hook(self._count)
+            for router in moe_routers(chunk):
+                router.register_forward_hook(self._count)
 
     def _count(self, router, inputs, output) -> None:
         if not router.training:
@@ -291,13 +294,10 @@ class ExpertLoad:
         self.counts[router.layer_number - 1] += routing_map.sum(0).to(torch.float64).detach()
 
     def metrics(self) -> dict[str, float]:
-        import torch.distributed as dist
-        from megatron.core import parallel_state as mpu
-
         if self.counts is None:
             self.counts = torch.zeros(self.shape, dtype=torch.float64)
         counts, self.counts = self.counts, None
-        if not self.sequence_parallel and mpu.get_tensor_model_parallel_rank() != 0:
+        if not self.sequence_parallel and D.tp_rank() != 0:
             counts = torch.zeros_like(counts)
         if dist.is_initialized():
             dist.all_reduce(counts)

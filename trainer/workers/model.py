@@ -16,7 +16,7 @@ from tandem_core import cpu_compat
 from tandem_core.config import OptimConfig, ParallelConfig
 from tandem_core.model_args import ModelArgs
 from tandem_core.models import build_gpt_model, build_transformer_config
-from tandem_core.moe import ExpertLoad
+from tandem_core.moe import ExpertLoad, moe_routers
 from trainer.workers.checkpoint import load_megatron, save_megatron
 from trainer.workers.optimizer import build_optimizer
 
@@ -155,7 +155,7 @@ def _replayed_routers(chunks: list, moe: MoESettings) -> dict | None:
     """id(chunk) -> its MoE routers, the objects megatron's schedule hands to forward_step."""
     if not moe.router_replay:
         return None
-    return {id(c): [m for m in c.modules() if getattr(m, "router_replay", None)] for c in chunks}
+    return {id(c): moe_routers(c) for c in chunks}
 
 
 def copy_weights(src: ModelWorker, dst: ModelWorker) -> None:
