@@ -17,6 +17,7 @@ from archs.base import (
 )
 from archs.checkpoints import (
     check_model_source,
+    cut_to_layers,
     ensure_preset_dir,
     ensure_tiny_checkpoint,
     model_dir,
@@ -32,6 +33,7 @@ __all__ = [
     "UnsupportedModelError",
     "WeightMap",
     "check_model_source",
+    "cut_to_layers",
     "ensure_preset_dir",
     "ensure_tiny_checkpoint",
     "model_args_from_hf",

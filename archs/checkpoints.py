@@ -16,6 +16,7 @@ mistaken for one).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import importlib.util
 import os
@@ -47,12 +48,35 @@ def read_model_args(model: ModelConfig) -> ModelArgs:
             raise ConfigError(f"model.path: {model.path}: {err}") from err
     if model.preset not in PRESETS:
         raise ConfigError(f"model.preset: {PRESETS.unknown(model.preset)} (or set model.path)")
-    return PRESETS[model.preset].args
+    return cut_to_layers(PRESETS[model.preset], model.num_layers).args
+
+
+def cut_to_layers(preset: Preset, layers: int | None) -> Preset:
+    """The preset with its first `layers` layers (MoE layer pattern cut alike); None: as is."""
+    if layers is None:
+        return preset
+    full = preset.args
+    args = dataclasses.replace(full, num_layers=layers)
+    if full.is_moe:
+        args = dataclasses.replace(args, moe_layers=tuple(full.moe_layer_pattern()[:layers]))
+    return dataclasses.replace(preset, name=f"{preset.name}_{layers}l", args=args)
 
 
 def check_model_source(model: ModelConfig) -> None:
     """ConfigError naming the key when a preset's weights cannot come from anywhere (a bad
     model.path is read_model_args' to report)."""
+    if model.num_layers is not None:
+        full = PRESETS[model.preset] if model.path is None and model.preset in PRESETS else None
+        if full is None or full.kind == "tiny" or not model.random_init:
+            raise ConfigError(
+                "model.num_layers: cuts a shape preset with model.random_init=true (a checkpoint's"
+                " or a tiny preset's layers are what its weights are)"
+            )
+        if not 1 <= model.num_layers <= full.args.num_layers:
+            raise ConfigError(
+                f"model.num_layers: {model.num_layers} is not in 1..{full.args.num_layers}"
+                f" ({model.preset}'s layers)"
+            )
     if model.path is not None:
         return
     preset = PRESETS[model.preset] if model.preset in PRESETS else None
@@ -70,6 +94,8 @@ def model_dir(model: ModelConfig, cache_dir: str | os.PathLike | None = None) ->
     if model.path:
         return Path(model.path)
     preset = PRESETS[model.preset]
+    if model.num_layers is not None:
+        return ensure_preset_dir(preset.name, cache_dir, weights=False, layers=model.num_layers)
     if preset.kind == "real" and model.random_init:
         return ensure_preset_dir(preset.name, cache_dir, weights=False)
     return ensure_preset_dir(preset.name, cache_dir, weights=preset.kind != "shape")
@@ -172,13 +198,20 @@ def default_cache_dir() -> Path:
 
 
 def ensure_preset_dir(
-    name: str, cache_dir: str | os.PathLike | None = None, weights: bool = True
+    name: str,
+    cache_dir: str | os.PathLike | None = None,
+    weights: bool = True,
+    layers: int | None = None,
 ) -> Path:
     """The cached HF directory of a preset, built on first use: with weights (tiny: random;
-    real: converted), or its config and tokenizer only (`weights=False`)."""
-    preset = PRESETS[name]
+    real: converted), or its config and tokenizer only (`weights=False`), then optionally cut
+    to its first `layers` layers."""
     if not weights:
-        return _ensure(f"{name}_shape", lambda out: build_shape_dir(preset, out), cache_dir)
+        preset = cut_to_layers(PRESETS[name], layers)
+        return _ensure(f"{preset.name}_shape", lambda out: build_shape_dir(preset, out), cache_dir)
+    if layers is not None:
+        raise ConfigError(f"model.num_layers: {name!r} has weights; only a shape can be cut")
+    preset = PRESETS[name]
     if preset.kind == "tiny":
         return _ensure(name, lambda out: build_tiny_checkpoint(preset, out), cache_dir)
     if preset.kind == "real":

@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_mfu [--model llama3_1b] [--batch 16] [--seq 1024]
         [--micro-batch 4] [--specs sdpa local megatron] [--steps 3] [--peak-size 8192]
-        [--profile 20]
+        [--profile 20] [--layers N (a shape preset cut to its first N layers)]
 
 Three ways to run the same optimizer step (one mini-batch, one optimizer step):
 - `sdpa`: `MegatronActor.update_policy` with Tandem's default layer spec: forward + backward
@@ -140,7 +140,7 @@ def run_spec(opts, name: str) -> dict:
     from trainer.workers.actor import MegatronActor
     from trainer.workers.model import build_model_worker
 
-    src = C.resolve_model(opts.model)
+    src = C.resolve_model(opts.model, opts.layers)
     parallel = C.init_world()
     args = archs.model_args_from_hf(src.hf_dir)
     worker = build_model_worker(
@@ -191,6 +191,7 @@ def run_spec(opts, name: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=C.pick("tiny_llama", "llama3_1b"))
+    ap.add_argument("--layers", type=int, help="a shape preset cut to its first N layers")
     ap.add_argument(
         "--specs",
         nargs="+",
@@ -214,7 +215,9 @@ def main() -> None:
         C.emit_result(run_spec(opts, opts.one))
         return
 
-    C.resolve_model(opts.model)  # build the model directory once, before the timed processes
+    C.resolve_model(
+        opts.model, opts.layers
+    )  # build the model directory once, before the timed processes
     forwarded = [
         f"--{k.replace('_', '-')}={getattr(opts, k)}"
         for k in (
@@ -229,6 +232,8 @@ def main() -> None:
             "adam",
         )
     ]
+    if opts.layers:
+        forwarded.append(f"--layers={opts.layers}")
     results = {}
     for spec in opts.specs:
         r = C.run_child(["-m", "benchmarks.bench_mfu", *forwarded, "--one", spec], spec)

@@ -4,7 +4,7 @@ pair per expert), side by side in one run, and the grouped update's MFU on activ
 
     python -m benchmarks.bench_moe [--model qwen3_30b_a3b] [--layers 6] [--batch 8]
         [--seq 1024] [--micro-batch 2] [--experts grouped sequential] [--steps 3]
-    torchrun --nproc-per-node 2 -m benchmarks.bench_moe --ep 2 --layers 12 --one grouped
+    python -m benchmarks.bench_moe --ep 2 --layers 12    # two ranks per row, by torchrun
 
 The model is the preset's shape with its first `--layers` layers (random init, bf16 on CUDA),
 every row full (`--seq` tokens, half prompt, half response), the same update as
@@ -19,7 +19,6 @@ router, the k experts a token is routed to). MFU is against the measured bf16 ma
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 
@@ -47,10 +46,7 @@ def run_experts(opts, experts: str) -> dict:
     from trainer.workers.actor import MegatronActor
     from trainer.workers.model import MoESettings, build_model_worker
 
-    full = archs.PRESETS[opts.model].args
-    args = dataclasses.replace(
-        full, num_layers=opts.layers, moe_layers=tuple(full.moe_layer_pattern()[: opts.layers])
-    )
+    args = archs.cut_to_layers(archs.PRESETS[opts.model], opts.layers).args
     parallel = C.init_world(ParallelConfig(expert_model_parallel_size=opts.ep))
     worker = build_model_worker(
         args,
@@ -67,7 +63,7 @@ def run_experts(opts, experts: str) -> dict:
     batch = C.training_batch(args.vocab_size, opts.batch, prompt, opts.seq - prompt, n=1)
     first_s = C.timed(lambda: actor.update_policy(batch))
     step_s = C.best_of(lambda: actor.update_policy(batch), opts.steps, warmup=0)
-    tokens = int(batch["attention_mask"].sum())
+    tokens = int(batch["attention_mask"].sum()) * parallel.expert_model_parallel_size
     return {
         "experts": experts,
         "step_s": step_s,
@@ -97,18 +93,21 @@ def main() -> None:
     if opts.one:  # one row, in this process (under torchrun for EP > 1)
         C.emit_result(run_experts(opts, opts.one))
         return
-    keys = ("model", "layers", "batch", "seq", "micro_batch", "dtype", "steps")
+    keys = ("model", "layers", "ep", "batch", "seq", "micro_batch", "dtype", "steps")
     forwarded = [f"--{k.replace('_', '-')}={getattr(opts, k)}" for k in keys]
     rows = []
     for experts in opts.experts:
-        row = C.run_child(["-m", "benchmarks.bench_moe", *forwarded, "--one", experts], experts)
+        row = C.run_child(
+            ["-m", "benchmarks.bench_moe", *forwarded, "--one", experts], experts, nproc=opts.ep
+        )
         print(f"[bench_moe] {experts}: {row}", flush=True)
         rows.append(row)
     peak = matmul_peak_tflops(opts.peak_size, C.torch_dtype(opts.dtype), 10)
     base = next((r for r in rows if r["experts"] == "sequential"), None)
     lines = [
-        f"{opts.model}, its first {opts.layers} layers, {opts.dtype}, {opts.batch} × {opts.seq}"
-        f" tokens, micro-batch {opts.micro_batch}; measured matmul peak {peak:.1f} TFLOP/s",
+        f"{opts.model}, its first {opts.layers} layers, EP {opts.ep}, {opts.dtype}, {opts.batch}"
+        f" × {opts.seq} tokens per rank, micro-batch {opts.micro_batch}; measured matmul peak"
+        f" {peak:.1f} TFLOP/s (per GPU; tokens/s of all ranks, MFU per GPU)",
         f"{'experts':<12}{'step s':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>8}{'vs seq':>9}"
         f"{'first s':>9}{'peak GiB':>10}",
     ]

@@ -182,24 +182,9 @@ def resolve_model(name: str, layers: int | None = None) -> ModelSource:
         return ModelSource(name, ensure_preset_dir(name, weights=not shape_only), shape_only)
     if not shape_only:
         raise SystemExit(f"--layers cuts a shape preset; {name!r} has weights")
-    return ModelSource(f"{name}_{layers}l", cut_shape_dir(name, layers), True)
-
-
-def cut_shape_dir(name: str, layers: int) -> Path:
-    """A weightless HF directory of preset `name` with its first `layers` layers."""
-    import dataclasses
-    import tempfile
-
-    from archs import PRESETS
-    from archs.checkpoints import build_shape_dir
-
-    preset = PRESETS[name]
-    full = preset.args
-    args = dataclasses.replace(full, num_layers=layers)
-    if full.is_moe:
-        args = dataclasses.replace(args, moe_layers=tuple(full.moe_layer_pattern()[:layers]))
-    out = Path(tempfile.mkdtemp(prefix=f"{name}_{layers}l_"))
-    return build_shape_dir(dataclasses.replace(preset, name=f"{name}_{layers}l", args=args), out)
+    return ModelSource(
+        f"{name}_{layers}l", ensure_preset_dir(name, weights=False, layers=layers), True
+    )
 
 
 def init_world(parallel=None):
@@ -257,13 +242,16 @@ def training_batch(
 
 # ---- child processes (one engine or one model per process) ------------------------------------
 def emit_result(result: dict) -> None:
-    print(RESULT_MARK + json.dumps(result), flush=True)
+    """Hand `result` to the parent (from rank 0 only under torchrun)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(RESULT_MARK + json.dumps(result), flush=True)
 
 
-def run_child(args: list[str], what: str) -> dict:
-    """Run `python <args>` and return the dict it emitted; a failure names `what` and shows
-    the child's last output."""
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+def run_child(args: list[str], what: str, nproc: int = 1) -> dict:
+    """Run `python <args>` (under torchrun with `nproc` > 1) and return the dict it emitted; a
+    failure names `what` and shows the child's last output."""
+    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    proc = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not lines:
         tail = (proc.stdout[-2000:] + "\n" + proc.stderr[-6000:]).strip()

@@ -45,6 +45,9 @@ class ModelConfig:
     random_init: bool = False
     """Random weights (megatron's init, std 0.02) instead of the checkpoint's: for benchmarks and
     the shape-only presets. The engine starts with dummy weights; the first sync fills them."""
+    num_layers: int | None = None
+    """Cut a shape preset (with model.random_init=true) to its first N layers: a released
+    model's layer shapes on fewer devices, for benchmarks. None = all its layers."""
     moe_experts: str = "grouped"
     """Mixture-of-experts layers: grouped (all local experts in one grouped matmul,
     tandem_core/moe.py) | sequential (megatron's SequentialMLP, one expert after another)."""

@@ -188,6 +188,8 @@ CATALOGUE = [
     ("logger", ["logger.backends=[mlflow]"], "logger.backends", "tensorboard"),
     ("model preset", ["model.preset=llama4"], "model.preset", "llama3_1b"),
     ("shape preset without weights", ["model.preset=llama2_7b"], "model.preset", "random_init"),
+    ("layers of a tiny preset", ["model.num_layers=1"], "model.num_layers", "shape preset"),
+    ("more layers than the shape", ["model.preset=llama3_1b", "model.random_init=true", "model.num_layers=99"], "model.num_layers", "1..16"),
     # reward functions
     ("reward fn without colon", ["reward.fn=user_rewards.scores"], "reward.fn", "package.module:function"),
     ("reward fn module missing", ["reward.fn=user_rewards.nope:f"], "reward.fn", "cannot import"),

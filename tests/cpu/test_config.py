@@ -150,6 +150,19 @@ def test_shape_dirs_match_the_preset_table(tmp_path, preset):
     assert preset == "llama3_70b" or (cfg.model.preset, cfg.model.random_init) == (preset, True)
 
 
+def test_a_shape_cut_to_its_first_layers(tmp_path):
+    """model.num_layers: the weightless directory and the preset table agree on the cut shape,
+    MoE layer pattern included; the run's model dir is that directory."""
+    model = load_config(["model=qwen3_30b_a3b", "model.num_layers=3"], world_size=1).model
+    table = read_model_args(model)
+    built = archs.model_dir(model, tmp_path)
+    assert built.name == "qwen3_30b_a3b_3l_shape"
+    assert read_model_args(ModelConfig(path=str(built))) == table
+    full = read_model_args(ModelConfig(preset="qwen3_30b_a3b"))
+    assert table.num_layers == 3 and table.moe_layer_pattern() == full.moe_layer_pattern()[:3]
+    assert table.num_experts == full.num_experts
+
+
 def test_shape_presets_need_a_path_or_random_init():
     from archs import check_model_source
 
