@@ -163,6 +163,7 @@ class MegatronShardingManager(BaseShardingManager):
             tp_group=D.tp_group(),
             tp_rank=D.tp_rank(),
             bucket_mb=self.bucket_mb or 256,
+            ep_size=D.ep_size(),
         )
         mismatch = plan.first_mismatch()
         agreed = torch.tensor([0 if mismatch else 1], device=cpu_compat.device())

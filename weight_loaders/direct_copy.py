@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from tandem_core.model_args import ModelArgs
-from weight_loaders.names import lookup, weight_map
+from weight_loaders.names import lookup, split_layer, weight_map
 from weight_loaders.transforms import LAYOUTS
 
 
@@ -242,18 +242,25 @@ def plan_direct_copies(
     tp_group=None,
     tp_rank: int = 0,
     bucket_mb: float = 256,
+    ep_size: int = 1,
 ) -> DirectCopies:
     """Direct copies for every tensor of `named_shards` (megatron names under global layer
-    numbering, this rank's TP shards) that maps onto `params`; the rest in `remaining`.
+    and expert numbering, this rank's TP shards) that maps onto `params`; the rest in
+    `remaining`.
 
     Decided from names and shapes alone, so every rank of a TP group plans alike. Gathered
-    copies need `tp_group` (training TP) and this rank's `tp_rank` in it."""
+    copies need `tp_group` (training TP) and this rank's `tp_rank` in it. Under training EP
+    (`ep_size` > 1) the expert tensors stay with the loader: this rank holds only its share
+    of the experts while the engine holds all of them, and the stream gathers them over EP."""
     plan = DirectCopies()
     can_gather = tp_group is not None and train_tp > engine_tp > 0 and train_tp % engine_tp == 0
     to_gather: list[tuple[str, torch.Tensor]] = []
     for name, shard in named_shards:
         if name == "output_layer.weight" and args.tie_word_embeddings:
             continue  # the engine ties it to the embedding, which is copied
+        if ep_size > 1 and split_layer(name)[2] is not None:
+            plan.remaining.append(name)
+            continue
         replicated = not LAYOUTS[lookup(weight_map(args), name)[0].layout].gathered
         if replicated or train_tp == engine_tp:
             pairs = plan_tensor(name, [shard], args, params, packed, engine_tp)

@@ -241,6 +241,35 @@ def test_direct_copies_fill_stacked_experts(tp, module):
             assert torch.equal(stacked[w2][e], hf[f"{expert}.down_proj.weight"][:, rows])
 
 
+def test_experts_under_training_ep_stay_with_the_loader():
+    """At EP 2 a rank holds half of every layer's experts and the engine all of them: copying
+    this rank's would leave the other half stale (seen on CUDA vLLM: log-probs off by 0.014
+    after the first update). The experts go by the stream, which gathers them over EP; the
+    rest still maps."""
+    from rollout.vllm_rollout import experts_by_name
+
+    args = archs.PRESETS["tiny_qwen3_moe"].args
+    E, h, f = args.num_experts, args.hidden_size, args.moe_ffn_hidden_size
+    stacked = {
+        "model.layers.0.mlp.experts.w13_weight": torch.zeros(E, 2 * f, h),
+        "model.layers.0.mlp.experts.w2_weight": torch.zeros(E, h, f),
+        "model.layers.0.mlp.gate.weight": torch.zeros(E, h),
+    }
+    mine = range(E // 2, E)  # EP rank 1's experts, under their global numbers
+    shards = [
+        (pattern.format(i=0, e=e), torch.ones((2 * f, h) if "fc1" in pattern else (h, f)))
+        for pattern in wl.weight_map(args)
+        if "{e}" in pattern
+        for e in mine
+    ]
+    shards.append(("decoder.layers.0.mlp.router.weight", torch.ones(E, h)))
+    at_ep1 = wl.plan_direct_copies(shards, args, experts_by_name(stacked), PACKED, 1, 1)
+    assert at_ep1.remaining == []  # the same shards map when they are all the experts there are
+    plan = wl.plan_direct_copies(shards, args, experts_by_name(stacked), PACKED, 1, 1, ep_size=2)
+    assert plan.names == ["decoder.layers.0.mlp.router.weight"]
+    assert sorted(plan.remaining) == sorted(name for name, _ in shards[:-1])
+
+
 def test_shards_of_two_training_ranks_fill_one_engine_rank():
     """Training TP 2 into a packed engine at TP 1 (what the gathered copies plan from the two
     gathered shards): QKV per group, gate/up, row-parallel columns, vocab rows all tile it."""
