@@ -2,7 +2,7 @@
 
 "forward" calls the megatron GPTModel on the very micro-batches the actor builds (aligned,
 trimmed, already on the device), keeping the logits of every position and nothing else: the
-floor. "log-prob" is `MegatronActor.compute_log_prob` end to end: host→device copies,
+floor. "log-prob" is `PolicyActor.compute_log_prob` end to end: host→device copies,
 micro-batching, megatron's schedule, the LM head on the response rows only, the chunked
 vocab-parallel log-softmax (fp32) and the copy back.
 The ratio is what log-probs cost on top of the forward. Tokens are real (unpadded) prompt +
@@ -45,7 +45,7 @@ def main() -> None:
     from tandem_core import cpu_compat
     from tandem_core.config import ActorConfig
     from tandem_core.protocol import Batch
-    from trainer.workers.actor import MegatronActor
+    from trainer.workers.actor import PolicyActor
     from trainer.workers.model import build_model_worker
     from trainer.workers.passes import make_micro_batches, micro_batch_layout
 
@@ -58,7 +58,7 @@ def main() -> None:
     batch = Batch.from_dict(
         C.rollout_batch(args.vocab_size, opts.batch, opts.prompt_len, opts.response_len)
     )
-    actor = MegatronActor(worker, ActorConfig(micro_batch_size=opts.micro_batch))
+    actor = PolicyActor(worker, ActorConfig(micro_batch_size=opts.micro_batch))
     tokens = int(batch["attention_mask"].sum())
     model = worker.chunks[0]
     mbs = make_micro_batches(batch, opts.micro_batch, None, **micro_batch_layout(worker, batch))

@@ -5,7 +5,7 @@
         [--profile 20] [--layers N (a shape preset cut to its first N layers)]
 
 Three ways to run the same optimizer step (one mini-batch, one optimizer step):
-- `sdpa`: `MegatronActor.update_policy` with Tandem's default layer spec: forward + backward
+- `sdpa`: `PolicyActor.update_policy` with Tandem's default layer spec: forward + backward
   of every micro-batch through megatron's schedule, the LM head on the response rows only,
   the PPO loss on the fused vocab-parallel log-probs, megatron's distributed optimizer step
   (Adam, fp32 master weights) with torch's fused AdamW kernel (`actor.optim.fused`).
@@ -137,7 +137,7 @@ def run_spec(opts, name: str) -> dict:
     its update steps."""
     import archs
     from tandem_core.config import ActorConfig, OptimConfig
-    from trainer.workers.actor import MegatronActor
+    from trainer.workers.actor import PolicyActor
     from trainer.workers.model import build_model_worker
 
     src = C.resolve_model(opts.model, opts.layers)
@@ -153,7 +153,7 @@ def run_spec(opts, name: str) -> dict:
         optim=OptimConfig(lr=1e-6, fused=name != "megatron" and opts.adam == "fused"),
     )
     cfg = ActorConfig(ppo_mini_batch_size=opts.batch, micro_batch_size=opts.micro_batch)
-    actor = MegatronActor(worker, cfg)
+    actor = PolicyActor(worker, cfg)
     prompt = opts.seq // 2
     batch = C.training_batch(args.vocab_size, opts.batch, prompt, opts.seq - prompt, n=1)
     metrics = []

@@ -8,7 +8,7 @@ pair per expert), side by side in one run, and the grouped update's MFU on activ
 
 The model is the preset's shape with its first `--layers` layers (random init, bf16 on CUDA),
 every row full (`--seq` tokens, half prompt, half response), the same update as
-`benchmarks.bench_mfu`'s `sdpa` row: `MegatronActor.update_policy`, megatron's distributed
+`benchmarks.bench_mfu`'s `sdpa` row: `PolicyActor.update_policy`, megatron's distributed
 optimizer with torch's fused AdamW. Each experts module runs in its own process.
 
 FLOP count (fwd + bwd = 3 × forward), per step: tokens·(6·N_active + 12·L·q·s) + response
@@ -43,7 +43,7 @@ def step_flops(args, rows: int, seq: int, response: int) -> float:
 def run_experts(opts, experts: str) -> dict:
     import archs
     from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig
-    from trainer.workers.actor import MegatronActor
+    from trainer.workers.actor import PolicyActor
     from trainer.workers.model import MoESettings, build_model_worker
 
     args = archs.cut_to_layers(archs.PRESETS[opts.model], opts.layers).args
@@ -58,7 +58,7 @@ def run_experts(opts, experts: str) -> dict:
         moe=MoESettings(experts=experts),
     )
     cfg = ActorConfig(ppo_mini_batch_size=opts.batch, micro_batch_size=opts.micro_batch)
-    actor = MegatronActor(worker, cfg)
+    actor = PolicyActor(worker, cfg)
     prompt = opts.seq // 2
     batch = C.training_batch(args.vocab_size, opts.batch, prompt, opts.seq - prompt, n=1)
     first_s = C.timed(lambda: actor.update_policy(batch))

@@ -59,7 +59,7 @@ def main() -> None:
     from hybrid_engine import MegatronShardingManager
     from rollout import build_rollout
     from tandem_core.config import ActorConfig, RolloutConfig
-    from trainer.workers.actor import MegatronActor
+    from trainer.workers.actor import PolicyActor
     from trainer.workers.model import MoESettings, build_model_worker, copy_weights
 
     src = C.resolve_model(opts.model, opts.layers)
@@ -84,7 +84,7 @@ def main() -> None:
     )
     manager = MegatronShardingManager(replaying, rollout, weight_bucket_mb=rcfg.weight_bucket_mb)
     cfg = ActorConfig(micro_batch_size=opts.micro_batch)
-    actors = {"on": MegatronActor(replaying, cfg), "off": MegatronActor(plain, cfg)}
+    actors = {"on": PolicyActor(replaying, cfg), "off": PolicyActor(plain, cfg)}
 
     rows = []
     for seed in range(opts.batches):

@@ -82,7 +82,7 @@ def main() -> None:
     from hybrid_engine import MegatronShardingManager
     from rollout import build_rollout
     from tandem_core.config import ActorConfig, OptimConfig, RolloutConfig
-    from trainer.workers.actor import MegatronActor
+    from trainer.workers.actor import PolicyActor
     from trainer.workers.model import build_model_worker
 
     src = C.resolve_model(opts.model, opts.layers)
@@ -133,7 +133,7 @@ def main() -> None:
     # One actor step on a GRPO-sized batch (the engine asleep, as while training).
     n_seq = opts.prompts * opts.n
     batch = C.training_batch(args.vocab_size, n_seq, opts.prompt_len, opts.response_len, n=opts.n)
-    actor = MegatronActor(
+    actor = PolicyActor(
         worker, ActorConfig(ppo_mini_batch_size=opts.prompts, micro_batch_size=opts.micro_batch)
     )
     metrics = []

@@ -24,9 +24,7 @@ One class serves every engine: what differs between engines (whether the weights
 cache wake apart, whether the engine exposes parameters for direct copies, what sleep frees)
 is the rollout's own hooks (rollout/base.py).
 
-Data: every rank holds the full prompt batch; `preprocess_data` hands each rollout data-
-parallel group its slice (all ranks of a rollout TP group the same prompts), and
-`postprocess_data` gathers the groups' outputs back into the full batch on every rank.
+The order, rollback, RNG and data layout are BaseShardingManager's (hybrid_engine/base.py).
 """
 
 from __future__ import annotations
@@ -39,15 +37,9 @@ import torch.distributed as dist
 
 from hybrid_engine.allgather_pp import AllGatherPPModel
 from hybrid_engine.base import BaseShardingManager
-from hybrid_engine.memory import (
-    OptimizerOffload,
-    release_grad_buffers,
-    restore_grad_buffers,
-    return_cached_memory,
-)
+from hybrid_engine.memory import OptimizerOffload, release_grad_buffers, restore_grad_buffers
 from tandem_core import cpu_compat
 from tandem_core import distributed as D
-from tandem_core.protocol import Batch
 from weight_loaders import (
     DirectCopies,
     plan_direct_copies,
@@ -69,69 +61,36 @@ class MegatronShardingManager(BaseShardingManager):
         sleep_level: int = 1,
     ):
         self.worker = actor_worker
-        self.rollout = rollout
         self.bucket_mb = weight_bucket_mb
-        self.sleep_level = sleep_level
         self.trained = actor_worker.optimizer is not None
         self.allgather = AllGatherPPModel(actor_worker.chunks, D.pp_group())
         self.optimizer_offload = (
             OptimizerOffload(actor_worker.optimizer) if offload_optimizer and self.trained else None
         )
-        self._gen_rng = _rng_state_from_seed(generation_seed)
-        self._train_rng = None
         self.weight_filter = None  # tests hook a filter in to simulate a partial sync
         self.direct: DirectCopies | None = None  # planned at the first sync
-        self._pad = 0
-        # Outside the block the engine sleeps, from the start: training's first step gets the
-        # memory vLLM took at start-up, and the first enter is like every later one.
-        self.rollout.sleep(level=self.sleep_level)
+        super().__init__(rollout, generation_seed, sleep_level)
 
-    # ---- the swap -------------------------------------------------------------------------
-    def __enter__(self):
-        undo = []
-        try:
-            return_cached_memory()  # training's activations, cached: not a swap cost
-            with self.phase_timer("swap_gather"):
-                self.allgather.gather()
-            undo.append(self.allgather.release)
-            if self.trained:
-                release_grad_buffers(self.worker.chunks)
-                undo.append(lambda: restore_grad_buffers(self.worker.chunks))
-            if self.optimizer_offload is not None:
-                self.optimizer_offload.offload()
-                undo.append(self.optimizer_offload.reload)
-            return_cached_memory()
-            self.wake_weights()
-            undo.append(lambda: self.rollout.sleep(level=self.sleep_level))
-            with self.phase_timer("sync"):
-                self.sync_weights()
-            self.allgather.release()
-            return_cached_memory()
-            self.wake_cache()
-            self._train_rng = _get_rng_state()
-            _set_rng_state(self._gen_rng)
-        except BaseException:
-            for step in reversed(undo):
-                step()
-            raise
-        return self
+    def free_training_memory(self, undo: list) -> None:
+        with self.phase_timer("swap_gather"):
+            self.allgather.gather()
+        undo.append(self.allgather.release)
+        if self.trained:
+            release_grad_buffers(self.worker.chunks)
+            undo.append(lambda: restore_grad_buffers(self.worker.chunks))
+        if self.optimizer_offload is not None:
+            self.optimizer_offload.offload()
+            undo.append(self.optimizer_offload.reload)
 
-    def __exit__(self, exc_type, exc, tb):
-        self._gen_rng = _get_rng_state()
-        _set_rng_state(self._train_rng)
-        self.rollout.sleep(level=self.sleep_level)
+    def after_sync(self) -> None:
+        self.allgather.release()  # the engine has its own copy of the foreign stages
+
+    def restore_training_memory(self) -> None:
         if self.optimizer_offload is not None:
             self.optimizer_offload.reload()
         if self.trained:
             restore_grad_buffers(self.worker.chunks)
         self.allgather.release()
-        return False
-
-    def state_dict(self) -> dict:
-        return {"generation_rng": self._gen_rng}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._gen_rng = state["generation_rng"]
 
     def sync_weights(self) -> None:
         """Make the engine's weights the trained ones (the engine's weights awake, the whole
@@ -192,52 +151,3 @@ class MegatronShardingManager(BaseShardingManager):
         if self.weight_filter is not None:
             stream = filter(self.weight_filter, stream)
         return stream
-
-    # Engines that can wake weights and KV cache separately get the weights pushed before the
-    # KV cache is re-allocated (peak memory = weights + one bucket, not weights + cache).
-    def wake_weights(self) -> None:
-        self.rollout.wake_up(tags=["weights"])
-
-    def wake_cache(self) -> None:
-        self.rollout.wake_up(tags=["kv_cache"])
-
-    # ---- data layout ------------------------------------------------------------------------
-    def preprocess_data(self, batch: Batch) -> Batch:
-        dp, rank = self.rollout.dp_size, self.rollout.dp_rank
-        if dp == 1:
-            return batch
-        padded, self._pad = batch.pad_to_divisor(dp)
-        self._padded_rows = len(padded)
-        return padded.chunk(dp)[rank]
-
-    def postprocess_data(self, batch: Batch) -> Batch:
-        dp, tp = self.rollout.dp_size, self.rollout.tp_size
-        if dp == 1:
-            return batch
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, batch.to("cpu"))
-        # Ranks of one rollout TP group hold the same outputs: keep the first of each group.
-        full = Batch.concat([parts[g * tp] for g in range(dp)])
-        n = len(full) // self._padded_rows  # samples per prompt
-        return full.unpad(self._pad * n)
-
-
-# ---- RNG states (torch CPU and, when present, CUDA) ------------------------------------------
-def _get_rng_state():
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda)
-
-
-def _rng_state_from_seed(seed: int):
-    saved = _get_rng_state()
-    torch.manual_seed(seed)
-    state = _get_rng_state()
-    _set_rng_state(saved)
-    return state

@@ -37,13 +37,14 @@ def grad_buffer_bytes(ddp_chunks) -> int:
 
 
 def _optimizer_tensors(optimizer):
-    """Every state tensor (exp_avg, exp_avg_sq, fp32 master params) of a megatron optimizer."""
+    """Every state tensor (exp_avg, exp_avg_sq, fp32 master params) of a megatron optimizer,
+    or of a torch one (FSDP2: each DTensor's local shard)."""
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
     for opt in inner:
-        for state in opt.optimizer.state.values():
+        for state in getattr(opt, "optimizer", opt).state.values():
             for value in state.values():
                 if torch.is_tensor(value) and value.numel() > 1:
-                    yield value
+                    yield value.to_local() if hasattr(value, "to_local") else value
         for group_name in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups"):
             for group in getattr(opt, group_name, []) or []:
                 yield from (t for t in group if t is not None)

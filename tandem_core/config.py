@@ -102,6 +102,10 @@ class OptimConfig:
 
 @dataclass
 class ActorConfig:
+    strategy: str = "megatron"
+    """How the actor and the reference train and run: megatron (megatron-core: TP, PP, SP, EP,
+    VPP) | fsdp2 (torch's FSDP2 over the transformers model, data parallel: any
+    AutoModelForCausalLM, no conversion)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     ppo_mini_batch_size: int = 8
     """Prompts per optimizer step (×rollout.n sequences), global over data-parallel ranks."""
@@ -147,6 +151,10 @@ class ActorConfig:
     vLLM."""
     max_nan_steps: int = 3
     """Abort after this many consecutive non-finite losses (each such step is skipped)."""
+    activation_checkpointing: bool = False
+    """fsdp2: recompute each decoder layer's activations in the backward pass."""
+    param_offload: bool = False
+    """fsdp2: keep the parameter shards in host memory (FSDP2's CPUOffloadPolicy)."""
 
 
 @dataclass

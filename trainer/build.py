@@ -6,18 +6,20 @@ the run's bookkeeping. `build_components` returns what trainer/loop.py `fit` run
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
 import archs
-from hybrid_engine import MegatronShardingManager
+from hybrid_engine import FSDPShardingManager, MegatronShardingManager
 from rollout import build_rollout
 from tandem_core import distributed as D
 from tandem_core.config import TandemConfig, uses_critic
 from tandem_core.model_args import ModelArgs
+from tandem_core.registry import Registry
 from trainer import core_algos
 from trainer.data import DataError, PromptLoader, RLDataset, write_arith_task
 from trainer.loop import Components
@@ -25,10 +27,11 @@ from trainer.rewards import RewardScorer, ground_truth_types
 from trainer.state.checkpoints import CheckpointManager, run_identity
 from trainer.state.signals import install_signal_handlers
 from trainer.tracking import Tracker
-from trainer.workers.actor import MegatronActor
+from trainer.workers.actor import PolicyActor
 from trainer.workers.critic import MegatronCritic
+from trainer.workers.fsdp import build_fsdp_worker
 from trainer.workers.model import MoESettings, build_model_worker, copy_weights
-from trainer.workers.reference import MegatronReference
+from trainer.workers.reference import ReferencePolicy
 
 
 def prepare_data(cfg: TandemConfig, run_dir: Path) -> tuple[list[str], list[str]]:
@@ -78,6 +81,86 @@ def build_loaders(cfg: TandemConfig, run_dir: Path, tokenizer):
     return train_loader, val_loader
 
 
+# ---- training strategies: how the policy (actor + reference) is built and swapped ----------
+@dataclass
+class PolicyModels:
+    actor_worker: object  # a TrainingWorker (trainer/workers/passes.py)
+    ref_worker: object | None
+    sharding_manager: Callable  # rollout -> the strategy's BaseShardingManager
+
+
+STRATEGIES = Registry("training strategy")
+"""actor.strategy -> fn(cfg, args, hf_dir, optimizer steps) -> PolicyModels."""
+
+
+def _needs_reference(cfg: TandemConfig) -> bool:
+    return cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
+
+
+@STRATEGIES.register("megatron")
+def megatron_policy(cfg: TandemConfig, args: ModelArgs, hf_dir: Path, steps: int):
+    m = cfg.model
+    moe = MoESettings(m.moe_experts, m.moe_aux_loss_coeff, m.moe_z_loss_coeff)
+    common = dict(parallel=cfg.parallel, dtype=m.dtype, layer_spec=m.layer_spec, moe=moe)
+    weights_dir = None if m.random_init else hf_dir  # None: megatron's random init
+    actor_worker = build_model_worker(
+        args,
+        weights_dir,
+        optim=cfg.actor.optim,
+        total_optimizer_steps=steps * cfg.actor.ppo_epochs,
+        **{**common, "moe": replace(moe, router_replay=cfg.actor.router_replay)},
+    )
+    ref_worker = None
+    if _needs_reference(cfg):
+        ref_worker = build_model_worker(args, weights_dir, **common)
+        if weights_dir is None:
+            copy_weights(actor_worker, ref_worker)  # the reference starts where the actor does
+
+    def manager(rollout):
+        return MegatronShardingManager(
+            actor_worker,
+            rollout,
+            weight_bucket_mb=cfg.rollout.weight_bucket_mb,
+            offload_optimizer=cfg.actor.offload_optimizer,
+            generation_seed=cfg.rollout.seed,
+            sleep_level=cfg.rollout.sleep_level,
+        )
+
+    return PolicyModels(actor_worker, ref_worker, manager)
+
+
+@STRATEGIES.register("fsdp2")
+def fsdp2_policy(cfg: TandemConfig, args: ModelArgs, hf_dir: Path, steps: int):
+    a = cfg.actor
+    actor_worker = build_fsdp_worker(
+        args,
+        hf_dir,
+        dtype=cfg.model.dtype,
+        optim=a.optim,
+        total_optimizer_steps=steps * a.ppo_epochs,
+        activation_checkpointing=a.activation_checkpointing,
+        param_offload=a.param_offload,
+    )
+    ref_worker = None
+    if _needs_reference(cfg):
+        # ref.offload_params: FSDP2 keeps the shards in host memory and brings each layer in
+        # for its forward (CPUOffloadPolicy), instead of moving the whole model around.
+        ref_worker = build_fsdp_worker(
+            args, hf_dir, dtype=cfg.model.dtype, param_offload=cfg.ref.offload_params
+        )
+
+    def manager(rollout):
+        return FSDPShardingManager(
+            actor_worker,
+            rollout,
+            offload_optimizer=a.offload_optimizer,
+            generation_seed=cfg.rollout.seed,
+            sleep_level=cfg.rollout.sleep_level,
+        )
+
+    return PolicyModels(actor_worker, ref_worker, manager)
+
+
 def build_components(cfg: TandemConfig, run_dir: Path, args: ModelArgs) -> Components:
     """Every part of the run; `args` is the model's shape as the config check read it."""
     hf_dir = archs.model_dir(cfg.model)
@@ -90,25 +173,22 @@ def build_components(cfg: TandemConfig, run_dir: Path, args: ModelArgs) -> Compo
     steps = cfg.trainer.total_steps * max(
         1, cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size
     )
+    policy = STRATEGIES[cfg.actor.strategy](cfg, args, hf_dir, steps)
+    actor_worker = policy.actor_worker
+    actor = PolicyActor(actor_worker, cfg.actor, temperature=cfg.rollout.temperature)
+    sharded = {"actor": actor_worker}
+    ref = None
+    if policy.ref_worker is not None:
+        ref_cfg = (
+            cfg.ref if cfg.actor.strategy == "megatron" else replace(cfg.ref, offload_params=False)
+        )
+        ref = ReferencePolicy(
+            policy.ref_worker, cfg.actor, ref_cfg, temperature=cfg.rollout.temperature
+        )
     m = cfg.model
     moe = MoESettings(m.moe_experts, m.moe_aux_loss_coeff, m.moe_z_loss_coeff)
     common = dict(parallel=cfg.parallel, dtype=m.dtype, layer_spec=m.layer_spec, moe=moe)
     weights_dir = None if cfg.model.random_init else hf_dir  # None: megatron's random init
-    actor_worker = build_model_worker(
-        args,
-        weights_dir,
-        optim=cfg.actor.optim,
-        total_optimizer_steps=steps * cfg.actor.ppo_epochs,
-        **{**common, "moe": replace(moe, router_replay=cfg.actor.router_replay)},
-    )
-    actor = MegatronActor(actor_worker, cfg.actor, temperature=cfg.rollout.temperature)
-    sharded = {"actor": actor_worker}
-    ref = None
-    if cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward:
-        ref_worker = build_model_worker(args, weights_dir, **common)
-        if weights_dir is None:
-            copy_weights(actor_worker, ref_worker)  # the reference starts where the actor does
-        ref = MegatronReference(ref_worker, cfg.actor, cfg.ref, temperature=cfg.rollout.temperature)
     critic = None
     if uses_critic(cfg.algorithm):
         critic_worker = build_model_worker(
@@ -133,14 +213,7 @@ def build_components(cfg: TandemConfig, run_dir: Path, args: ModelArgs) -> Compo
         max_model_len=max_len,
         routed_experts=cfg.actor.router_replay,
     )
-    manager = MegatronShardingManager(
-        actor_worker,
-        rollout,
-        weight_bucket_mb=cfg.rollout.weight_bucket_mb,
-        offload_optimizer=cfg.actor.offload_optimizer,
-        generation_seed=cfg.rollout.seed,
-        sleep_level=cfg.rollout.sleep_level,
-    )
+    manager = policy.sharding_manager(rollout)
     alg = cfg.algorithm
     kl_ctrl = (
         core_algos.AdaptiveKLController(alg.kl_coef, alg.kl_target, alg.kl_horizon)

@@ -111,6 +111,7 @@ CHOICES: dict[str, tuple] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.layer_spec": ("auto", "local", "sdpa", "te"),
     "model.moe_experts": ("grouped", "sequential"),
+    "actor.strategy": ("megatron", "fsdp2"),
     "data.overlong_prompt": ("filter", "error"),
     "actor.loss_agg_mode": core_algos.LOSS_AGG_MODES,
     "critic.loss_agg_mode": core_algos.LOSS_AGG_MODES,
@@ -309,6 +310,30 @@ def _micro_batches(section: str, mini: int, micro: int, dynamic: bool, cfg, dp: 
             f"{micro_key}: {per_rank // micro} micro-batches per mini-batch are not a multiple"
             f" of parallel.pipeline_model_parallel_size {pp} (interleaved schedule)"
         )
+
+
+@rule
+def _fsdp2(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    """FSDP2 is data parallel over a transformers model loaded from its checkpoint."""
+    if cfg.actor.strategy != "fsdp2":
+        for key in ("activation_checkpointing", "param_offload"):
+            if getattr(cfg.actor, key):
+                yield f"actor.{key}: an fsdp2 setting (actor.strategy is {cfg.actor.strategy})"
+        return
+    p = cfg.parallel
+    for key in (
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "expert_model_parallel_size",
+    ):
+        if getattr(p, key) != 1:
+            yield f"parallel.{key}: actor.strategy=fsdp2 is data parallel only (set 1)"
+    if p.virtual_pipeline_model_parallel_size or p.sequence_parallel:
+        yield "parallel: actor.strategy=fsdp2 has no pipeline or sequence parallelism"
+    if cfg.model.random_init:
+        yield "model.random_init: actor.strategy=fsdp2 loads the checkpoint's weights"
+    if cfg.actor.router_replay:
+        yield "actor.router_replay: megatron's routers only (actor.strategy=megatron)"
 
 
 @rule

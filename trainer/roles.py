@@ -2,11 +2,13 @@
 these methods, whichever training strategy or backend built the part. A reader (and a type
 checker) follows `p.actor.update_policy(batch)` from here to the class that runs it:
 
-- Actor: trainer/workers/actor.py (`MegatronActor`)
-- Reference: trainer/workers/reference.py (`MegatronReference`)
+- Actor: trainer/workers/actor.py (`PolicyActor`), on a megatron or an FSDP2 worker
+  (trainer/workers/model.py, trainer/workers/fsdp.py; the strategies: trainer/build.py)
+- Reference: trainer/workers/reference.py (`ReferencePolicy`)
 - Critic: trainer/workers/critic.py (`MegatronCritic`)
 - the rollout engine: rollout/base.py (`BaseRollout`, one abstract method) and its backends
-- the swap: hybrid_engine/base.py (`BaseShardingManager`), hybrid_engine/megatron_rollout.py
+- the swap: hybrid_engine/base.py (`BaseShardingManager`), hybrid_engine/megatron_rollout.py,
+  hybrid_engine/fsdp_rollout.py
 - Scorer: trainer/rewards.py (`RewardScorer`)
 - PromptSource: trainer/data.py (`PromptLoader`)
 - KLController: trainer/core_algos.py (`FixedKLController`, `AdaptiveKLController`)

@@ -1,5 +1,6 @@
-"""MegatronActor vs plain transformers/PyTorch for each parallel layout (workers/actor_check.py),
-dense and Qwen3-MoE (expert parallel; transformers' stacked experts compared one by one):
+"""PolicyActor vs plain transformers/PyTorch for each parallel layout (workers/actor_check.py),
+dense and Qwen3-MoE (expert parallel; transformers' stacked experts compared one by one), and
+the FSDP2 strategy at DP 1 and 2:
 log-probs and entropy of the response tokens, and the parameters after one PPO update (two
 mini-batches; clip, entropy bonus, k3 KL loss; AdamW + clipping) with micro-batches of 1 and 4.
 """
@@ -30,3 +31,14 @@ def test_actor_matches_transformers(layout, torchrun, tiny_ckpt):
     assert res["logprob_err"] < TOL and res["entropy_err"] < TOL, res
     assert set(res["param_err"]) == {"1", "4"}, res
     assert all(err < TOL for err in res["param_err"].values()), res
+
+
+@pytest.mark.parametrize("nproc", some_slow([1, 2], {1}))
+def test_fsdp2_actor_matches_transformers_and_megatron(nproc, torchrun, tiny_ckpt):
+    """actor.strategy=fsdp2 (FSDP2 over every rank): log-probs and entropy equal transformers',
+    one update equals the PyTorch reference and the megatron path's update on the same data."""
+    tiny_ckpt("tiny_llama")
+    res = torchrun("actor_check.py", nproc, "tiny_llama", "1", "1", "0", env={"STRATEGY": "fsdp2"})
+    assert res["logprob_err"] < TOL and res["entropy_err"] < TOL, res
+    assert all(err < TOL for err in res["param_err"].values()), res
+    assert res["vs_megatron"] < TOL, res

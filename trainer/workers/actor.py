@@ -1,7 +1,10 @@
-"""The actor (and the reference policy): log-probs and the PPO update on megatron-core.
+"""The actor (and the reference policy): log-probs and the PPO update, under either training
+strategy (a megatron `ModelWorker` or an FSDP2 `FSDPWorker`: trainer/workers/passes.py
+`TrainingWorker`).
 
 Every rank passes the same full batch; each data-parallel rank takes its slice, runs it
-through megatron's schedule, and results are gathered back, so callers never see the layout.
+through its worker (megatron's schedule, or FSDP2's plain loop), and results are gathered
+back, so callers never see the layout.
 The loss is `core_algos.POLICY_LOSSES[actor.policy_loss]` (+ KL loss, - entropy bonus) on
 log-probs computed from vocab-parallel logits by `trainer/workers/logprobs.py`.
 """
@@ -15,16 +18,20 @@ from tandem_core.config import ActorConfig
 from tandem_core.protocol import Batch
 from trainer import core_algos
 from trainer.workers.logprobs import vocab_parallel_logprobs
-from trainer.workers.model import ModelWorker
-from trainer.workers.passes import MiniBatching, forward_per_token, update_over_mini_batches
+from trainer.workers.passes import (
+    MiniBatching,
+    TrainingWorker,
+    forward_per_token,
+    update_over_mini_batches,
+)
 from trainer.workers.sequences import AlignedMicroBatch, mask_response
 
 
-class MegatronActor:
+class PolicyActor:
     """compute_log_prob + update_policy for a trained policy; a reference is the same class
     built without an optimizer (`update_policy` then refuses)."""
 
-    def __init__(self, worker: ModelWorker, cfg: ActorConfig, temperature: float = 1.0):
+    def __init__(self, worker: TrainingWorker, cfg: ActorConfig, temperature: float = 1.0):
         self.worker, self.cfg, self.temperature = worker, cfg, temperature
 
     # ---- log-probs ------------------------------------------------------------------------

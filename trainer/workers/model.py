@@ -13,12 +13,15 @@ import torch
 
 import weight_loaders
 from tandem_core import cpu_compat
+from tandem_core import distributed as D
 from tandem_core.config import OptimConfig, ParallelConfig
 from tandem_core.model_args import ModelArgs
 from tandem_core.models import build_gpt_model, build_transformer_config
-from tandem_core.moe import ExpertLoad, moe_routers
+from tandem_core.moe import ExpertLoad, moe_routers, replay_routing
 from trainer.workers.checkpoint import load_megatron, save_megatron
 from trainer.workers.optimizer import build_optimizer
+from trainer.workers.passes import LossFn
+from trainer.workers.sequences import AlignedMicroBatch
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,67 @@ class ModelWorker:
         for c in self.chunks:
             if c.training != mode:
                 c.train(mode)
+
+    # ---- what the shared passes call (trainer/workers/passes.py TrainingWorker) -------------
+    def micro_batch_rules(self) -> dict:
+        """SP wants sequence lengths divisible by TP; the interleaved (VPP) schedule a number
+        of micro-batches divisible by PP."""
+        return {
+            "seq_multiple": D.tp_size() if self.config.sequence_parallel else 1,
+            "count_multiple": D.pp_size() if len(self.chunks) > 1 else 1,
+        }
+
+    def run_micro_batches(
+        self, micro_batches: list[AlignedMicroBatch], loss_fn: LossFn, forward_only: bool
+    ) -> list[dict]:
+        """Through megatron's schedule (1F1B / interleaved VPP / no pipelining, megatron's
+        choice); `loss_fn` runs on the last stage. Megatron divides each micro-batch loss by
+        the number of micro-batches; loss functions here already return their share of the
+        mini-batch loss (global normalisers), so that division is undone."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        n = len(micro_batches)
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            if self.routers is not None:
+                replay_routing(self.routers[id(model)], mb.routing, self.config.sequence_parallel)
+            # The last stage's output: [b, R, ...] at the response rows (ResponseRowsGPTModel).
+            output = model(mb.input_ids, mb.position_ids, None, response_index=mb.response_index)
+
+            def loss_func(out):
+                loss, extra = loss_fn(mb, out)
+                return loss * n, extra
+
+            return output, loss_func
+
+        seq = max(mb.input_ids.shape[1] for mb in micro_batches)
+        mbs = max(mb.input_ids.shape[0] for mb in micro_batches)
+        with cpu_compat.megatron_device_scope():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=[iter(micro_batches) for _ in self.chunks],
+                model=self.chunks,
+                num_microbatches=n,
+                seq_length=seq,
+                micro_batch_size=mbs,
+                forward_only=forward_only,
+            )
+
+    def zero_grad(self) -> None:
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def optimizer_step(self) -> float:
+        with cpu_compat.megatron_device_scope():
+            _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return float(grad_norm) if grad_norm is not None else 0.0
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
     # ---- run state (trainer/state/checkpoints.py calls these, collectively) ----------------
     def save_sharded(self, path: Path) -> None:

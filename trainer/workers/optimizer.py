@@ -1,6 +1,7 @@
-"""megatron-core's optimizer and LR scheduler for a trained role, and what megatron-core 0.16.1
-needs around them without transformer-engine or apex: torch's AdamW kernel choice, and the
-workarounds that make a checkpoint load exact (each names the megatron behaviour it undoes).
+"""megatron-core's optimizer and LR scheduler for a trained role (the scheduler also drives
+the FSDP2 strategy's torch AdamW), and what megatron-core 0.16.1 needs around them without
+transformer-engine or apex: torch's AdamW kernel choice, and the workarounds that make a
+checkpoint load exact (each names the megatron behaviour it undoes).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ log = logging.getLogger(__name__)
 def build_optimizer(chunks, config, optim: OptimConfig, parallel: ParallelConfig, total_steps):
     """megatron's optimizer (distributed when configured) and OptimizerParamScheduler."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     opt_config = OptimizerConfig(
         optimizer="adam",
@@ -34,8 +34,16 @@ def build_optimizer(chunks, config, optim: OptimConfig, parallel: ParallelConfig
     )
     optimizer = get_megatron_optimizer(opt_config, chunks)
     set_adam_kernel(optimizer, optim.fused)
+    return optimizer, build_scheduler(optimizer, optim, total_steps)
+
+
+def build_scheduler(optimizer, optim: OptimConfig, total_steps: int):
+    """megatron's OptimizerParamScheduler over `optimizer`'s param groups (a megatron optimizer
+    or a torch one with megatron's `wd_mult` per group): warmup, decay, weight decay."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     decay_steps = optim.lr_decay_steps or max(total_steps, optim.lr_warmup_steps + 1)
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if optim.lr_warmup_steps else optim.lr,
         max_lr=optim.lr,
@@ -48,7 +56,6 @@ def build_optimizer(chunks, config, optim: OptimConfig, parallel: ParallelConfig
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
     )
-    return optimizer, scheduler
 
 
 def torch_adams(optimizer) -> list[torch.optim.Optimizer]:

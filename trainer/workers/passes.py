@@ -1,17 +1,18 @@
-"""The megatron passes every role shares (actor, critic, reference): micro-batches through
-megatron's own pipeline schedules, and the two loops built on them.
+"""The passes every role shares (actor, critic, reference) under either training strategy.
 
-`run_micro_batches` feeds aligned micro-batches to `get_forward_backward_func()` (1F1B /
-interleaved VPP / no-pipelining, chosen by megatron) and hands each micro-batch's output to a
-loss function on the last stage. `forward_per_token` (forward-only, per-token results for the
-whole batch) and `update_over_mini_batches` (epochs × mini-batches of optimizer steps) are the
-two loops: the data-parallel slicing, micro-batching and global loss normalisers live only here.
+`forward_per_token` (forward-only, per-token results for the whole batch) and
+`update_over_mini_batches` (epochs × mini-batches of optimizer steps) are the two loops: the
+data-parallel slicing, micro-batching, global loss normalisers and non-finite-step skipping
+live only here. How micro-batches run through a model is the worker's (`TrainingWorker`):
+megatron's pipeline schedules (trainer/workers/model.py) or a plain loop over an FSDP2 model
+(trainer/workers/fsdp.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -19,9 +20,8 @@ import torch.nn.functional as F
 
 from tandem_core import cpu_compat
 from tandem_core import distributed as D
-from tandem_core.moe import replay_routing
+from tandem_core.model_args import ModelArgs
 from tandem_core.protocol import Batch
-from trainer.workers.model import ModelWorker
 from trainer.workers.sequences import (
     AlignedMicroBatch,
     align_micro_batches,
@@ -40,12 +40,49 @@ PER_TOKEN_FIELDS = (
 )
 
 
+LossFn = Callable[[AlignedMicroBatch, torch.Tensor], tuple[torch.Tensor, dict]]
+"""`loss_fn(mb, output) -> (loss, outputs)`: output is the model's [b, R, ...] at the rows
+that predict the response tokens; the loss is this micro-batch's share of the mini-batch's."""
+
+
+class TrainingWorker(Protocol):
+    """What the shared loops need of one role's model under a training strategy: megatron's
+    `ModelWorker` (trainer/workers/model.py) or FSDP2's `FSDPWorker` (trainer/workers/fsdp.py).
+    The loops own data-parallel slicing, micro-batching, loss normalisers, NaN skips and
+    metrics; a worker owns how micro-batches run through its model and how it steps."""
+
+    args: ModelArgs
+    optimizer: object | None  # None: forward-only (a reference)
+    routers: dict | None  # R3 routers (megatron MoE only)
+    expert_load: object | None
+    skipped_in_a_row: int
+
+    def train(self, mode: bool = True) -> None: ...
+
+    def micro_batch_rules(self) -> dict:
+        """make_micro_batches' `seq_multiple` and `count_multiple` for this layout."""
+
+    def run_micro_batches(
+        self, micro_batches: list[AlignedMicroBatch], loss_fn: LossFn, forward_only: bool
+    ) -> list[dict]:
+        """Forward (and backward) every micro-batch; the loss functions' outputs (those of the
+        last pipeline stage; empty elsewhere)."""
+
+    def zero_grad(self) -> None: ...
+
+    def optimizer_step(self) -> float:
+        """Clip, step the optimizer and the LR schedule; the gradient norm before clipping."""
+
+    @property
+    def lr(self) -> float: ...
+
+
 # ---- micro-batches ------------------------------------------------------------------------------
 class SequenceTooLongError(ValueError):
     pass
 
 
-def check_lengths(worker: ModelWorker, batch: Batch) -> None:
+def check_lengths(worker: TrainingWorker, batch: Batch) -> None:
     """Refuse rows longer than the model's positions before any forward: megatron's RoPE
     would silently extrapolate past them."""
     lengths = batch["attention_mask"].sum(-1)
@@ -110,69 +147,17 @@ def make_micro_batches(
     return out
 
 
-def micro_batch_layout(worker: ModelWorker, batch: Batch) -> dict:
-    """Micro-batch shape rules of the parallel layout (SP: seq % TP; VPP: count % PP), and
-    whether they carry routing to replay (a worker built for it, a batch that has it)."""
+def micro_batch_layout(worker: TrainingWorker, batch: Batch) -> dict:
+    """Micro-batch shape rules of the worker's layout (megatron's SP: seq % TP; VPP: count %
+    PP), and whether they carry routing to replay (a worker built for it, a batch that has
+    it)."""
     replay = worker.routers is not None
     if replay and "routed_experts" not in batch:
         raise ValueError(
             "actor.router_replay: the batch has no routed_experts (the rollout engine must"
             " return them)"
         )
-    return {
-        "seq_multiple": D.tp_size() if worker.config.sequence_parallel else 1,
-        "count_multiple": D.pp_size() if len(worker.chunks) > 1 else 1,
-        "with_routing": replay,
-    }
-
-
-LossFn = Callable[[AlignedMicroBatch, torch.Tensor], tuple[torch.Tensor, dict]]
-
-
-def run_micro_batches(
-    worker: ModelWorker,
-    micro_batches: list[AlignedMicroBatch],
-    loss_fn: LossFn,
-    forward_only: bool,
-) -> list[dict]:
-    """Forward (and backward) every micro-batch through megatron's schedule.
-
-    `loss_fn(mb, output)` runs on the last pipeline stage with the model output [b, R, ...]
-    (the rows that predict the response tokens);
-    it returns (loss, outputs). Megatron divides each micro-batch loss by the number of
-    micro-batches; loss functions here already return their share of the mini-batch loss
-    (global normalisers), so that division is undone. Returns the outputs dicts (last stage
-    only; empty elsewhere).
-    """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    n = len(micro_batches)
-
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        if worker.routers is not None:
-            replay_routing(worker.routers[id(model)], mb.routing, worker.config.sequence_parallel)
-        # The last stage's output: [b, R, ...] at the response rows only (ResponseRowsGPTModel).
-        output = model(mb.input_ids, mb.position_ids, None, response_index=mb.response_index)
-
-        def loss_func(out):
-            loss, extra = loss_fn(mb, out)
-            return loss * n, extra
-
-        return output, loss_func
-
-    seq = max(mb.input_ids.shape[1] for mb in micro_batches)
-    mbs = max(mb.input_ids.shape[0] for mb in micro_batches)
-    with cpu_compat.megatron_device_scope():
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(micro_batches) for _ in worker.chunks],
-            model=worker.chunks,
-            num_microbatches=n,
-            seq_length=seq,
-            micro_batch_size=mbs,
-            forward_only=forward_only,
-        )
+    return {**worker.micro_batch_rules(), "with_routing": replay}
 
 
 def broadcast_from_last_stage(tensor: torch.Tensor | None, shape, dtype) -> torch.Tensor:
@@ -200,17 +185,15 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def train_step(worker: ModelWorker, micro_batches, loss_fn: LossFn, max_nan_steps: int):
+def train_step(worker: TrainingWorker, micro_batches, loss_fn: LossFn, max_nan_steps: int):
     """One optimizer step over a mini-batch's micro-batches.
 
     A non-finite loss on any rank skips the step on every rank (grads zeroed, counted);
     `max_nan_steps` skips in a row abort the run. Returns (outputs, grad_norm, skipped).
     """
     worker.train(True)
-    for c in worker.chunks:
-        c.zero_grad_buffer()
-    worker.optimizer.zero_grad()
-    outputs = run_micro_batches(worker, micro_batches, loss_fn, forward_only=False)
+    worker.zero_grad()
+    outputs = worker.run_micro_batches(micro_batches, loss_fn, forward_only=False)
     bad = torch.zeros(1, device=cpu_compat.device())
     for out in outputs:
         if not torch.isfinite(out["loss"]).all():
@@ -218,8 +201,7 @@ def train_step(worker: ModelWorker, micro_batches, loss_fn: LossFn, max_nan_step
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item() > 0:
         worker.skipped_in_a_row += 1
-        for c in worker.chunks:
-            c.zero_grad_buffer()
+        worker.zero_grad()
         if worker.skipped_in_a_row >= max_nan_steps:
             raise NonFiniteLossError(
                 f"non-finite loss in {worker.skipped_in_a_row} consecutive steps "
@@ -228,10 +210,7 @@ def train_step(worker: ModelWorker, micro_batches, loss_fn: LossFn, max_nan_step
             )
         return outputs, float("nan"), True
     worker.skipped_in_a_row = 0
-    with cpu_compat.megatron_device_scope():
-        _, grad_norm, _ = worker.optimizer.step()
-    worker.scheduler.step(increment=1)
-    return outputs, float(grad_norm) if grad_norm is not None else 0.0, False
+    return outputs, worker.optimizer_step(), False
 
 
 def reduce_metrics(outputs: list[dict], keys: list[str]) -> dict[str, float]:
@@ -255,7 +234,7 @@ PerTokenFn = Callable[[AlignedMicroBatch, torch.Tensor], dict[str, torch.Tensor]
 
 @torch.no_grad()
 def forward_per_token(
-    worker: ModelWorker,
+    worker: TrainingWorker,
     batch: Batch,
     micro_batch_size: int,
     max_tokens: int | None,
@@ -276,7 +255,7 @@ def forward_per_token(
     def loss_fn(mb, output):
         return output.new_zeros(()), fn(mb, output)
 
-    outputs = run_micro_batches(worker, mbs, loss_fn, forward_only=True)
+    outputs = worker.run_micro_batches(mbs, loss_fn, forward_only=True)
     shape = (len(local), batch["responses"].shape[1])
     result = {}
     for key in keys:
@@ -308,7 +287,7 @@ MakeLossFn = Callable[[float, float, int], LossFn]
 
 
 def update_over_mini_batches(
-    worker: ModelWorker,
+    worker: TrainingWorker,
     batch: Batch,
     plan: MiniBatching,
     make_loss_fn: MakeLossFn,
@@ -336,7 +315,7 @@ def update_over_mini_batches(
             step.update(
                 grad_norm=grad_norm,
                 skipped_steps=float(skipped),
-                lr=worker.optimizer.param_groups[0]["lr"],
+                lr=worker.lr,
             )
             for k, v in step.items():
                 metrics.setdefault(k, []).append(v)

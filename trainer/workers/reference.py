@@ -17,7 +17,7 @@ import torch
 from tandem_core import cpu_compat
 from tandem_core.config import ActorConfig, RefConfig
 from tandem_core.protocol import Batch
-from trainer.workers.actor import MegatronActor
+from trainer.workers.actor import PolicyActor
 from trainer.workers.model import ModelWorker
 
 
@@ -70,7 +70,7 @@ def params_on_device(worker: ModelWorker):
             offload_params(worker)
 
 
-class MegatronReference:
+class ReferencePolicy:
     """Reference log-probs from a frozen copy of the initial policy."""
 
     def __init__(
@@ -84,7 +84,7 @@ class MegatronReference:
             raise ValueError("the reference model is built without an optimizer")
         self.worker = worker
         # The actor's micro-batching and log-prob code, on a model that never trains.
-        self._policy = MegatronActor(worker, actor_cfg, temperature)
+        self._policy = PolicyActor(worker, actor_cfg, temperature)
         if ref_cfg.offload_params:
             offload_params(worker)
 

@@ -1,13 +1,15 @@
 """Actor on megatron-core vs plain transformers/PyTorch, for one parallel layout.
 
 usage: actor_check.py ARCH TP PP SP(0|1) [VPP [EP]]   (VPP 0: none; EP: expert parallel, MoE)
+       STRATEGY=fsdp2 actor_check.py ARCH 1 1 0        (FSDP2 over every rank, data parallel)
 Checks (asserted here, on every rank):
 1. compute_log_prob: log-probs and entropy equal transformers' to 1e-5 (micro-batches of 3,
    and one micro-batch of 8 through actor.log_prob_micro_batch_size);
 2. update_policy (2 mini-batches, PPO clip + entropy + k3 KL loss) gives the same parameters
    as the plain PyTorch reference (AdamW, clipping) to 1e-5, with micro-batch size 1 and 4;
 3. forward-only passes leave the model in eval mode, and an update after one runs in train
-   mode.
+   mode;
+4. (fsdp2) the update also equals the megatron path's update on the same data to 1e-5.
 """
 
 import os
@@ -28,7 +30,8 @@ from archs import ensure_tiny_checkpoint  # noqa: E402
 from tandem_core import distributed as D  # noqa: E402
 from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig  # noqa: E402
 from tandem_core.protocol import Batch  # noqa: E402
-from trainer.workers.actor import MegatronActor  # noqa: E402
+from trainer.workers.actor import PolicyActor  # noqa: E402
+from trainer.workers.fsdp import build_fsdp_worker  # noqa: E402
 from trainer.workers.model import build_model_worker  # noqa: E402
 
 LR, EPS, CLIP = 1e-3, 1e-4, 1.0  # large eps: Adam's first step is then smooth in the grad
@@ -47,6 +50,30 @@ def hf_named_params(worker, args):
         dist.all_gather_object(parts, mine, group=group)
         mine = {k: v for part in parts for k, v in part.items()}
     return mine
+
+
+STRATEGY = os.environ.get("STRATEGY", "megatron")
+
+
+def build_worker(args, hf_dir, parallel, optim=None, strategy=STRATEGY):
+    if strategy == "fsdp2":
+        return build_fsdp_worker(args, hf_dir, optim=optim)
+    return build_model_worker(args, hf_dir, parallel, optim=optim)
+
+
+def trained_params(worker, args) -> dict:
+    """The worker's weights as HF tensors, whole on every rank."""
+    if hasattr(worker, "full_tensors"):  # FSDP2: transformers' own names
+        return {k: v.detach().cpu().clone() for k, v in worker.full_tensors()}
+    return hf_named_params(worker, args)
+
+
+def in_train_mode(worker) -> bool:
+    return (
+        worker.model.training
+        if hasattr(worker, "model")
+        else all(c.training for c in worker.chunks)
+    )
 
 
 def per_expert(named: dict) -> dict:
@@ -91,16 +118,16 @@ def main():
     batch = Batch.from_dict(data, meta_info={"n": 1})
 
     # 1. log-probs and entropy, in micro-batches of 3 and in one of the whole batch
-    ref_worker = build_model_worker(args, hf_dir, parallel)
+    ref_worker = build_worker(args, hf_dir, parallel)
     with torch.no_grad():
         want_lp, want_ent = hf_logprobs(hf, data)
     for log_prob_mbs in (None, 8):
         cfg = ActorConfig(micro_batch_size=3, log_prob_micro_batch_size=log_prob_mbs)
-        out = MegatronActor(ref_worker, cfg).compute_log_prob(batch, calculate_entropy=True)
+        out = PolicyActor(ref_worker, cfg).compute_log_prob(batch, calculate_entropy=True)
         lp_err = (out["log_probs"] - want_lp).abs().max().item()
         ent_err = (out["entropy"] - want_ent).abs().max().item()
         assert lp_err < 1e-5 and ent_err < 1e-5, (log_prob_mbs, lp_err, ent_err)
-    assert not any(c.training for c in ref_worker.chunks), "train mode after a forward-only pass"
+    assert not in_train_mode(ref_worker), "train mode after a forward-only pass"
 
     # 2. one PPO update, two mini-batches, vs plain PyTorch
     g = torch.Generator().manual_seed(1)
@@ -125,16 +152,25 @@ def main():
     assert moved > 1e-4, f"the reference step left a tensor unchanged ({moved})"
     errors = {}
     for mbs in [int(x) for x in os.environ.get("ACTOR_MBS", "1,4").split(",")]:
-        worker = build_model_worker(args, hf_dir, parallel, optim=cfg.optim)
-        actor = MegatronActor(worker, replace(cfg, micro_batch_size=mbs))
+        worker = build_worker(args, hf_dir, parallel, optim=cfg.optim)
+        actor = PolicyActor(worker, replace(cfg, micro_batch_size=mbs))
         actor.compute_log_prob(batch)  # leaves the model in eval mode; the update switches back
         actor.update_policy(Batch.from_dict({**data, **extra}, meta_info={"n": 1}))
-        assert all(c.training for c in worker.chunks), "an update ran outside train mode"
-        got = hf_named_params(worker, args)
+        assert in_train_mode(worker), "an update ran outside train mode"
+        got = trained_params(worker, args)
         err = max((got[k] - want[k].detach()).abs().max().item() for k in got)
         errors[mbs] = err
         assert err < 1e-5, (mbs, err)
-    write_result({"logprob_err": lp_err, "entropy_err": ent_err, "param_err": errors})
+    result = {"logprob_err": lp_err, "entropy_err": ent_err, "param_err": errors}
+    if STRATEGY == "fsdp2":  # 4. the same update on the megatron path, same ranks (DP)
+        worker = build_worker(args, hf_dir, parallel, optim=cfg.optim, strategy="megatron")
+        PolicyActor(worker, replace(cfg, micro_batch_size=2)).update_policy(
+            Batch.from_dict({**data, **extra}, meta_info={"n": 1})
+        )
+        megatron = hf_named_params(worker, args)
+        result["vs_megatron"] = max((got[k] - megatron[k]).abs().max().item() for k in got)
+        assert result["vs_megatron"] < 1e-5, result
+    write_result(result)
     D.destroy()
 
 

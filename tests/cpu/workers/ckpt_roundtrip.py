@@ -43,7 +43,7 @@ from trainer.state import checkpoints as C  # noqa: E402
 from trainer.state.rng import capture_rng_state, restore_rng_state  # noqa: E402
 from trainer.state.signals import install_signal_handlers  # noqa: E402
 from trainer.tracking import Tracker  # noqa: E402
-from trainer.workers.actor import MegatronActor  # noqa: E402
+from trainer.workers.actor import PolicyActor  # noqa: E402
 from trainer.workers.model import build_model_worker  # noqa: E402
 from trainer.workers.optimizer import torch_adams  # noqa: E402
 from trainer.workers.passes import (  # noqa: E402
@@ -115,7 +115,7 @@ def build(args, hf_dir, parallel, optim=OPTIM):
 
 
 def train(workers, batch: Batch) -> dict:
-    metrics = MegatronActor(workers["actor"], ACTOR).update_policy(batch)
+    metrics = PolicyActor(workers["actor"], ACTOR).update_policy(batch)
     metrics.update({f"critic/{k}": v for k, v in critic_update(workers["critic"], batch).items()})
     return metrics
 

@@ -39,11 +39,11 @@ from tandem_core.config import (  # noqa: E402
 from tandem_core.models import ValueHead  # noqa: E402
 from tandem_core.protocol import Batch  # noqa: E402
 from trainer import core_algos  # noqa: E402
-from trainer.workers.actor import MegatronActor  # noqa: E402
+from trainer.workers.actor import PolicyActor  # noqa: E402
 from trainer.workers.critic import MegatronCritic  # noqa: E402
 from trainer.workers.model import build_model_worker  # noqa: E402
 from trainer.workers.passes import NonFiniteLossError, SequenceTooLongError  # noqa: E402
-from trainer.workers.reference import MegatronReference, reload_params  # noqa: E402
+from trainer.workers.reference import ReferencePolicy, reload_params  # noqa: E402
 from weight_loaders.stream import unwrap_model  # noqa: E402
 
 LR, EPS, CLIP = 1e-3, 1e-4, 1.0  # large eps: Adam's first step is then smooth in the grad
@@ -174,12 +174,12 @@ def check_critic(args, hf_dir, parallel, data) -> dict:
 def check_reference(args, hf_dir, parallel, data, want_lp) -> dict:
     batch = Batch.from_dict(data)
     plain = build_model_worker(args, hf_dir, parallel)
-    expect = MegatronActor(plain, ActorConfig(micro_batch_size=3)).compute_log_prob(batch)
+    expect = PolicyActor(plain, ActorConfig(micro_batch_size=3)).compute_log_prob(batch)
     worker = build_model_worker(args, hf_dir, parallel)
     params = list(dict.fromkeys(p for c in worker.chunks for p in c.parameters()))
     snapshot = [p.detach().clone() for p in params]
     ptrs = [p.data_ptr() for p in params]
-    ref = MegatronReference(worker, ActorConfig(micro_batch_size=3), RefConfig(offload_params=True))
+    ref = ReferencePolicy(worker, ActorConfig(micro_batch_size=3), RefConfig(offload_params=True))
     assert worker.offloaded
     # Offloading gives every parameter new host storage with the same values.
     assert all(p.data_ptr() != q for p, q in zip(params, ptrs, strict=True))
@@ -220,7 +220,7 @@ ACTOR_CFG = ActorConfig(
 
 def actor_params(args, hf_dir, parallel, train, cfg) -> dict:
     worker = build_model_worker(args, hf_dir, parallel, optim=cfg.optim)
-    metrics = MegatronActor(worker, cfg).update_policy(Batch.from_dict(train, meta_info={"n": 1}))
+    metrics = PolicyActor(worker, cfg).update_policy(Batch.from_dict(train, meta_info={"n": 1}))
     assert metrics["actor/skipped_steps"] == 0, metrics
     return whole_params(worker, args)
 
@@ -252,7 +252,7 @@ def check_bad_input(args, hf_dir, parallel, data, want_lp) -> dict:
     forwards = []
     for c in worker.chunks + critic_worker.chunks:
         c.register_forward_pre_hook(lambda *a: forwards.append(1))
-    actor = MegatronActor(worker, ACTOR_CFG)
+    actor = PolicyActor(worker, ACTOR_CFG)
     critic = MegatronCritic(critic_worker, CriticConfig(ppo_mini_batch_size=2))
     calls = {
         "compute_log_prob": lambda: actor.compute_log_prob(Batch.from_dict(long)),
@@ -303,7 +303,7 @@ def check_bad_input(args, hf_dir, parallel, data, want_lp) -> dict:
     # 3. NaN advantages on one row (one DP rank only when DP > 1): the step is skipped on
     # every rank; a finite step resets the count; K=2 skips in a row abort.
     nan_worker = build_model_worker(args, hf_dir, parallel, optim=ACTOR_CFG.optim)
-    nan_actor = MegatronActor(nan_worker, replace(ACTOR_CFG, max_nan_steps=2))
+    nan_actor = PolicyActor(nan_worker, replace(ACTOR_CFG, max_nan_steps=2))
     good = {k: v[:4] for k, v in ppo_batch(data, want_lp).items()}
     bad = {**good, "advantages": good["advantages"].clone()}
     bad["advantages"][0, 0] = float("nan")

@@ -38,7 +38,7 @@ from rollout import build_rollout  # noqa: E402
 from tandem_core import distributed as D  # noqa: E402
 from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig, RolloutConfig  # noqa: E402
 from tandem_core.protocol import Batch  # noqa: E402
-from trainer.workers.actor import MegatronActor  # noqa: E402
+from trainer.workers.actor import PolicyActor  # noqa: E402
 from trainer.workers.model import build_model_worker  # noqa: E402
 
 # fp32 on CPU; CUDA vLLM's attention runs fp32 matmuls in TF32 (~1e-3), so GPU runs pass a wider
@@ -124,7 +124,7 @@ def check_layout(tp, pp, vpp, ep, rollout, backend, hf_dir, args, tokenizer, las
     worker = build_model_worker(args, hf_dir, parallel, optim=optim)
     twin = build_model_worker(args, hf_dir, parallel, optim=optim)
     cfg = ActorConfig(ppo_mini_batch_size=4, micro_batch_size=2)
-    actor, twin_actor = MegatronActor(worker, cfg), MegatronActor(twin, cfg)
+    actor, twin_actor = PolicyActor(worker, cfg), PolicyActor(twin, cfg)
     manager = MegatronShardingManager(worker, rollout, offload_optimizer=True)
     batch = prompts(tokenizer)
     result = {}

@@ -27,7 +27,7 @@ from rollout import build_rollout  # noqa: E402
 from tandem_core import distributed as D  # noqa: E402
 from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig, RolloutConfig  # noqa: E402
 from tandem_core.protocol import Batch  # noqa: E402
-from trainer.workers.actor import MegatronActor  # noqa: E402
+from trainer.workers.actor import PolicyActor  # noqa: E402
 from trainer.workers.model import MoESettings, build_model_worker  # noqa: E402
 
 
@@ -123,11 +123,11 @@ def check_layout(tp, ep, args, hf_dir, batch, routed, moe_layers) -> dict:
     mask, resp_mask = batch["attention_mask"].bool(), batch["response_mask"]
     optim = OptimConfig(lr=1e-3, eps=1e-4)
     cfg = ActorConfig(ppo_mini_batch_size=8, micro_batch_size=3)
-    plain = MegatronActor(build_model_worker(args, hf_dir, parallel, optim=optim), cfg)
+    plain = PolicyActor(build_model_worker(args, hf_dir, parallel, optim=optim), cfg)
     replay_worker = build_model_worker(
         args, hf_dir, parallel, optim=optim, moe=MoESettings(router_replay=True)
     )
-    replay = MegatronActor(replay_worker, cfg)
+    replay = PolicyActor(replay_worker, cfg)
 
     # 2. every replayed top-k is the column's, per position (megatron: [s, b], SP slice of s)
     used = []
