@@ -191,7 +191,9 @@ def build_fsdp_worker(
     shard = {k: v for k, v in shard.items() if v is not None}
     for layer in _decoder_layers(model):
         fully_shard(layer, **shard)
-    fully_shard(model, **shard)
+    # The root (embeddings, final norm, LM head) reshards after forward too (FSDP2 keeps it
+    # whole by default): a forward-only pass then leaves nothing unsharded while generating.
+    fully_shard(model, reshard_after_forward=True, **shard)
     if optim is None:
         model.requires_grad_(False)
         model.eval()

@@ -1,7 +1,8 @@
 """HybridEngine swaps for several training layouts against one rollout backend.
 
 usage: he_check.py BACKEND ROLLOUT_TP LAYOUTS [PRESET]   (LAYOUTS like "1x1,2x1,1x2" = TPxPP,
-"1x2v2" = TP 1, PP 2 with two interleaved VPP chunks per rank, "1x1e2" = expert parallel 2)
+"1x2v2" = TP 1, PP 2 with two interleaved VPP chunks per rank, "1x1e2" = expert parallel 2,
+"fsdp2" = actor.strategy=fsdp2 over every rank: checks 1-3 without direct copies)
 PRESET: a tiny preset of archs/ (archs.PRESETS), tiny_llama by default (4 heads / 2 KV heads:
 TP ≤ 2); tiny_llama_wide (8 / 8) allows training and rollout TP 4 and 8.
 For each training layout (the world is shared; DP = world / (TP×PP)):
@@ -31,7 +32,7 @@ from _common import write_result  # noqa: E402
 import archs  # noqa: E402
 import weight_loaders  # noqa: E402
 from archs.checkpoints import build_char_tokenizer, ensure_tiny_checkpoint  # noqa: E402
-from hybrid_engine import MegatronShardingManager  # noqa: E402
+from hybrid_engine import FSDPShardingManager, MegatronShardingManager  # noqa: E402
 from hybrid_engine.base import StaleWeightsError, check_weights_synced  # noqa: E402
 from hybrid_engine.memory import grad_buffer_bytes  # noqa: E402
 from rollout import build_rollout  # noqa: E402
@@ -39,6 +40,7 @@ from tandem_core import distributed as D  # noqa: E402
 from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig, RolloutConfig  # noqa: E402
 from tandem_core.protocol import Batch  # noqa: E402
 from trainer.workers.actor import PolicyActor  # noqa: E402
+from trainer.workers.fsdp import build_fsdp_worker  # noqa: E402
 from trainer.workers.model import build_model_worker  # noqa: E402
 
 # fp32 on CPU; CUDA vLLM's attention runs fp32 matmuls in TF32 (~1e-3), so GPU runs pass a wider
@@ -72,10 +74,12 @@ def prompts(tokenizer, n=4) -> Batch:
 def generate(manager, rollout, batch):
     before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     with manager:
-        inside = {
-            "foreign_bytes": manager.allgather.foreign_bytes(),
-            "grad_bytes": grad_buffer_bytes(manager.worker.chunks),
-        }
+        inside = {}
+        if isinstance(manager, MegatronShardingManager):
+            inside["foreign_bytes"] = manager.allgather.foreign_bytes()
+            inside["grad_bytes"] = grad_buffer_bytes(manager.worker.chunks)
+        else:  # FSDP2: the spent grads are dropped
+            inside["grads"] = sum(p.grad is not None for p in manager.worker.model.parameters())
         if torch.cuda.is_available():
             inside["cuda_freed_by_enter"] = before - torch.cuda.memory_allocated()
         out = manager.postprocess_data(rollout.generate_sequences(manager.preprocess_data(batch)))
@@ -183,6 +187,37 @@ def check_layout(tp, pp, vpp, ep, rollout, backend, hf_dir, args, tokenizer, las
     return result
 
 
+def check_fsdp(rollout, hf_dir, args, tokenizer) -> dict:
+    """The same checks for actor.strategy=fsdp2 (FSDP2 over every rank; every sync streams)."""
+    D.init_model_parallel(ParallelConfig())
+    optim = OptimConfig(lr=5e-3, eps=1e-4)
+    worker = build_fsdp_worker(args, hf_dir, optim=optim)
+    twin = build_fsdp_worker(args, hf_dir, optim=optim)
+    cfg = ActorConfig(ppo_mini_batch_size=4, micro_batch_size=2)
+    actor, twin_actor = PolicyActor(worker, cfg), PolicyActor(twin, cfg)
+    manager = FSDPShardingManager(worker, rollout, offload_optimizer=True)
+    batch = prompts(tokenizer)
+    out, inside = generate(manager, rollout, batch)
+    result = {"err_first": sync_error(actor, out)}
+    update = train_batch(actor, out)
+    actor.update_policy(update)
+    twin_actor.update_policy(update)
+    out2, inside = generate(manager, rollout, batch)
+    assert inside["grads"] == 0, inside
+    result["err_after_step"] = sync_error(actor, out2)
+    # training through the swaps (optimizer states offloaded and back) = never swapped
+    update = train_batch(actor, out2)
+    actor.update_policy(update)
+    twin_actor.update_policy(update)
+    for (n, p), (_, q) in zip(worker.full_tensors(), twin.full_tensors(), strict=True):
+        assert torch.equal(p, q), f"{n} differs after training through a swap"
+    cases = [("partial", lambda kv: "layers.1." not in kv[0]), ("skipped", lambda kv: False)]
+    assert caught_stale(manager, rollout, actor, batch, out2, cases) == ["partial", "skipped"]
+    out4, _ = generate(manager, rollout, batch)
+    result["err_repaired"] = sync_error(actor, out4)
+    return result
+
+
 def main():
     backend, rollout_tp, layouts = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
     D.init_distributed()
@@ -207,6 +242,9 @@ def main():
     tokenizer = build_char_tokenizer()
     results = {}
     for layout in layouts:
+        if layout == "fsdp2":
+            results[layout] = check_fsdp(rollout, hf_dir, args, tokenizer)
+            continue
         tp, pp, vpp, ep = re.fullmatch(r"(\d+)x(\d+)(?:v(\d+))?(?:e(\d+))?", layout).groups()
         vpp, ep = int(vpp) if vpp else None, int(ep or 1)
         results[layout] = check_layout(
