@@ -121,6 +121,13 @@ CASES = {
         "rollout=vllm",
         "trainer.debug_check_weight_sync=true",
     ],
+    "grpo-fsdp2-vllm": [
+        "algorithm=grpo",
+        "actor.strategy=fsdp2",
+        "parallel=single",
+        "rollout=vllm",
+        "trainer.debug_check_weight_sync=true",
+    ],
     "grpo-qwen3-tp2-vllm-tp2": [
         "model=tiny_qwen3",
         "algorithm=grpo",
@@ -162,8 +169,10 @@ def test_two_rank_runs(case, cache_dir, tmp_path):
         [],
         # Qwen3-MoE with routing replay (the replayed experts travel in the batch)
         pytest.param(["model=tiny_qwen3_moe", "actor.router_replay=true"], marks=pytest.mark.slow),
+        # FSDP2 actor and reference (DCP checkpoints) beside a megatron critic (PPO)
+        ["actor.strategy=fsdp2"],
     ],
-    ids=["dense", "moe-r3"],
+    ids=["dense", "moe-r3", "fsdp2"],
 )
 def test_kill9_then_resume_equals_uninterrupted(model, cache_dir, tmp_path):
     overrides = model + ["rollout=hf", "trainer.total_steps=4", "trainer.save_freq=1"] + SMALL[:-1]

@@ -146,7 +146,7 @@ class FSDPWorker:
         with the source's config and tokenizer."""
         from safetensors.torch import save_file
 
-        from weight_loaders.hf_export import copy_non_weight_files, write_index
+        from weight_loaders.hf_export import copy_non_weight_files, shard_file_name, write_index
 
         out = Path(out_dir)
         writer = dist.get_rank() == 0
@@ -156,7 +156,7 @@ class FSDPWorker:
                 tensors[name] = tensor.detach().to("cpu", torch.float32, copy=True).contiguous()
         if writer:
             out.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+            save_file(tensors, out / shard_file_name(0, 1), metadata={"format": "pt"})
             write_index(out, 1)
             copy_non_weight_files(Path(hf_source_dir), out)
         dist.barrier()
