@@ -159,6 +159,9 @@ class ActorConfig:
 
 @dataclass
 class CriticConfig:
+    strategy: str = "megatron"
+    """megatron | fsdp2 (as actor.strategy; the value head sits on the transformers
+    backbone)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     cliprange_value: float = 0.5
     """Value clip around the old values (> 0)."""

@@ -28,7 +28,7 @@ from trainer.state.checkpoints import CheckpointManager, run_identity
 from trainer.state.signals import install_signal_handlers
 from trainer.tracking import Tracker
 from trainer.workers.actor import PolicyActor
-from trainer.workers.critic import MegatronCritic
+from trainer.workers.critic import ValueCritic
 from trainer.workers.fsdp import build_fsdp_worker
 from trainer.workers.model import MoESettings, build_model_worker, copy_weights
 from trainer.workers.reference import ReferencePolicy
@@ -191,15 +191,26 @@ def build_components(cfg: TandemConfig, run_dir: Path, args: ModelArgs) -> Compo
     weights_dir = None if cfg.model.random_init else hf_dir  # None: megatron's random init
     critic = None
     if uses_critic(cfg.algorithm):
-        critic_worker = build_model_worker(
-            args,
-            weights_dir,
-            optim=cfg.critic.optim,
-            value_head=True,
-            total_optimizer_steps=steps * cfg.critic.ppo_epochs,
-            **common,
-        )
-        critic = MegatronCritic(critic_worker, cfg.critic)
+        critic_steps = steps * cfg.critic.ppo_epochs
+        if cfg.critic.strategy == "fsdp2":
+            critic_worker = build_fsdp_worker(
+                args,
+                hf_dir,
+                dtype=m.dtype,
+                optim=cfg.critic.optim,
+                total_optimizer_steps=critic_steps,
+                value_head=True,
+            )
+        else:
+            critic_worker = build_model_worker(
+                args,
+                weights_dir,
+                optim=cfg.critic.optim,
+                value_head=True,
+                total_optimizer_steps=critic_steps,
+                **common,
+            )
+        critic = ValueCritic(critic_worker, cfg.critic)
         sharded["critic"] = critic_worker
 
     max_len = cfg.data.max_prompt_length + cfg.rollout.response_length

@@ -112,6 +112,7 @@ CHOICES: dict[str, tuple] = {
     "model.layer_spec": ("auto", "local", "sdpa", "te"),
     "model.moe_experts": ("grouped", "sequential"),
     "actor.strategy": ("megatron", "fsdp2"),
+    "critic.strategy": ("megatron", "fsdp2"),
     "data.overlong_prompt": ("filter", "error"),
     "actor.loss_agg_mode": core_algos.LOSS_AGG_MODES,
     "critic.loss_agg_mode": core_algos.LOSS_AGG_MODES,
@@ -319,6 +320,10 @@ def _fsdp2(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
         for key in ("activation_checkpointing", "param_offload"):
             if getattr(cfg.actor, key):
                 yield f"actor.{key}: an fsdp2 setting (actor.strategy is {cfg.actor.strategy})"
+    if "fsdp2" not in (
+        cfg.actor.strategy,
+        cfg.critic.strategy if uses_critic(cfg.algorithm) else "",
+    ):
         return
     p = cfg.parallel
     for key in (
@@ -327,12 +332,12 @@ def _fsdp2(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
         "expert_model_parallel_size",
     ):
         if getattr(p, key) != 1:
-            yield f"parallel.{key}: actor.strategy=fsdp2 is data parallel only (set 1)"
+            yield f"parallel.{key}: the fsdp2 strategy is data parallel only (set 1)"
     if p.virtual_pipeline_model_parallel_size or p.sequence_parallel:
-        yield "parallel: actor.strategy=fsdp2 has no pipeline or sequence parallelism"
+        yield "parallel: the fsdp2 strategy has no pipeline or sequence parallelism"
     if cfg.model.random_init:
-        yield "model.random_init: actor.strategy=fsdp2 loads the checkpoint's weights"
-    if cfg.actor.router_replay:
+        yield "model.random_init: the fsdp2 strategy loads the checkpoint's weights"
+    if cfg.actor.router_replay and cfg.actor.strategy == "fsdp2":
         yield "actor.router_replay: megatron's routers only (actor.strategy=megatron)"
 
 

@@ -5,7 +5,7 @@ checker) follows `p.actor.update_policy(batch)` from here to the class that runs
 - Actor: trainer/workers/actor.py (`PolicyActor`), on a megatron or an FSDP2 worker
   (trainer/workers/model.py, trainer/workers/fsdp.py; the strategies: trainer/build.py)
 - Reference: trainer/workers/reference.py (`ReferencePolicy`)
-- Critic: trainer/workers/critic.py (`MegatronCritic`)
+- Critic: trainer/workers/critic.py (`ValueCritic`)
 - the rollout engine: rollout/base.py (`BaseRollout`, one abstract method) and its backends
 - the swap: hybrid_engine/base.py (`BaseShardingManager`), hybrid_engine/megatron_rollout.py,
   hybrid_engine/fsdp_rollout.py

@@ -47,6 +47,17 @@ def test_critic_reference_and_batching(layout, torchrun, tiny_ckpt):
     _check_numbers(res, checks)
 
 
+@pytest.mark.parametrize("nproc", some_slow([1, 2], {1}))
+def test_fsdp2_critic_and_dynamic_batching(nproc, torchrun, tiny_ckpt):
+    """critic.strategy=fsdp2 (value head on the transformers backbone): values and one update
+    equal plain PyTorch; the FSDP2 actor's token-budget micro-batches equal fixed ones."""
+    tiny_ckpt("tiny_llama")
+    checks = "critic,dynamic"
+    env = {"STRATEGY": "fsdp2"}
+    res = torchrun("critic_check.py", nproc, "tiny_llama", "1", "1", "0", checks, env=env)
+    _check_numbers(res, checks)
+
+
 def test_critic_and_reference_interleaved_vpp(torchrun, tiny_ckpt):
     """PP 2 × 2 VPP chunks: the value head sits on the last chunk of the last stage."""
     tiny_ckpt("tiny_llama")

@@ -1,8 +1,10 @@
 """The critic: a value head (one output per position) on the policy's backbone, trained with
 the clipped value loss `core_algos.compute_value_loss`.
 
-Built by `build_model_worker(..., value_head=True)`: the backbone comes from the HF checkpoint,
-the head is megatron's output layer replaced by a replicated, zero-initialised `ValueHead`.
+Built by `build_model_worker(..., value_head=True)` (megatron: the backbone from the HF
+checkpoint, megatron's output layer replaced by a replicated, zero-initialised `ValueHead`) or
+`build_fsdp_worker(..., value_head=True)` (FSDP2: the transformers backbone and the same
+zero-initialised head, trainer/workers/fsdp.py `ValueModel`).
 The value of response token j is read at the position whose hidden state precedes it, which
 is where the actor reads the log-prob of token j (`AlignedMicroBatch.response_index`), so
 values, log-probs and advantages line up column for column. Micro-batching, data-parallel
@@ -16,15 +18,19 @@ import torch
 from tandem_core.config import CriticConfig
 from tandem_core.protocol import Batch
 from trainer import core_algos
-from trainer.workers.model import ModelWorker
-from trainer.workers.passes import MiniBatching, forward_per_token, update_over_mini_batches
+from trainer.workers.passes import (
+    MiniBatching,
+    TrainingWorker,
+    forward_per_token,
+    update_over_mini_batches,
+)
 from trainer.workers.sequences import AlignedMicroBatch, mask_response
 
 
-class MegatronCritic:
+class ValueCritic:
     """compute_values + update_critic on a value-head model."""
 
-    def __init__(self, worker: ModelWorker, cfg: CriticConfig):
+    def __init__(self, worker: TrainingWorker, cfg: CriticConfig):
         self.worker, self.cfg = worker, cfg
         self.loss_agg_mode = cfg.loss_agg_mode
         self.max_tokens = cfg.max_tokens_per_microbatch if cfg.use_dynamic_bsz else None

@@ -1,5 +1,5 @@
-"""One transformers model role (actor, reference) on this rank under torch's FSDP2: the second
-training strategy (`actor.strategy=fsdp2`), for any `AutoModelForCausalLM` without a megatron
+"""One transformers model role (actor, reference, critic) on this rank under torch's FSDP2: the
+second training strategy (`actor.strategy=fsdp2`, `critic.strategy=fsdp2`), for any `AutoModelForCausalLM` without a megatron
 loader, with zero conversion. It runs the same passes as megatron's `ModelWorker`
 (trainer/workers/passes.py `TrainingWorker`): the same micro-batches, losses, normalisers and
 LR schedule; only the model, its sharding and its optimizer differ.
@@ -36,6 +36,23 @@ from trainer.workers.sequences import AlignedMicroBatch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+class ValueModel(nn.Module):
+    """The critic: a transformers backbone and a zero-initialised scalar head per position (the
+    megatron critic's `ValueHead`, tandem_core/models.py). Parameter names: `model.…` as in
+    the causal LM's checkpoint, and `value_head.weight`."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.model = backbone
+        self.value_head = nn.Linear(hidden_size, 1, bias=False)
+        nn.init.zeros_(self.value_head.weight)
+        self._no_split_modules = getattr(backbone, "_no_split_modules", None)
+
+    def forward(self, input_ids, position_ids, use_cache=False):
+        hidden = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache)
+        return self.value_head(hidden.last_hidden_state)
+
+
 @dataclass
 class FSDPWorker:
     args: ModelArgs
@@ -56,13 +73,14 @@ class FSDPWorker:
     def micro_batch_rules(self) -> dict:
         return {"seq_multiple": 1, "count_multiple": 1}
 
-    def logits_at_response(self, mb: AlignedMicroBatch) -> torch.Tensor:
-        """[b, R, V] logits at the rows that predict the response tokens. Rows are aligned
-        (real tokens from position 0, padding after them), so plain causal attention without a
-        mask sees only real tokens, as in the megatron path."""
+    def output_at_response(self, mb: AlignedMicroBatch) -> torch.Tensor:
+        """[b, R, V] logits (a critic: [b, R, 1] values) at the rows that predict the response
+        tokens. Rows are aligned (real tokens from position 0, padding after them), so plain
+        causal attention without a mask sees only real tokens, as in the megatron path."""
         out = self.model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False)
+        out = out if torch.is_tensor(out) else out.logits
         rows = torch.arange(mb.input_ids.shape[0], device=mb.input_ids.device)[:, None]
-        return out.logits[rows, mb.response_index]
+        return out[rows, mb.response_index]
 
     def run_micro_batches(
         self, micro_batches: list[AlignedMicroBatch], loss_fn: LossFn, forward_only: bool
@@ -70,7 +88,7 @@ class FSDPWorker:
         outputs = []
         for mb in micro_batches:
             with torch.set_grad_enabled(not forward_only):
-                loss, extra = loss_fn(mb, self.logits_at_response(mb))
+                loss, extra = loss_fn(mb, self.output_at_response(mb))
                 if not forward_only:
                     loss.backward()  # FSDP2 reduce-scatters the grads: the mean over DP
             outputs.append(extra)
@@ -170,17 +188,25 @@ def build_fsdp_worker(
     total_optimizer_steps: int = 1,
     activation_checkpointing: bool = False,
     param_offload: bool = False,
+    value_head: bool = False,
 ) -> FSDPWorker:
-    """The checkpoint in `hf_dir` as a transformers model, sharded by FSDP2 over the
-    data-parallel ranks (megatron's groups are initialised at TP = PP = 1, so D.dp_group() is
-    every rank); with an optimizer when `optim` is given."""
+    """The checkpoint in `hf_dir` as a transformers model (a causal LM, or with `value_head`
+    its backbone under a `ValueModel`), sharded by FSDP2 over the data-parallel ranks
+    (megatron's groups are initialised at TP = PP = 1, so D.dp_group() is every rank); with an
+    optimizer when `optim` is given."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    if value_head:
+        model = ValueModel(AutoModel.from_pretrained(hf_dir, dtype=torch.float32), args.hidden_size)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.to(cpu_compat.device())
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model = model.model if value_head else model
+        hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     mesh = _dp_mesh()
     compute = DTYPES[dtype]
     shard = dict(
@@ -221,7 +247,7 @@ def _dp_mesh():
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks FSDP2 shards one by one (transformers names them in
     `_no_split_modules`)."""
-    kinds = set(getattr(model, "_no_split_modules", None) or [])
+    kinds = {k for m in model.modules() for k in (getattr(m, "_no_split_modules", None) or [])}
     layers = [m for m in model.modules() if type(m).__name__ in kinds]
     if not layers:
         raise ValueError(f"{type(model).__name__}: no decoder layers named in _no_split_modules")

@@ -2,6 +2,7 @@
 megatron-core vs plain transformers/PyTorch, for one parallel layout (one launch, many checks).
 
 usage: critic_check.py ARCH TP PP SP(0|1) CHECKS [VPP]   CHECKS: comma list of
+       (STRATEGY=fsdp2: the FSDP2 workers over every rank, TP = PP = 1; critic and dynamic)
   critic   compute_values equals HF backbone + linear head to 1e-5; one critic update (two
            mini-batches, clipped value loss) gives the parameters of plain PyTorch (AdamW,
            clipping) to 1e-5 and reports the same vf_loss;
@@ -40,7 +41,8 @@ from tandem_core.models import ValueHead  # noqa: E402
 from tandem_core.protocol import Batch  # noqa: E402
 from trainer import core_algos  # noqa: E402
 from trainer.workers.actor import PolicyActor  # noqa: E402
-from trainer.workers.critic import MegatronCritic  # noqa: E402
+from trainer.workers.critic import ValueCritic  # noqa: E402
+from trainer.workers.fsdp import build_fsdp_worker  # noqa: E402
 from trainer.workers.model import build_model_worker  # noqa: E402
 from trainer.workers.passes import NonFiniteLossError, SequenceTooLongError  # noqa: E402
 from trainer.workers.reference import ReferencePolicy, reload_params  # noqa: E402
@@ -50,12 +52,39 @@ LR, EPS, CLIP = 1e-3, 1e-4, 1.0  # large eps: Adam's first step is then smooth i
 TOL = 1e-5
 
 
+STRATEGY = os.environ.get("STRATEGY", "megatron")
+
+
+def build_worker(args, hf_dir, parallel, value_head=False, optim=None):
+    if STRATEGY == "fsdp2":
+        return build_fsdp_worker(args, hf_dir, optim=optim, value_head=value_head)
+    return build_model_worker(args, hf_dir, parallel, value_head=value_head, optim=optim)
+
+
+def set_value_head(worker, weight: torch.Tensor) -> None:
+    """The critic's head := `weight` (the megatron head lives on the last stage; FSDP2's is a
+    sharded DTensor, filled from the full tensor)."""
+    if STRATEGY == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(worker.model, {"value_head.weight": weight}, options=full)
+    elif worker.is_last_stage:
+        with torch.no_grad():
+            value_head(worker).weight.copy_(weight)
+
+
 def value_head(worker):
     return unwrap_model(worker.chunks[-1]).output_layer
 
 
 def whole_params(worker, args) -> dict[str, torch.Tensor]:
     """Backbone as HF tensors (+ `value_head.weight` of a critic), whole on every rank."""
+    if STRATEGY == "fsdp2":
+        return {k: v.detach().clone() for k, v in worker.full_tensors()}
     critic = worker.is_last_stage and isinstance(value_head(worker), ValueHead)
     named = [
         (k, v)
@@ -125,10 +154,8 @@ def check_critic(args, hf_dir, parallel, data) -> dict:
     )
 
     def build():
-        worker = build_model_worker(args, hf_dir, parallel, value_head=True, optim=cfg.optim)
-        if worker.is_last_stage:
-            with torch.no_grad():
-                value_head(worker).weight.copy_(head.weight)
+        worker = build_worker(args, hf_dir, parallel, value_head=True, optim=cfg.optim)
+        set_value_head(worker, head.weight.detach())
         return worker
 
     worker = build()
@@ -136,7 +163,7 @@ def check_critic(args, hf_dir, parallel, data) -> dict:
         want_values = hf_values(hf.model, head, data)
     for forward_mbs in (None, len(data["responses"])):  # micro-batches of 3, then one of all
         forward_cfg = replace(cfg, forward_micro_batch_size=forward_mbs)
-        values = MegatronCritic(worker, forward_cfg).compute_values(Batch.from_dict(data))
+        values = ValueCritic(worker, forward_cfg).compute_values(Batch.from_dict(data))
         values_err = (values["values"] - want_values).abs().max().item()
         assert values_err < TOL, (forward_mbs, values_err)
     assert want_values.abs().max() > 0.1, "values too small for a meaningful check"
@@ -161,7 +188,7 @@ def check_critic(args, hf_dir, parallel, data) -> dict:
     )
     assert moved > 1e-4, f"the reference step left a tensor unchanged ({moved})"
 
-    metrics = MegatronCritic(worker, cfg).update_critic(Batch.from_dict(train, meta_info={"n": 1}))
+    metrics = ValueCritic(worker, cfg).update_critic(Batch.from_dict(train, meta_info={"n": 1}))
     param_err = max_err(whole_params(worker, args), want)
     assert param_err < TOL, param_err
     assert abs(metrics["critic/vf_loss"] - want_loss) < TOL, (metrics, want_loss)
@@ -219,7 +246,7 @@ ACTOR_CFG = ActorConfig(
 
 
 def actor_params(args, hf_dir, parallel, train, cfg) -> dict:
-    worker = build_model_worker(args, hf_dir, parallel, optim=cfg.optim)
+    worker = build_worker(args, hf_dir, parallel, optim=cfg.optim)
     metrics = PolicyActor(worker, cfg).update_policy(Batch.from_dict(train, meta_info={"n": 1}))
     assert metrics["actor/skipped_steps"] == 0, metrics
     return whole_params(worker, args)
@@ -253,7 +280,7 @@ def check_bad_input(args, hf_dir, parallel, data, want_lp) -> dict:
     for c in worker.chunks + critic_worker.chunks:
         c.register_forward_pre_hook(lambda *a: forwards.append(1))
     actor = PolicyActor(worker, ACTOR_CFG)
-    critic = MegatronCritic(critic_worker, CriticConfig(ppo_mini_batch_size=2))
+    critic = ValueCritic(critic_worker, CriticConfig(ppo_mini_batch_size=2))
     calls = {
         "compute_log_prob": lambda: actor.compute_log_prob(Batch.from_dict(long)),
         "update_policy": lambda: actor.update_policy(Batch.from_dict(long_train)),
