@@ -204,6 +204,37 @@ def test_shipped_70b_layout_fits_80gb_gpus():
     assert "training" in plan.table() and "DOES NOT FIT" not in plan.table()
 
 
+def test_fsdp2_terms_shard_the_whole_state_over_dp():
+    """actor.strategy=fsdp2: fp32 parameter shards (the master weights), grads and Adam states
+    all / DP, the gathered root and two layers in the compute dtype, logits at every position;
+    nothing gathered in the swap but one streamed tensor; generation keeps shards and Adam."""
+    over = ["algorithm=grpo", "model=smollm2_135m"]
+    cfg = load_config(over + ["actor.strategy=fsdp2", "model.dtype=bfloat16"], world_size=8)
+    m = read_model_args(cfg.model)
+    training, swap, generation = P.plan_memory(cfg, 8, H100, m).phases
+    n = PM.total_params(m)
+    terms = {t.name: t.gib for t in training.terms}
+    assert terms["actor fp32 master weights (parameter shards)"] == pytest.approx(n * 4 / 8 / 2**30)
+    assert terms["actor grads (fp32, sharded)"] == pytest.approx(n * 4 / 8 / 2**30)
+    assert terms["actor Adam states (fp32 m, v)"] == pytest.approx(n * 8 / 8 / 2**30)
+    # SmolLM2-135M: 30 layers of hidden 576, 9 heads / 3 KV heads of 64, FFN 1536, tied vocab
+    layer = 576 * (576 + 2 * 192) + 576 * 576 + 3 * 576 * 1536 + 2 * 576
+    root = 49152 * 576 + 576  # the tied embedding and the final norm
+    assert n == 30 * layer + root
+    assert terms["actor gathered root and two layers (FSDP2)"] == pytest.approx(
+        (root + 2 * layer) * 2 / 2**30
+    )
+    assert terms["reference weights (fp32 shards)"] == pytest.approx(n * 4 / 8 / 2**30)
+    swap_names = {t.name for t in swap.terms}
+    assert "one full tensor in the sync stream" in swap_names
+    assert not any("grads" in name or "gathered" in name for name in swap_names)
+    gen = {t.name for t in generation.terms}
+    assert "actor Adam states (fp32 m, v)" in gen and not any("AllGather" in x for x in gen)
+    # the same run on megatron keeps whole bf16 weights and fp32 grads on every rank
+    megatron = P.plan_memory(load_config(over + ["model.dtype=bfloat16"], world_size=8), 8, H100)
+    assert training.total_gib < megatron.phases[0].total_gib
+
+
 def test_forward_only_micro_batches_count_when_they_need_more():
     """actor.log_prob_micro_batch_size: the log-prob pass keeps no activations for a backward,
     so up to some size it costs nothing over the update's own peak."""

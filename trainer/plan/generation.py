@@ -99,6 +99,14 @@ def _optimizer_terms(lay: Layout, who: str, value_head: bool = False) -> list[Te
 
 
 def _generation_base(cfg: TandemConfig, lay: Layout) -> list[Term]:
+    if "actor" in lay.fsdp_roles:  # FSDP2 keeps its fp32 shards (the master weights) resident
+        shards = [t for t in role_state_terms(lay, 0, "actor") if "master" in t.name]
+        terms = shards + _resident_in_generation(lay, 0)
+        if not cfg.actor.offload_optimizer:
+            terms += [t for t in _optimizer_terms(lay, "actor") if "Adam" in t.name]
+        if lay.critic:
+            terms += _optimizer_terms(lay, "critic", value_head=True)
+        return terms
     gathered = all_stage_weights(lay)
     terms = [
         term(

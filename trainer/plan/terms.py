@@ -197,6 +197,8 @@ class Layout:
     critic: bool
     ref_resident: bool
     """A reference model is used (KL) and its weights stay on the GPU."""
+    fsdp_roles: frozenset = frozenset()
+    """Roles trained with the fsdp2 strategy ("actor" also covers the reference, "critic")."""
 
 
 def layout_of(cfg: TandemConfig, world: int, m: ModelArgs) -> Layout:
@@ -219,6 +221,9 @@ def layout_of(cfg: TandemConfig, world: int, m: ModelArgs) -> Layout:
         seq_len=cfg.data.max_prompt_length + cfg.rollout.response_length,
         critic=uses_critic(cfg.algorithm),
         ref_resident=uses_ref and not cfg.ref.offload_params,
+        fsdp_roles=frozenset(
+            role for role in ("actor", "critic") if getattr(cfg, role).strategy == "fsdp2"
+        ),
     )
 
 
@@ -249,10 +254,46 @@ def reserve_term(terms: list[Term]) -> Term:
     )
 
 
+def fsdp_state_terms(lay: Layout, params: int, who: str) -> list[Term]:
+    """FSDP2: the fp32 parameter shards (the master weights), their fp32 grads and Adam states
+    are all split over DP; in forward and backward the root (embeddings, final norm, LM head)
+    and up to two decoder layers (the one running, the next prefetched) are gathered whole in
+    the compute dtype."""
+    m, w, dp = lay.m, lay.dtype_bytes, lay.dp
+    root = total_params(m) - sum(layer_params(m, 1, 1, bool(x)) for x in m.moe_layer_pattern())
+    layer = max(layer_params(m, 1, 1, bool(x)) for x in m.moe_layer_pattern())
+    gathered = root + 2 * layer
+    return [
+        term(
+            f"{who} fp32 master weights (parameter shards)",
+            params * MASTER_BYTES / dp,
+            f"{format_count(params)} params × {MASTER_BYTES} B / DP {dp}",
+        ),
+        term(
+            f"{who} grads (fp32, sharded)",
+            params * GRAD_BYTES / dp,
+            f"params × {GRAD_BYTES} B / DP {dp}",
+        ),
+        term(
+            f"{who} Adam states (fp32 m, v)",
+            params * ADAM_BYTES / dp,
+            f"params × {ADAM_BYTES} B / DP {dp}",
+        ),
+        term(
+            f"{who} gathered root and two layers (FSDP2)",
+            gathered * w,
+            f"{format_count(gathered)} params × {w} B",
+        ),
+    ]
+
+
 def model_state_terms(lay: Layout, params: int, who: str, experts: int = 0) -> list[Term]:
     """Weights, fp32 grads, Adam states and fp32 master weights (the last two split over DP
     with the distributed optimizer; an expert's over DP / EP, the ranks that hold it) of one
-    model stage; `experts` of the `params` are experts' parameters."""
+    model stage; `experts` of the `params` are experts' parameters. FSDP2 roles:
+    `fsdp_state_terms`."""
+    if who in lay.fsdp_roles:
+        return fsdp_state_terms(lay, params, who)
     w, shards = lay.dtype_bytes, lay.optim_shards
     expert_shards = max(shards // lay.ep, 1)
     dp_note = f"/ DP {lay.dp}" if shards == lay.dp else "(distributed optimizer off)"
@@ -295,4 +336,12 @@ def reference_terms(lay: Layout, stage: int) -> list[Term]:
     if not lay.ref_resident:
         return []
     ref = stage_params(lay.m, lay.tp, lay.pp, stage, ep=lay.ep)
+    if "actor" in lay.fsdp_roles:  # the reference's fp32 FSDP2 shards
+        return [
+            term(
+                "reference weights (fp32 shards)",
+                ref * MASTER_BYTES / lay.dp,
+                f"params × {MASTER_BYTES} B / DP {lay.dp} (not offloaded)",
+            )
+        ]
     return [term("reference weights", ref * lay.dtype_bytes, "params × dtype (not offloaded)")]

@@ -86,6 +86,37 @@ def layer_microbatches_in_flight(
 
 
 # ---- phases: training and swap ---------------------------------------------------------------
+def _fsdp_training(cfg: TandemConfig, lay: Layout) -> Phase:
+    """FSDP2 actor: transformers' layers keep their activations (its unfused SwiGLU), or with
+    activation checkpointing each layer's input and one layer's activations; the LM head runs
+    on every position (the logits of one micro-batch, transiently, then the response rows')."""
+    m, a = lay.m, cfg.actor
+    tokens = a.max_tokens_per_microbatch if a.use_dynamic_bsz else a.micro_batch_size * lay.seq_len
+    rows = tokens if a.use_dynamic_bsz else a.micro_batch_size * cfg.rollout.response_length
+    per_token = activation_bytes_per_token(m, 1, False, lay.dtype_bytes)
+    if a.activation_checkpointing:
+        kept = tokens * (m.num_layers * m.hidden_size * lay.dtype_bytes + per_token)
+        how = f"{tokens} tokens × ({m.num_layers} layer inputs + one layer's activations)"
+    else:
+        kept = m.num_layers * tokens * per_token
+        how = f"{m.num_layers} layers × {tokens} tokens × {per_token / 1024:.1f} KiB"
+    terms = role_state_terms(lay, 0, "actor")
+    terms += [
+        term("activations", kept, how),
+        term(
+            "logits of one micro-batch (every position) and the response rows' grad",
+            (tokens + 2 * rows) * m.vocab_size * lay.dtype_bytes,
+            f"({tokens} positions + 2 × {rows} response rows) × vocab {m.vocab_size} ×"
+            f" {lay.dtype_bytes} B",
+        ),
+    ]
+    if lay.critic:
+        terms += role_state_terms(lay, 0, "critic", value_head=True)
+    terms += reference_terms(lay, 0)
+    terms.append(reserve_term(terms))
+    return Phase("training", "FSDP2, every rank", tuple(terms))
+
+
 def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
     m, a = lay.m, cfg.actor
     if a.use_dynamic_bsz:
@@ -161,12 +192,32 @@ def _forward_only_terms(cfg, lay: Layout, per_token: float, vocab: int, last: bo
 
 def training_phase(cfg: TandemConfig, lay: Layout) -> Phase:
     """The PP stage that needs most (the first holds most activations, the last the logits)."""
+    if "actor" in lay.fsdp_roles:
+        return _fsdp_training(cfg, lay)
     return max((_training_stage(cfg, lay, s) for s in range(lay.pp)), key=lambda p: p.total_gib)
 
 
 def swap_phase(cfg: TandemConfig, lay: Layout) -> Phase:
     """AllGatherPPModel fills the other stages' buffers before the training state is released:
-    the own stage's full training state plus every other stage's weights (TP shard)."""
+    the own stage's full training state plus every other stage's weights (TP shard). FSDP2
+    gathers nothing: one full fp32 tensor at a time is streamed to the engine."""
+    if "actor" in lay.fsdp_roles:
+        largest = lay.m.vocab_size * lay.m.hidden_size
+        # the spent grads are dropped on enter; nothing is gathered but the streamed tensor
+        state = role_state_terms(lay, 0, "actor")
+        terms = [t for t in state if "master" in t.name or "Adam" in t.name]
+        terms.append(
+            term(
+                "one full tensor in the sync stream",
+                largest * 4,
+                f"vocab × hidden {format_count(largest)} × 4 B",
+            )
+        )
+        if lay.critic:
+            terms += role_state_terms(lay, 0, "critic", value_head=True)
+        terms += reference_terms(lay, 0)
+        terms.append(reserve_term(terms))
+        return Phase("swap", "FSDP2, streaming", tuple(terms))
     stages = []
     for stage in range(lay.pp):
         own = stage_params(lay.m, lay.tp, lay.pp, stage, ep=lay.ep)
