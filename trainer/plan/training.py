@@ -86,6 +86,17 @@ def layer_microbatches_in_flight(
 
 
 # ---- phases: training and swap ---------------------------------------------------------------
+def _with_residents(terms: list, lay: Layout, stage: int) -> tuple:
+    """A training or swap phase's terms, completed by what stays resident beside the actor
+    (the critic's training state, the reference weights) and the reserve."""
+    terms = list(terms)
+    if lay.critic:
+        terms += role_state_terms(lay, stage, "critic", value_head=True)
+    terms += reference_terms(lay, stage)
+    terms.append(reserve_term(terms))
+    return tuple(terms)
+
+
 def _fsdp_training(cfg: TandemConfig, lay: Layout) -> Phase:
     """FSDP2 actor: transformers' layers keep their activations (its unfused SwiGLU), or with
     activation checkpointing each layer's input and one layer's activations; the LM head runs
@@ -110,11 +121,7 @@ def _fsdp_training(cfg: TandemConfig, lay: Layout) -> Phase:
             f" {lay.dtype_bytes} B",
         ),
     ]
-    if lay.critic:
-        terms += role_state_terms(lay, 0, "critic", value_head=True)
-    terms += reference_terms(lay, 0)
-    terms.append(reserve_term(terms))
-    return Phase("training", "FSDP2, every rank", tuple(terms))
+    return Phase("training", "FSDP2, every rank", _with_residents(terms, lay, 0))
 
 
 def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
@@ -156,11 +163,7 @@ def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
             )
         )
     terms += max(update, _forward_only_terms(cfg, lay, per_token, vocab, last), key=counted_gib)
-    if lay.critic:
-        terms += role_state_terms(lay, stage, "critic", value_head=True)
-    terms += reference_terms(lay, stage)
-    terms.append(reserve_term(terms))
-    return Phase("training", f"PP stage {stage} of {lay.pp}", tuple(terms))
+    return Phase("training", f"PP stage {stage} of {lay.pp}", _with_residents(terms, lay, stage))
 
 
 def _forward_only_terms(cfg, lay: Layout, per_token: float, vocab: int, last: bool):
@@ -213,11 +216,7 @@ def swap_phase(cfg: TandemConfig, lay: Layout) -> Phase:
                 f"vocab × hidden {format_count(largest)} × 4 B",
             )
         )
-        if lay.critic:
-            terms += role_state_terms(lay, 0, "critic", value_head=True)
-        terms += reference_terms(lay, 0)
-        terms.append(reserve_term(terms))
-        return Phase("swap", "FSDP2, streaming", tuple(terms))
+        return Phase("swap", "FSDP2, streaming", _with_residents(terms, lay, 0))
     stages = []
     for stage in range(lay.pp):
         own = stage_params(lay.m, lay.tp, lay.pp, stage, ep=lay.ep)
@@ -230,9 +229,6 @@ def swap_phase(cfg: TandemConfig, lay: Layout) -> Phase:
                 f"{format_count(foreign)} params × {lay.dtype_bytes} B ({lay.pp - 1} stages)",
             )
         )
-        if lay.critic:
-            terms += role_state_terms(lay, stage, "critic", value_head=True)
-        terms += reference_terms(lay, stage)
-        terms.append(reserve_term(terms))
-        stages.append(Phase("swap", f"PP stage {stage} of {lay.pp}, gathering", tuple(terms)))
+        where = f"PP stage {stage} of {lay.pp}, gathering"
+        stages.append(Phase("swap", where, _with_residents(terms, lay, stage)))
     return max(stages, key=lambda p: p.total_gib)
