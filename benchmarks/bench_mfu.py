@@ -11,6 +11,9 @@ Three ways to run the same optimizer step (one mini-batch, one optimizer step):
   (Adam, fp32 master weights) with torch's fused AdamW kernel (`actor.optim.fused`).
 - `local`: the same update with megatron's local layer spec (unfused attention): the
   attention alone, everything else shared.
+- `fsdp2` (on request, `--specs sdpa fsdp2`): the same `PolicyActor.update_policy` on the FSDP2
+  strategy (trainer/workers/fsdp.py: transformers' model under fully_shard, its LM head on every
+  position, torch's AdamW): the issue's "FSDP2 vs Tandem's megatron path" ratio.
 - `megatron`: plain megatron-core, the baseline the GPU targets are stated against: the local
   spec, and the loss the way megatron trains a GPTModel (`model(..., labels=...)`: logits for
   every position, megatron's `vocab_parallel_cross_entropy` on them upcast to fp32), the same
@@ -138,20 +141,30 @@ def run_spec(opts, name: str) -> dict:
     import archs
     from tandem_core.config import ActorConfig, OptimConfig
     from trainer.workers.actor import PolicyActor
+    from trainer.workers.fsdp import build_fsdp_worker
     from trainer.workers.model import build_model_worker
 
     src = C.resolve_model(opts.model, opts.layers)
     parallel = C.init_world()
     args = archs.model_args_from_hf(src.hf_dir)
-    worker = build_model_worker(
-        args,
-        src.weights_dir,
-        parallel,
-        dtype=opts.dtype,
-        layer_spec="local" if name == "megatron" else name,
-        # plain megatron-core steps torch's foreach AdamW (its default without TE/apex)
-        optim=OptimConfig(lr=1e-6, fused=name != "megatron" and opts.adam == "fused"),
-    )
+    if name == "fsdp2":  # the same update on the FSDP2 strategy (transformers' model)
+        worker = build_fsdp_worker(
+            args,
+            src.hf_dir,
+            dtype=opts.dtype,
+            optim=OptimConfig(lr=1e-6, fused=opts.adam == "fused"),
+            random_init=src.random_init,
+        )
+    else:
+        worker = build_model_worker(
+            args,
+            src.weights_dir,
+            parallel,
+            dtype=opts.dtype,
+            layer_spec="local" if name == "megatron" else name,
+            # plain megatron-core steps torch's foreach AdamW (its default without TE/apex)
+            optim=OptimConfig(lr=1e-6, fused=name != "megatron" and opts.adam == "fused"),
+        )
     cfg = ActorConfig(ppo_mini_batch_size=opts.batch, micro_batch_size=opts.micro_batch)
     actor = PolicyActor(worker, cfg)
     prompt = opts.seq // 2
@@ -196,7 +209,7 @@ def main() -> None:
         "--specs",
         nargs="+",
         default=["sdpa", "local", "megatron"],
-        choices=["sdpa", "local", "megatron"],
+        choices=["sdpa", "local", "megatron", "fsdp2"],
     )
     ap.add_argument("--batch", type=int, default=C.pick(8, 16), help="sequences per step")
     ap.add_argument("--seq", type=int, default=C.pick(256, 1024), help="tokens per sequence")
@@ -277,6 +290,9 @@ def main() -> None:
         if "sdpa" in results and baseline in results:
             speedup = results[baseline]["step_s"] / results["sdpa"]["step_s"]
             lines.append(f"\nsdpa / {baseline} (tokens/s): {speedup:.2f}× ({what})")
+    if "sdpa" in results and "fsdp2" in results:
+        ratio = results["sdpa"]["step_s"] / results["fsdp2"]["step_s"]
+        lines.append(f"\nfsdp2 / sdpa (tokens/s): {ratio:.2f}× (the FSDP2 strategy vs megatron's)")
     for spec, r in results.items():
         if r["top_kernels"]:
             lines.append(f"\n{spec}: kernels with the most device time in one step\n")

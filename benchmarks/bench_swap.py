@@ -1,7 +1,8 @@
 """HybridEngine swap cost on this machine, one process (a world of one):
 
     python -m benchmarks.bench_swap [--model qwen2_0p5b|smollm2_135m|tiny_llama|...]
-        [--layers N] [--backend vllm|hf] [--repeat 3] [--gpu-memory-utilization 0.3]
+        [--layers N] [--backend vllm|hf] [--strategy megatron|fsdp2] [--repeat 3]
+        [--gpu-memory-utilization 0.3]
 
 Measured side by side in one run, with the device synchronised around every timing:
 - weight sync, two ways, against one plain copy of the same bytes (torch `copy_` of the HF
@@ -35,7 +36,9 @@ def sync_vs_copy(manager, rollout, repeat: int) -> dict:
     """One plain copy of the HF tensors into preallocated tensors on their device, against the
     sync through the engine's loader and the sync as the manager runs it after its first
     (direct copies where planned, the loader for the rest); best of `repeat` each."""
-    manager.allgather.gather()
+    gathered = getattr(manager, "allgather", None)  # megatron's pipeline stages
+    if gathered is not None:
+        gathered.gather()
     rollout.wake_up()  # the engine sleeps outside the manager's block (from its construction)
     with torch.no_grad():
         pairs = [(n, t.detach().clone()) for n, t in manager.hf_weights()]
@@ -55,10 +58,13 @@ def sync_vs_copy(manager, rollout, repeat: int) -> dict:
         lambda: rollout.load_weights(manager.hf_weights()), repeat, warmup=1
     )
     manager.sync_weights()  # the first sync: the engine's loader, then the direct-copy plan
-    out["direct_share"] = manager.direct.nbytes / nbytes
+    direct = manager.direct
+    planned = direct.values() if isinstance(direct, dict) else direct.src  # FSDP2: its views
+    out["direct_share"] = sum(t.numel() * t.element_size() for t in planned) / nbytes
     out["direct_s"] = C.best_of(manager.sync_weights, repeat, warmup=1)
     rollout.sleep(level=manager.sleep_level)
-    manager.allgather.release()
+    if gathered is not None:
+        gathered.release()
     return out
 
 
@@ -67,6 +73,7 @@ def main() -> None:
     ap.add_argument("--model", default=C.pick("smollm2_135m", "qwen2_0p5b"))
     ap.add_argument("--layers", type=int, help="a shape preset cut to its first N layers")
     ap.add_argument("--backend", default="vllm")
+    ap.add_argument("--strategy", default="megatron", choices=["megatron", "fsdp2"])
     ap.add_argument("--dtype", default=C.default_dtype(), choices=["float32", "bfloat16"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
@@ -79,18 +86,23 @@ def main() -> None:
     opts = ap.parse_args()
 
     import archs
-    from hybrid_engine import MegatronShardingManager
+    from hybrid_engine import FSDPShardingManager, MegatronShardingManager
     from rollout import build_rollout
     from tandem_core.config import ActorConfig, OptimConfig, RolloutConfig
     from trainer.workers.actor import PolicyActor
+    from trainer.workers.fsdp import build_fsdp_worker
     from trainer.workers.model import build_model_worker
 
     src = C.resolve_model(opts.model, opts.layers)
     parallel = C.init_world()
     args = archs.model_args_from_hf(src.hf_dir)
-    worker = build_model_worker(
-        args, src.weights_dir, parallel, dtype=opts.dtype, optim=OptimConfig(lr=1e-6)
-    )
+    optim = OptimConfig(lr=1e-6)
+    if opts.strategy == "fsdp2":
+        worker = build_fsdp_worker(
+            args, src.hf_dir, dtype=opts.dtype, optim=optim, random_init=src.random_init
+        )
+    else:
+        worker = build_model_worker(args, src.weights_dir, parallel, dtype=opts.dtype, optim=optim)
     seq = opts.prompt_len + opts.response_len
     rcfg = RolloutConfig(
         name=opts.backend,
@@ -99,9 +111,12 @@ def main() -> None:
         gpu_memory_utilization=opts.gpu_memory_utilization,
     )
     rollout = build_rollout(rcfg, src.hf_dir, dtype=opts.dtype, max_model_len=max(seq, 256))
-    manager = MegatronShardingManager(
-        worker, rollout, weight_bucket_mb=rcfg.weight_bucket_mb, sleep_level=rcfg.sleep_level
-    )
+    if opts.strategy == "fsdp2":
+        manager = FSDPShardingManager(worker, rollout, sleep_level=rcfg.sleep_level)
+    else:
+        manager = MegatronShardingManager(
+            worker, rollout, weight_bucket_mb=rcfg.weight_bucket_mb, sleep_level=rcfg.sleep_level
+        )
 
     # Weight sync vs one device copy of the same bytes (the engine is awake, as after start).
     sync = sync_vs_copy(manager, rollout, opts.repeat)
@@ -146,7 +161,7 @@ def main() -> None:
     where = ", ".join(sorted(sync["devices"]))
     head = (
         f"model {opts.model} ({init}, {gbs:.3f} GB of HF tensors on {where}), "
-        f"backend {opts.backend}, {opts.dtype}, {C.device_name()}"
+        f"backend {opts.backend}, {opts.strategy}, {opts.dtype}, {C.device_name()}"
     )
     rows = [
         [

@@ -4,8 +4,9 @@ FSDP2 keeps each rank's shard of every parameter and unshards one layer at a tim
 is no pipeline stage to gather and no gradient buffer to free. enter (BaseShardingManager's
 order): the spent gradients are dropped and, when configured, the optimizer states go to host
 memory; the engine wakes its weights; the sync walks the parameters under their HF names (the
-model *is* a transformers model), each gathered to a full tensor by `full_tensor()` just
-before it is written, so no rank holds a second whole model.
+model *is* a transformers model), each shard cast to the compute dtype (the engine's) and
+gathered to a full tensor by `full_tensor()` just before it is written, so no rank holds a
+second whole model.
 
 The first sync streams them through the engine's loader, which re-slices each for the
 engine's TP. Then, for an engine at TP 1 that exposes its parameters, it plans direct copies
@@ -91,7 +92,7 @@ class FSDPShardingManager(BaseShardingManager):
         plan = plan_full_tensor_copies(shapes, engine.params, engine.packed)
         mismatch = None
         with torch.no_grad():
-            for name, full in self.worker.full_tensors():
+            for name, full in self.hf_weights():
                 view = plan.get(name)
                 if view is not None and mismatch is None:
                     if not torch.equal(view, full.to(view.dtype)):
@@ -108,7 +109,7 @@ class FSDPShardingManager(BaseShardingManager):
     def hf_weights(self):
         """(HF name, full tensor), lazily; every rank walks it in step (each tensor's gather is
         a collective), a filter (tests) only after the gather."""
-        stream = self.worker.full_tensors()
+        stream = self.worker.full_tensors(self.worker.compute_dtype)  # the engine's dtype
         if self.weight_filter is not None:
             stream = filter(self.weight_filter, stream)
         return stream

@@ -29,7 +29,7 @@ from trainer.state.signals import install_signal_handlers
 from trainer.tracking import Tracker
 from trainer.workers.actor import PolicyActor
 from trainer.workers.critic import ValueCritic
-from trainer.workers.fsdp import build_fsdp_worker
+from trainer.workers.fsdp import build_fsdp_worker, copy_fsdp_weights
 from trainer.workers.model import MoESettings, build_model_worker, copy_weights
 from trainer.workers.reference import ReferencePolicy
 
@@ -131,7 +131,7 @@ def megatron_policy(cfg: TandemConfig, args: ModelArgs, hf_dir: Path, steps: int
 
 @STRATEGIES.register("fsdp2")
 def fsdp2_policy(cfg: TandemConfig, args: ModelArgs, hf_dir: Path, steps: int):
-    a = cfg.actor
+    a, random_init = cfg.actor, cfg.model.random_init
     actor_worker = build_fsdp_worker(
         args,
         hf_dir,
@@ -140,14 +140,21 @@ def fsdp2_policy(cfg: TandemConfig, args: ModelArgs, hf_dir: Path, steps: int):
         total_optimizer_steps=steps * a.ppo_epochs,
         activation_checkpointing=a.activation_checkpointing,
         param_offload=a.param_offload,
+        random_init=random_init,
     )
     ref_worker = None
     if _needs_reference(cfg):
         # ref.offload_params: FSDP2 keeps the shards in host memory and brings each layer in
         # for its forward (CPUOffloadPolicy), instead of moving the whole model around.
         ref_worker = build_fsdp_worker(
-            args, hf_dir, dtype=cfg.model.dtype, param_offload=cfg.ref.offload_params
+            args,
+            hf_dir,
+            dtype=cfg.model.dtype,
+            param_offload=cfg.ref.offload_params,
+            random_init=random_init,
         )
+        if random_init:
+            copy_fsdp_weights(actor_worker, ref_worker)  # the reference starts where the actor does
 
     def manager(rollout):
         return FSDPShardingManager(
@@ -200,6 +207,7 @@ def build_components(cfg: TandemConfig, run_dir: Path, args: ModelArgs) -> Compo
                 optim=cfg.critic.optim,
                 total_optimizer_steps=critic_steps,
                 value_head=True,
+                random_init=m.random_init,
             )
         else:
             critic_worker = build_model_worker(

@@ -335,8 +335,6 @@ def _fsdp2(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
             yield f"parallel.{key}: the fsdp2 strategy is data parallel only (set 1)"
     if p.virtual_pipeline_model_parallel_size or p.sequence_parallel:
         yield "parallel: the fsdp2 strategy has no pipeline or sequence parallelism"
-    if cfg.model.random_init:
-        yield "model.random_init: the fsdp2 strategy loads the checkpoint's weights"
     if cfg.actor.router_replay and cfg.actor.strategy == "fsdp2":
         yield "actor.router_replay: megatron's routers only (actor.strategy=megatron)"
 

@@ -186,7 +186,6 @@ CATALOGUE = [
     ("rollout backend", ["rollout.name=sglang"], "rollout.name", "vllm"),
     ("training strategy", ["actor.strategy=deepspeed"], "actor.strategy", "megatron, fsdp2"),
     ("fsdp2 setting under megatron", ["actor.param_offload=true"], "actor.param_offload", "an fsdp2 setting"),
-    ("fsdp2 with random weights", ["actor.strategy=fsdp2", "model.random_init=true"], "model.random_init", "loads the checkpoint"),
     ("reward name", ["reward.name=gsm8k"], "reward.name", "arith"),
     ("logger", ["logger.backends=[mlflow]"], "logger.backends", "tensorboard"),
     ("model preset", ["model.preset=llama4"], "model.preset", "llama3_1b"),

@@ -60,6 +60,7 @@ class FSDPWorker:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: object | None = None  # megatron's OptimizerParamScheduler
     clip_grad: float = 1.0
+    compute_dtype: torch.dtype = torch.float32  # model.dtype: the forward's (and an engine's)
     routers: dict | None = None  # routing replay is megatron's (MoE); never set here
     expert_load: object | None = None
     skipped_in_a_row: int = 0
@@ -111,10 +112,12 @@ class FSDPWorker:
         return self.optimizer.param_groups[0]["lr"]
 
     # ---- weights ----------------------------------------------------------------------------
-    def full_tensors(self):
+    def full_tensors(self, dtype: torch.dtype | None = None):
         """(HF name, full tensor) of every parameter, one gathered at a time (collective: every
-        rank walks the same order). Tied weights appear once, under the embedding's name."""
+        rank walks the same order). Tied weights appear once, under the embedding's name.
+        `dtype`: each shard is cast before the gather (a bf16 engine: half the bytes moved)."""
         for name, p in self.model.named_parameters():
+            p = p.detach() if dtype is None else p.detach().to(dtype)
             yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
 
     # ---- run state (trainer/state/checkpoints.py calls these, collectively) ----------------
@@ -189,18 +192,27 @@ def build_fsdp_worker(
     activation_checkpointing: bool = False,
     param_offload: bool = False,
     value_head: bool = False,
+    random_init: bool = False,
 ) -> FSDPWorker:
     """The checkpoint in `hf_dir` as a transformers model (a causal LM, or with `value_head`
     its backbone under a `ValueModel`), sharded by FSDP2 over the data-parallel ranks
     (megatron's groups are initialised at TP = PP = 1, so D.dp_group() is every rank); with an
-    optimizer when `optim` is given."""
+    optimizer when `optim` is given. `random_init`: transformers' own init from the directory's
+    config (model.random_init: shape presets, benchmarks), the same on every rank."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    if value_head:
-        model = ValueModel(AutoModel.from_pretrained(hf_dir, dtype=torch.float32), args.hidden_size)
+    if random_init:
+        config = AutoConfig.from_pretrained(hf_dir)
+        with torch.random.fork_rng(), torch.device(cpu_compat.device()):
+            torch.manual_seed(0)
+            auto = AutoModel if value_head else AutoModelForCausalLM
+            model = auto.from_config(config, dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        auto = AutoModel if value_head else AutoModelForCausalLM
+        model = auto.from_pretrained(hf_dir, dtype=torch.float32)
+    if value_head:
+        model = ValueModel(model, args.hidden_size)
     model.to(cpu_compat.device())
     if activation_checkpointing:
         hf_model = model.model if value_head else model
@@ -223,7 +235,7 @@ def build_fsdp_worker(
     if optim is None:
         model.requires_grad_(False)
         model.eval()
-        return FSDPWorker(args, model)
+        return FSDPWorker(args, model, compute_dtype=compute)
     optimizer = torch.optim.AdamW(
         _param_groups(model, optim.weight_decay),
         lr=optim.lr,
@@ -233,7 +245,9 @@ def build_fsdp_worker(
         fused=optim.fused and cpu_compat.device().type == "cuda" and not param_offload,
     )
     scheduler = build_scheduler(optimizer, optim, total_optimizer_steps)
-    return FSDPWorker(args, model, optimizer, scheduler, clip_grad=optim.clip_grad)
+    return FSDPWorker(
+        args, model, optimizer, scheduler, clip_grad=optim.clip_grad, compute_dtype=compute
+    )
 
 
 def _dp_mesh():
