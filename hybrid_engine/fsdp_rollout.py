@@ -35,11 +35,13 @@ class FSDPShardingManager(BaseShardingManager):
         self,
         actor_worker,
         rollout,
+        weight_bucket_mb: int | None = 256,
         offload_optimizer: bool = False,
         generation_seed: int = 0,
         sleep_level: int = 1,
     ):
         self.worker = actor_worker
+        self.bucket_mb = weight_bucket_mb
         trained = actor_worker.optimizer is not None
         self.optimizer_offload = (
             OptimizerOffload(actor_worker.optimizer) if offload_optimizer and trained else None
@@ -109,7 +111,8 @@ class FSDPShardingManager(BaseShardingManager):
     def hf_weights(self):
         """(HF name, full tensor), lazily; every rank walks it in step (each tensor's gather is
         a collective), a filter (tests) only after the gather."""
-        stream = self.worker.full_tensors(self.worker.compute_dtype)  # the engine's dtype
+        # cast to the engine's dtype before the gather; buckets of shards, one collective each
+        stream = self.worker.full_tensors(self.worker.compute_dtype, self.bucket_mb)
         if self.weight_filter is not None:
             stream = filter(self.weight_filter, stream)
         return stream

@@ -160,6 +160,7 @@ def fsdp2_policy(cfg: TandemConfig, args: ModelArgs, hf_dir: Path, steps: int):
         return FSDPShardingManager(
             actor_worker,
             rollout,
+            weight_bucket_mb=cfg.rollout.weight_bucket_mb or 256,
             offload_optimizer=a.offload_optimizer,
             generation_seed=cfg.rollout.seed,
             sleep_level=cfg.rollout.sleep_level,

@@ -18,6 +18,7 @@ LR schedule; only the model, its sharding and its optimizer differ.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,11 +113,17 @@ class FSDPWorker:
         return self.optimizer.param_groups[0]["lr"]
 
     # ---- weights ----------------------------------------------------------------------------
-    def full_tensors(self, dtype: torch.dtype | None = None):
-        """(HF name, full tensor) of every parameter, one gathered at a time (collective: every
-        rank walks the same order). Tied weights appear once, under the embedding's name.
-        `dtype`: each shard is cast before the gather (a bf16 engine: half the bytes moved)."""
-        for name, p in self.model.named_parameters():
+    def full_tensors(self, dtype: torch.dtype | None = None, bucket_mb: float | None = None):
+        """(HF name, full tensor) of every parameter (collective: every rank walks the same
+        order). Tied weights appear once, under the embedding's name. `dtype`: each shard is
+        cast before the gather (a bf16 engine: half the bytes moved). `bucket_mb`: shards are
+        gathered in buckets of about that size (one collective each) instead of one by one."""
+        named = self.model.named_parameters()
+        world = dist.get_world_size(D.dp_group())
+        if bucket_mb and world > 1:
+            yield from _gathered_in_buckets(named, dtype, int(bucket_mb * 2**20), D.dp_group())
+            return
+        for name, p in named:
             p = p.detach() if dtype is None else p.detach().to(dtype)
             yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
 
@@ -181,6 +188,49 @@ class FSDPWorker:
             write_index(out, 1)
             copy_non_weight_files(Path(hf_source_dir), out)
         dist.barrier()
+
+
+# Written by hand: FSDP2 gathers its own parameters per module for compute, but offers no
+# public bucketed gather of arbitrary parameters to full tensors (DTensor.full_tensor is one
+# collective per tensor).
+def _gathered_in_buckets(named, dtype, bucket_bytes: int, group):
+    """(name, full tensor) of FSDP2 parameters (dim-0 shards of torch.chunk sizes), one
+    all_gather_into_tensor per bucket of shards. Each rank sends its shard padded to the
+    largest shard's rows; a full tensor is the ranks' padded shards, concatenated and cut."""
+    world = dist.get_world_size(group)
+    items = []
+    for name, p in named:
+        local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+        local = local if dtype is None else local.to(dtype)
+        rows = -(-p.shape[0] // world)
+        items.append((name, local, p.shape, (rows, *p.shape[1:])))
+    bucket, size = [], 0
+    for item in items:
+        numel = math.prod(item[3])
+        if bucket and (size + numel) * item[1].element_size() > bucket_bytes:
+            yield from _gather_bucket(bucket, size, world, group)
+            bucket, size = [], 0
+        bucket.append(item)
+        size += numel
+    if bucket:
+        yield from _gather_bucket(bucket, size, world, group)
+
+
+def _gather_bucket(bucket, size: int, world: int, group):
+    ref = bucket[0][1]
+    send = torch.zeros(size, dtype=ref.dtype, device=ref.device)
+    offset = 0
+    for _, local, _, padded in bucket:
+        send[offset : offset + local.numel()].copy_(local.reshape(-1))
+        offset += math.prod(padded)
+    recv = torch.empty(world * size, dtype=ref.dtype, device=ref.device)
+    dist.all_gather_into_tensor(recv, send, group=group)
+    offset = 0
+    for name, _, full_shape, padded in bucket:
+        n = math.prod(padded)
+        parts = [recv[r * size + offset : r * size + offset + n].view(padded) for r in range(world)]
+        offset += n
+        yield name, torch.cat(parts)[: full_shape[0]]
 
 
 def build_fsdp_worker(

@@ -187,6 +187,20 @@ def check_layout(tp, pp, vpp, ep, rollout, backend, hf_dir, args, tokenizer, las
     return result
 
 
+def check_bucketed_gathers(worker) -> None:
+    """Bucketed gathers give each tensor's full_tensor(), shards of unequal rows included."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from trainer.workers.fsdp import _dp_mesh, _gathered_in_buckets
+
+    odd = torch.arange(7 * 3, dtype=torch.float32).view(7, 3)  # rows 4 + 3 over two ranks
+    named = [("odd", distribute_tensor(odd, _dp_mesh(), [Shard(0)]))]
+    named += list(worker.model.named_parameters())
+    got = dict(_gathered_in_buckets(named, None, 4096, D.dp_group()))
+    for name, p in named:
+        assert torch.equal(got[name], p.full_tensor()), name
+
+
 def check_fsdp(rollout, hf_dir, args, tokenizer) -> dict:
     """The same checks for actor.strategy=fsdp2 (FSDP2 over every rank; every sync streams)."""
     D.init_model_parallel(ParallelConfig())
@@ -195,7 +209,9 @@ def check_fsdp(rollout, hf_dir, args, tokenizer) -> dict:
     twin = build_fsdp_worker(args, hf_dir, optim=optim)
     cfg = ActorConfig(ppo_mini_batch_size=4, micro_batch_size=2)
     actor, twin_actor = PolicyActor(worker, cfg), PolicyActor(twin, cfg)
-    manager = FSDPShardingManager(worker, rollout, offload_optimizer=True)
+    # small buckets: the sync's shards go in several gathers
+    manager = FSDPShardingManager(worker, rollout, weight_bucket_mb=0.05, offload_optimizer=True)
+    check_bucketed_gathers(worker)
     batch = prompts(tokenizer)
     out, inside = generate(manager, rollout, batch)
     result = {"err_first": sync_error(actor, out)}
