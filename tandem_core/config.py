@@ -33,7 +33,8 @@ class ModelConfig:
     path: str | None = None
     """HF checkpoint directory. None: build the checkpoint named by `preset` into the cache."""
     preset: str = "tiny_llama"
-    """tiny_llama | tiny_llama_tied | tiny_qwen2 | tiny_mistral | smollm2_135m (if path is None).
+    """tiny_llama | tiny_llama_tied | tiny_qwen2 | tiny_mistral | smollm2_135m | gemma3_270m
+    (actor.strategy=fsdp2 only) (if path is None).
     qwen2_0p5b | llama3_1b | llama2_7b | llama3_70b: released models' shapes only; their weights
     come from model.path, or are random with model.random_init=true."""
     dtype: str = "float32"

@@ -314,6 +314,17 @@ def _micro_batches(section: str, mini: int, micro: int, dynamic: bool, cfg, dp: 
 
 
 @rule
+def _megatron_builds_the_model(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    """An architecture without a weight map (Gemma 3) trains under fsdp2 only."""
+    if archs.megatron_supported(m):
+        return
+    if cfg.actor.strategy == "megatron":
+        yield f"actor.strategy: {m.arch}: {archs.NO_MEGATRON}"
+    if uses_critic(cfg.algorithm) and cfg.critic.strategy == "megatron":
+        yield f"critic.strategy: {m.arch}: {archs.NO_MEGATRON}"
+
+
+@rule
 def _fsdp2(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
     """FSDP2 is data parallel over a transformers model loaded from its checkpoint."""
     if cfg.actor.strategy != "fsdp2":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-from archs import ARCHS, Rule, WeightMap
+from archs import ARCHS, Rule, WeightMap, require_megatron
 from tandem_core.model_args import ModelArgs
 
 
@@ -18,6 +18,9 @@ class WeightLoaderError(ValueError):
 
 
 def weight_map(args: ModelArgs) -> WeightMap:
+    """The map every megatron ⇄ HF conversion goes through; an architecture megatron does not
+    build (archs/base.py `megatron_supported`) is refused here, naming it."""
+    require_megatron(args)
     return ARCHS[args.arch].weight_map
 
 

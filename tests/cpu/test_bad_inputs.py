@@ -185,6 +185,7 @@ CATALOGUE = [
     ("kl penalty", ["algorithm.kl_penalty=k5"], "algorithm.kl_penalty", "k3"),
     ("rollout backend", ["rollout.name=sglang"], "rollout.name", "vllm"),
     ("training strategy", ["actor.strategy=deepspeed"], "actor.strategy", "megatron, fsdp2"),
+    ("gemma3 on megatron", ["model=gemma3_270m", "actor.strategy=megatron"], "actor.strategy", "gemma3_text: Tandem's megatron model does not build"),
     ("fsdp2 setting under megatron", ["actor.param_offload=true"], "actor.param_offload", "an fsdp2 setting"),
     ("reward name", ["reward.name=gsm8k"], "reward.name", "arith"),
     ("logger", ["logger.backends=[mlflow]"], "logger.backends", "tensorboard"),

@@ -203,6 +203,19 @@ def test_kill9_then_resume_equals_uninterrupted(model, cache_dir, tmp_path):
         assert comparable(got[step]) == comparable(want[step]), f"step {step} differs"
 
 
+@pytest.mark.slow  # the preset's first build de-quantises its GGUF (about three minutes)
+def test_grpo_step_on_gemma3_270m(cache_dir, tmp_path):
+    """A real model no megatron loader covers, on the FSDP2 strategy: one GRPO step with vLLM,
+    the engine checked against the actor after the sync."""
+    out = tmp_path / "run"
+    overrides = ["model=gemma3_270m", "algorithm=grpo", "rollout=vllm", "model.max_seq_len=128"]
+    overrides += SMALL + ["trainer.total_steps=1", "trainer.debug_check_weight_sync=true"]
+    run(1, overrides + [f"trainer.output_dir={out}", "trainer.save_at_end=false"], cache_dir)
+    step = read_metrics(out / "metrics.jsonl")[1]
+    assert math.isfinite(step["actor/pg_loss"]) and step["actor/entropy"] > 0, step
+    assert step["rollout/logprob_abs_diff"] < 1e-3, step
+
+
 @pytest.mark.slow  # SIGTERM on one rank of two: test_checkpoint.py, in the fast set
 def test_sigterm_leaves_complete_checkpoint(cache_dir, tmp_path):
     out = tmp_path / "run"

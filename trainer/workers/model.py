@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import archs
 import weight_loaders
 from tandem_core import cpu_compat
 from tandem_core import distributed as D
@@ -180,6 +181,7 @@ def build_model_worker(
         finalize_model_grads,
     )
 
+    archs.require_megatron(args)  # one line naming the model, before anything is built
     moe = moe or MoESettings()
     config = build_transformer_config(args, parallel, dtype, moe.aux_loss_coeff, moe.z_loss_coeff)
     config.finalize_model_grads_func = finalize_model_grads
