@@ -252,14 +252,13 @@ def build_fsdp_worker(
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    auto = AutoModel if value_head else AutoModelForCausalLM
     if random_init:
         config = AutoConfig.from_pretrained(hf_dir)
         with torch.random.fork_rng(), torch.device(cpu_compat.device()):
             torch.manual_seed(0)
-            auto = AutoModel if value_head else AutoModelForCausalLM
             model = auto.from_config(config, dtype=torch.float32)
     else:
-        auto = AutoModel if value_head else AutoModelForCausalLM
         model = auto.from_pretrained(hf_dir, dtype=torch.float32)
     if value_head:
         model = ValueModel(model, args.hidden_size)
