@@ -47,7 +47,7 @@ def test_critic_reference_and_batching(layout, torchrun, tiny_ckpt):
     _check_numbers(res, checks)
 
 
-@pytest.mark.parametrize("nproc", some_slow([1, 2], {1}))
+@pytest.mark.parametrize("nproc", some_slow([1, 2], {2}))
 def test_fsdp2_critic_and_dynamic_batching(nproc, torchrun, tiny_ckpt):
     """critic.strategy=fsdp2 (value head on the transformers backbone): values and one update
     equal plain PyTorch; the FSDP2 actor's token-budget micro-batches equal fixed ones."""

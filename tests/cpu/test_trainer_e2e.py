@@ -141,7 +141,7 @@ CASES = {
 
 # One run per concern in the fast set (critic + PP; vLLM TP 2 + Qwen3; MoE EP 2 + routing
 # replay); the other layouts in the slow set.
-FAST_CASES = {"ppo-pp2", "grpo-qwen3-tp2-vllm-tp2", "grpo-qwen3moe-ep2-hf-r3"}
+FAST_CASES = {"ppo-pp2", "grpo-qwen3-tp2-vllm-tp2", "grpo-qwen3moe-ep2-hf-r3", "grpo-fsdp2-vllm"}
 
 
 @pytest.mark.parametrize("case", some_slow(CASES, set(CASES) - FAST_CASES))
@@ -169,8 +169,9 @@ def test_two_rank_runs(case, cache_dir, tmp_path):
         [],
         # Qwen3-MoE with routing replay (the replayed experts travel in the batch)
         pytest.param(["model=tiny_qwen3_moe", "actor.router_replay=true"], marks=pytest.mark.slow),
-        # FSDP2 actor and reference (DCP checkpoints) beside a megatron critic (PPO)
-        ["actor.strategy=fsdp2"],
+        # FSDP2 actor and reference (DCP checkpoints) beside a megatron critic (PPO); the fast
+        # set runs FSDP2 end to end in grpo-fsdp2-vllm
+        pytest.param(["actor.strategy=fsdp2"], marks=pytest.mark.slow),
     ],
     ids=["dense", "moe-r3", "fsdp2"],
 )
