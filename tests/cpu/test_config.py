@@ -390,3 +390,12 @@ def test_works_while_hydra_is_initialised_elsewhere(tmp_path):
         outer = GlobalHydra.instance().hydra
         assert load_config(["algorithm=rloo"], world_size=1).algorithm.name == "rloo"
         assert GlobalHydra.instance().hydra is outer
+
+
+def test_strategy_choices_are_the_registered_strategies():
+    """The config check names the training strategies trainer/build.py registers (it cannot
+    import the builders: they pull in megatron, vLLM and the engines)."""
+    from trainer.build import STRATEGIES
+    from trainer.config_check import CHOICES
+
+    assert set(CHOICES["actor.strategy"]) == set(CHOICES["critic.strategy"]) == set(STRATEGIES)
