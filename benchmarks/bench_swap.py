@@ -58,9 +58,12 @@ def sync_vs_copy(manager, rollout, repeat: int) -> dict:
         lambda: rollout.load_weights(manager.hf_weights()), repeat, warmup=1
     )
     manager.sync_weights()  # the first sync: the engine's loader, then the direct-copy plan
-    direct = manager.direct
-    planned = direct.values() if isinstance(direct, dict) else direct.src  # FSDP2: its views
-    out["direct_share"] = sum(t.numel() * t.element_size() for t in planned) / nbytes
+    direct = manager.direct  # megatron's DirectCopies (gathered copies counted), FSDP2's views
+    if isinstance(direct, dict):
+        planned = sum(t.numel() * t.element_size() for t in direct.values())
+    else:
+        planned = direct.nbytes
+    out["direct_share"] = planned / nbytes
     out["direct_s"] = C.best_of(manager.sync_weights, repeat, warmup=1)
     rollout.sleep(level=manager.sleep_level)
     if gathered is not None:

@@ -326,7 +326,7 @@ def _megatron_builds_the_model(cfg: TandemConfig, world: int, m: ModelArgs) -> I
 
 @rule
 def _fsdp2(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
-    """FSDP2 is data parallel over a transformers model loaded from its checkpoint."""
+    """FSDP2 is data parallel only, over the transformers model; its settings need it."""
     if cfg.actor.strategy != "fsdp2":
         for key in ("activation_checkpointing", "param_offload"):
             if getattr(cfg.actor, key):

@@ -325,7 +325,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
     groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
-    return [g for g in groups if g["params"]] or [{"params": [], "wd_mult": 1.0}]
+    return [g for g in groups if g["params"]]
 
 
 def copy_fsdp_weights(src: FSDPWorker, dst: FSDPWorker) -> None:

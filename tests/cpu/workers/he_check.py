@@ -101,6 +101,11 @@ def train_batch(actor, out) -> Batch:
     return b
 
 
+# A sync that leaves out one layer, and one that leaves out everything (filters on the names
+# the sync sees: HF names in the stream, megatron's or HF's in direct copies).
+STALE_CASES = [("partial", lambda kv: "layers.1." not in kv[0]), ("skipped", lambda kv: False)]
+
+
 def caught_stale(manager, rollout, actor, batch, out, cases) -> list[str]:
     """The cases whose filtered sync the stale-weights detector catches."""
     caught = []
@@ -170,8 +175,7 @@ def check_layout(tp, pp, vpp, ep, rollout, backend, hf_dir, args, tokenizer, las
     result["err_after_step"] = sync_error(actor, out2)
     # ...and a partial or skipped sync is detected (an update before each, so that everything the
     # sync leaves out is stale), and a full sync repairs the engine.
-    cases = [("partial", lambda kv: "layers.1." not in kv[0]), ("skipped", lambda kv: False)]
-    assert caught_stale(manager, rollout, actor, batch, out2, cases) == ["partial", "skipped"]
+    assert caught_stale(manager, rollout, actor, batch, out2, STALE_CASES) == ["partial", "skipped"]
     out4, _ = generate(manager, rollout, batch)
     result["err_repaired"] = sync_error(actor, out4)
     if args.is_moe and last:
@@ -234,8 +238,7 @@ def check_fsdp(rollout, hf_dir, args, tokenizer) -> dict:
     twin_actor.update_policy(update)
     for (n, p), (_, q) in zip(worker.full_tensors(), twin.full_tensors(), strict=True):
         assert torch.equal(p, q), f"{n} differs after training through a swap"
-    cases = [("partial", lambda kv: "layers.1." not in kv[0]), ("skipped", lambda kv: False)]
-    assert caught_stale(manager, rollout, actor, batch, out2, cases) == ["partial", "skipped"]
+    assert caught_stale(manager, rollout, actor, batch, out2, STALE_CASES) == ["partial", "skipped"]
     out4, _ = generate(manager, rollout, batch)
     result["err_repaired"] = sync_error(actor, out4)
     return result
