@@ -90,22 +90,54 @@ def build_output(
         resp_mask[i, :keep] = 1
         logp[i, :keep] = torch.tensor(lps[:keep], dtype=torch.float32)
 
-    out = prompts.repeat(s.n, interleave=True)
+    out = _with_responses(prompts.repeat(s.n, interleave=True), resp, resp_mask, resp_mask, logp)
+    if routed_experts is not None:
+        prompt_mask = out["attention_mask"][:, :-width]
+        out["routed_experts"] = routing_column(routed_experts, prompt_mask, resp_mask).to(
+            prompt_mask.device
+        )
+    return out
+
+
+def build_conversation_output(
+    samples: Batch,
+    conversations: list[tuple[list[int], list[int], list[float]]],
+    s: SamplingSettings,
+) -> Batch:
+    """The rollout batch of multi-turn samples (rollout/multi_turn/): `samples` are the prompts
+    already repeated per sample, each conversation is (tokens after the prompt, 1 where the
+    model wrote the token, its log-prob or 0). The conversation is the response:
+    `response_mask` is 1 on the model's tokens only, the attention on all of them."""
+    rows, width = len(samples), s.response_length
+    resp = torch.full((rows, width), s.pad_token_id, dtype=torch.long)
+    trained = torch.zeros((rows, width), dtype=torch.long)
+    attend = torch.zeros((rows, width), dtype=torch.long)
+    logp = torch.zeros((rows, width), dtype=torch.float32)
+    for i, (toks, model_written, lps) in enumerate(conversations):
+        n = len(toks)
+        if n > width:
+            raise RuntimeError(f"conversation {i} has {n} tokens, over the budget of {width}")
+        resp[i, :n] = torch.tensor(toks, dtype=torch.long)
+        trained[i, :n] = torch.tensor(model_written, dtype=torch.long)
+        attend[i, :n] = 1
+        logp[i, :n] = torch.tensor(lps, dtype=torch.float32)
+    return _with_responses(samples, resp, trained, attend, logp)
+
+
+def _with_responses(out: Batch, resp, resp_mask, resp_attention, logp) -> Batch:
+    """`out` (prompts, one row per sample) extended by its right-padded responses."""
     device = out["input_ids"].device
     prompt_ids, prompt_mask, prompt_pos = (out[k] for k in PROMPT_KEYS)
-    resp, resp_mask, logp = resp.to(device), resp_mask.to(device), logp.to(device)
     # Positions continue after the last prompt token, also over padding (it is masked out).
-    steps = torch.arange(1, width + 1, device=device, dtype=prompt_pos.dtype)
-    resp_pos = prompt_pos[:, -1:] + steps
+    steps = torch.arange(1, resp.shape[1] + 1, device=device, dtype=prompt_pos.dtype)
     out["prompts"] = prompt_ids
-    out["responses"] = resp.to(prompt_ids.dtype)
-    out["response_mask"] = resp_mask.to(prompt_mask.dtype)
-    out["rollout_log_probs"] = logp
+    out["responses"] = resp.to(device, prompt_ids.dtype)
+    out["response_mask"] = resp_mask.to(device, prompt_mask.dtype)
+    out["rollout_log_probs"] = logp.to(device)
     out["input_ids"] = torch.cat([prompt_ids, out["responses"]], dim=1)
-    out["attention_mask"] = torch.cat([prompt_mask, out["response_mask"]], dim=1)
-    out["position_ids"] = torch.cat([prompt_pos, resp_pos], dim=1)
-    if routed_experts is not None:
-        out["routed_experts"] = routing_column(routed_experts, prompt_mask, resp_mask).to(device)
+    resp_attention = resp_attention.to(device, prompt_mask.dtype)
+    out["attention_mask"] = torch.cat([prompt_mask, resp_attention], dim=1)
+    out["position_ids"] = torch.cat([prompt_pos, prompt_pos[:, -1:] + steps], dim=1)
     return out
 
 

@@ -2,8 +2,8 @@
 
 A backend is a class with one abstract method, `generate_sequences(batch) -> batch`
 (DESIGN.md "Contracts"), registered under a name with `@register_rollout("name")`. The trainer
-only ever calls `build_rollout(cfg.rollout, model_path, ...)`, so adding a backend never
-touches trainer code.
+only ever calls `rollout.build_rollout(cfg.rollout, model_path, ...)`, so adding a backend
+never touches trainer code.
 
 The other methods (`wake_up`, `sleep`, `load_weights`, `engine_parameters`) are plain hooks that
 a ShardingManager calls around generation. They are not abstract: an engine with nothing to
@@ -79,7 +79,7 @@ def register_rollout(name: str) -> Callable[[RolloutBuilder], RolloutBuilder]:
     return ROLLOUTS.register(name)
 
 
-def build_rollout(
+def build_engine(
     cfg: RolloutConfig,
     model_path: str | Path,
     *,
@@ -87,7 +87,8 @@ def build_rollout(
     max_model_len: int | None = None,
     routed_experts: bool = False,
 ) -> BaseRollout:
-    """The backend named by `cfg.name`, loaded from an HF checkpoint directory.
+    """The backend named by `cfg.name`, loaded from an HF checkpoint directory (what
+    `rollout.build_rollout` builds, before any multi-turn wrapping).
 
     `max_model_len` bounds prompt + response tokens (None: the checkpoint's
     max_position_embeddings). `routed_experts`: outputs carry a `routed_experts` column (MoE

@@ -192,6 +192,32 @@ class RefConfig:
 
 
 @dataclass
+class MultiTurnConfig:
+    """Multi-turn rollouts with tools (rollout/multi_turn/): each sample is a conversation
+    whose model turns may call tools; only the model's own tokens are trained."""
+
+    enable: bool = False
+    """Generate conversations (turn by turn, tools between turns) instead of one response."""
+    tools: list[str] = field(default_factory=list)
+    """Tool names (calculator | python) or user tools by import path (`my_pkg.tools:search`)."""
+    max_turns: int = 4
+    """Model turns per sample; a call in the last one is not run (the sample ends there)."""
+    format: str = "hermes"
+    """How calls are written: hermes (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
+    Qwen's and NousResearch's format)."""
+    tool_concurrency: int = 8
+    """Tool calls run at once per rank (one turn's calls over the whole batch)."""
+    tool_timeout_s: float = 10.0
+    """Wall time of one tool call; past it the result says it timed out."""
+    max_tool_response_chars: int = 512
+    """A tool's output is cut to this many characters before it joins the conversation."""
+    python_memory_mb: int = 512
+    """The python tool's address-space limit (its sandbox, rollout/multi_turn/sandbox.py)."""
+    python_cpu_time_s: float = 5.0
+    """The python tool's CPU-time limit."""
+
+
+@dataclass
 class RolloutConfig:
     name: str = "vllm"
     """Backend from the rollout registry: vllm | hf | any registered name."""
@@ -200,7 +226,8 @@ class RolloutConfig:
     n: int = 1
     """Samples per prompt (GRPO group size)."""
     response_length: int = 32
-    """Max new tokens per sample."""
+    """Max new tokens per sample; with rollout.multi_turn, the budget of the whole conversation
+    after the prompt (model turns and tool results)."""
     temperature: float = 1.0
     """Sampling temperature (0 = greedy)."""
     top_p: float = 1.0
@@ -230,6 +257,8 @@ class RolloutConfig:
     """auto: the engine loads the checkpoint at start. dummy: it starts with random weights
     (faster start; the first sync overwrites them). Forced to dummy by model.random_init.
     (Validation always generates greedily, one sample per prompt.)"""
+    multi_turn: MultiTurnConfig = field(default_factory=MultiTurnConfig)
+    """Conversations with tools instead of single responses (off by default)."""
 
 
 @dataclass

@@ -26,7 +26,8 @@ def _as_object_array(values: Any) -> np.ndarray:
     if isinstance(values, np.ndarray) and values.dtype == object:
         return values
     arr = np.empty(len(values), dtype=object)
-    arr[:] = list(values)
+    for i, value in enumerate(values):  # one by one: lists (a conversation) stay one element
+        arr[i] = value
     return arr
 
 

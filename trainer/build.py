@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 import archs
 from hybrid_engine import FSDPShardingManager, MegatronShardingManager
 from rollout import build_rollout
+from rollout.multi_turn import build_tools
 from tandem_core import distributed as D
 from tandem_core.config import TandemConfig, uses_critic
 from tandem_core.model_args import ModelArgs
@@ -59,9 +60,18 @@ def build_loaders(cfg: TandemConfig, run_dir: Path, tokenizer):
     data = cfg.data
     truth = ground_truth_types(cfg.reward)
 
+    tools = build_tools(cfg.rollout.multi_turn) if cfg.rollout.multi_turn.enable else {}
+    schemas = [tool.schema() for tool in tools.values()]
+
     def dataset(files):
         return RLDataset(
-            files, tokenizer, data.max_prompt_length, data.overlong_prompt, data.prompt_key, truth
+            files,
+            tokenizer,
+            data.max_prompt_length,
+            data.overlong_prompt,
+            data.prompt_key,
+            truth,
+            tools=schemas,
         )
 
     train_set = dataset(train_files)

@@ -104,6 +104,27 @@ def _check_names(cfg: TandemConfig) -> Iterator[str]:
             rewards.load_reward_fn(cfg.reward.fn)
         except (ValueError, ImportError, AttributeError, TypeError) as err:
             yield f"reward.fn: {err}"
+    yield from _multi_turn_names(cfg)
+
+
+def _multi_turn_names(cfg: TandemConfig) -> Iterator[str]:
+    """Tools and the call format by name or import path; a tool that cannot be built (the
+    python tool where no sandbox can be made) says why."""
+    mt = cfg.rollout.multi_turn
+    if not mt.enable:
+        return
+    from rollout.multi_turn import build_tools, call_parser
+
+    try:
+        call_parser(mt.format)
+    except (ValueError, KeyError) as err:
+        yield f"rollout.multi_turn.format: {err}"
+    if not mt.tools:
+        yield "rollout.multi_turn.tools: empty; name at least one tool (calculator, python, ...)"
+    try:
+        build_tools(mt)
+    except (ValueError, KeyError) as err:
+        yield f"rollout.multi_turn.tools: {err}"
 
 
 # ---- 2. enumerated values and ranges ---------------------------------------------------------
@@ -164,6 +185,9 @@ RANGES_TABLE = """
     (0, inf)  algorithm.kl_target reward.timeout_s
     [1, inf)  algorithm.kl_horizon trainer.total_steps
     [1, inf)  trainer.max_ckpt_to_keep
+    [1, inf)  rollout.multi_turn.max_turns rollout.multi_turn.tool_concurrency
+    [1, inf)  rollout.multi_turn.max_tool_response_chars rollout.multi_turn.python_memory_mb
+    (0, inf)  rollout.multi_turn.tool_timeout_s rollout.multi_turn.python_cpu_time_s
     [0, inf)  trainer.save_freq trainer.test_freq trainer.hf_export_freq
 """
 """Numeric ranges, one interval and its keys per line ('[' closed, '(' open). A None value
@@ -354,6 +378,11 @@ def _fsdp2(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
 def _routing_replay(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
     if not cfg.actor.router_replay:
         return
+    if cfg.rollout.multi_turn.enable:
+        yield (
+            "actor.router_replay: not with rollout.multi_turn (the agent loop does not join"
+            " the routing its engine calls return, one per turn)"
+        )
     if not m.is_moe:
         yield f"actor.router_replay: needs a mixture-of-experts model ({m.arch} is dense)"
     elif cfg.rollout.name == "vllm" and not vllm_compat.returns_routed_experts():

@@ -474,10 +474,11 @@ def compute_reinforce_plus_plus_advantage(
     returns = torch.zeros_like(token_level_rewards)
     running = torch.zeros_like(token_level_rewards[:, 0])
     for t in reversed(range(token_level_rewards.shape[1])):
-        running = token_level_rewards[:, t] + gamma * running
+        # Masked positions are not steps (as in GAE): padding after the last token carries
+        # nothing back, and tool output inside a multi-turn response passes the return on.
+        step = mask[:, t] > 0
+        running = torch.where(step, token_level_rewards[:, t] + gamma * running, running)
         returns[:, t] = running
-        # Padding ends the episode: nothing after the last real token flows back.
-        running = running * mask[:, t]
     return masked_whiten(returns, mask) * mask, returns * mask
 
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from rollout.multi_turn.chat import render_prompt
 from tandem_core.errors import InputError
 from tandem_core.protocol import Batch
 
@@ -152,7 +153,8 @@ def check_data_file(
 
 class RLDataset:
     """Prompts of one or more parquet files, rendered with the tokenizer's chat template
-    (with the generation prompt) and tokenized once at construction.
+    (with the generation prompt; `tools`: their schemas offered, for multi-turn rollouts) and
+    tokenized once at construction.
 
     A prompt longer than `max_prompt_length` tokens is dropped (`overlong_prompt="filter"`,
     counted in `num_filtered`) or is an error naming its file and row (`"error"`).
@@ -166,6 +168,7 @@ class RLDataset:
         overlong_prompt: str = "filter",
         prompt_key: str = "prompt",
         ground_truth_types: tuple[type, ...] | None = None,
+        tools: Sequence[dict] = (),
     ):
         if overlong_prompt not in ("filter", "error"):
             raise ValueError(
@@ -185,9 +188,7 @@ class RLDataset:
                 if problem:
                     raise DataError(f"{file}: row {row}, {problem}")
                 messages = _as_messages(record[prompt_key])
-                text = tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
-                )
+                text = render_prompt(tokenizer, messages, tools)
                 # The template already wrote every special token the model expects.
                 ids = tokenizer.encode(text, add_special_tokens=False)
                 if len(ids) > max_prompt_length:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from hybrid_engine.base import BaseShardingManager, check_weights_synced
 from rollout import BaseRollout
+from rollout.multi_turn import conversation_metrics
 from tandem_core.config import TandemConfig
 from tandem_core.protocol import Batch
 from trainer import core_algos
@@ -117,6 +118,7 @@ class RLTrainer:
         metrics.update(self.timing)
         metrics.update(self.memory.peaks_gib())
         metrics.update(_length_metrics(batch))
+        metrics.update(conversation_metrics(batch))
         metrics["training/global_step"] = self.step_no
         return metrics
 

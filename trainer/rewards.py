@@ -370,27 +370,39 @@ class RewardScorer:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """token_level_scores [B, R]: each response's score at its last real token, zero
         elsewhere (a response with no token carries none). Decodes `responses` under
-        `response_mask`; reads non-tensors `ground_truth`, `data_source`, `extra_info`."""
+        `response_mask`; reads non-tensors `ground_truth`, `data_source`, `extra_info`. A
+        multi-turn batch is scored on `final_response` (the last model turn), and each
+        extra_info gains the `conversation` (the messages after the prompt, tool calls and
+        results included)."""
         import torch
 
         responses = batch[response_key]
         device = responses.device
         # One device-to-host copy, not one per row.
         responses, mask = responses.cpu(), batch[mask_key].bool().cpu()
-        texts = tokenizer.batch_decode(
-            [row[m].tolist() for row, m in zip(responses, mask, strict=True)],
-            skip_special_tokens=True,
-        )
         n = len(batch)
         sources = batch.non_tensors.get("data_source", [None] * n)
         extras = batch.non_tensors.get("extra_info", [None] * n)
+        if "final_response" in batch.non_tensors:  # multi-turn: the last model turn answers
+            texts = list(batch.non_tensors["final_response"])
+            extras = [
+                {**(extra or {}), "conversation": conversation}
+                for extra, conversation in zip(extras, batch["conversation"], strict=True)
+            ]
+        else:
+            texts = tokenizer.batch_decode(
+                [row[m].tolist() for row, m in zip(responses, mask, strict=True)],
+                skip_special_tokens=True,
+            )
         items = [
             RewardItem(t, g, s, e)
             for t, g, s, e in zip(texts, batch["ground_truth"], sources, extras, strict=True)
         ]
         scores, metrics = self.score(items)
         token_level_scores = torch.zeros(responses.shape, dtype=torch.float32)
-        lengths = mask.sum(-1)
-        rows = torch.nonzero(lengths > 0, as_tuple=True)[0]
-        token_level_scores[rows, lengths[rows] - 1] = torch.tensor(scores)[rows]
+        # the last token the model wrote (tool output may sit between a response's tokens)
+        columns = torch.arange(1, mask.shape[1] + 1)
+        last = (mask * columns).max(-1).values
+        rows = torch.nonzero(last > 0, as_tuple=True)[0]
+        token_level_scores[rows, last[rows] - 1] = torch.tensor(scores)[rows]
         return token_level_scores.to(device), metrics

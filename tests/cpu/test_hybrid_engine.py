@@ -49,12 +49,15 @@ def test_swaps_moe_vllm(rollout_tp, layouts, torchrun):
     assert all(err <= TOL for errs in result.values() for err in errs.values()), result
 
 
-@pytest.mark.parametrize("backend", ["vllm", pytest.param("hf", marks=pytest.mark.slow)])
-def test_swaps_fsdp2(backend, torchrun):
-    """actor.strategy=fsdp2 at DP 2: after every swap the engine equals the actor (full
-    tensors streamed under transformers' names), a partial and a skipped sync are caught, and
-    training through swaps (optimizer states offloaded and back) equals a twin's."""
-    result = torchrun("he_check.py", 2, backend, "1", "fsdp2", timeout=900)
+@pytest.mark.parametrize(
+    "backend,ranks", [("vllm", 2), ("hf", 1), pytest.param("hf", 2, marks=pytest.mark.slow)]
+)
+def test_swaps_fsdp2(backend, ranks, torchrun):
+    """actor.strategy=fsdp2 at DP 2 (bucketed gathers) and DP 1 (each rank's own tensors,
+    uncast): after every swap the engine equals the actor (full tensors streamed under
+    transformers' names), a partial and a skipped sync are caught, and training through swaps
+    (optimizer states offloaded and back) equals a twin's."""
+    result = torchrun("he_check.py", ranks, backend, "1", "fsdp2", timeout=900)
     assert set(result["fsdp2"]) == {"err_first", "err_after_step", "err_repaired"}, result
     assert all(err <= TOL for err in result["fsdp2"].values()), result
 

@@ -18,6 +18,7 @@ LR schedule; only the model, its sharding and its optimizer differ.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ class FSDPWorker:
     expert_load: object | None = None
     skipped_in_a_row: int = 0
     offloaded: bool = False
+    logits_to_keep: bool = False  # the model's forward takes transformers' `logits_to_keep`
 
     def train(self, mode: bool = True) -> None:
         if self.model.training != mode:
@@ -79,10 +81,19 @@ class FSDPWorker:
         """[b, R, V] logits (a critic: [b, R, 1] values) at the rows that predict the response
         tokens. Rows are aligned (real tokens from position 0, padding after them), so plain
         causal attention without a mask sees only real tokens, as in the megatron path."""
-        out = self.model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False)
+        index, extra = mb.response_index, {}
+        if self.logits_to_keep:
+            # The LM head only over the span of positions that predict response tokens (half
+            # a row or more of a [V = 128k] matmul and its logits, on an RL batch).
+            first = int(index.min())
+            keep = torch.arange(first, int(index.max()) + 1, device=index.device)
+            index, extra = index - first, {"logits_to_keep": keep}
+        out = self.model(
+            input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, **extra
+        )
         out = out if torch.is_tensor(out) else out.logits
         rows = torch.arange(mb.input_ids.shape[0], device=mb.input_ids.device)[:, None]
-        return out[rows, mb.response_index]
+        return out[rows, index]
 
     def run_micro_batches(
         self, micro_batches: list[AlignedMicroBatch], loss_fn: LossFn, forward_only: bool
@@ -115,12 +126,20 @@ class FSDPWorker:
     # ---- weights ----------------------------------------------------------------------------
     def full_tensors(self, dtype: torch.dtype | None = None, bucket_mb: float | None = None):
         """(HF name, full tensor) of every parameter (collective: every rank walks the same
-        order). Tied weights appear once, under the embedding's name. `dtype`: each shard is
-        cast before the gather (a bf16 engine: half the bytes moved). `bucket_mb`: shards are
-        gathered in buckets of about that size (one collective each) instead of one by one."""
+        order). Tied weights appear once, under the embedding's name. `dtype`: the dtype shards
+        travel in over the gather (a bf16 engine: half the bytes moved); at DP 1 nothing
+        travels and the tensors keep the training dtype. `bucket_mb`: shards are gathered in
+        buckets of about that size (one collective each) instead of one by one."""
         named = self.model.named_parameters()
         world = dist.get_world_size(D.dp_group())
-        if bucket_mb and world > 1:
+        if world == 1:
+            # Each rank holds every parameter whole: the local tensors themselves, uncast (the
+            # consumer's copy_ casts in the same kernel; DTensor's cast and full_tensor() cost
+            # more host time per tensor than a copy of it on the device).
+            for name, p in named:
+                yield name, (p.to_local() if hasattr(p, "to_local") else p).detach()
+            return
+        if bucket_mb:
             yield from _gathered_in_buckets(named, dtype, int(bucket_mb * 2**20), D.dp_group())
             return
         for name, p in named:
@@ -201,24 +220,24 @@ def _gathered_in_buckets(named, dtype, bucket_bytes: int, group):
     items = []
     for name, p in named:
         local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()
-        local = local if dtype is None else local.to(dtype)
         rows = -(-p.shape[0] // world)
         items.append((name, local, p.shape, (rows, *p.shape[1:])))
+    dtype = dtype or items[0][1].dtype
     bucket, size = [], 0
     for item in items:
         numel = math.prod(item[3])
-        if bucket and (size + numel) * item[1].element_size() > bucket_bytes:
-            yield from _gather_bucket(bucket, size, world, group)
+        if bucket and (size + numel) * dtype.itemsize > bucket_bytes:
+            yield from _gather_bucket(bucket, size, world, group, dtype)
             bucket, size = [], 0
         bucket.append(item)
         size += numel
     if bucket:
-        yield from _gather_bucket(bucket, size, world, group)
+        yield from _gather_bucket(bucket, size, world, group, dtype)
 
 
-def _gather_bucket(bucket, size: int, world: int, group):
+def _gather_bucket(bucket, size: int, world: int, group, dtype: torch.dtype):
     ref = bucket[0][1]
-    send = torch.zeros(size, dtype=ref.dtype, device=ref.device)
+    send = torch.zeros(size, dtype=dtype, device=ref.device)  # copy_ into it casts
     offset = 0
     for _, local, _, padded in bucket:
         send[offset : offset + local.numel()].copy_(local.reshape(-1))
@@ -268,6 +287,7 @@ def build_fsdp_worker(
         hf_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
+    keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
     mesh = _dp_mesh()
     compute = DTYPES[dtype]
     shard = dict(
@@ -284,7 +304,7 @@ def build_fsdp_worker(
     if optim is None:
         model.requires_grad_(False)
         model.eval()
-        return FSDPWorker(args, model, compute_dtype=compute)
+        return FSDPWorker(args, model, compute_dtype=compute, logits_to_keep=keeps)
     optimizer = torch.optim.AdamW(
         _param_groups(model, optim.weight_decay),
         lr=optim.lr,
@@ -295,7 +315,13 @@ def build_fsdp_worker(
     )
     scheduler = build_scheduler(optimizer, optim, total_optimizer_steps)
     return FSDPWorker(
-        args, model, optimizer, scheduler, clip_grad=optim.clip_grad, compute_dtype=compute
+        args,
+        model,
+        optimizer,
+        scheduler,
+        clip_grad=optim.clip_grad,
+        compute_dtype=compute,
+        logits_to_keep=keeps,
     )
 
 

@@ -57,7 +57,8 @@ def align_micro_batches(
     # column in use (1-based, 0 if none).
     shift = (attention_mask.cumsum(-1) == 0).sum(-1)
     resp_start = prompt_len - shift
-    real_len = (resp_start + response_mask.sum(-1)).tolist()
+    # all real tokens: a multi-turn response holds tool tokens that response_mask leaves out
+    real_len = attention_mask.sum(-1).tolist()
     columns = torch.arange(1, response_mask.shape[1] + 1, device=response_mask.device)
     last_used = (response_mask.bool() * columns).max(-1).values.tolist() if b else []
 
