@@ -12,8 +12,9 @@ Three ways to run the same optimizer step (one mini-batch, one optimizer step):
 - `local`: the same update with megatron's local layer spec (unfused attention): the
   attention alone, everything else shared.
 - `fsdp2` (on request, `--specs sdpa fsdp2`): the same `PolicyActor.update_policy` on the FSDP2
-  strategy (trainer/workers/fsdp.py: transformers' model under fully_shard, its LM head on every
-  position, torch's AdamW): the issue's "FSDP2 vs Tandem's megatron path" ratio.
+  strategy (trainer/workers/fsdp.py: transformers' model under fully_shard, its LM head on the
+  response span, torch's AdamW): the issue's "FSDP2 vs Tandem's megatron path" ratio;
+  `fsdp2-compiled`: the same with each decoder layer's forward compiled (actor.compile_layers).
 - `megatron`: plain megatron-core, the baseline the GPU targets are stated against: the local
   spec, and the loss the way megatron trains a GPTModel (`model(..., labels=...)`: logits for
   every position, megatron's `vocab_parallel_cross_entropy` on them upcast to fp32), the same
@@ -147,13 +148,14 @@ def run_spec(opts, name: str) -> dict:
     src = C.resolve_model(opts.model, opts.layers)
     parallel = C.init_world()
     args = archs.model_args_from_hf(src.hf_dir)
-    if name == "fsdp2":  # the same update on the FSDP2 strategy (transformers' model)
+    if name.startswith("fsdp2"):  # the same update on the FSDP2 strategy (transformers' model)
         worker = build_fsdp_worker(
             args,
             src.hf_dir,
             dtype=opts.dtype,
             optim=OptimConfig(lr=1e-6, fused=opts.adam == "fused"),
             random_init=src.random_init,
+            compile_layers=name == "fsdp2-compiled",
         )
     else:
         worker = build_model_worker(
@@ -209,7 +211,7 @@ def main() -> None:
         "--specs",
         nargs="+",
         default=["sdpa", "local", "megatron"],
-        choices=["sdpa", "local", "megatron", "fsdp2"],
+        choices=["sdpa", "local", "megatron", "fsdp2", "fsdp2-compiled"],
     )
     ap.add_argument("--batch", type=int, default=C.pick(8, 16), help="sequences per step")
     ap.add_argument("--seq", type=int, default=C.pick(256, 1024), help="tokens per sequence")
@@ -290,9 +292,10 @@ def main() -> None:
         if "sdpa" in results and baseline in results:
             speedup = results[baseline]["step_s"] / results["sdpa"]["step_s"]
             lines.append(f"\nsdpa / {baseline} (tokens/s): {speedup:.2f}× ({what})")
-    if "sdpa" in results and "fsdp2" in results:
-        ratio = results["sdpa"]["step_s"] / results["fsdp2"]["step_s"]
-        lines.append(f"\nfsdp2 / sdpa (tokens/s): {ratio:.2f}× (the FSDP2 strategy vs megatron's)")
+    for fsdp in ("fsdp2", "fsdp2-compiled"):
+        if "sdpa" in results and fsdp in results:
+            ratio = results["sdpa"]["step_s"] / results[fsdp]["step_s"]
+            lines.append(f"\n{fsdp} / sdpa (tokens/s): {ratio:.2f}× (FSDP2 vs megatron's path)")
     for spec, r in results.items():
         if r["top_kernels"]:
             lines.append(f"\n{spec}: kernels with the most device time in one step\n")

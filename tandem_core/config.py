@@ -156,6 +156,8 @@ class ActorConfig:
     """fsdp2: recompute each decoder layer's activations in the backward pass."""
     param_offload: bool = False
     """fsdp2: keep the parameter shards in host memory (FSDP2's CPUOffloadPolicy)."""
+    compile_layers: bool = False
+    """fsdp2: run each decoder layer's forward through torch.compile (CUDA)."""
 
 
 @dataclass
@@ -202,6 +204,9 @@ class MultiTurnConfig:
     """Tool names (calculator | python) or user tools by import path (`my_pkg.tools:search`)."""
     max_turns: int = 4
     """Model turns per sample; a call in the last one is not run (the sample ends there)."""
+    offer_tools: bool = True
+    """Offer the tools' schemas in the prompt (the template's `tools=`, else a system message).
+    false: the data's prompts describe the tools themselves."""
     format: str = "hermes"
     """How calls are written: hermes (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
     Qwen's and NousResearch's format)."""

@@ -60,8 +60,9 @@ def build_loaders(cfg: TandemConfig, run_dir: Path, tokenizer):
     data = cfg.data
     truth = ground_truth_types(cfg.reward)
 
-    tools = build_tools(cfg.rollout.multi_turn) if cfg.rollout.multi_turn.enable else {}
-    schemas = [tool.schema() for tool in tools.values()]
+    multi_turn = cfg.rollout.multi_turn
+    offered = build_tools(multi_turn) if multi_turn.enable and multi_turn.offer_tools else {}
+    schemas = [tool.schema() for tool in offered.values()]
 
     def dataset(files):
         return RLDataset(
@@ -151,6 +152,7 @@ def fsdp2_policy(cfg: TandemConfig, args: ModelArgs, hf_dir: Path, steps: int):
         activation_checkpointing=a.activation_checkpointing,
         param_offload=a.param_offload,
         random_init=random_init,
+        compile_layers=a.compile_layers,
     )
     ref_worker = None
     if _needs_reference(cfg):

@@ -213,17 +213,21 @@ class RLTrainer:
         """Greedy generation over the validation split; mean score and exact accuracy."""
         if self.p.val_loader is None:
             return {}
-        scores = []
+        scores, conversations = [], []
         for prompts in self.p.val_loader:
             prompts.meta_info["sampling"] = {"n": 1, "do_sample": False}
             gen = self.generate(prompts)
             s, _ = self.score(gen)
             scores.append(s.sum(-1))
+            conversations.append(conversation_metrics(gen))
         total = torch.cat(scores)
-        return {
+        metrics = {
             "val/score": float(total.mean()),
             "val/accuracy": float((total >= 1.0).float().mean()),
         }
+        for key in conversations[0]:  # multi-turn: tool calls per sample, ... (equal batches)
+            metrics[f"val/{key}"] = sum(c[key] for c in conversations) / len(conversations)
+        return metrics
 
     # ---- the run -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -163,6 +163,36 @@ def test_two_rank_runs(case, cache_dir, tmp_path):
     assert (out / "hf" / "step_2" / "config.json").exists()
 
 
+# Conversations with tool turns on a tiny random model: it writes no real call, so every turn it
+# ends calls the calculator (tests/cpu/workers/mt_formats.py); the data's prompts stay short
+# (tools not offered: the char-level tokenizer would make their schemas 400 tokens).
+MULTI_TURN = [
+    "rollout.multi_turn.enable=true",
+    "rollout.multi_turn.tools=[calculator]",
+    "rollout.multi_turn.format=tests.cpu.workers.mt_formats:every_turn_calls_the_calculator",
+    "rollout.multi_turn.offer_tools=false",
+    "rollout.response_length=64",
+]
+
+
+def test_grpo_with_tools(cache_dir, tmp_path):
+    """GRPO over multi-turn conversations into vLLM at DP 2: tool turns happen, their tokens are
+    left out of the loss, and every sync is checked on the model's tokens."""
+    out = tmp_path / "run"
+    own = {o.split("=")[0] for o in MULTI_TURN}
+    small = [o for o in SMALL if o.split("=")[0] not in own]
+    overrides = ["algorithm=grpo", "parallel=single", "rollout=vllm"] + MULTI_TURN + small
+    overrides += ["trainer.total_steps=2", "trainer.debug_check_weight_sync=true"]
+    run(2, overrides + [f"trainer.output_dir={out}", "trainer.save_at_end=false"], cache_dir)
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert sorted(metrics) == [1, 2]
+    assert sum(step["multi_turn/tool_calls"] for step in metrics.values()) > 0, metrics
+    for step in metrics.values():
+        assert math.isfinite(step["actor/pg_loss"]) and step["actor/grad_norm"] > 0
+        assert step["multi_turn/turns"] >= 1 and step["multi_turn/tool_errors"] == 0
+        assert step["rollout/logprob_abs_diff"] < 1e-3
+
+
 @pytest.mark.parametrize(
     "model",
     [
@@ -172,11 +202,15 @@ def test_two_rank_runs(case, cache_dir, tmp_path):
         # FSDP2 actor and reference (DCP checkpoints) beside a megatron critic (PPO); the fast
         # set runs FSDP2 end to end in grpo-fsdp2-vllm
         pytest.param(["actor.strategy=fsdp2"], marks=pytest.mark.slow),
+        # multi-turn conversations with the calculator (the tool turns are in the batch)
+        pytest.param(MULTI_TURN, marks=pytest.mark.slow),
     ],
-    ids=["dense", "moe-r3", "fsdp2"],
+    ids=["dense", "moe-r3", "fsdp2", "multi-turn"],
 )
 def test_kill9_then_resume_equals_uninterrupted(model, cache_dir, tmp_path):
-    overrides = model + ["rollout=hf", "trainer.total_steps=4", "trainer.save_freq=1"] + SMALL[:-1]
+    own = {o.split("=")[0] for o in model}  # keys the case sets itself
+    small = [o for o in SMALL[:-1] if o.split("=")[0] not in own]
+    overrides = model + ["rollout=hf", "trainer.total_steps=4", "trainer.save_freq=1"] + small
     straight = tmp_path / "straight"
     run(1, overrides + [f"trainer.output_dir={straight}"], cache_dir)
 
