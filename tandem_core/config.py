@@ -57,6 +57,10 @@ class ModelConfig:
     0 = off (RL from a balanced pretrained router usually keeps it off)."""
     moe_z_loss_coeff: float = 0.0
     """Weight of the router's z-loss (ST-MoE); 0 = off."""
+    pack_sequences: bool = False
+    """megatron roles: each micro-batch's sequences back to back in one row (no padding),
+    attention kept within each (a variable-length kernel on CUDA) and RoPE restarting per
+    sequence; a token budget (use_dynamic_bsz) then counts real tokens."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import math
 
 import torch
@@ -87,8 +88,10 @@ class SDPACoreAttention(MegatronModule):
         attention_bias=None,
         packed_seq_params=None,
     ):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPACoreAttention: packed sequences need the TE spec")
+        if attention_bias is not None:
+            raise NotImplementedError("SDPACoreAttention: no attention bias")
+        if packed_seq_params is not None:  # THD: [t, heads, dim], sequences back to back
+            return packed_attention(query, key, value, packed_seq_params, self.softmax_scale)
         # Right-padded sequences only: causal attention is exact for the real tokens.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         out = F.scaled_dot_product_attention(
@@ -102,6 +105,62 @@ class SDPACoreAttention(MegatronModule):
         )
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def packed_attention(query, key, value, packed, scale: float) -> torch.Tensor:
+    """Causal attention within each packed sequence: [t, heads, dim] in, [t, heads·dim] out.
+
+    CUDA: torch's variable-length flash kernel (`varlen_attn`, cu_seqlens). Elsewhere, the
+    exact reference: one SDPA call with a block-diagonal causal mask, [t, t] booleans (fine
+    for CPU tests; FlexAttention's document masks would be the GPU fallback)."""
+    cu = packed.cu_seqlens_q
+    t = query.shape[0]
+    if query.is_cuda and _varlen_attn() is not None:
+        extra = dict(_VARLEN_CAUSAL[_varlen_causal_key()])
+        if query.shape[1] != key.shape[1]:  # grouped K/V heads
+            if "enable_gqa" in _varlen_params():
+                extra["enable_gqa"] = True
+            else:
+                groups = query.shape[1] // key.shape[1]
+                key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
+        out = _varlen_attn()(
+            query, key, value, cu, cu, packed.max_seqlen_q, packed.max_seqlen_kv,
+            scale=scale, **extra,
+        )  # fmt: skip
+        return out.reshape(t, -1)
+    sequence = torch.repeat_interleave(
+        torch.arange(len(cu) - 1, device=query.device), cu.diff().long(), output_size=t
+    )
+    positions = torch.arange(t, device=query.device)
+    allowed = (sequence[:, None] == sequence[None, :]) & (positions[None, :] <= positions[:, None])
+    q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))  # [1, heads, t, dim]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return out[0].transpose(0, 1).reshape(t, -1)
+
+
+@functools.cache
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+@functools.cache
+def _varlen_params() -> frozenset:
+    return frozenset(inspect.signature(_varlen_attn()).parameters)
+
+
+_VARLEN_CAUSAL = {"is_causal": {"is_causal": True}, "window_size": {"window_size": (-1, 0)}}
+
+
+def _varlen_causal_key() -> str:
+    """How this torch's varlen_attn asks for causal attention: 2.13 by a (-1, 0) window,
+    earlier releases by is_causal."""
+    return "is_causal" if "is_causal" in _varlen_params() else "window_size"
 
 
 def _rotate_qk(q, k, freqs_q, freqs_k, interleaved: bool, sign: float):
@@ -150,20 +209,21 @@ class SDPASelfAttention(SelfAttention):
 
     The rotary frequencies are held for the one forward call (megatron is handed None, so it
     applies nothing itself); recomputing core attention reuses the already-rotated q and k.
-    Packed sequences, inference contexts and layers without RoPE take megatron's path."""
+    Packed sequences (THD) take each token's angle from its position in its own sequence.
+    Inference contexts and layers without RoPE take megatron's path."""
 
     def forward(self, hidden_states, *args, rotary_pos_emb=None, **kwargs):
         no_rope = self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]
-        if (
-            rotary_pos_emb is None
-            or args
-            or no_rope
-            or kwargs.get("packed_seq_params") is not None
-            or kwargs.get("inference_context") is not None
-        ):
+        if rotary_pos_emb is None or args or no_rope or kwargs.get("inference_context") is not None:
             return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
         if not isinstance(rotary_pos_emb, tuple):
             rotary_pos_emb = (rotary_pos_emb, rotary_pos_emb)
+        packed = kwargs.get("packed_seq_params")
+        if packed is not None:  # each packed sequence's positions restart at 0
+            cu = packed.cu_seqlens_q
+            starts = cu[:-1].long().repeat_interleave(cu.diff().long())
+            positions = torch.arange(len(starts), device=starts.device) - starts
+            rotary_pos_emb = tuple(freqs[positions] for freqs in rotary_pos_emb)
         self._rotary_pos_emb = rotary_pos_emb
         try:
             return super().forward(hidden_states, rotary_pos_emb=None, **kwargs)
@@ -385,9 +445,13 @@ class ResponseRowsGPTModel(GPTModel):
             hidden_states = gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False
             )
-        # hidden [s, b, h] → [R, b, h]: row j of sequence i is position index[i, j].
-        rows = index.t()[:, :, None].expand(-1, -1, hidden_states.shape[-1])
-        hidden_states = hidden_states.gather(0, rows)
+        # hidden [s, b, h] → [R, b, h]: row j of sequence i is position index[i, j]; a packed
+        # micro-batch is one row [t, 1, h] and index holds positions in it.
+        if hidden_states.shape[1] == 1:
+            hidden_states = hidden_states[:, 0][index.t()]
+        else:
+            rows = index.t()[:, :, None].expand(-1, -1, hidden_states.shape[-1])
+            hidden_states = hidden_states.gather(0, rows)
         layer.sequence_parallel = False
         try:
             return super()._postprocess(hidden_states=hidden_states, **kwargs)

@@ -112,7 +112,13 @@ def _needs_reference(cfg: TandemConfig) -> bool:
 def megatron_policy(cfg: TandemConfig, args: ModelArgs, hf_dir: Path, steps: int):
     m = cfg.model
     moe = MoESettings(m.moe_experts, m.moe_aux_loss_coeff, m.moe_z_loss_coeff)
-    common = dict(parallel=cfg.parallel, dtype=m.dtype, layer_spec=m.layer_spec, moe=moe)
+    common = dict(
+        parallel=cfg.parallel,
+        dtype=m.dtype,
+        layer_spec=m.layer_spec,
+        moe=moe,
+        pack_sequences=m.pack_sequences,
+    )
     weights_dir = None if m.random_init else hf_dir  # None: megatron's random init
     actor_worker = build_model_worker(
         args,
@@ -207,7 +213,13 @@ def build_components(cfg: TandemConfig, run_dir: Path, args: ModelArgs) -> Compo
         )
     m = cfg.model
     moe = MoESettings(m.moe_experts, m.moe_aux_loss_coeff, m.moe_z_loss_coeff)
-    common = dict(parallel=cfg.parallel, dtype=m.dtype, layer_spec=m.layer_spec, moe=moe)
+    common = dict(
+        parallel=cfg.parallel,
+        dtype=m.dtype,
+        layer_spec=m.layer_spec,
+        moe=moe,
+        pack_sequences=m.pack_sequences,
+    )
     weights_dir = None if cfg.model.random_init else hf_dir  # None: megatron's random init
     critic = None
     if uses_critic(cfg.algorithm):

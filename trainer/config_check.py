@@ -375,6 +375,18 @@ def _fsdp2(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
 
 
 @rule
+def _packing(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
+    if not cfg.model.pack_sequences:
+        return
+    if cfg.model.layer_spec == "local":
+        yield "model.pack_sequences: needs layer_spec sdpa, te or auto (local has no packed attention)"
+    roles = ["actor"] + (["critic"] if uses_critic(cfg.algorithm) else [])
+    for role in roles:
+        if _get(cfg, f"{role}.strategy") == "fsdp2":
+            yield f"model.pack_sequences: megatron roles only ({role}.strategy is fsdp2)"
+
+
+@rule
 def _routing_replay(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
     if not cfg.actor.router_replay:
         return

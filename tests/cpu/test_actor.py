@@ -1,6 +1,6 @@
 """PolicyActor vs plain transformers/PyTorch for each parallel layout (workers/actor_check.py),
 dense and Qwen3-MoE (expert parallel; transformers' stacked experts compared one by one), and
-the FSDP2 strategy at DP 1 and 2:
+the FSDP2 strategy at DP 1 and 2, and packed micro-batches (model.pack_sequences):
 log-probs and entropy of the response tokens, and the parameters after one PPO update (two
 mini-batches; clip, entropy bonus, k3 KL loss; AdamW + clipping) with micro-batches of 1 and 4.
 """
@@ -42,3 +42,15 @@ def test_fsdp2_actor_matches_transformers_and_megatron(nproc, torchrun, tiny_ckp
     assert res["logprob_err"] < TOL and res["entropy_err"] < TOL, res
     assert all(err < TOL for err in res["param_err"].values()), res
     assert res["vs_megatron"] < TOL, res
+
+
+@pytest.mark.parametrize("layout", some_slow(["tp1", "tp2_sp", "pp2", "ep2_moe"], {"tp1"}))
+def test_packed_actor_matches_transformers(layout, torchrun, tiny_ckpt):
+    """model.pack_sequences: each micro-batch one packed row (attention within each sequence,
+    RoPE restarting), rows of random lengths; the same references as the padded path, so
+    packed equals padded to 1e-5 (log-probs, entropy, one update)."""
+    nproc, arch, *layout_args = LAYOUTS[layout]
+    tiny_ckpt(arch)
+    res = torchrun("actor_check.py", nproc, arch, *map(str, layout_args), env={"PACK": "1"})
+    assert res["logprob_err"] < TOL and res["entropy_err"] < TOL, res
+    assert all(err < TOL for err in res["param_err"].values()), res

@@ -58,6 +58,18 @@ def test_fsdp2_critic_and_dynamic_batching(nproc, torchrun, tiny_ckpt):
     _check_numbers(res, checks)
 
 
+@pytest.mark.parametrize("layout", some_slow(["1x1", "tp2_sp", "pp2"], {"1x1"}))
+def test_packed_critic_and_dynamic_batching(layout, torchrun, tiny_ckpt):
+    """model.pack_sequences: values and one critic update equal plain PyTorch; packed
+    token-budget micro-batches (a budget of real tokens) equal fixed ones."""
+    nproc, tp, pp, sp = {"1x1": (1, 1, 1, 0), "tp2_sp": (2, 2, 1, 1), "pp2": (2, 1, 2, 0)}[layout]
+    tiny_ckpt("tiny_llama")
+    checks = "critic,dynamic"
+    args = ("tiny_llama", str(tp), str(pp), str(sp), checks)
+    res = torchrun("critic_check.py", nproc, *args, env={"PACK": "1"})
+    _check_numbers(res, checks)
+
+
 def test_critic_and_reference_interleaved_vpp(torchrun, tiny_ckpt):
     """PP 2 × 2 VPP chunks: the value head sits on the last chunk of the last stage."""
     tiny_ckpt("tiny_llama")

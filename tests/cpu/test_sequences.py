@@ -76,3 +76,41 @@ def test_token_budget_groups_are_consecutive_ranges():
         range(4, 6),
     ]
     assert split_by_token_budget([], 8) == []
+
+
+def test_packed_rows_sit_back_to_back_and_point_at_their_response():
+    """model.pack_sequences: the rows' real tokens in one row, padded at the end to the
+    multiple (a sequence of its own), positions restarting per row, the [b, R] side kept."""
+    ids, attn, responses, rmask = _rows()
+    [mb] = align_micro_batches(ids, attn, rmask, None, [range(3)], seq_multiple=4, pack=True)
+    assert mb.input_ids.tolist() == [
+        [11, 12, 13, 14, 15, 21, 22, 23, 24, 25, 31, 32, 33, 34, 35, 0]
+    ]
+    assert mb.cu_seqlens.tolist() == [0, 5, 10, 15, 16]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0]]
+    assert mb.max_seqlen == 5 and mb.response_mask.shape == (3, 3)
+    real = mb.response_mask.bool()
+    nxt = mb.input_ids[0][mb.response_index + 1]
+    assert torch.equal(nxt[real], responses[:, :3][real]) and torch.equal(
+        mb.labels[real], responses[:, :3][real]
+    )
+    # every index stays inside its own row, padding columns too
+    starts = mb.cu_seqlens[:-2, None].long()
+    assert ((mb.response_index >= starts) & (mb.response_index < starts + 5)).all()
+
+
+def test_packed_token_budget_counts_real_tokens():
+    assert split_by_token_budget([3, 3, 3, 9, 2, 2], 8, packed=True) == [
+        range(0, 2),
+        range(2, 3),
+        range(3, 4),
+        range(4, 6),
+    ]
+
+
+def test_first_fit_decreasing_bins():
+    from trainer.workers.sequences import first_fit_decreasing
+
+    # longest first: 9 alone (over the budget), 5+3, 4+4, 2 -> bins keep batch order inside
+    assert first_fit_decreasing([3, 9, 4, 5, 2, 4], 8) == [[1], [0, 3], [2, 5], [4]]
+    assert first_fit_decreasing([], 8) == []

@@ -128,6 +128,16 @@ CASES = {
         "rollout=vllm",
         "trainer.debug_check_weight_sync=true",
     ],
+    # packed micro-batches (model.pack_sequences) under TP 2 + SP, token budgets first-fit
+    "grpo-tp2-sp-packed": [
+        "algorithm=grpo",
+        "parallel=tp2",
+        "parallel.sequence_parallel=true",
+        "rollout=hf",
+        "model.pack_sequences=true",
+        "actor.use_dynamic_bsz=true",
+        "actor.max_tokens_per_microbatch=256",
+    ],
     "grpo-qwen3-tp2-vllm-tp2": [
         "model=tiny_qwen3",
         "algorithm=grpo",

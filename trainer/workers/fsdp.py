@@ -75,7 +75,7 @@ class FSDPWorker:
 
     # ---- what the shared passes call (trainer/workers/passes.py TrainingWorker) -------------
     def micro_batch_rules(self) -> dict:
-        return {"seq_multiple": 1, "count_multiple": 1}
+        return {"seq_multiple": 1, "count_multiple": 1, "pack": False}
 
     def output_at_response(self, mb: AlignedMicroBatch) -> torch.Tensor:
         """[b, R, V] logits (a critic: [b, R, 1] values) at the rows that predict the response

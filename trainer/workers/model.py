@@ -22,7 +22,7 @@ from tandem_core.moe import ExpertLoad, moe_routers, replay_routing
 from trainer.workers.checkpoint import load_megatron, save_megatron
 from trainer.workers.optimizer import build_optimizer
 from trainer.workers.passes import LossFn
-from trainer.workers.sequences import AlignedMicroBatch
+from trainer.workers.sequences import AlignedMicroBatch, pad_to_length
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class ModelWorker:
     """A trained MoE model's per-layer expert load (the update's `moe/max_load` metrics)."""
     skipped_in_a_row: int = 0
     """Consecutive optimizer steps skipped for a non-finite loss (train_step)."""
+    pack_sequences: bool = False
+    """Micro-batches packed into one row each (model.pack_sequences), attention kept within
+    each sequence (tandem_core/models.py `packed_attention`)."""
 
     @property
     def is_last_stage(self) -> bool:
@@ -74,6 +77,7 @@ class ModelWorker:
         return {
             "seq_multiple": D.tp_size() if self.config.sequence_parallel else 1,
             "count_multiple": D.pp_size() if len(self.chunks) > 1 else 1,
+            "pack": self.pack_sequences,
         }
 
     def run_micro_batches(
@@ -92,7 +96,13 @@ class ModelWorker:
             if self.routers is not None:
                 replay_routing(self.routers[id(model)], mb.routing, self.config.sequence_parallel)
             # The last stage's output: [b, R, ...] at the response rows (ResponseRowsGPTModel).
-            output = model(mb.input_ids, mb.position_ids, None, response_index=mb.response_index)
+            output = model(
+                mb.input_ids,
+                mb.position_ids,
+                None,
+                response_index=mb.response_index,
+                packed_seq_params=packed_seq_params(mb),
+            )
 
             def loss_func(out):
                 loss, extra = loss_fn(mb, out)
@@ -100,6 +110,11 @@ class ModelWorker:
 
             return output, loss_func
 
+        if self.pack_sequences and D.pp_size() > 1:
+            # one activation shape between pipeline stages: every packed row as long as the
+            # longest (the padding is a sequence of its own)
+            longest = max(mb.input_ids.shape[1] for mb in micro_batches)
+            micro_batches = [pad_to_length(mb, longest) for mb in micro_batches]
         seq = max(mb.input_ids.shape[1] for mb in micro_batches)
         mbs = max(mb.input_ids.shape[0] for mb in micro_batches)
         with cpu_compat.megatron_device_scope():
@@ -174,6 +189,7 @@ def build_model_worker(
     optim: OptimConfig | None = None,
     total_optimizer_steps: int = 1,
     moe: MoESettings | None = None,
+    pack_sequences: bool = False,
 ) -> ModelWorker:
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -193,7 +209,13 @@ def build_model_worker(
         for c in chunks:
             c.requires_grad_(False)
             c.eval()
-        return ModelWorker(args, config, chunks, routers=_replayed_routers(chunks, moe))
+        return ModelWorker(
+            args,
+            config,
+            chunks,
+            routers=_replayed_routers(chunks, moe),
+            pack_sequences=pack_sequences,
+        )
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -213,7 +235,32 @@ def build_model_worker(
     if args.is_moe:
         load = ExpertLoad(chunks, args.num_layers, args.num_experts, parallel.sequence_parallel)
     return ModelWorker(
-        args, config, chunks, optimizer, scheduler, routers=routers, expert_load=load
+        args,
+        config,
+        chunks,
+        optimizer,
+        scheduler,
+        routers=routers,
+        expert_load=load,
+        pack_sequences=pack_sequences,
+    )
+
+
+def packed_seq_params(mb: AlignedMicroBatch):
+    """megatron's THD description of a packed micro-batch (None for a padded one)."""
+    if mb.cu_seqlens is None:
+        return None
+    from megatron.core import parallel_state as mpu
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    longest = mb.max_seqlen
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=mb.cu_seqlens,
+        cu_seqlens_kv=mb.cu_seqlens,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+        cp_group=mpu.get_context_parallel_group(),
     )
 
 

@@ -10,6 +10,7 @@ megatron's pipeline schedules (trainer/workers/model.py) or a plain loop over an
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +26,7 @@ from tandem_core.protocol import Batch
 from trainer.workers.sequences import (
     AlignedMicroBatch,
     align_micro_batches,
+    first_fit_decreasing,
     pad_to_length,
     split_by_token_budget,
 )
@@ -60,7 +62,7 @@ class TrainingWorker(Protocol):
     def train(self, mode: bool = True) -> None: ...
 
     def micro_batch_rules(self) -> dict:
-        """make_micro_batches' `seq_multiple` and `count_multiple` for this layout."""
+        """make_micro_batches' `seq_multiple`, `count_multiple` and `pack` for this layout."""
 
     def run_micro_batches(
         self, micro_batches: list[AlignedMicroBatch], loss_fn: LossFn, forward_only: bool
@@ -107,19 +109,29 @@ def make_micro_batches(
     seq_multiple: int,
     count_multiple: int = 1,
     with_routing: bool = False,
+    pack: bool = False,
 ) -> list[AlignedMicroBatch]:
     """Fixed-size micro-batches, or token-budget ones when max_tokens is set.
 
-    `with_routing`: the micro-batches carry the batch's `routed_experts` (R3).
+    `with_routing`: the micro-batches carry the batch's `routed_experts` (R3). `pack`: each
+    micro-batch is its rows packed into one (sequences.pack_rows), and a token budget counts
+    real tokens, not rows × the longest.
 
     `count_multiple`: megatron's interleaved (VPP) schedule needs the number of micro-batches
     to be a multiple of PP; when it is not, rows are re-cut into that many near-equal groups.
     """
+    order = None
     if max_tokens is None:
         groups = [
             range(i, min(i + micro_batch_size, len(batch)))
             for i in range(0, len(batch), micro_batch_size)
         ]
+    elif pack:  # bins filled first-fit-decreasing; the rows re-ordered bin after bin
+        bins = first_fit_decreasing(batch["attention_mask"].sum(-1).tolist(), max_tokens)
+        order = [row for b in bins for row in b]
+        batch = batch.index(order) if order != sorted(order) else batch
+        starts = [0, *itertools.accumulate(len(b) for b in bins)]
+        groups = [range(a, b) for a, b in itertools.pairwise(starts)]
     else:
         groups = split_by_token_budget(batch["attention_mask"].sum(-1).tolist(), max_tokens)
     if len(groups) % count_multiple:
@@ -139,12 +151,30 @@ def make_micro_batches(
         seq_multiple,
         device=cpu_compat.device(),
         routing=batch["routed_experts"] if with_routing else None,
+        pack=pack,
     )
     if count_multiple > 1:
         # megatron's interleaved schedule assumes one activation shape for all micro-batches.
         longest = max(mb.input_ids.shape[1] for mb in out)
         out = [pad_to_length(mb, longest) for mb in out]
-    return out
+    return MicroBatches(out, order)
+
+
+class MicroBatches(list):
+    """The micro-batches of a batch, and `order`: the batch's rows in the order they hold them
+    (None: the batch's own order)."""
+
+    def __init__(self, micro_batches, order: list[int] | None = None):
+        super().__init__(micro_batches)
+        self.order = order
+
+    def restore_order(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-row results in micro-batch order -> the batch's order."""
+        if self.order is None:
+            return rows
+        back = torch.empty(len(self.order), dtype=torch.long)
+        back[torch.tensor(self.order)] = torch.arange(len(self.order))
+        return rows[back.to(rows.device)]
 
 
 def micro_batch_layout(worker: TrainingWorker, batch: Batch) -> dict:
@@ -261,7 +291,7 @@ def forward_per_token(
     for key in keys:
         # Each micro-batch's response columns were trimmed: pad them back to the batch's R.
         mine = [F.pad(o[key], (0, shape[1] - o[key].shape[1])) for o in outputs]
-        mine = torch.cat(mine) if mine else None
+        mine = mbs.restore_order(torch.cat(mine)) if mine else None
         result[key] = gather_over_dp(broadcast_from_last_stage(mine, shape, torch.float32)).cpu()
     return result
 

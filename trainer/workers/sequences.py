@@ -24,11 +24,23 @@ class AlignedMicroBatch:
     response_mask: torch.Tensor  # [b, R]
     fields: dict  # the micro-batch's other per-token tensors ([b, R] advantages, ...)
     routing: torch.Tensor | None = None  # [b, s, layers, k] expert ids to replay (R3)
+    cu_seqlens: torch.Tensor | None = None
+    """Packed: input_ids is [1, T], the rows' real tokens one after another (and padding to a
+    multiple after them); [rows (+1 for that padding) + 1] int32 start offsets. response_index
+    then holds [b, R] positions in the packed row. None: one padded row per sequence."""
 
     @property
     def position_ids(self) -> torch.Tensor:
         b, s = self.input_ids.shape
-        return torch.arange(s, device=self.input_ids.device).expand(b, s)
+        positions = torch.arange(s, device=self.input_ids.device)
+        if self.cu_seqlens is None:
+            return positions.expand(b, s)
+        starts = self.cu_seqlens[:-1].long()  # positions restart with each packed sequence
+        return (positions - starts.repeat_interleave(self.cu_seqlens.diff().long()))[None]
+
+    @property
+    def max_seqlen(self) -> int:
+        return int(self.cu_seqlens.diff().max()) if self.cu_seqlens is not None else 0
 
 
 def align_micro_batches(
@@ -40,6 +52,7 @@ def align_micro_batches(
     seq_multiple: int = 1,
     device: torch.device | str = "cpu",
     routing: torch.Tensor | None = None,
+    pack: bool = False,
 ) -> list[AlignedMicroBatch]:
     """One micro-batch on `device` per group of consecutive rows of a host batch: rows rolled
     so real tokens start at 0, each micro-batch trimmed to its longest row (rounded up to
@@ -50,6 +63,7 @@ def align_micro_batches(
     The trims are read from the host masks, so cutting a batch never waits on the device; the
     rows are copied and rolled there once for the whole batch, and each micro-batch is a slice.
     `routing` ([B, total, layers, k], aligned with `input_ids`) is rolled and trimmed alike.
+    `pack`: each micro-batch is one packed row instead (`pack_rows`): no padding but at its end.
     """
     b, total = input_ids.shape
     prompt_len = total - response_mask.shape[1]
@@ -75,6 +89,12 @@ def align_micro_batches(
     next_token = torch.cat([rolled[:, 1:], rolled.new_zeros(b, 1)], dim=1)
     labels = next_token.gather(1, index.clamp(0, total - 1))
 
+    if pack:
+        return [
+            pack_rows(rolled, real_len, index, labels, response_mask, fields, routing, g, last_used,
+                      seq_multiple)
+            for g in groups
+        ]  # fmt: skip
     out = []
     for rows in groups:
         lo, hi = rows.start, rows.stop
@@ -99,6 +119,41 @@ def align_micro_batches(
     return out
 
 
+def pack_rows(
+    rolled, real_len, index, labels, response_mask, fields, routing, rows, last_used, multiple
+) -> AlignedMicroBatch:
+    """Rows `rows` (rolled: real tokens from 0) as one packed row: their real tokens back to
+    back, padded at the end to a multiple of `multiple` (that padding is a sequence of its own,
+    so it attends only to itself). The [b, R] side (labels, masks, fields) stays per row; the
+    response positions move to each row's offset in the packed row."""
+    lo, hi = rows.start, rows.stop
+    lengths = [max(n, 1) for n in real_len[lo:hi]]
+    device = rolled.device
+    starts = torch.tensor([0] + lengths, device=device).cumsum(0)
+    total = int(starts[-1])
+    padded = -(-total // multiple) * multiple
+    ids = torch.cat([rolled[r, :n] for r, n in zip(range(lo, hi), lengths, strict=True)])
+    ids = torch.cat([ids, ids.new_zeros(padded - total)])[None]
+    bounds = torch.cat([starts, starts.new_tensor([padded])]) if padded > total else starts
+    resp_len = max(max(last_used[lo:hi]), 1)
+    row_len = torch.tensor(lengths, device=device)[:, None]
+    # response padding columns point past their row; any position of the row will do (masked)
+    where = index[lo:hi, :resp_len].clamp(min=0).minimum(row_len - 1) + starts[:-1, None]
+    routed = None
+    if routing is not None:
+        parts = [routing[r, :n] for r, n in zip(range(lo, hi), lengths, strict=True)]
+        routed = _extend_routing(torch.cat(parts)[None], padded)
+    return AlignedMicroBatch(
+        ids.contiguous(),
+        where,
+        labels[lo:hi, :resp_len],
+        response_mask[lo:hi, :resp_len],
+        {k: v[lo:hi, :resp_len] for k, v in fields.items()},
+        routed,
+        bounds.to(torch.int32),
+    )
+
+
 def _extend_routing(routing: torch.Tensor, length: int) -> torch.Tensor:
     """Padding positions route to experts 0..k-1 (any k distinct experts; see
     rollout.assemble.routing_column)."""
@@ -114,6 +169,9 @@ def pad_to_length(mb: AlignedMicroBatch, length: int) -> AlignedMicroBatch:
         return mb
     pad = mb.input_ids.new_zeros(mb.input_ids.shape[0], extra)
     routing = None if mb.routing is None else _extend_routing(mb.routing, length)
+    bounds = mb.cu_seqlens
+    if bounds is not None:  # the padding is a packed sequence of its own
+        bounds = torch.cat([bounds, bounds.new_tensor([length])])
     return AlignedMicroBatch(
         torch.cat([mb.input_ids, pad], 1),
         mb.response_index,
@@ -121,6 +179,7 @@ def pad_to_length(mb: AlignedMicroBatch, length: int) -> AlignedMicroBatch:
         mb.response_mask,
         mb.fields,
         routing,
+        bounds,
     )
 
 
@@ -129,20 +188,40 @@ def mask_response(values: torch.Tensor, mb: AlignedMicroBatch) -> torch.Tensor:
     return values * mb.response_mask.to(values.dtype)
 
 
-def split_by_token_budget(lengths: list[int], max_tokens: int) -> list[range]:
-    """Consecutive groups of rows whose padded size (rows × longest) stays within max_tokens.
+def split_by_token_budget(lengths: list[int], max_tokens: int, packed: bool = False) -> list[range]:
+    """Consecutive groups of rows whose size stays within max_tokens: padded (rows × longest),
+    or `packed` (the sum of their lengths).
 
     Order is kept, so results map back without a permutation; a single row longer than the
     budget gets a micro-batch of its own.
     """
     groups: list[range] = []
-    start, longest = 0, 0
+    start, longest, total = 0, 0, 0
     for i, n in enumerate(lengths):
         new_longest = max(longest, n)
-        if i > start and new_longest * (i - start + 1) > max_tokens:
+        size = total + n if packed else new_longest * (i - start + 1)
+        total += n
+        if i > start and size > max_tokens:
             groups.append(range(start, i))
-            start, new_longest = i, n
+            start, new_longest, total = i, n, n
         longest = new_longest
     if start < len(lengths):
         groups.append(range(start, len(lengths)))
     return groups
+
+
+def first_fit_decreasing(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Rows into bins of at most `max_tokens` real tokens (packed micro-batches): longest row
+    first, each into the first bin it fits, a row over the budget alone. Each bin lists its
+    rows in batch order; bins in the order they were opened."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for row in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+        fit = next((b for b, left in enumerate(room) if lengths[row] <= left), None)
+        if fit is None:
+            bins.append([row])
+            room.append(max_tokens - lengths[row])
+        else:
+            bins[fit].append(row)
+            room[fit] -= lengths[row]
+    return [sorted(b) for b in bins]

@@ -2,6 +2,8 @@
 
 usage: actor_check.py ARCH TP PP SP(0|1) [VPP [EP]]   (VPP 0: none; EP: expert parallel, MoE)
        STRATEGY=fsdp2 actor_check.py ARCH 1 1 0        (FSDP2 over every rank, data parallel)
+       PACK=1 actor_check.py ...   (megatron with packed micro-batches: the same checks, so
+                                    packed equals padded through the same references)
 Checks (asserted here, on every rank):
 1. compute_log_prob: log-probs and entropy equal transformers' to 1e-5 (micro-batches of 3,
    and one micro-batch of 8 through actor.log_prob_micro_batch_size);
@@ -53,12 +55,13 @@ def hf_named_params(worker, args):
 
 
 STRATEGY = os.environ.get("STRATEGY", "megatron")
+PACK = os.environ.get("PACK") == "1"  # megatron: micro-batches packed into one row each
 
 
 def build_worker(args, hf_dir, parallel, optim=None, strategy=STRATEGY):
     if strategy == "fsdp2":
         return build_fsdp_worker(args, hf_dir, optim=optim)
-    return build_model_worker(args, hf_dir, parallel, optim=optim)
+    return build_model_worker(args, hf_dir, parallel, optim=optim, pack_sequences=PACK)
 
 
 def trained_params(worker, args) -> dict:

@@ -3,6 +3,7 @@ megatron-core vs plain transformers/PyTorch, for one parallel layout (one launch
 
 usage: critic_check.py ARCH TP PP SP(0|1) CHECKS [VPP]   CHECKS: comma list of
        (STRATEGY=fsdp2: the FSDP2 workers over every rank, TP = PP = 1; critic and dynamic)
+       (PACK=1: megatron with packed micro-batches; critic and dynamic)
   critic   compute_values equals HF backbone + linear head to 1e-5; one critic update (two
            mini-batches, clipped value loss) gives the parameters of plain PyTorch (AdamW,
            clipping) to 1e-5 and reports the same vf_loss;
@@ -53,12 +54,15 @@ TOL = 1e-5
 
 
 STRATEGY = os.environ.get("STRATEGY", "megatron")
+PACK = os.environ.get("PACK") == "1"  # megatron: micro-batches packed into one row each
 
 
 def build_worker(args, hf_dir, parallel, value_head=False, optim=None):
     if STRATEGY == "fsdp2":
         return build_fsdp_worker(args, hf_dir, optim=optim, value_head=value_head)
-    return build_model_worker(args, hf_dir, parallel, value_head=value_head, optim=optim)
+    return build_model_worker(
+        args, hf_dir, parallel, value_head=value_head, optim=optim, pack_sequences=PACK
+    )
 
 
 def set_value_head(worker, weight: torch.Tensor) -> None:
@@ -260,7 +264,15 @@ def check_dynamic(args, hf_dir, parallel, data, want_lp) -> dict:
     dynamic = actor_params(args, hf_dir, parallel, train, dyn_cfg)
     err = max_err(dynamic, fixed)
     assert err < TOL, err
-    return {"dynamic_vs_fixed_err": err}
+    # the forward pass too: its rows come back in the batch's order (packed token budgets
+    # fill micro-batches first-fit-decreasing, which re-orders them)
+    worker = build_worker(args, hf_dir, parallel)
+    batch = Batch.from_dict(data)
+    lp_fixed = PolicyActor(worker, ACTOR_CFG).compute_log_prob(batch)["log_probs"]
+    lp_dynamic = PolicyActor(worker, dyn_cfg).compute_log_prob(batch)["log_probs"]
+    lp_err = (lp_dynamic - lp_fixed).abs().max().item()
+    assert lp_err < TOL, lp_err
+    return {"dynamic_vs_fixed_err": err, "dynamic_logprob_err": lp_err}
 
 
 # ---- bad input --------------------------------------------------------------------------------
