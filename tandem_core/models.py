@@ -110,13 +110,19 @@ class SDPACoreAttention(MegatronModule):
 def packed_attention(query, key, value, packed, scale: float) -> torch.Tensor:
     """Causal attention within each packed sequence: [t, heads, dim] in, [t, heads·dim] out.
 
-    CUDA: torch's variable-length flash kernel (`varlen_attn`, cu_seqlens). Elsewhere, the
-    exact reference: one SDPA call with a block-diagonal causal mask, [t, t] booleans (fine
-    for CPU tests; FlexAttention's document masks would be the GPU fallback)."""
+    CUDA in bf16/fp16: torch's variable-length flash kernel (`varlen_attn`, cu_seqlens).
+    Elsewhere, the exact reference: one SDPA call with a block-diagonal causal mask, [t, t]
+    booleans (fine for CPU tests and fp32 checks; FlexAttention's document masks would be the
+    long-sequence fallback)."""
     cu = packed.cu_seqlens_q
     t = query.shape[0]
-    if query.is_cuda and _varlen_attn() is not None:
+    flash = query.dtype in (torch.float16, torch.bfloat16)  # the kernel's dtypes
+    if query.is_cuda and flash and _varlen_attn() is not None:
         extra = dict(_VARLEN_CAUSAL[_varlen_causal_key()])
+        if "scale" in _varlen_params():
+            extra["scale"] = scale
+        elif scale != 1.0 / math.sqrt(query.shape[-1]):
+            raise NotImplementedError("this torch's varlen_attn takes no softmax scale")
         if query.shape[1] != key.shape[1]:  # grouped K/V heads
             if "enable_gqa" in _varlen_params():
                 extra["enable_gqa"] = True
@@ -124,9 +130,8 @@ def packed_attention(query, key, value, packed, scale: float) -> torch.Tensor:
                 groups = query.shape[1] // key.shape[1]
                 key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
         out = _varlen_attn()(
-            query, key, value, cu, cu, packed.max_seqlen_q, packed.max_seqlen_kv,
-            scale=scale, **extra,
-        )  # fmt: skip
+            query, key, value, cu, cu, packed.max_seqlen_q, packed.max_seqlen_kv, **extra
+        )
         return out.reshape(t, -1)
     sequence = torch.repeat_interleave(
         torch.arange(len(cu) - 1, device=query.device), cu.diff().long(), output_size=t
