@@ -78,6 +78,10 @@ class ParallelConfig:
     data parallelism: it must divide DP); tokens reach them by all-to-all."""
     use_distributed_optimizer: bool = True
     """Shard optimizer states over data-parallel ranks (megatron's distributed optimizer)."""
+    context_parallel_size: int = 1
+    """Training CP: each sequence split over this many ranks (2·CP chunks, rank r holding
+    chunks r and 2·CP-1-r for causal balance), K/V all-gathered per layer; long responses
+    whose activations outgrow one GPU. Carved out of data parallelism like TP and PP."""
 
 
 @dataclass

@@ -4,7 +4,7 @@ Every rank runs the same program. `init_distributed()` reads the launcher's envi
 (torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR, or slurm's SLURM_PROCID/SLURM_NTASKS/
 SLURM_LOCALID with MASTER_ADDR from the job's first host), picks NCCL on GPUs and gloo on CPU,
 and a single process without a launcher becomes a world of one.
-`init_model_parallel(parallel)` then hands TP/PP/VPP to megatron's `parallel_state`.
+`init_model_parallel(parallel)` then hands TP/PP/VPP/EP/CP to megatron's `parallel_state`.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
             expert_model_parallel_size=parallel.expert_model_parallel_size,
+            context_parallel_size=parallel.context_parallel_size,
         )
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
@@ -183,7 +184,74 @@ def ep_size() -> int:
     return mpu.get_expert_model_parallel_world_size()
 
 
+def cp_group():
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_context_parallel_group()
+
+
+def cp_rank() -> int:
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_context_parallel_rank()
+
+
+def cp_size() -> int:
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_context_parallel_world_size()
+
+
 def dp_size() -> int:
     from megatron.core import parallel_state as mpu
 
     return mpu.get_data_parallel_world_size()
+
+
+# ---- collectives with gradients (context parallelism) -----------------------------------------
+# Written by hand: torch.distributed.nn's all_gather backward emulates reduce-scatter on gloo
+# with a scatter that names group ranks as global ones, which fails for any sub-group.
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        parts = [torch.empty_like(tensor) for _ in range(group.size())]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group = ctx.group
+        grad = grad.contiguous()
+        if dist.get_backend(group) == "nccl":
+            mine = torch.empty_like(grad[0])
+            dist.reduce_scatter_tensor(mine, grad, group=group)
+            return mine, None
+        dist.all_reduce(grad, group=group)  # gloo has no reduce-scatter: sum all, keep ours
+        return grad[group.rank()], None
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_gather_with_grad(tensor: torch.Tensor, group) -> torch.Tensor:
+    """[group size, *tensor.shape]: every rank's tensor; the backward sums each rank's grads
+    back to the rank that sent it."""
+    return _AllGather.apply(tensor, group)
+
+
+def all_reduce_with_grad(tensor: torch.Tensor, group) -> torch.Tensor:
+    """The sum over the group; the backward sums the grads alike."""
+    return _AllReduce.apply(tensor, group)

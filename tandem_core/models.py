@@ -92,6 +92,8 @@ class SDPACoreAttention(MegatronModule):
             raise NotImplementedError("SDPACoreAttention: no attention bias")
         if packed_seq_params is not None:  # THD: [t, heads, dim], sequences back to back
             return packed_attention(query, key, value, packed_seq_params, self.softmax_scale)
+        if self.config.context_parallel_size > 1:
+            return context_parallel_attention(query, key, value, self.softmax_scale)
         # Right-padded sequences only: causal attention is exact for the real tokens.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         out = F.scaled_dot_product_attention(
@@ -143,6 +145,53 @@ def packed_attention(query, key, value, packed, scale: float) -> torch.Tensor:
         q, k, v, attn_mask=allowed, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
     return out[0].transpose(0, 1).reshape(t, -1)
+
+
+# Written by hand: megatron's context parallelism lives in transformer-engine's attention
+# (ring exchange), which Tandem's fast path runs without.
+def context_parallel_attention(query, key, value, scale: float) -> torch.Tensor:
+    """Causal attention of this CP rank's two chunks of each sequence ([2c, b, heads, dim]:
+    chunks r and 2·CP-1-r of 2·CP, megatron's load-balanced split) against the whole
+    sequence's K/V, all-gathered over the CP group (autograd reduce-scatters their grads back).
+    Chunk g attends to the first (g+1)·c keys, causal from the bottom-right corner."""
+    from megatron.core import parallel_state as mpu
+    from torch.nn.attention.bias import causal_lower_right
+
+    from tandem_core.distributed import all_gather_with_grad
+
+    group = mpu.get_context_parallel_group()
+    cp, rank = group.size(), group.rank()
+    c = query.shape[0] // 2
+
+    def whole(local):  # [2c, ...] per rank -> [2·CP·c, ...] in sequence order
+        parts = all_gather_with_grad(local, group)
+        order = [None] * (2 * cp)
+        for j, part in enumerate(parts):
+            order[j], order[2 * cp - 1 - j] = part[:c], part[c:]
+        return torch.cat(order)
+
+    keys, values = whole(key), whole(value)
+    outs = []
+    for half, chunk in ((0, rank), (1, 2 * cp - 1 - rank)):
+        q = query[half * c : (half + 1) * c].permute(1, 2, 0, 3)  # [b, h, c, d]
+        seen = (chunk + 1) * c
+        k, v = (x[:seen].permute(1, 2, 0, 3) for x in (keys, values))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_lower_right(c, seen), scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )  # fmt: skip
+        outs.append(out.permute(2, 0, 1, 3))  # [c, b, h, d]
+    out = torch.cat(outs)
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def cp_local_positions(index: torch.Tensor, chunk: int, cp: int, rank: int):
+    """Where sequence positions `index` sit in this CP rank's [chunk r | chunk 2·CP-1-r]
+    slice: (local position, whether it is local)."""
+    which, offset = index // chunk, index % chunk
+    first, second = which == rank, which == 2 * cp - 1 - rank
+    local = torch.where(second, chunk + offset, offset)
+    return local, first | second
 
 
 @functools.cache
@@ -382,6 +431,7 @@ def build_transformer_config(
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         use_cpu_initialization=not cpu_compat.cuda_available(),
         params_dtype=torch_dtype,
@@ -452,7 +502,10 @@ class ResponseRowsGPTModel(GPTModel):
             )
         # hidden [s, b, h] → [R, b, h]: row j of sequence i is position index[i, j]; a packed
         # micro-batch is one row [t, 1, h] and index holds positions in it.
-        if hidden_states.shape[1] == 1:
+        cp = self.config.context_parallel_size
+        if cp > 1:
+            hidden_states = response_rows_over_context_parallel(hidden_states, index, cp)
+        elif hidden_states.shape[1] == 1:
             hidden_states = hidden_states[:, 0][index.t()]
         else:
             rows = index.t()[:, :, None].expand(-1, -1, hidden_states.shape[-1])
@@ -462,6 +515,21 @@ class ResponseRowsGPTModel(GPTModel):
             return super()._postprocess(hidden_states=hidden_states, **kwargs)
         finally:
             layer.sequence_parallel = sequence_parallel
+
+
+def response_rows_over_context_parallel(hidden, index, cp: int):
+    """[R, b, h] hidden states at the response positions `index` (whole-sequence positions),
+    on every CP rank: each rank fills the positions it holds, a (differentiable) sum over
+    the CP group fills the rest, so the output layer and the loss see whole rows."""
+    from megatron.core import parallel_state as mpu
+
+    from tandem_core.distributed import all_reduce_with_grad
+
+    group = mpu.get_context_parallel_group()
+    local, mine = cp_local_positions(index, hidden.shape[0] // 2, cp, group.rank())
+    rows = local.clamp(max=hidden.shape[0] - 1).t()[:, :, None].expand(-1, -1, hidden.shape[-1])
+    picked = hidden.gather(0, rows) * mine.t()[:, :, None].to(hidden.dtype)
+    return all_reduce_with_grad(picked, group)
 
 
 def build_gpt_model(

@@ -172,7 +172,7 @@ RANGES_TABLE = """
     (0, inf)  critic.cliprange_value
     [1, inf)  model.max_seq_len parallel.tensor_model_parallel_size
     [0, inf)  model.moe_aux_loss_coeff model.moe_z_loss_coeff
-    [1, inf)  parallel.expert_model_parallel_size
+    [1, inf)  parallel.expert_model_parallel_size parallel.context_parallel_size
     [1, inf)  parallel.pipeline_model_parallel_size parallel.virtual_pipeline_model_parallel_size
     [1, inf)  rollout.tensor_model_parallel_size rollout.n rollout.response_length
     [0, inf)  rollout.temperature
@@ -247,8 +247,19 @@ def _training_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[st
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     vpp = p.virtual_pipeline_model_parallel_size
     tp_key, pp_key = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"
-    if world % (tp * pp):
-        yield f"{tp_key} × {pp_key}: {tp}×{pp} = {tp * pp} does not divide the world size {world}"
+    cp, cp_key = p.context_parallel_size, "parallel.context_parallel_size"
+    if world % (tp * pp * cp):
+        yield (
+            f"{tp_key} × {pp_key} × {cp_key}: {tp}×{pp}×{cp} = {tp * pp * cp} does not divide"
+            f" the world size {world}"
+        )
+    if cp > 1:
+        if cfg.model.pack_sequences:
+            yield f"{cp_key}: not with model.pack_sequences (packed rows are not split over CP)"
+        if cfg.model.layer_spec == "local":
+            yield f"{cp_key}: needs layer_spec sdpa, te or auto (local has no CP attention)"
+        if cfg.actor.router_replay:
+            yield f"{cp_key}: not with actor.router_replay"
     for what, count in (
         ("attention heads", m.num_attention_heads),
         ("KV heads", m.num_query_groups),
@@ -273,7 +284,7 @@ def _training_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[st
         yield f"parallel.sequence_parallel: an MoE model at {tp_key}={tp} needs it true"
     ep, ep_key = p.expert_model_parallel_size, "parallel.expert_model_parallel_size"
     if ep > 1:
-        dp = world // (tp * pp) if world % (tp * pp) == 0 else None
+        dp = world // (tp * pp * cp) if world % (tp * pp * cp) == 0 else None
         if not m.is_moe:
             yield f"{ep_key}: {ep} needs a mixture-of-experts model ({m.arch} is dense)"
         elif m.num_experts % ep:
@@ -365,6 +376,7 @@ def _fsdp2(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
         "tensor_model_parallel_size",
         "pipeline_model_parallel_size",
         "expert_model_parallel_size",
+        "context_parallel_size",
     ):
         if getattr(p, key) != 1:
             yield f"parallel.{key}: the fsdp2 strategy is data parallel only (set 1)"
@@ -404,9 +416,12 @@ def _routing_replay(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str
 @rule
 def _batch_sizes(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
     p = cfg.parallel
-    if world % (p.tensor_model_parallel_size * p.pipeline_model_parallel_size):
+    model_parallel = (
+        p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    )
+    if world % model_parallel:
         return  # reported by _training_layout; DP is undefined
-    dp = world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    dp = world // model_parallel
     bsz, n = cfg.data.train_batch_size, cfg.rollout.n
     if (bsz * n) % dp:
         yield (

@@ -54,3 +54,20 @@ def test_packed_actor_matches_transformers(layout, torchrun, tiny_ckpt):
     res = torchrun("actor_check.py", nproc, arch, *map(str, layout_args), env={"PACK": "1"})
     assert res["logprob_err"] < TOL and res["entropy_err"] < TOL, res
     assert all(err < TOL for err in res["param_err"].values()), res
+
+
+@pytest.mark.parametrize(
+    "layout",
+    some_slow({"cp2": "tp1", "cp2_tp2_sp": "tp2_sp", "cp2_pp2": "pp2"}, {"cp2_tp2_sp", "cp2_pp2"}),
+)
+def test_context_parallel_actor_matches_transformers(layout, torchrun, tiny_ckpt):
+    """parallel.context_parallel_size=2: each sequence's two chunks per rank, K/V gathered over
+    CP, response rows gathered before the LM head; the same references as CP 1, so CP 2
+    equals CP 1 to 1e-5 (log-probs, entropy, one update), alone, with TP 2 + SP and with PP 2
+    (those on 4 ranks)."""
+    base = {"cp2": "tp1", "cp2_tp2_sp": "tp2_sp", "cp2_pp2": "pp2"}[layout]
+    nproc, arch, *layout_args = LAYOUTS[base]
+    tiny_ckpt(arch)
+    res = torchrun("actor_check.py", nproc * 2, arch, *map(str, layout_args), env={"CP": "2"})
+    assert res["logprob_err"] < TOL and res["entropy_err"] < TOL, res
+    assert all(err < TOL for err in res["param_err"].values()), res

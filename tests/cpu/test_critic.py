@@ -70,6 +70,16 @@ def test_packed_critic_and_dynamic_batching(layout, torchrun, tiny_ckpt):
     _check_numbers(res, checks)
 
 
+@pytest.mark.slow  # the actor at CP 2 is in the fast set (test_actor.py)
+def test_context_parallel_critic_and_dynamic_batching(torchrun, tiny_ckpt):
+    """parallel.context_parallel_size=2: values and one critic update equal plain PyTorch,
+    token-budget micro-batches equal fixed ones."""
+    tiny_ckpt("tiny_llama")
+    checks = "critic,dynamic"
+    res = torchrun("critic_check.py", 2, "tiny_llama", "1", "1", "0", checks, env={"CP": "2"})
+    _check_numbers(res, checks)
+
+
 def test_critic_and_reference_interleaved_vpp(torchrun, tiny_ckpt):
     """PP 2 × 2 VPP chunks: the value head sits on the last chunk of the last stage."""
     tiny_ckpt("tiny_llama")

@@ -138,6 +138,13 @@ CASES = {
         "actor.use_dynamic_bsz=true",
         "actor.max_tokens_per_microbatch=256",
     ],
+    # context parallelism 2: each sequence split over both ranks, K/V gathered per layer
+    "ppo-cp2": [
+        "algorithm=ppo",
+        "parallel=single",
+        "parallel.context_parallel_size=2",
+        "rollout=hf",
+    ],
     "grpo-qwen3-tp2-vllm-tp2": [
         "model=tiny_qwen3",
         "algorithm=grpo",

@@ -197,14 +197,20 @@ class Layout:
     critic: bool
     ref_resident: bool
     """A reference model is used (KL) and its weights stay on the GPU."""
+    cp: int = 1
+    """Context parallel: each rank holds 1/CP of every sequence's tokens."""
     fsdp_roles: frozenset = frozenset()
     """Roles trained with the fsdp2 strategy ("actor" also covers the reference, "critic")."""
 
 
 def layout_of(cfg: TandemConfig, world: int, m: ModelArgs) -> Layout:
     p = cfg.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    dp = world // (tp * pp)
+    tp, pp, cp = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+    )
+    dp = world // (tp * pp * cp)
     uses_ref = cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
     return Layout(
         m=m,
@@ -214,9 +220,10 @@ def layout_of(cfg: TandemConfig, world: int, m: ModelArgs) -> Layout:
         vpp=p.virtual_pipeline_model_parallel_size,
         dp=dp,
         ep=p.expert_model_parallel_size,
+        cp=cp,
         sp=p.sequence_parallel,
         dtype_bytes=DTYPE_BYTES[cfg.model.dtype],
-        optim_shards=dp if p.use_distributed_optimizer else 1,
+        optim_shards=dp * cp if p.use_distributed_optimizer else 1,  # megatron shards over DP×CP
         bf16=cfg.model.dtype == "bfloat16",
         seq_len=cfg.data.max_prompt_length + cfg.rollout.response_length,
         critic=uses_critic(cfg.algorithm),

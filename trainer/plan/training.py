@@ -149,10 +149,22 @@ def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
     update = [
         term(
             "activations in flight",
-            in_flight * tokens * per_token,
-            f"{in_flight:g} layer·micro-batches × {micro_note} × {per_token / 1024:.1f} KiB",
+            in_flight * tokens * per_token / lay.cp,
+            f"{in_flight:g} layer·micro-batches × {micro_note}"
+            + (f" / CP {lay.cp}" if lay.cp > 1 else "")
+            + f" × {per_token / 1024:.1f} KiB",
         )
     ]
+    if lay.cp > 1:  # each layer keeps the whole sequence's K/V, gathered over CP, for backward
+        kv = 2 * (m.num_query_groups // lay.tp) * m.kv_channels * lay.dtype_bytes
+        update.append(
+            term(
+                "K/V gathered over CP",
+                in_flight * tokens * kv,
+                f"{in_flight:g} layer·micro-batches × {tokens} tokens × K and V"
+                f" ({m.num_query_groups // lay.tp} heads × {m.kv_channels}) × {lay.dtype_bytes} B",
+            )
+        )
     if last:
         update.append(
             term(

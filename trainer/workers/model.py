@@ -78,6 +78,7 @@ class ModelWorker:
             "seq_multiple": D.tp_size() if self.config.sequence_parallel else 1,
             "count_multiple": D.pp_size() if len(self.chunks) > 1 else 1,
             "pack": self.pack_sequences,
+            "context_parallel": (D.cp_size(), D.cp_rank()),
         }
 
     def run_micro_batches(
@@ -85,11 +86,11 @@ class ModelWorker:
     ) -> list[dict]:
         """Through megatron's schedule (1F1B / interleaved VPP / no pipelining, megatron's
         choice); `loss_fn` runs on the last stage. Megatron divides each micro-batch loss by
-        the number of micro-batches; loss functions here already return their share of the
-        mini-batch loss (global normalisers), so that division is undone."""
+        the number of micro-batches (and multiplies it by CP); loss functions here already
+        return their share of the mini-batch loss (global normalisers), so both are undone."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        n = len(micro_batches)
+        n, cp = len(micro_batches), D.cp_size()
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
@@ -106,7 +107,9 @@ class ModelWorker:
 
             def loss_func(out):
                 loss, extra = loss_fn(mb, out)
-                return loss * n, extra
+                # megatron scales each rank's loss by CP (its CP ranks hold partial losses);
+                # here every CP rank computes the whole loss (response rows gathered over CP)
+                return loss * n / cp, extra
 
             return output, loss_func
 
@@ -115,7 +118,8 @@ class ModelWorker:
             # longest (the padding is a sequence of its own)
             longest = max(mb.input_ids.shape[1] for mb in micro_batches)
             micro_batches = [pad_to_length(mb, longest) for mb in micro_batches]
-        seq = max(mb.input_ids.shape[1] for mb in micro_batches)
+        # megatron's schedule takes the whole sequence's length (it divides by CP itself)
+        seq = max(mb.input_ids.shape[1] for mb in micro_batches) * D.cp_size()
         mbs = max(mb.input_ids.shape[0] for mb in micro_batches)
         with cpu_compat.megatron_device_scope():
             return get_forward_backward_func()(

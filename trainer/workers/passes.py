@@ -29,6 +29,7 @@ from trainer.workers.sequences import (
     first_fit_decreasing,
     pad_to_length,
     split_by_token_budget,
+    split_for_context_parallel,
 )
 
 # [B, R] per-token fields that travel with each micro-batch into the loss functions.
@@ -110,12 +111,14 @@ def make_micro_batches(
     count_multiple: int = 1,
     with_routing: bool = False,
     pack: bool = False,
+    context_parallel: tuple[int, int] = (1, 0),
 ) -> list[AlignedMicroBatch]:
     """Fixed-size micro-batches, or token-budget ones when max_tokens is set.
 
     `with_routing`: the micro-batches carry the batch's `routed_experts` (R3). `pack`: each
     micro-batch is its rows packed into one (sequences.pack_rows), and a token budget counts
-    real tokens, not rows × the longest.
+    real tokens, not rows × the longest. `context_parallel` (CP size, rank): each micro-batch
+    cut to this rank's two chunks of every row (sequences.split_for_context_parallel).
 
     `count_multiple`: megatron's interleaved (VPP) schedule needs the number of micro-batches
     to be a multiple of PP; when it is not, rows are re-cut into that many near-equal groups.
@@ -142,13 +145,14 @@ def make_micro_batches(
                 "micro-batches (interleaved pipeline schedule)"
             )
         groups = [range(t[0], t[-1] + 1) for t in torch.arange(len(batch)).tensor_split(count)]
+    cp, cp_rank = context_parallel
     out = align_micro_batches(
         batch["input_ids"],
         batch["attention_mask"],
         batch["response_mask"],
         {k: batch[k] for k in PER_TOKEN_FIELDS if k in batch},
         groups,
-        seq_multiple,
+        seq_multiple * (2 * cp if cp > 1 else 1),
         device=cpu_compat.device(),
         routing=batch["routed_experts"] if with_routing else None,
         pack=pack,
@@ -157,6 +161,8 @@ def make_micro_batches(
         # megatron's interleaved schedule assumes one activation shape for all micro-batches.
         longest = max(mb.input_ids.shape[1] for mb in out)
         out = [pad_to_length(mb, longest) for mb in out]
+    if cp > 1:
+        out = [split_for_context_parallel(mb, cp, cp_rank) for mb in out]
     return MicroBatches(out, order)
 
 

@@ -29,10 +29,20 @@ class AlignedMicroBatch:
     multiple after them); [rows (+1 for that padding) + 1] int32 start offsets. response_index
     then holds [b, R] positions in the packed row. None: one padded row per sequence."""
 
+    context_parallel: tuple[int, int] | None = None
+    """(CP size, this rank): input_ids holds chunks r and 2·CP-1-r of each row's 2·CP
+    (`split_for_context_parallel`); response_index keeps whole-row positions."""
+
     @property
     def position_ids(self) -> torch.Tensor:
         b, s = self.input_ids.shape
         positions = torch.arange(s, device=self.input_ids.device)
+        if self.context_parallel is not None:
+            cp, rank = self.context_parallel
+            c = s // 2
+            positions = torch.cat(
+                [positions[:c] + rank * c, positions[:c] + (2 * cp - 1 - rank) * c]
+            )
         if self.cu_seqlens is None:
             return positions.expand(b, s)
         starts = self.cu_seqlens[:-1].long()  # positions restart with each packed sequence
@@ -151,6 +161,27 @@ def pack_rows(
         {k: v[lo:hi, :resp_len] for k, v in fields.items()},
         routed,
         bounds.to(torch.int32),
+    )
+
+
+def split_for_context_parallel(mb: AlignedMicroBatch, cp: int, rank: int) -> AlignedMicroBatch:
+    """This CP rank's share of an aligned micro-batch whose length is a multiple of 2·CP:
+    chunks r and 2·CP-1-r of each row (megatron's causal load balance: every rank gets one
+    early and one late chunk). The [b, R] side stays whole: the model gathers the response
+    rows over CP (tandem_core/models.py)."""
+    c = mb.input_ids.shape[1] // (2 * cp)
+    last = 2 * cp - 1 - rank
+    ids = torch.cat(
+        [mb.input_ids[:, rank * c : (rank + 1) * c], mb.input_ids[:, last * c : (last + 1) * c]],
+        dim=1,
+    )
+    return AlignedMicroBatch(
+        ids.contiguous(),
+        mb.response_index,
+        mb.labels,
+        mb.response_mask,
+        mb.fields,
+        context_parallel=(cp, rank),
     )
 
 

@@ -48,8 +48,10 @@ def hf_logprobs(model, data: dict, temperature: float = 1.0):
 def reference_ppo_step(
     model, data: dict, cfg, lr: float, eps: float, clip_grad: float, mini_batch: int
 ):
-    """The actor's update as plain PyTorch: same loss, torch AdamW, global-norm clipping."""
+    """The actor's update as plain PyTorch: same loss, torch AdamW, global-norm clipping.
+    Returns each step's gradient norm before clipping."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=eps, weight_decay=0.0)
+    norms = []
     for start in range(0, data["input_ids"].shape[0], mini_batch):
         mini = {k: v[start : start + mini_batch] for k, v in data.items()}
         opt.zero_grad()
@@ -72,5 +74,6 @@ def reference_ppo_step(
                 kl, mini["response_mask"], cfg.loss_agg_mode
             )
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)))
         opt.step()
+    return norms

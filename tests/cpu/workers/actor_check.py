@@ -4,11 +4,13 @@ usage: actor_check.py ARCH TP PP SP(0|1) [VPP [EP]]   (VPP 0: none; EP: expert p
        STRATEGY=fsdp2 actor_check.py ARCH 1 1 0        (FSDP2 over every rank, data parallel)
        PACK=1 actor_check.py ...   (megatron with packed micro-batches: the same checks, so
                                     packed equals padded through the same references)
+       CP=2 actor_check.py ...     (megatron with context parallelism 2: CP2 equals CP1 so)
 Checks (asserted here, on every rank):
 1. compute_log_prob: log-probs and entropy equal transformers' to 1e-5 (micro-batches of 3,
    and one micro-batch of 8 through actor.log_prob_micro_batch_size);
 2. update_policy (2 mini-batches, PPO clip + entropy + k3 KL loss) gives the same parameters
-   as the plain PyTorch reference (AdamW, clipping) to 1e-5, with micro-batch size 1 and 4;
+   as the plain PyTorch reference (AdamW, clipping) to 1e-5, and the same gradient norms
+   before clipping (1e-4 relative), with micro-batch size 1 and 4;
 3. forward-only passes leave the model in eval mode, and an update after one runs in train
    mode;
 4. (fsdp2) the update also equals the megatron path's update on the same data to 1e-5.
@@ -56,6 +58,7 @@ def hf_named_params(worker, args):
 
 STRATEGY = os.environ.get("STRATEGY", "megatron")
 PACK = os.environ.get("PACK") == "1"  # megatron: micro-batches packed into one row each
+CP = int(os.environ.get("CP", "1"))  # megatron: context parallel size
 
 
 def build_worker(args, hf_dir, parallel, optim=None, strategy=STRATEGY):
@@ -110,6 +113,7 @@ def main():
         virtual_pipeline_model_parallel_size=vpp,
         sequence_parallel=sp,
         expert_model_parallel_size=ep,
+        context_parallel_size=CP,
     )
     D.init_model_parallel(parallel)
     from transformers import AutoModelForCausalLM
@@ -149,7 +153,8 @@ def main():
         clip_ratio_high=0.28,
     )
     before = {k: v.detach().clone() for k, v in per_expert(dict(hf.named_parameters())).items()}
-    reference_ppo_step(hf, {**data, **extra}, cfg, LR, EPS, CLIP, mini_batch=4)
+    ref_norms = reference_ppo_step(hf, {**data, **extra}, cfg, LR, EPS, CLIP, mini_batch=4)
+    ref_norm = sum(ref_norms) / len(ref_norms)
     want = per_expert(dict(hf.named_parameters()))
     moved = min((want[k].detach() - before[k]).abs().max().item() for k in before)
     assert moved > 1e-4, f"the reference step left a tensor unchanged ({moved})"
@@ -158,8 +163,11 @@ def main():
         worker = build_worker(args, hf_dir, parallel, optim=cfg.optim)
         actor = PolicyActor(worker, replace(cfg, micro_batch_size=mbs))
         actor.compute_log_prob(batch)  # leaves the model in eval mode; the update switches back
-        actor.update_policy(Batch.from_dict({**data, **extra}, meta_info={"n": 1}))
+        metrics = actor.update_policy(Batch.from_dict({**data, **extra}, meta_info={"n": 1}))
         assert in_train_mode(worker), "an update ran outside train mode"
+        # Adam's step hides a gradient's scale; the norm before clipping does not
+        norm_err = abs(metrics["actor/grad_norm"] / ref_norm - 1)
+        assert norm_err < 1e-4, (mbs, metrics["actor/grad_norm"], ref_norm)
         got = trained_params(worker, args)
         err = max((got[k] - want[k].detach()).abs().max().item() for k in got)
         errors[mbs] = err

@@ -3,7 +3,8 @@ megatron-core vs plain transformers/PyTorch, for one parallel layout (one launch
 
 usage: critic_check.py ARCH TP PP SP(0|1) CHECKS [VPP]   CHECKS: comma list of
        (STRATEGY=fsdp2: the FSDP2 workers over every rank, TP = PP = 1; critic and dynamic)
-       (PACK=1: megatron with packed micro-batches; critic and dynamic)
+       (PACK=1: megatron with packed micro-batches; CP=2: context parallel 2; critic and
+       dynamic)
   critic   compute_values equals HF backbone + linear head to 1e-5; one critic update (two
            mini-batches, clipped value loss) gives the parameters of plain PyTorch (AdamW,
            clipping) to 1e-5 and reports the same vf_loss;
@@ -55,6 +56,7 @@ TOL = 1e-5
 
 STRATEGY = os.environ.get("STRATEGY", "megatron")
 PACK = os.environ.get("PACK") == "1"  # megatron: micro-batches packed into one row each
+CP = int(os.environ.get("CP", "1"))  # megatron: context parallel size
 
 
 def build_worker(args, hf_dir, parallel, value_head=False, optim=None):
@@ -377,6 +379,7 @@ def main():
         pipeline_model_parallel_size=pp,
         sequence_parallel=sp,
         virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=CP,
     )
     D.init_model_parallel(parallel)
     from transformers import AutoModelForCausalLM
