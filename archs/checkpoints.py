@@ -292,16 +292,10 @@ def convert_gguf_to_hf(
     tokenizer's eos, written beside it to generation_config.json, where engines read stops."""
     import numpy as np
     import torch
-    from gguf import GGUFReader
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     src_dir, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    # transformers' GGUF tokenizer drops the file's add_bos_token (Gemma's is true: without
-    # its <bos> the model babbles).
-    add_bos = GGUFReader(gguf_path).fields.get("tokenizer.ggml.add_bos_token")
-    if add_bos is not None and add_bos.contents():
-        tokenizer.add_bos_token = True
+    tokenizer = gguf_tokenizer(gguf_path)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
@@ -333,3 +327,182 @@ def convert_gguf_to_hf(
         tokenizer.save_pretrained(tmp)
 
     return _write_atomic(Path(out_dir), write)
+
+
+# ---- GGUF tokenizers -------------------------------------------------------------------------
+_GGUF_NUMBERS = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?"}
+_GGUF_NUMBERS |= {10: "<u8", 11: "<i8", 12: "<f8"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+"""The value types of GGUF metadata (the GGUF spec's `gguf_type`), little-endian."""
+
+_SP_NORMAL, _SP_CONTROL, _SP_USER_DEFINED = 1, 3, 4
+"""`tokenizer.ggml.token_type`: SentencePiece's piece types (6 is a byte, <0x00>..<0xFF>)."""
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict:
+    """A GGUF's key-value metadata, its tensors left unread: numbers as Python scalars, numeric
+    arrays as numpy arrays, strings (in arrays too) as str. gguf's `GGUFReader` indexes every
+    tensor and array element first: half a minute on Gemma 3's 262,144 tokens, this a second."""
+    import mmap
+    import struct
+
+    import numpy as np
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file")
+        version, _, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} (read: 2 and 3, little-endian)")
+        pos = 24
+
+        def string() -> str:
+            nonlocal pos
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            pos += 8 + n
+            return buf[pos - n : pos].decode("utf-8")
+
+        def value(kind: int):
+            nonlocal pos
+            if kind == _GGUF_STRING:
+                return string()
+            if kind == _GGUF_ARRAY:
+                item, n = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if item in (_GGUF_STRING, _GGUF_ARRAY):
+                    return [value(item) for _ in range(n)]
+                array = np.frombuffer(buf, _GGUF_NUMBERS[item], n, pos).copy()
+                pos += array.nbytes
+                return array
+            dtype = np.dtype(_GGUF_NUMBERS[kind])
+            number = np.frombuffer(buf, dtype, 1, pos)[0].item()
+            pos += dtype.itemsize
+            return number
+
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            (kind,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            meta[key] = value(kind)
+        return meta
+
+
+def gguf_tokenizer(gguf_path: Path):
+    """The GGUF's tokenizer, from its metadata alone (no weight is read): a SentencePiece BPE
+    vocabulary (Gemma's) built here, any other by transformers."""
+    meta = read_gguf_metadata(gguf_path)
+    if is_sentencepiece_bpe(meta):
+        return sentencepiece_bpe_tokenizer(meta)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # transformers' GGUF tokenizer drops the file's add_bos_token.
+    if meta.get("tokenizer.ggml.add_bos_token"):
+        tokenizer.add_bos_token = True
+    return tokenizer
+
+
+def is_sentencepiece_bpe(meta: dict) -> bool:
+    """A SentencePiece BPE vocabulary (llama.cpp's `llama` tokenizer) that lists no merges and
+    adds no dummy prefix: Gemma's. Other GGUFs (SmolLM2's byte-level BPE) go to transformers."""
+    return (
+        meta.get("tokenizer.ggml.model") == "llama"
+        and "tokenizer.ggml.merges" not in meta
+        and meta.get("tokenizer.ggml.add_space_prefix") is False
+    )
+
+
+def sentencepiece_bpe_tokenizer(meta: dict):
+    """The GGUF's SentencePiece BPE tokenizer, rebuilt as SentencePiece encodes: spaces become
+    "▁" and the whole text is one sequence of pieces; the adjacent pair whose joined piece
+    scores highest merges first (the merges below: every split of a piece into two pieces,
+    ranked by its score); user-defined pieces ("\\n\\n", "▁▁", "<table>") are matched whole
+    first and never merge; a character outside the vocabulary falls back to its bytes.
+
+    Written by hand because transformers' GGUF converter gets Gemma's wrong in some releases:
+    5.17's (`GGUFGemmaConverter`, integrations/ggml.py; the GPU image's) builds a Unigram model
+    over the file's scores, which are merge ranks, not log-probabilities ("user" → "us", "er"),
+    without the control tokens; saved, its tokenizer.json reloads as a `GemmaTokenizer`, whose
+    __init__ rebuilds a BPE from that vocabulary with no merges: one token a character,
+    <start_of_turn> spelled out too (101 tokens for Gemma 3's 25-token arithmetic prompt). 5.19
+    (integrations/gguf/gguf_tokenizer_mapping.py) gets it right; the preset must not depend on
+    which one built it. Saved as a plain `PreTrainedTokenizerFast`, whose tokenizer.json is
+    loaded as written, not rebuilt by a model class."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    # llama.cpp stores a whitespace-only piece with real spaces; SentencePiece (and the text
+    # the model sees here, once spaces are "▁") spells it "▁▁".
+    tokens = ["▁" * len(t) if t and not t.strip(" ") else t for t in meta["tokenizer.ggml.tokens"]]
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("GGUF tokenizer: the vocabulary repeats a piece")
+    scores = meta["tokenizer.ggml.scores"].tolist()
+    types = meta["tokenizer.ggml.token_type"].tolist()
+
+    mergeable = [i for i, kind in enumerate(types) if kind in (_SP_NORMAL, _SP_USER_DEFINED)]
+    rank = {tokens[i]: r for r, i in enumerate(sorted(mergeable, key=lambda i: (-scores[i], i)))}
+    ranked = []
+    for piece, piece_rank in rank.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in rank and right in rank:
+                ranked.append((piece_rank, rank[left], rank[right], left, right))
+    ranked.sort()
+
+    def token(key: str) -> str | None:
+        index = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return None if index is None else tokens[index]
+
+    bos, eos, unk, pad = token("bos"), token("eos"), token("unknown"), token("padding")
+    backend = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=[(left, right) for *_, left, right in ranked],
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    raw = meta["tokenizer.ggml.tokens"]
+    backend.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, kind in zip(tokens, types, strict=True)
+            if kind == _SP_CONTROL
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=t != r)  # "▁▁" matches "  ", once normalized
+            for t, r, kind in zip(tokens, raw, types, strict=True)
+            if kind == _SP_USER_DEFINED
+        ]
+    )
+    # Gemma's add_bos_token is true: without its <bos> the model babbles.
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+
+    def template(seq: str, type_id: int) -> list[str]:
+        return (
+            [f"{bos}:{type_id}"] * add_bos + [f"{seq}:{type_id}"] + [f"{eos}:{type_id}"] * add_eos
+        )
+
+    backend.post_processor = processors.TemplateProcessing(
+        single=template("$A", 0),
+        pair=template("$A", 0) + template("$B", 1),
+        special_tokens=[(t, tokens.index(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=unk,
+        pad_token=pad,
+        add_bos_token=add_bos,
+        add_eos_token=add_eos,
+    )

@@ -194,6 +194,52 @@ def test_a_missing_wheel_names_what_to_install(monkeypatch, tmp_path):
     assert not (tmp_path / "gemma3_270m").exists()
 
 
+# ---- the tokenizer ----------------------------------------------------------------------------
+ARITHMETIC = [{"role": "user", "content": "What is 47 + 38? Answer with the number only."}]
+ARITHMETIC_PIECES = (
+    ["<bos>", "<start_of_turn>", "user", "\n", "What", "▁is", "▁", "4", "7", "▁+", "▁", "3", "8"]
+    + ["?", "▁Answer", "▁with", "▁the", "▁number", "▁only", ".", "<end_of_turn>", "\n"]
+    + ["<start_of_turn>", "model", "\n"]
+)
+"""Gemma 3's pieces for a GRPO arithmetic prompt: 25. transformers 5.17's GGUF converter gave
+101, one a character (<start_of_turn> spelled out too), and the run learned nothing."""
+
+
+def chat_pieces(tok, messages) -> list[str]:
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # transformers 5: a BatchEncoding
+    return tok.convert_ids_to_tokens(ids)
+
+
+def test_the_gguf_tokenizer_is_gemmas(tmp_path):
+    """The preset's tokenizer, built from the GGUF's metadata alone (seconds: no weight is
+    de-quantised) and read back as a run reads it. The pieces are SentencePiece's own encoding
+    of the file's vocabulary (a ModelProto rebuilt from it, checked on the repo's sources)."""
+    from transformers import AutoTokenizer
+
+    gguf = gemma3.assemble_gemma3_gguf(tmp_path)
+    checkpoints.gguf_tokenizer(gguf).save_pretrained(tmp_path / "tokenizer")
+    gguf.unlink()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    tok.chat_template = gemma3.CHAT_TEMPLATE
+    assert len(tok) == gemma3.GEMMA3_270M.vocab_size
+    assert chat_pieces(tok, ARITHMETIC) == ARITHMETIC_PIECES
+    assert tok("One, two").input_ids == [tok.bos_token_id, 4906, 236764, 1156]
+
+    def pieces(text: str) -> list[str]:
+        return tok.convert_ids_to_tokens(tok(text, add_special_tokens=False).input_ids)
+
+    # Runs of spaces and newlines are single pieces, digits one each, a character outside the
+    # vocabulary its UTF-8 bytes.
+    assert pieces("a   b\n\nc") == ["a", "▁▁▁", "b", "\n\n", "c"]
+    assert pieces("naïve café — 3.14%") == (
+        ["na", "ï", "ve", "▁café", "▁—", "▁", "3", ".", "1", "4", "%"]
+    )
+    assert pieces("x\U0001f9ccy") == ["x", "<0xF0>", "<0x9F>", "<0xA7>", "<0x8C>", "y"]
+    for text in ["47 + 38 = 85", "  two spaces\tand a tab\n\n", "你好，世界 🙂 x\U0001f9ccy"]:
+        assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+
+
 # ---- the real model ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_gemma3_270m_preset_builds_and_speaks(cache_dir):
@@ -238,3 +284,20 @@ def test_gemma3_270m_preset_builds_and_speaks(cache_dir):
             logp = torch.log_softmax(model(prompt).logits[0, -1], -1)
         others = max(logp[i] for c, i in ids.items() if c != capital)
         assert logp[ids[capital]] > others + 2.0, country
+
+
+@pytest.mark.slow
+def test_gemma3_270m_reads_prompts_as_its_weights_do(cache_dir):
+    """The built directory's tokenizer, chat template included, is the one the weights learned:
+    sums the pretrained 270M can do come out right (seen: 47 + 38 it cannot, chat or not: 71)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_dir = archs.ensure_preset_dir("gemma3_270m", cache_dir)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    assert chat_pieces(tok, ARITHMETIC) == ARITHMETIC_PIECES
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    for prompt, answer in [("1 + 1 =", " 2\n"), ("10 + 20 =", " 30\n")]:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert tok.decode(out[0, ids.shape[1] :]).startswith(answer), prompt
