@@ -40,8 +40,14 @@ def sync_vs_copy(manager, rollout, repeat: int) -> dict:
     if gathered is not None:
         gathered.gather()
     rollout.wake_up()  # the engine sleeps outside the manager's block (from its construction)
+    # The bytes the engine receives: FSDP2 at DP 1 hands out its fp32 tensors, which the
+    # sync's copies cast to the engine's dtype; the baseline copies that dtype's bytes.
+    engine_dtype = getattr(manager.worker, "compute_dtype", None)
     with torch.no_grad():
-        pairs = [(n, t.detach().clone()) for n, t in manager.hf_weights()]
+        pairs = [
+            (n, t.detach().to(dtype=engine_dtype or t.dtype, copy=True))
+            for n, t in manager.hf_weights()
+        ]
     nbytes = sum(t.numel() * t.element_size() for _, t in pairs)
     dst = [torch.empty_like(t) for _, t in pairs]
 

@@ -249,10 +249,10 @@ def _training_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[st
     tp_key, pp_key = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"
     cp, cp_key = p.context_parallel_size, "parallel.context_parallel_size"
     if world % (tp * pp * cp):
-        yield (
-            f"{tp_key} × {pp_key} × {cp_key}: {tp}×{pp}×{cp} = {tp * pp * cp} does not divide"
-            f" the world size {world}"
-        )
+        keys, sizes = f"{tp_key} × {pp_key}", f"{tp}×{pp}"
+        if cp > 1:
+            keys, sizes = f"{keys} × {cp_key}", f"{sizes}×{cp}"
+        yield f"{keys}: {sizes} = {tp * pp * cp} does not divide the world size {world}"
     if cp > 1:
         if cfg.model.pack_sequences:
             yield f"{cp_key}: not with model.pack_sequences (packed rows are not split over CP)"
@@ -363,7 +363,7 @@ def _megatron_builds_the_model(cfg: TandemConfig, world: int, m: ModelArgs) -> I
 def _fsdp2(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
     """FSDP2 is data parallel only, over the transformers model; its settings need it."""
     if cfg.actor.strategy != "fsdp2":
-        for key in ("activation_checkpointing", "param_offload", "compile_layers"):
+        for key in ("activation_checkpointing", "param_offload"):
             if getattr(cfg.actor, key):
                 yield f"actor.{key}: an fsdp2 setting (actor.strategy is {cfg.actor.strategy})"
     if "fsdp2" not in (

@@ -286,8 +286,9 @@ def test_hermes_parser():
 
 @pytest.mark.parametrize(
     "backend,rollout_tp",
+    # the slow set: test_trainer_e2e's GRPO with tools checks every sync on conversations
     [
-        ("vllm", 1),
+        pytest.param("vllm", 1, marks=pytest.mark.slow),
         pytest.param("hf", 1, marks=pytest.mark.slow),
         pytest.param("vllm", 2, marks=pytest.mark.slow),
     ],

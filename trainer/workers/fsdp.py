@@ -267,7 +267,8 @@ def build_fsdp_worker(
     """The checkpoint in `hf_dir` as a transformers model (a causal LM, or with `value_head`
     its backbone under a `ValueModel`), sharded by FSDP2 over the data-parallel ranks
     (megatron's groups are initialised at TP = PP = 1, so D.dp_group() is every rank); with an
-    optimizer when `optim` is given; `compile_layers`: each decoder layer's forward compiled. `random_init`: transformers' own init from the directory's
+    optimizer when `optim` is given; `compile_layers`: each decoder layer's forward compiled
+    (CUDA only). `random_init`: transformers' own init from the directory's
     config (model.random_init: shape presets, benchmarks), the same on every rank."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -289,7 +290,7 @@ def build_fsdp_worker(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
-    if compile_layers:
+    if compile_layers and cpu_compat.cuda_available():
         # Each decoder layer's forward through torch.compile (torchtitan's per-block compile):
         # norms, RoPE and the gated MLP fuse into a few kernels. The forward alone, so that
         # FSDP2's hooks around it stay eager and parameter names keep their HF form.
