@@ -58,7 +58,8 @@ def test_fsdp2_critic_and_dynamic_batching(nproc, torchrun, tiny_ckpt):
     _check_numbers(res, checks)
 
 
-@pytest.mark.parametrize("layout", some_slow(["1x1", "tp2_sp", "pp2"], {"tp2_sp", "pp2"}))
+@pytest.mark.slow  # packing's fast case is the actor's (test_actor.py)
+@pytest.mark.parametrize("layout", ["1x1", "tp2_sp", "pp2"])
 def test_packed_critic_and_dynamic_batching(layout, torchrun, tiny_ckpt):
     """model.pack_sequences: values and one critic update equal plain PyTorch; packed
     token-budget micro-batches (a budget of real tokens) equal fixed ones."""
