@@ -19,11 +19,13 @@ import functools
 import importlib.util
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
@@ -90,10 +92,12 @@ class SDPACoreAttention(MegatronModule):
     ):
         if attention_bias is not None:
             raise NotImplementedError("SDPACoreAttention: no attention bias")
+        if self.config.context_parallel_size > 1:
+            return context_parallel_attention(
+                query, key, value, self.softmax_scale, packed_seq_params
+            )
         if packed_seq_params is not None:  # THD: [t, heads, dim], sequences back to back
             return packed_attention(query, key, value, packed_seq_params, self.softmax_scale)
-        if self.config.context_parallel_size > 1:
-            return context_parallel_attention(query, key, value, self.softmax_scale)
         # Right-padded sequences only: causal attention is exact for the real tokens.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         out = F.scaled_dot_product_attention(
@@ -149,11 +153,21 @@ def packed_attention(query, key, value, packed, scale: float) -> torch.Tensor:
 
 # Written by hand: megatron's context parallelism lives in transformer-engine's attention
 # (ring exchange), which Tandem's fast path runs without.
-def context_parallel_attention(query, key, value, scale: float) -> torch.Tensor:
+@dataclass
+class ContextParallelPackedSeqParams(PackedSeqParams):
+    """A packed row cut over CP: cu_seqlens describe the whole row; `positions` are the RoPE
+    positions of this rank's tokens (each in its own sequence)."""
+
+    positions: torch.Tensor | None = None
+
+
+def context_parallel_attention(query, key, value, scale: float, packed=None) -> torch.Tensor:
     """Causal attention of this CP rank's two chunks of each sequence ([2c, b, heads, dim]:
     chunks r and 2·CP-1-r of 2·CP, megatron's load-balanced split) against the whole
     sequence's K/V, all-gathered over the CP group (autograd reduce-scatters their grads back).
-    Chunk g attends to the first (g+1)·c keys, causal from the bottom-right corner."""
+    Chunk g attends to the first (g+1)·c keys, causal from the bottom-right corner. A packed
+    row ([2c, heads, dim], `packed` its whole cu_seqlens) is cut as one sequence, and each
+    query also keeps to its own packed sequence (an explicit mask)."""
     from megatron.core import parallel_state as mpu
     from torch.nn.attention.bias import causal_lower_right
 
@@ -170,18 +184,35 @@ def context_parallel_attention(query, key, value, scale: float) -> torch.Tensor:
             order[j], order[2 * cp - 1 - j] = part[:c], part[c:]
         return torch.cat(order)
 
+    if packed is not None:  # THD [t, h, d] -> one row [t, 1, h, d]
+        query, key, value = (x[:, None] for x in (query, key, value))
     keys, values = whole(key), whole(value)
+    sequence = None
+    if packed is not None:
+        cu = packed.cu_seqlens_q.long()
+        sequence = torch.repeat_interleave(
+            torch.arange(len(cu) - 1, device=cu.device), cu.diff(), output_size=int(cu[-1])
+        )
     outs = []
     for half, chunk in ((0, rank), (1, 2 * cp - 1 - rank)):
         q = query[half * c : (half + 1) * c].permute(1, 2, 0, 3)  # [b, h, c, d]
         seen = (chunk + 1) * c
         k, v = (x[:seen].permute(1, 2, 0, 3) for x in (keys, values))
+        if sequence is None:
+            mask = causal_lower_right(c, seen)
+        else:
+            q_pos = chunk * c + torch.arange(c, device=q.device)
+            k_pos = torch.arange(seen, device=q.device)
+            mask = (k_pos[None] <= q_pos[:, None]) & (
+                sequence[q_pos][:, None] == sequence[k_pos][None]
+            )
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=causal_lower_right(c, seen), scale=scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )  # fmt: skip
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
         outs.append(out.permute(2, 0, 1, 3))  # [c, b, h, d]
     out = torch.cat(outs)
+    if packed is not None:
+        return out[:, 0].reshape(out.shape[0], -1)
     return out.reshape(out.shape[0], out.shape[1], -1)
 
 
@@ -274,9 +305,11 @@ class SDPASelfAttention(SelfAttention):
             rotary_pos_emb = (rotary_pos_emb, rotary_pos_emb)
         packed = kwargs.get("packed_seq_params")
         if packed is not None:  # each packed sequence's positions restart at 0
-            cu = packed.cu_seqlens_q
-            starts = cu[:-1].long().repeat_interleave(cu.diff().long())
-            positions = torch.arange(len(starts), device=starts.device) - starts
+            positions = getattr(packed, "positions", None)  # a CP rank's share: given
+            if positions is None:
+                cu = packed.cu_seqlens_q
+                starts = cu[:-1].long().repeat_interleave(cu.diff().long())
+                positions = torch.arange(len(starts), device=starts.device) - starts
             rotary_pos_emb = tuple(freqs[positions] for freqs in rotary_pos_emb)
         self._rotary_pos_emb = rotary_pos_emb
         try:
@@ -527,8 +560,12 @@ def response_rows_over_context_parallel(hidden, index, cp: int):
 
     group = mpu.get_context_parallel_group()
     local, mine = cp_local_positions(index, hidden.shape[0] // 2, cp, group.rank())
-    rows = local.clamp(max=hidden.shape[0] - 1).t()[:, :, None].expand(-1, -1, hidden.shape[-1])
-    picked = hidden.gather(0, rows) * mine.t()[:, :, None].to(hidden.dtype)
+    local = local.clamp(max=hidden.shape[0] - 1).t()  # [R, b]
+    if hidden.shape[1] == 1:  # one (packed) row: every index points into it
+        picked = hidden[:, 0][local]
+    else:
+        picked = hidden.gather(0, local[:, :, None].expand(-1, -1, hidden.shape[-1]))
+    picked = picked * mine.t()[:, :, None].to(hidden.dtype)
     return all_reduce_with_grad(picked, group)
 
 

@@ -145,6 +145,15 @@ CASES = {
         "parallel.context_parallel_size=2",
         "rollout=hf",
     ],
+    # GRPO on packed micro-batches cut over CP 2
+    "grpo-cp2-packed": [
+        "algorithm=grpo",
+        "parallel=single",
+        "parallel.context_parallel_size=2",
+        "model.pack_sequences=true",
+        "rollout=vllm",
+        "trainer.debug_check_weight_sync=true",
+    ],
     "grpo-qwen3-tp2-vllm-tp2": [
         "model=tiny_qwen3",
         "algorithm=grpo",

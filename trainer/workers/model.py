@@ -257,8 +257,10 @@ def packed_seq_params(mb: AlignedMicroBatch):
     from megatron.core import parallel_state as mpu
     from megatron.core.packed_seq_params import PackedSeqParams
 
+    from tandem_core.models import ContextParallelPackedSeqParams
+
     longest = mb.max_seqlen
-    return PackedSeqParams(
+    common = dict(
         qkv_format="thd",
         cu_seqlens_q=mb.cu_seqlens,
         cu_seqlens_kv=mb.cu_seqlens,
@@ -266,6 +268,10 @@ def packed_seq_params(mb: AlignedMicroBatch):
         max_seqlen_kv=longest,
         cp_group=mpu.get_context_parallel_group(),
     )
+    if mb.context_parallel is None:
+        return PackedSeqParams(**common)
+    # this rank holds two chunks of the packed row: its tokens' RoPE positions travel along
+    return ContextParallelPackedSeqParams(**common, positions=mb.position_ids[0])
 
 
 def _replayed_routers(chunks: list, moe: MoESettings) -> dict | None:

@@ -31,7 +31,8 @@ class AlignedMicroBatch:
 
     context_parallel: tuple[int, int] | None = None
     """(CP size, this rank): input_ids holds chunks r and 2·CP-1-r of each row's 2·CP
-    (`split_for_context_parallel`); response_index keeps whole-row positions."""
+    (`split_for_context_parallel`; a packed row is cut as one row, its cu_seqlens kept whole);
+    response_index keeps whole-row positions."""
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -45,8 +46,10 @@ class AlignedMicroBatch:
             )
         if self.cu_seqlens is None:
             return positions.expand(b, s)
-        starts = self.cu_seqlens[:-1].long()  # positions restart with each packed sequence
-        return (positions - starts.repeat_interleave(self.cu_seqlens.diff().long()))[None]
+        # positions restart with each packed sequence: less the start of the token's sequence
+        cu = self.cu_seqlens.long()
+        starts = cu[:-1].repeat_interleave(cu.diff(), output_size=int(cu[-1]))
+        return (positions - starts[positions])[None]
 
     @property
     def max_seqlen(self) -> int:
@@ -181,6 +184,7 @@ def split_for_context_parallel(mb: AlignedMicroBatch, cp: int, rank: int) -> Ali
         mb.labels,
         mb.response_mask,
         mb.fields,
+        cu_seqlens=mb.cu_seqlens,
         context_parallel=(cp, rank),
     )
 
