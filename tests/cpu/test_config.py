@@ -247,6 +247,21 @@ BAD = [
     (["algorithm.name=bogus"], 1, "algorithm.name"),
     # dynamic micro-batches of the critic
     (["algorithm=ppo", "critic.use_dynamic_bsz=true", "critic.max_tokens_per_microbatch=100"], 1, "critic.max_tokens_per_microbatch"),
+    # context parallelism and packing
+    (["parallel.context_parallel_size=2"], 3, TP),  # world 3, TP×PP×CP 2
+    (["parallel.context_parallel_size=2", "model.pack_sequences=true", "parallel=pp2"], 4, "parallel.context_parallel_size"),
+    (["parallel.context_parallel_size=2", "model.layer_spec=local"], 2, "parallel.context_parallel_size"),
+    (["parallel.context_parallel_size=2", "actor.strategy=fsdp2"], 2, "parallel.context_parallel_size"),
+    (["model.pack_sequences=true", "model.layer_spec=local"], 1, "model.pack_sequences"),
+    (["model.pack_sequences=true", "actor.strategy=fsdp2"], 1, "model.pack_sequences"),
+    (["parallel.context_parallel_size=0"], 1, "parallel.context_parallel_size"),
+    # multi-turn tools
+    (["rollout.multi_turn.enable=true"], 1, "rollout.multi_turn.tools"),
+    (["rollout.multi_turn.enable=true", "rollout.multi_turn.tools=[calculatr]"], 1, "rollout.multi_turn.tools"),
+    (["rollout.multi_turn.enable=true", "rollout.multi_turn.tools=[nomodule:tool]"], 1, "rollout.multi_turn.tools"),
+    (["rollout.multi_turn.enable=true", "rollout.multi_turn.tools=[calculator]", "rollout.multi_turn.format=json"], 1, "rollout.multi_turn.format"),
+    (["rollout.multi_turn.max_turns=0"], 1, "rollout.multi_turn.max_turns"),
+    (["rollout.multi_turn.tool_timeout_s=0"], 1, "rollout.multi_turn.tool_timeout_s"),
     # algorithm needs
     (["algorithm=grpo", "rollout.n=1"], 1, "rollout.n"),
     (["algorithm=dapo", "rollout.n=1"], 1, "rollout.n"),
