@@ -108,24 +108,28 @@ def _needs_reference(cfg: TandemConfig) -> bool:
     return cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
 
 
-@STRATEGIES.register("megatron")
-def megatron_policy(cfg: TandemConfig, args: ModelArgs, hf_dir: Path, steps: int):
+def megatron_settings(cfg: TandemConfig) -> dict:
+    """What every megatron role is built with (build_model_worker's keywords)."""
     m = cfg.model
-    moe = MoESettings(m.moe_experts, m.moe_aux_loss_coeff, m.moe_z_loss_coeff)
-    common = dict(
+    return dict(
         parallel=cfg.parallel,
         dtype=m.dtype,
         layer_spec=m.layer_spec,
-        moe=moe,
+        moe=MoESettings(m.moe_experts, m.moe_aux_loss_coeff, m.moe_z_loss_coeff),
         pack_sequences=m.pack_sequences,
     )
+
+
+@STRATEGIES.register("megatron")
+def megatron_policy(cfg: TandemConfig, args: ModelArgs, hf_dir: Path, steps: int):
+    m, common = cfg.model, megatron_settings(cfg)
     weights_dir = None if m.random_init else hf_dir  # None: megatron's random init
     actor_worker = build_model_worker(
         args,
         weights_dir,
         optim=cfg.actor.optim,
         total_optimizer_steps=steps * cfg.actor.ppo_epochs,
-        **{**common, "moe": replace(moe, router_replay=cfg.actor.router_replay)},
+        **{**common, "moe": replace(common["moe"], router_replay=cfg.actor.router_replay)},
     )
     ref_worker = None
     if _needs_reference(cfg):
@@ -211,15 +215,7 @@ def build_components(cfg: TandemConfig, run_dir: Path, args: ModelArgs) -> Compo
         ref = ReferencePolicy(
             policy.ref_worker, cfg.actor, ref_cfg, temperature=cfg.rollout.temperature
         )
-    m = cfg.model
-    moe = MoESettings(m.moe_experts, m.moe_aux_loss_coeff, m.moe_z_loss_coeff)
-    common = dict(
-        parallel=cfg.parallel,
-        dtype=m.dtype,
-        layer_spec=m.layer_spec,
-        moe=moe,
-        pack_sequences=m.pack_sequences,
-    )
+    m, common = cfg.model, megatron_settings(cfg)
     weights_dir = None if cfg.model.random_init else hf_dir  # None: megatron's random init
     critic = None
     if uses_critic(cfg.algorithm):
