@@ -13,7 +13,12 @@ TWO_RANK_LAYOUTS = "1x1,2x1,1x2"  # TPxPP on 2 ranks (1x1 is DP=2)
 
 
 @pytest.mark.parametrize(
-    "backend,rollout_tp", [("hf", 1), ("vllm", 1), pytest.param("vllm", 2, marks=pytest.mark.slow)]
+    "backend,rollout_tp",
+    [
+        pytest.param("hf", 1, marks=pytest.mark.slow),  # hf swaps stay fast in the VPP case
+        ("vllm", 1),
+        pytest.param("vllm", 2, marks=pytest.mark.slow),
+    ],
 )
 def test_swaps_two_ranks(backend, rollout_tp, torchrun):
     result = torchrun("he_check.py", 2, backend, str(rollout_tp), TWO_RANK_LAYOUTS, timeout=900)
@@ -50,7 +55,12 @@ def test_swaps_moe_vllm(rollout_tp, layouts, torchrun):
 
 
 @pytest.mark.parametrize(
-    "backend,ranks", [("vllm", 2), ("hf", 1), pytest.param("hf", 2, marks=pytest.mark.slow)]
+    "backend,ranks",
+    [
+        ("vllm", 2),
+        pytest.param("hf", 1, marks=pytest.mark.slow),
+        pytest.param("hf", 2, marks=pytest.mark.slow),
+    ],
 )
 def test_swaps_fsdp2(backend, ranks, torchrun):
     """actor.strategy=fsdp2 at DP 2 (bucketed gathers) and DP 1 (each rank's own tensors,
