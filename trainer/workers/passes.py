@@ -63,7 +63,8 @@ class TrainingWorker(Protocol):
     def train(self, mode: bool = True) -> None: ...
 
     def micro_batch_rules(self) -> dict:
-        """make_micro_batches' `seq_multiple`, `count_multiple` and `pack` for this layout."""
+        """make_micro_batches' `seq_multiple`, `count_multiple`, `pack` (and a megatron
+        worker's `context_parallel`) for this layout."""
 
     def run_micro_batches(
         self, micro_batches: list[AlignedMicroBatch], loss_fn: LossFn, forward_only: bool
