@@ -74,7 +74,7 @@ TOOLS_SYSTEM_PROMPT = (
     " its result comes back in the next message."
 )
 """Offered when the model's template ignores `tools=` (a plain ChatML template): the Hermes
-format in a system message, as Qwen's template words it in its own."""
+format, the one Qwen's templates teach, described in a system message of our own words."""
 
 
 def render_prompt(tokenizer, messages: list[dict], tools: Sequence[dict] = ()) -> str:
