@@ -139,9 +139,7 @@ def packed_attention(query, key, value, packed, scale: float) -> torch.Tensor:
             query, key, value, cu, cu, packed.max_seqlen_q, packed.max_seqlen_kv, **extra
         )
         return out.reshape(t, -1)
-    sequence = torch.repeat_interleave(
-        torch.arange(len(cu) - 1, device=query.device), cu.diff().long(), output_size=t
-    )
+    sequence = sequence_ids(cu)
     positions = torch.arange(t, device=query.device)
     allowed = (sequence[:, None] == sequence[None, :]) & (positions[None, :] <= positions[:, None])
     q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))  # [1, heads, t, dim]
@@ -153,10 +151,18 @@ def packed_attention(query, key, value, packed, scale: float) -> torch.Tensor:
 
 # Written by hand: megatron's context parallelism lives in transformer-engine's attention
 # (ring exchange), which Tandem's fast path runs without.
+def sequence_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[T]: the index of the packed sequence each position of the row belongs to."""
+    cu = cu_seqlens.long()
+    count = torch.arange(len(cu) - 1, device=cu.device)
+    return torch.repeat_interleave(count, cu.diff(), output_size=int(cu[-1]))
+
+
 @dataclass
-class ContextParallelPackedSeqParams(PackedSeqParams):
-    """A packed row cut over CP: cu_seqlens describe the whole row; `positions` are the RoPE
-    positions of this rank's tokens (each in its own sequence)."""
+class PositionedPackedSeqParams(PackedSeqParams):
+    """megatron's THD parameters plus `positions`: each of this rank's tokens' RoPE position
+    in its own sequence, computed once per micro-batch (trainer/workers/sequences.py) instead
+    of in every layer. Under CP the cu_seqlens describe the whole packed row."""
 
     positions: torch.Tensor | None = None
 
@@ -189,10 +195,7 @@ def context_parallel_attention(query, key, value, scale: float, packed=None) -> 
     keys, values = whole(key), whole(value)
     sequence = None
     if packed is not None:
-        cu = packed.cu_seqlens_q.long()
-        sequence = torch.repeat_interleave(
-            torch.arange(len(cu) - 1, device=cu.device), cu.diff(), output_size=int(cu[-1])
-        )
+        sequence = sequence_ids(packed.cu_seqlens_q)
     outs = []
     for half, chunk in ((0, rank), (1, 2 * cp - 1 - rank)):
         q = query[half * c : (half + 1) * c].permute(1, 2, 0, 3)  # [b, h, c, d]
@@ -305,11 +308,7 @@ class SDPASelfAttention(SelfAttention):
             rotary_pos_emb = (rotary_pos_emb, rotary_pos_emb)
         packed = kwargs.get("packed_seq_params")
         if packed is not None:  # each packed sequence's positions restart at 0
-            positions = getattr(packed, "positions", None)  # a CP rank's share: given
-            if positions is None:
-                cu = packed.cu_seqlens_q
-                starts = cu[:-1].long().repeat_interleave(cu.diff().long())
-                positions = torch.arange(len(starts), device=starts.device) - starts
+            positions = packed.positions  # PositionedPackedSeqParams (ModelWorker builds it)
             rotary_pos_emb = tuple(freqs[positions] for freqs in rotary_pos_emb)
         self._rotary_pos_emb = rotary_pos_emb
         try:

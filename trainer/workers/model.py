@@ -255,23 +255,19 @@ def packed_seq_params(mb: AlignedMicroBatch):
     if mb.cu_seqlens is None:
         return None
     from megatron.core import parallel_state as mpu
-    from megatron.core.packed_seq_params import PackedSeqParams
 
-    from tandem_core.models import ContextParallelPackedSeqParams
+    from tandem_core.models import PositionedPackedSeqParams
 
     longest = mb.max_seqlen
-    common = dict(
+    return PositionedPackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=mb.cu_seqlens,
         cu_seqlens_kv=mb.cu_seqlens,
         max_seqlen_q=longest,
         max_seqlen_kv=longest,
         cp_group=mpu.get_context_parallel_group(),
+        positions=mb.position_ids[0],  # RoPE positions (a CP rank: of its two chunks)
     )
-    if mb.context_parallel is None:
-        return PackedSeqParams(**common)
-    # this rank holds two chunks of the packed row: its tokens' RoPE positions travel along
-    return ContextParallelPackedSeqParams(**common, positions=mb.position_ids[0])
 
 
 def _replayed_routers(chunks: list, moe: MoESettings) -> dict | None:
