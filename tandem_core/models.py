@@ -536,7 +536,7 @@ class ResponseRowsGPTModel(GPTModel):
         # micro-batch is one row [t, 1, h] and index holds positions in it.
         cp = self.config.context_parallel_size
         if cp > 1:
-            hidden_states = response_rows_over_context_parallel(hidden_states, index, cp)
+            hidden_states = local_response_rows(hidden_states, index, cp)
         elif hidden_states.shape[1] == 1:
             hidden_states = hidden_states[:, 0][index.t()]
         else:
@@ -549,23 +549,20 @@ class ResponseRowsGPTModel(GPTModel):
             layer.sequence_parallel = sequence_parallel
 
 
-def response_rows_over_context_parallel(hidden, index, cp: int):
-    """[R, b, h] hidden states at the response positions `index` (whole-sequence positions),
-    on every CP rank: each rank fills the positions it holds, a (differentiable) sum over
-    the CP group fills the rest, so the output layer and the loss see whole rows."""
+def local_response_rows(hidden, index, cp: int):
+    """[N, 1, h]: the hidden states at the response positions `index` ([b, R], whole-sequence
+    positions) that this CP rank holds, in row-major order of `index` (sequences.
+    AlignedMicroBatch.local_response_rows is the same mask). Each CP rank runs the output layer
+    on its own rows only; the [b, R] results are summed over CP after the log-softmax
+    (trainer/workers/sequences.py rows_over_context_parallel), never the [R, vocab] logits."""
     from megatron.core import parallel_state as mpu
 
-    from tandem_core.distributed import all_reduce_with_grad
-
-    group = mpu.get_context_parallel_group()
-    local, mine = cp_local_positions(index, hidden.shape[0] // 2, cp, group.rank())
-    local = local.clamp(max=hidden.shape[0] - 1).t()  # [R, b]
+    rank = mpu.get_context_parallel_rank()
+    local, mine = cp_local_positions(index, hidden.shape[0] // 2, cp, rank)
+    rows = torch.arange(index.shape[0], device=index.device)[:, None].expand_as(index)
     if hidden.shape[1] == 1:  # one (packed) row: every index points into it
-        picked = hidden[:, 0][local]
-    else:
-        picked = hidden.gather(0, local[:, :, None].expand(-1, -1, hidden.shape[-1]))
-    picked = picked * mine.t()[:, :, None].to(hidden.dtype)
-    return all_reduce_with_grad(picked, group)
+        rows = torch.zeros_like(rows)
+    return hidden[local[mine], rows[mine]][:, None]
 
 
 def build_gpt_model(

@@ -70,7 +70,7 @@ CP_LAYOUTS = {  # name: (layout of LAYOUTS, packed)
 @pytest.mark.parametrize("layout", some_slow(CP_LAYOUTS, set(CP_LAYOUTS) - {"cp2"}))
 def test_context_parallel_actor_matches_transformers(layout, torchrun, tiny_ckpt):
     """parallel.context_parallel_size=2: each sequence's two chunks per rank, K/V gathered over
-    CP, response rows gathered before the LM head; the same references as CP 1, so CP 2
+    CP, each rank's LM head on its own response rows; the same references as CP 1, so CP 2
     equals CP 1 to 1e-5 (log-probs, entropy, one update), alone, with TP 2 + SP and with PP 2
     (those on 4 ranks), and with packed micro-batches (a packed row cut over CP, attention
     kept within each sequence)."""

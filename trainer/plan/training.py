@@ -169,8 +169,10 @@ def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
         update.append(
             term(
                 "logits of one micro-batch and their grad",
-                rows * vocab * 2 * lay.dtype_bytes,
-                f"{rows} response rows × vocab/TP {vocab} × 2 × {lay.dtype_bytes} B (the fp32"
+                rows * vocab * 2 * lay.dtype_bytes / lay.cp,
+                f"{rows} response rows"
+                + (f" / CP {lay.cp}" if lay.cp > 1 else "")
+                + f" × vocab/TP {vocab} × 2 × {lay.dtype_bytes} B (the fp32"
                 " softmax math runs fused, chunk by chunk: trainer/workers/logprobs.py)",
             )
         )
@@ -189,17 +191,20 @@ def _forward_only_terms(cfg, lay: Layout, per_token: float, vocab: int, last: bo
     terms = [
         term(
             "activations of one layer, forward-only log-prob pass",
-            tokens * per_token,
-            f"actor.log_prob_micro_batch_size {mbs} × {lay.seq_len} tokens × "
-            f"{per_token / 1024:.1f} KiB",
+            tokens * per_token / lay.cp,
+            f"actor.log_prob_micro_batch_size {mbs} × {lay.seq_len} tokens"
+            + (f" / CP {lay.cp}" if lay.cp > 1 else "")
+            + f" × {per_token / 1024:.1f} KiB",
         )
     ]
     if last:
         terms.append(
             term(
                 "logits of one log-prob micro-batch",
-                rows * vocab * lay.dtype_bytes,
-                f"{rows} response rows × vocab/TP {vocab} × {lay.dtype_bytes} B",
+                rows * vocab * lay.dtype_bytes / lay.cp,
+                f"{rows} response rows"
+                + (f" / CP {lay.cp}" if lay.cp > 1 else "")
+                + f" × vocab/TP {vocab} × {lay.dtype_bytes} B",
             )
         )
     return terms

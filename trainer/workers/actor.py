@@ -24,7 +24,11 @@ from trainer.workers.passes import (
     forward_per_token,
     update_over_mini_batches,
 )
-from trainer.workers.sequences import AlignedMicroBatch, mask_response
+from trainer.workers.sequences import (
+    AlignedMicroBatch,
+    mask_response,
+    rows_over_context_parallel,
+)
 
 
 class PolicyActor:
@@ -36,16 +40,22 @@ class PolicyActor:
 
     # ---- log-probs ------------------------------------------------------------------------
     def _logprobs(self, mb: AlignedMicroBatch, logits: torch.Tensor, with_entropy: bool):
+        # under CP the logits are this rank's response rows only ([1, N, v/tp])
+        rows = mb.local_response_rows
+        labels = mb.labels if rows is None else mb.labels[rows][None]
         logp, entropy = vocab_parallel_logprobs(
             logits,
-            mb.labels,
+            labels,
             self.worker.args.vocab_size,
             D.tp_group(),
             D.tp_rank(),
             temperature=self.temperature,
             with_entropy=with_entropy,
         )
-        return mask_response(logp, mb), None if entropy is None else mask_response(entropy, mb)
+        logp = mask_response(rows_over_context_parallel(logp, mb), mb)
+        if entropy is not None:
+            entropy = mask_response(rows_over_context_parallel(entropy, mb), mb)
+        return logp, entropy
 
     def compute_log_prob(self, batch: Batch, calculate_entropy: bool = False) -> Batch:
         """Batch with `log_probs` [B, R] (and `entropy`) for the full batch."""

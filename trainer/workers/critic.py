@@ -24,7 +24,11 @@ from trainer.workers.passes import (
     forward_per_token,
     update_over_mini_batches,
 )
-from trainer.workers.sequences import AlignedMicroBatch, mask_response
+from trainer.workers.sequences import (
+    AlignedMicroBatch,
+    mask_response,
+    rows_over_context_parallel,
+)
 
 
 class ValueCritic:
@@ -37,8 +41,9 @@ class ValueCritic:
 
     @staticmethod
     def _values(mb: AlignedMicroBatch, output: torch.Tensor) -> torch.Tensor:
-        # output [b, R, 1] → fp32 [b, R]; 0 on response padding.
-        return mask_response(output[..., 0].float(), mb)
+        # output [b, R, 1] (under CP [1, N, 1], this rank's rows) → fp32 [b, R]; 0 on
+        # response padding.
+        return mask_response(rows_over_context_parallel(output[..., 0].float(), mb), mb)
 
     def compute_values(self, batch: Batch) -> Batch:
         """Batch with `values` [B, R] for the full batch."""

@@ -108,7 +108,7 @@ class ModelWorker:
             def loss_func(out):
                 loss, extra = loss_fn(mb, out)
                 # megatron scales each rank's loss by CP (its CP ranks hold partial losses);
-                # here every CP rank computes the whole loss (response rows gathered over CP)
+                # here every CP rank computes the whole loss (per-token results summed over CP)
                 return loss * n / cp, extra
 
             return output, loss_func

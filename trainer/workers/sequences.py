@@ -52,6 +52,17 @@ class AlignedMicroBatch:
         return (positions - starts[positions])[None]
 
     @property
+    def local_response_rows(self) -> torch.Tensor | None:
+        """[b, R] bool, under CP: the response rows whose positions this rank holds, the rows
+        its output layer ran on (tandem_core/models.py local_response_rows); None without CP."""
+        if self.context_parallel is None:
+            return None
+        from tandem_core.models import cp_local_positions
+
+        cp, rank = self.context_parallel
+        return cp_local_positions(self.response_index, self.input_ids.shape[1] // 2, cp, rank)[1]
+
+    @property
     def max_seqlen(self) -> int:
         return int(self.cu_seqlens.diff().max()) if self.cu_seqlens is not None else 0
 
@@ -170,8 +181,9 @@ def pack_rows(
 def split_for_context_parallel(mb: AlignedMicroBatch, cp: int, rank: int) -> AlignedMicroBatch:
     """This CP rank's share of an aligned micro-batch whose length is a multiple of 2·CP:
     chunks r and 2·CP-1-r of each row (megatron's causal load balance: every rank gets one
-    early and one late chunk). The [b, R] side stays whole: the model gathers the response
-    rows over CP (tandem_core/models.py)."""
+    early and one late chunk). The [b, R] side stays whole: each rank's output layer runs on the
+    response rows it holds, and per-token results are summed over CP
+    (`rows_over_context_parallel`)."""
     c = mb.input_ids.shape[1] // (2 * cp)
     last = 2 * cp - 1 - rank
     ids = torch.cat(
@@ -216,6 +228,21 @@ def pad_to_length(mb: AlignedMicroBatch, length: int) -> AlignedMicroBatch:
         routing,
         bounds,
     )
+
+
+def rows_over_context_parallel(values: torch.Tensor, mb: AlignedMicroBatch) -> torch.Tensor:
+    """[b, R] from the model's per-row outputs: as they are without CP; under CP `values` is
+    [1, N] over this rank's rows (`local_response_rows`), scattered into [b, R] and summed
+    over the CP group (differentiable: every CP rank then computes the whole loss)."""
+    rows = mb.local_response_rows
+    if rows is None:
+        return values
+    from megatron.core import parallel_state as mpu
+
+    from tandem_core.distributed import all_reduce_with_grad
+
+    full = values.new_zeros(rows.shape).masked_scatter(rows, values.reshape(-1))
+    return all_reduce_with_grad(full, mpu.get_context_parallel_group())
 
 
 def mask_response(values: torch.Tensor, mb: AlignedMicroBatch) -> torch.Tensor:
