@@ -161,7 +161,9 @@ class ActorConfig:
     max_nan_steps: int = 3
     """Abort after this many consecutive non-finite losses (each such step is skipped)."""
     activation_checkpointing: bool = False
-    """fsdp2: recompute each decoder layer's activations in the backward pass."""
+    """Recompute each decoder layer's activations in the backward pass, keeping only its input
+    (megatron: full recompute, one layer per checkpoint; fsdp2: torch's checkpoint per layer).
+    What lets long sequences train: activations per token drop from every layer's to one's."""
     param_offload: bool = False
     """fsdp2: keep the parameter shards in host memory (FSDP2's CPUOffloadPolicy)."""
     compile_layers: bool = True

@@ -430,10 +430,18 @@ def build_transformer_config(
     dtype: str = "float32",
     moe_aux_loss_coeff: float = 0.0,
     moe_z_loss_coeff: float = 0.0,
+    recompute: bool = False,
 ) -> TransformerConfig:
+    """`recompute`: megatron's full activation recompute, every layer its own checkpoint (only
+    each layer's input is kept; the backward reruns the layer's forward)."""
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     return TransformerConfig(
         **moe_config_fields(args, moe_aux_loss_coeff, moe_z_loss_coeff),
+        **(
+            dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+            if recompute
+            else {}
+        ),
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,

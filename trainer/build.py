@@ -129,6 +129,7 @@ def megatron_policy(cfg: TandemConfig, args: ModelArgs, hf_dir: Path, steps: int
         weights_dir,
         optim=cfg.actor.optim,
         total_optimizer_steps=steps * cfg.actor.ppo_epochs,
+        activation_checkpointing=cfg.actor.activation_checkpointing,
         **{**common, "moe": replace(common["moe"], router_replay=cfg.actor.router_replay)},
     )
     ref_worker = None

@@ -363,9 +363,8 @@ def _megatron_builds_the_model(cfg: TandemConfig, world: int, m: ModelArgs) -> I
 def _fsdp2(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
     """FSDP2 is data parallel only, over the transformers model; its settings need it."""
     if cfg.actor.strategy != "fsdp2":
-        for key in ("activation_checkpointing", "param_offload"):
-            if getattr(cfg.actor, key):
-                yield f"actor.{key}: an fsdp2 setting (actor.strategy is {cfg.actor.strategy})"
+        if cfg.actor.param_offload:
+            yield f"actor.param_offload: an fsdp2 setting (actor.strategy is {cfg.actor.strategy})"
     if "fsdp2" not in (
         cfg.actor.strategy,
         cfg.critic.strategy if uses_critic(cfg.algorithm) else "",

@@ -58,26 +58,29 @@ def test_packed_actor_matches_transformers(layout, torchrun, tiny_ckpt):
     assert all(err < TOL for err in res["param_err"].values()), res
 
 
-CP_LAYOUTS = {  # name: (layout of LAYOUTS, packed)
-    "cp2": ("tp1", False),
-    "cp2_tp2_sp": ("tp2_sp", False),
-    "cp2_pp2": ("pp2", False),
-    "cp2_packed": ("tp1", True),
-    "cp2_tp2_sp_packed": ("tp2_sp", True),
+CP_LAYOUTS = {  # name: (layout of LAYOUTS, packed, activation recompute)
+    "cp2": ("tp1", False, False),
+    "cp2_tp2_sp": ("tp2_sp", False, False),
+    "cp2_pp2": ("pp2", False, False),
+    "cp2_packed": ("tp1", True, False),
+    "cp2_tp2_sp_packed": ("tp2_sp", True, False),
+    # what long sequences run with: CP and megatron's full recompute (actor.activation_checkpointing)
+    "cp2_recompute": ("tp1", False, True),
 }
 
 
-@pytest.mark.parametrize("layout", some_slow(CP_LAYOUTS, set(CP_LAYOUTS) - {"cp2"}))
+@pytest.mark.parametrize("layout", some_slow(CP_LAYOUTS, set(CP_LAYOUTS) - {"cp2_recompute"}))
 def test_context_parallel_actor_matches_transformers(layout, torchrun, tiny_ckpt):
     """parallel.context_parallel_size=2: each sequence's two chunks per rank, K/V gathered over
     CP, each rank's LM head on its own response rows; the same references as CP 1, so CP 2
     equals CP 1 to 1e-5 (log-probs, entropy, one update), alone, with TP 2 + SP and with PP 2
-    (those on 4 ranks), and with packed micro-batches (a packed row cut over CP, attention
-    kept within each sequence)."""
-    base, packed = CP_LAYOUTS[layout]
+    (those on 4 ranks), with packed micro-batches (a packed row cut over CP, attention kept
+    within each sequence), and with megatron's full activation recompute."""
+    base, packed, recompute = CP_LAYOUTS[layout]
     nproc, arch, *layout_args = LAYOUTS[base]
     tiny_ckpt(arch)
-    env = {"CP": "2", **({"PACK": "1"} if packed else {})}
+    env = {"CP": "2", "PACK": str(int(packed)), "RECOMPUTE": str(int(recompute))}
     res = torchrun("actor_check.py", nproc * 2, arch, *map(str, layout_args), env=env)
     assert res["logprob_err"] < TOL and res["entropy_err"] < TOL, res
     assert all(err < TOL for err in res["param_err"].values()), res
+    assert (res["recomputed_layers"] > 0) == recompute, res

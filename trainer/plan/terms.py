@@ -303,7 +303,10 @@ def model_state_terms(lay: Layout, params: int, who: str, experts: int = 0) -> l
         return fsdp_state_terms(lay, params, who)
     w, shards = lay.dtype_bytes, lay.optim_shards
     expert_shards = max(shards // lay.ep, 1)
-    dp_note = f"/ DP {lay.dp}" if shards == lay.dp else "(distributed optimizer off)"
+    if shards == 1:
+        dp_note = "(not sharded)" if lay.dp * lay.cp == 1 else "(distributed optimizer off)"
+    else:
+        dp_note = f"/ DP {lay.dp}" if lay.cp == 1 else f"/ DP × CP {shards}"
     if experts:
         dp_note += f", experts / (DP / EP) {expert_shards}"
     sharded = (params - experts) / shards + experts / expert_shards

@@ -146,22 +146,35 @@ def _training_stage(cfg: TandemConfig, lay: Layout, stage: int) -> Phase:
     # The LM head runs on the response rows only (ResponseRowsGPTModel); a token budget bounds
     # them too (rows × trimmed response width ≤ rows × longest row).
     rows = tokens if a.use_dynamic_bsz else a.micro_batch_size * cfg.rollout.response_length
-    update = [
-        term(
-            "activations in flight",
-            in_flight * tokens * per_token / lay.cp,
-            f"{in_flight:g} layer·micro-batches × {micro_note}"
-            + (f" / CP {lay.cp}" if lay.cp > 1 else "")
-            + f" × {per_token / 1024:.1f} KiB",
-        )
-    ]
+    over_cp = f" / CP {lay.cp}" if lay.cp > 1 else ""
+    if a.activation_checkpointing:  # megatron's full recompute: each layer keeps its input
+        layer_input = m.hidden_size * lay.dtype_bytes / (lay.tp if lay.sp else 1)
+        update = [
+            term(
+                "layer inputs in flight (activation recompute) and one layer's activations",
+                (in_flight * layer_input + per_token) * tokens / lay.cp,
+                f"({in_flight:g} layer·micro-batches × {layer_input / 1024:.1f} KiB + one"
+                f" layer's {per_token / 1024:.1f} KiB) × {micro_note}{over_cp}",
+            )
+        ]
+        kv_layers = 1.0  # the gathered K/V of the layer being recomputed
+    else:
+        update = [
+            term(
+                "activations in flight",
+                in_flight * tokens * per_token / lay.cp,
+                f"{in_flight:g} layer·micro-batches × {micro_note}{over_cp}"
+                f" × {per_token / 1024:.1f} KiB",
+            )
+        ]
+        kv_layers = in_flight
     if lay.cp > 1:  # each layer keeps the whole sequence's K/V, gathered over CP, for backward
         kv = 2 * (m.num_query_groups // lay.tp) * m.kv_channels * lay.dtype_bytes
         update.append(
             term(
                 "K/V gathered over CP",
-                in_flight * tokens * kv,
-                f"{in_flight:g} layer·micro-batches × {tokens} tokens × K and V"
+                kv_layers * tokens * kv,
+                f"{kv_layers:g} layer·micro-batches × {tokens} tokens × K and V"
                 f" ({m.num_query_groups // lay.tp} heads × {m.kv_channels}) × {lay.dtype_bytes} B",
             )
         )

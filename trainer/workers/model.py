@@ -194,6 +194,7 @@ def build_model_worker(
     total_optimizer_steps: int = 1,
     moe: MoESettings | None = None,
     pack_sequences: bool = False,
+    activation_checkpointing: bool = False,
 ) -> ModelWorker:
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -203,7 +204,9 @@ def build_model_worker(
 
     archs.require_megatron(args)  # one line naming the model, before anything is built
     moe = moe or MoESettings()
-    config = build_transformer_config(args, parallel, dtype, moe.aux_loss_coeff, moe.z_loss_coeff)
+    config = build_transformer_config(
+        args, parallel, dtype, moe.aux_loss_coeff, moe.z_loss_coeff, activation_checkpointing
+    )
     config.finalize_model_grads_func = finalize_model_grads
     config.moe_enable_routing_replay = moe.router_replay
     chunks = build_model_chunks(args, config, layer_spec, value_head, moe.experts)

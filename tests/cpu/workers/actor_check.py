@@ -59,12 +59,15 @@ def hf_named_params(worker, args):
 STRATEGY = os.environ.get("STRATEGY", "megatron")
 PACK = os.environ.get("PACK") == "1"  # megatron: micro-batches packed into one row each
 CP = int(os.environ.get("CP", "1"))  # megatron: context parallel size
+RECOMPUTE = os.environ.get("RECOMPUTE") == "1"  # megatron: full activation recompute
 
 
 def build_worker(args, hf_dir, parallel, optim=None, strategy=STRATEGY):
     if strategy == "fsdp2":
         return build_fsdp_worker(args, hf_dir, optim=optim)
-    return build_model_worker(args, hf_dir, parallel, optim=optim, pack_sequences=PACK)
+    return build_model_worker(
+        args, hf_dir, parallel, optim=optim, pack_sequences=PACK, activation_checkpointing=RECOMPUTE
+    )
 
 
 def trained_params(worker, args) -> dict:
@@ -102,7 +105,23 @@ def per_expert(named: dict) -> dict:
     return out
 
 
+def count_recomputed_layers() -> list[int]:
+    """How many layer forwards ran under megatron's activation checkpoint (a recompute that
+    never engaged would pass every equality check)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    calls, forward = [0], mrandom.CheckpointFunction.forward
+
+    def counted(ctx, *args):
+        calls[0] += 1
+        return forward(ctx, *args)
+
+    mrandom.CheckpointFunction.forward = staticmethod(counted)
+    return calls
+
+
 def main():
+    recomputed = count_recomputed_layers()
     arch, tp, pp, sp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))
     vpp = int(sys.argv[5]) or None if len(sys.argv) > 5 else None
     ep = int(sys.argv[6]) if len(sys.argv) > 6 else 1
@@ -173,6 +192,7 @@ def main():
         errors[mbs] = err
         assert err < 1e-5, (mbs, err)
     result = {"logprob_err": lp_err, "entropy_err": ent_err, "param_err": errors}
+    result["recomputed_layers"] = recomputed[0]
     if STRATEGY == "fsdp2":  # 4. the same update on the megatron path, same ranks (DP)
         worker = build_worker(args, hf_dir, parallel, optim=cfg.optim, strategy="megatron")
         PolicyActor(worker, replace(cfg, micro_batch_size=2)).update_policy(
