@@ -235,6 +235,39 @@ def test_fsdp2_terms_shard_the_whole_state_over_dp():
     assert training.total_gib < megatron.phases[0].total_gib
 
 
+def test_long_responses_plan_context_parallel_and_recompute():
+    """A 32k-token response of the 8B shape on two 139.8 GiB GPUs: CP 2 halves each rank's
+    activations and logits, activation recompute keeps each layer's input and one layer's
+    activations; without recompute it is refused before launch, with it at CP 2 it fits."""
+    over = [
+        "algorithm=grpo", "model=qwen3_8b", "actor.use_kl_loss=false", "rollout.n=2",
+        "data.max_prompt_length=256", "rollout.response_length=32768", "model.max_seq_len=33024",
+        "data.train_batch_size=1", "actor.ppo_mini_batch_size=1", "actor.micro_batch_size=1",
+    ]  # fmt: skip
+    h200 = 139.8
+
+    def training(*extra):
+        cfg = load_config([*over, *extra], world_size=2)
+        return P.plan_memory(cfg, 2, h200).phases[0]
+
+    cp1, cp2 = training(), training("parallel.context_parallel_size=2")
+    recompute = training("parallel.context_parallel_size=2", "actor.activation_checkpointing=true")
+    terms = [{t.name: t.gib for t in p.terms} for p in (cp1, cp2, recompute)]
+    logits = "logits of one micro-batch and their grad"
+    assert terms[1][logits] == pytest.approx(terms[0][logits] / 2)
+    assert terms[1]["activations in flight"] == pytest.approx(terms[0]["activations in flight"] / 2)
+    m = read_model_args(load_config(over, world_size=2).model)
+    per_token = PT.activation_bytes_per_token(m, 1, False, 2, True, False)
+    kept = (36 * m.hidden_size * 2 + per_token) * 33024 / 2 / 2**30
+    name = "layer inputs in flight (activation recompute) and one layer's activations"
+    assert terms[2][name] == pytest.approx(kept)
+    assert cp2.total_gib > h200 and recompute.total_gib < h200
+    with pytest.raises(P.PlanError, match="training"):
+        P.plan_or_raise(
+            load_config([*over, "parallel.context_parallel_size=2"], world_size=2), 2, h200
+        )
+
+
 def test_forward_only_micro_batches_count_when_they_need_more():
     """actor.log_prob_micro_batch_size: the log-prob pass keeps no activations for a backward,
     so up to some size it costs nothing over the update's own peak."""
