@@ -1,7 +1,8 @@
 """Rollout throughput of every registered backend, and of bare vLLM, side by side:
 
     python -m benchmarks.bench_rollout [--models qwen2_0p5b]
-        [--backends vllm vllm-bare vllm-bare-seeded] [--prompts 256] [--response-length 256]
+        [--backends vllm vllm-bare vllm-bare-seeded vllm-bare-dict-logprobs vllm-bare-no-logprobs]
+        [--prompts 256] [--response-length 256]
         [--stop-at-eos] [--enforce-eager true|false]
 
 Each (model, backend) runs in its own process (a world of one), so engines never share a
@@ -20,7 +21,10 @@ sleep mode and gpu_memory_utilization through vllm_compat) and the same Sampling
 prompts are token lists built before the clock starts. So the `vllm / vllm-bare` ratio is the
 cost of our wrapper: prompt checks and assembly, the per-call seed, reading the log-probs and
 building the output batch. `vllm-bare-seeded` is bare vLLM with one SamplingParams per prompt,
-each with its own seed: what per-request seeds (one generator per sequence) would cost.
+each with its own seed: what per-request seeds (one generator per sequence) would cost. Two
+more rows are there on request: `vllm-bare-dict-logprobs` gets its log-probs as vLLM's default
+{token: Logprob} dict per token instead of flat lists (`flat_logprobs`, what our backend asks
+for), `vllm-bare-no-logprobs` none at all: what returning log-probs costs inside vLLM.
 
 By default every response runs to `--response-length` tokens (EOS ignored: our backend gets
 `eos_token_id=[]` in its per-call sampling overrides, bare vLLM `ignore_eos=True` and no stop
@@ -43,7 +47,15 @@ from benchmarks import common as C
 
 BARE = "vllm-bare"
 BARE_SEEDED = "vllm-bare-seeded"
-BARE_KINDS = (BARE, BARE_SEEDED)
+# Bare vLLM variants: SamplingParams fields that differ from our backend's.
+BARE_VARIANTS = {
+    BARE: {},
+    BARE_SEEDED: {},  # + one seed per prompt
+    "vllm-bare-dict-logprobs": {"flat_logprobs": False},
+    "vllm-bare-no-logprobs": {"logprobs": None, "flat_logprobs": False},
+}
+BARE_KINDS = tuple(BARE_VARIANTS)
+DEFAULT_BARE_KINDS = (BARE, BARE_SEEDED)
 
 
 def _prompt_batch(model_path, count: int, seed: int = 0):
@@ -103,9 +115,10 @@ def bench_ours(backend: str, src: C.ModelSource, prompts, opts) -> dict:
     return {"start_s": start_s, "gen_s": gen_s, "tokens": tokens}
 
 
-def bench_bare(src: C.ModelSource, prompts, opts, seeded: bool) -> dict:
-    """vllm.LLM + LLM.generate with the engine arguments of rollout/vllm_rollout.py; `seeded`:
-    one SamplingParams per prompt with its own seed, as our backend passes them."""
+def bench_bare(src: C.ModelSource, prompts, opts, kind: str) -> dict:
+    """vllm.LLM + LLM.generate with the engine arguments and SamplingParams of
+    rollout/vllm_rollout.py, changed as BARE_VARIANTS[kind] says; BARE_SEEDED: one
+    SamplingParams per prompt, each with its own seed."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from rollout import vllm_compat
     from rollout.assemble import prompt_token_lists
@@ -148,8 +161,11 @@ def bench_bare(src: C.ModelSource, prompts, opts, seeded: bool) -> dict:
         ignore_eos=True,
         stop_token_ids=list(eos_ids) if opts.stop_at_eos else None,
         logprobs=0,
+        flat_logprobs=True,
         detokenize=False,
     )
+    common.update(BARE_VARIANTS[kind])
+    seeded = kind == BARE_SEEDED
     # Per-request seeds: prompt i gets 1 + i (its n samples would get 1 + i + j).
     params = [SamplingParams(**common, seed=1 + i) for i in range(len(requests))]
     if not seeded:
@@ -174,8 +190,8 @@ def main() -> None:
     ap.add_argument(
         "--backends",
         nargs="+",
-        default=C.pick([*sorted(ROLLOUTS), *BARE_KINDS], ["vllm", *BARE_KINDS]),
-        help=f"registered backends ({', '.join(sorted(ROLLOUTS))}), {BARE} and {BARE_SEEDED}",
+        default=C.pick([*sorted(ROLLOUTS), *DEFAULT_BARE_KINDS], ["vllm", *DEFAULT_BARE_KINDS]),
+        help=f"registered backends ({', '.join(sorted(ROLLOUTS))}), {', '.join(BARE_KINDS)}",
     )
     ap.add_argument("--prompts", type=int, default=C.pick(64, 256))
     ap.add_argument("--response-length", type=int, default=C.pick(64, 256))
@@ -198,7 +214,7 @@ def main() -> None:
         src = C.resolve_model(model)
         prompts = _prompt_batch(src.hf_dir, opts.prompts)
         if backend in BARE_KINDS:
-            r = bench_bare(src, prompts, opts, seeded=backend == BARE_SEEDED)
+            r = bench_bare(src, prompts, opts, backend)
         else:
             r = bench_ours(backend, src, prompts, opts)
         C.emit_result({**r, "tok_per_s": r["tokens"] / r["gen_s"]})
@@ -260,6 +276,8 @@ def main() -> None:
         for name, other in (
             ("our vLLM backend", "vllm"),
             ("bare vLLM with our seeds", BARE_SEEDED),
+            ("bare vLLM with dict log-probs", "vllm-bare-dict-logprobs"),
+            ("bare vLLM without log-probs", "vllm-bare-no-logprobs"),
         ):
             if (model, other) not in results or (model, BARE) not in results:
                 continue

@@ -122,8 +122,3 @@ def parameters_writable_in_place() -> bool:
 def pick_weight_loader() -> WeightLoader:
     """Chosen once at engine start (STYLE habit 6), never probed again."""
     return _load_via_model if on_cuda() else _load_via_reload_rpc
-
-
-def token_logprob(step_logprobs, token: int) -> float:
-    """The sampled token's log-prob from one step of `CompletionOutput.logprobs`."""
-    return float(step_logprobs[token].logprob)

@@ -143,3 +143,54 @@ def test_hf_log_probs_do_not_depend_on_earlier_calls(tiny_ckpt):
     again = rollout.generate_sequences(short)
     assert torch.equal(first["responses"], again["responses"])
     assert torch.equal(first["rollout_log_probs"], again["rollout_log_probs"])
+
+
+def _vllm_samples(responses, logps):
+    """vLLM `CompletionOutput`s as our backend asks for them (logprobs=0, flat_logprobs), their
+    log-probs written by vLLM's own code."""
+    from vllm.logprobs import append_logprobs_for_next_position, create_sample_logprobs
+    from vllm.outputs import CompletionOutput
+
+    samples = []
+    for i, (toks, lps) in enumerate(zip(responses, logps, strict=True)):
+        flat = create_sample_logprobs(flat_logprobs=True)
+        for tok, lp in zip(toks, lps, strict=True):
+            append_logprobs_for_next_position(flat, [tok], [lp], [None], 1, 0)
+        samples.append(CompletionOutput(i, "", list(toks), None, flat))
+    return samples
+
+
+def test_vllm_flat_output_equals_build_output():
+    """The vLLM backend's vectorised assembly is build_output, bit for bit: EOS cuts (any of
+    several ids), overlong and short rows, n > 1, routed experts."""
+    from rollout.vllm_rollout import build_output_flat
+
+    g = torch.Generator().manual_seed(0)
+    cases = [  # (prompts, responses, n, R, eos ids)
+        ([[5, 6, 7], [8]], [[1, 9, 2, 2], [1, 2, 3, 4, 5], [9], [3, 3]], 2, 4, [9]),
+        (
+            [[5, 6, 7], [8], [4, 4]],
+            [torch.randint(1, 20, (k,), generator=g).tolist() for k in (16, 3, 0, 16, 9, 16)],
+            2,
+            16,
+            [9, 13],
+        ),
+    ]
+    for rows, responses, n, width, eos in cases:
+        s = _settings(n=n, response_length=width, eos_token_id=eos)
+        # float32 values, as vLLM hands them out
+        logps = [(-torch.rand(len(r), generator=g) * 9).tolist() for r in responses]
+        routed = [torch.randint(1, 8, (4 + len(r), 2, 2), dtype=torch.int16) for r in responses]
+        want = build_output(_prompts(rows), responses, logps, s, routed_experts=routed)
+        got = build_output_flat(_prompts(rows), _vllm_samples(responses, logps), s, routed)
+        assert set(got.keys()) == set(want.keys())
+        for key in want.keys():
+            if isinstance(want[key], torch.Tensor):
+                assert got[key].dtype == want[key].dtype, key
+                assert torch.equal(got[key], want[key]), key
+        assert list(got["gt"]) == list(want["gt"])
+
+    bad = _vllm_samples([[1, 2]], [[-0.5, -0.25]])
+    bad[0].token_ids = [1, 3]
+    with pytest.raises(RuntimeError, match="not those of its sampled tokens"):
+        build_output_flat(_prompts([[5]]), bad, _settings(n=1, response_length=4))
