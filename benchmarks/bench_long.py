@@ -56,7 +56,7 @@ def overrides(opts, response: int) -> list[str]:
 
 def planner(opts, args, gpu_gib: float):
     """(planned training GiB at a response length, the longest length that fits the GPU). The
-    shape's max_position_embeddings (Qwen3-8B's 40,960) is lifted: this is about memory."""
+    shape's max_position_embeddings is lifted: this is about memory."""
     from trainer import plan as P
     from trainer.config_check import load_config
 
@@ -102,6 +102,12 @@ def main() -> None:
 
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if C.on_cuda() else 0.0
     args = archs.cut_to_layers(archs.PRESETS[opts.model], opts.layers).args
+    # RoPE has no length limit; the shape's max_position_embeddings (Qwen3-8B's 40,960, what
+    # its released weights were trained to) would stop lengths this benchmark is about
+    longest = PROMPT + opts.lengths[-1]
+    args = dataclasses.replace(
+        args, max_position_embeddings=max(args.max_position_embeddings, longest)
+    )
     training_gib, limit = planner(opts, args, gpu_gib or 80.0)
     parallel = C.init_world(ParallelConfig(context_parallel_size=opts.cp))
     dp = C.world_size() // opts.cp
