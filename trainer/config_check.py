@@ -254,8 +254,6 @@ def _training_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[st
             keys, sizes = f"{keys} × {cp_key}", f"{sizes}×{cp}"
         yield f"{keys}: {sizes} = {tp * pp * cp} does not divide the world size {world}"
     if cp > 1:
-        if cfg.model.pack_sequences and pp > 1:
-            yield f"{cp_key}: with model.pack_sequences, not with {pp_key} > 1 yet"
         if cfg.model.layer_spec == "local":
             yield f"{cp_key}: needs layer_spec sdpa, te or auto (local has no CP attention)"
         if cfg.actor.router_replay:

@@ -64,6 +64,7 @@ CP_LAYOUTS = {  # name: (layout of LAYOUTS, packed, activation recompute)
     "cp2_pp2": ("pp2", False, False),
     "cp2_packed": ("tp1", True, False),
     "cp2_tp2_sp_packed": ("tp2_sp", True, False),
+    "cp2_pp2_packed": ("pp2", True, False),
     # what long sequences run with: CP and megatron's full recompute (actor.activation_checkpointing)
     "cp2_recompute": ("tp1", False, True),
 }
@@ -75,7 +76,8 @@ def test_context_parallel_actor_matches_transformers(layout, torchrun, tiny_ckpt
     CP, each rank's LM head on its own response rows; the same references as CP 1, so CP 2
     equals CP 1 to 1e-5 (log-probs, entropy, one update), alone, with TP 2 + SP and with PP 2
     (those on 4 ranks), with packed micro-batches (a packed row cut over CP, attention kept
-    within each sequence), and with megatron's full activation recompute."""
+    within each sequence; also with TP 2 + SP and with PP 2), and with megatron's full
+    activation recompute."""
     base, packed, recompute = CP_LAYOUTS[layout]
     nproc, arch, *layout_args = LAYOUTS[base]
     tiny_ckpt(arch)

@@ -249,7 +249,6 @@ BAD = [
     (["algorithm=ppo", "critic.use_dynamic_bsz=true", "critic.max_tokens_per_microbatch=100"], 1, "critic.max_tokens_per_microbatch"),
     # context parallelism and packing
     (["parallel.context_parallel_size=2"], 3, TP),  # world 3, TP×PP×CP 2
-    (["parallel.context_parallel_size=2", "model.pack_sequences=true", "parallel=pp2"], 4, "parallel.context_parallel_size"),
     (["parallel.context_parallel_size=2", "model.layer_spec=local"], 2, "parallel.context_parallel_size"),
     (["parallel.context_parallel_size=2", "actor.strategy=fsdp2"], 2, "parallel.context_parallel_size"),
     (["model.pack_sequences=true", "model.layer_spec=local"], 1, "model.pack_sequences"),

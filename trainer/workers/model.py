@@ -22,7 +22,7 @@ from tandem_core.moe import ExpertLoad, moe_routers, replay_routing
 from trainer.workers.checkpoint import load_megatron, save_megatron
 from trainer.workers.optimizer import build_optimizer
 from trainer.workers.passes import LossFn
-from trainer.workers.sequences import AlignedMicroBatch, pad_to_length
+from trainer.workers.sequences import AlignedMicroBatch
 
 
 @dataclass(frozen=True)
@@ -73,12 +73,13 @@ class ModelWorker:
     # ---- what the shared passes call (trainer/workers/passes.py TrainingWorker) -------------
     def micro_batch_rules(self) -> dict:
         """SP wants sequence lengths divisible by TP; the interleaved (VPP) schedule a number
-        of micro-batches divisible by PP."""
+        of micro-batches divisible by PP; packed rows under PP one length."""
         return {
             "seq_multiple": D.tp_size() if self.config.sequence_parallel else 1,
             "count_multiple": D.pp_size() if len(self.chunks) > 1 else 1,
             "pack": self.pack_sequences,
             "context_parallel": (D.cp_size(), D.cp_rank()),
+            "one_length": self.pack_sequences and D.pp_size() > 1,
         }
 
     def run_micro_batches(
@@ -113,11 +114,6 @@ class ModelWorker:
 
             return output, loss_func
 
-        if self.pack_sequences and D.pp_size() > 1:
-            # one activation shape between pipeline stages: every packed row as long as the
-            # longest (the padding is a sequence of its own)
-            longest = max(mb.input_ids.shape[1] for mb in micro_batches)
-            micro_batches = [pad_to_length(mb, longest) for mb in micro_batches]
         # megatron's schedule takes the whole sequence's length (it divides by CP itself)
         seq = max(mb.input_ids.shape[1] for mb in micro_batches) * D.cp_size()
         mbs = max(mb.input_ids.shape[0] for mb in micro_batches)

@@ -113,6 +113,7 @@ def make_micro_batches(
     with_routing: bool = False,
     pack: bool = False,
     context_parallel: tuple[int, int] = (1, 0),
+    one_length: bool = False,
 ) -> list[AlignedMicroBatch]:
     """Fixed-size micro-batches, or token-budget ones when max_tokens is set.
 
@@ -123,6 +124,8 @@ def make_micro_batches(
 
     `count_multiple`: megatron's interleaved (VPP) schedule needs the number of micro-batches
     to be a multiple of PP; when it is not, rows are re-cut into that many near-equal groups.
+    `one_length`: every micro-batch padded to the longest (one activation shape between
+    pipeline stages), before any CP split so each rank's chunks stay whole-row chunks.
     """
     order = None
     if max_tokens is None:
@@ -158,8 +161,9 @@ def make_micro_batches(
         routing=batch["routed_experts"] if with_routing else None,
         pack=pack,
     )
-    if count_multiple > 1:
-        # megatron's interleaved schedule assumes one activation shape for all micro-batches.
+    if count_multiple > 1 or one_length:
+        # megatron's interleaved schedule assumes one activation shape for all micro-batches;
+        # so does a pipeline of packed rows (the padding is a packed sequence of its own).
         longest = max(mb.input_ids.shape[1] for mb in out)
         out = [pad_to_length(mb, longest) for mb in out]
     if cp > 1:
