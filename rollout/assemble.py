@@ -90,7 +90,7 @@ def build_output(
         resp_mask[i, :keep] = 1
         logp[i, :keep] = torch.tensor(lps[:keep], dtype=torch.float32)
 
-    out = _with_responses(prompts.repeat(s.n, interleave=True), resp, resp_mask, resp_mask, logp)
+    out = with_responses(prompts.repeat(s.n, interleave=True), resp, resp_mask, resp_mask, logp)
     if routed_experts is not None:
         prompt_mask = out["attention_mask"][:, :-width]
         out["routed_experts"] = routing_column(routed_experts, prompt_mask, resp_mask).to(
@@ -121,10 +121,10 @@ def build_conversation_output(
         trained[i, :n] = torch.tensor(model_written, dtype=torch.long)
         attend[i, :n] = 1
         logp[i, :n] = torch.tensor(lps, dtype=torch.float32)
-    return _with_responses(samples, resp, trained, attend, logp)
+    return with_responses(samples, resp, trained, attend, logp)
 
 
-def _with_responses(out: Batch, resp, resp_mask, resp_attention, logp) -> Batch:
+def with_responses(out: Batch, resp, resp_mask, resp_attention, logp) -> Batch:
     """`out` (prompts, one row per sample) extended by its right-padded responses."""
     device = out["input_ids"].device
     prompt_ids, prompt_mask, prompt_pos = (out[k] for k in PROMPT_KEYS)

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from rollout import vllm_compat
-from rollout.assemble import _with_responses, prompt_token_lists, routing_column
+from rollout.assemble import prompt_token_lists, routing_column, with_responses
 from rollout.base import BaseRollout, EngineParameters, register_rollout
 from rollout.sampling import SamplingSettings, checkpoint_defaults, resolve_sampling
 from tandem_core.config import RolloutConfig
@@ -220,7 +220,7 @@ def build_output_flat(
     logp[~kept] = 0.0
     resp_mask = torch.from_numpy(kept.astype(np.int64))
 
-    out = _with_responses(
+    out = with_responses(
         prompts.repeat(s.n, interleave=True),
         torch.from_numpy(np.ascontiguousarray(resp)),
         resp_mask,

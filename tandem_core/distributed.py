@@ -202,6 +202,13 @@ def cp_size() -> int:
     return mpu.get_context_parallel_world_size()
 
 
+def cp_chunks(cp: int, rank: int) -> tuple[int, int]:
+    """Which of a sequence's 2·CP chunks CP rank `rank` holds: r and 2·CP-1-r (megatron's
+    causal load balance: every rank one early and one late chunk). The one definition of the
+    layout; the split, positions, attention and response rows all ask it."""
+    return rank, 2 * cp - 1 - rank
+
+
 def dp_size() -> int:
     from megatron.core import parallel_state as mpu
 

@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from tandem_core import cpu_compat
 from tandem_core.config import ParallelConfig
+from tandem_core.distributed import cp_chunks
 from tandem_core.model_args import ModelArgs
 from tandem_core.moe import TorchGroupedMLP, fix_router_without_te
 from tandem_core.registry import Registry
@@ -187,7 +188,8 @@ def context_parallel_attention(query, key, value, scale: float, packed=None) -> 
         parts = all_gather_with_grad(local, group)
         order = [None] * (2 * cp)
         for j, part in enumerate(parts):
-            order[j], order[2 * cp - 1 - j] = part[:c], part[c:]
+            first, second = cp_chunks(cp, j)
+            order[first], order[second] = part[:c], part[c:]
         return torch.cat(order)
 
     if packed is not None:  # THD [t, h, d] -> one row [t, 1, h, d]
@@ -197,7 +199,7 @@ def context_parallel_attention(query, key, value, scale: float, packed=None) -> 
     if packed is not None:
         sequence = sequence_ids(packed.cu_seqlens_q)
     outs = []
-    for half, chunk in ((0, rank), (1, 2 * cp - 1 - rank)):
+    for half, chunk in enumerate(cp_chunks(cp, rank)):
         q = query[half * c : (half + 1) * c].permute(1, 2, 0, 3)  # [b, h, c, d]
         seen = (chunk + 1) * c
         k, v = (x[:seen].permute(1, 2, 0, 3) for x in (keys, values))
@@ -223,7 +225,7 @@ def cp_local_positions(index: torch.Tensor, chunk: int, cp: int, rank: int):
     """Where sequence positions `index` sit in this CP rank's [chunk r | chunk 2·CP-1-r]
     slice: (local position, whether it is local)."""
     which, offset = index // chunk, index % chunk
-    first, second = which == rank, which == 2 * cp - 1 - rank
+    first, second = (which == g for g in cp_chunks(cp, rank))
     local = torch.where(second, chunk + offset, offset)
     return local, first | second
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem_core.distributed import cp_chunks
+
 
 @dataclass
 class AlignedMicroBatch:
@@ -39,10 +41,9 @@ class AlignedMicroBatch:
         b, s = self.input_ids.shape
         positions = torch.arange(s, device=self.input_ids.device)
         if self.context_parallel is not None:
-            cp, rank = self.context_parallel
             c = s // 2
             positions = torch.cat(
-                [positions[:c] + rank * c, positions[:c] + (2 * cp - 1 - rank) * c]
+                [positions[:c] + g * c for g in cp_chunks(*self.context_parallel)]
             )
         if self.cu_seqlens is None:
             return positions.expand(b, s)
@@ -185,11 +186,7 @@ def split_for_context_parallel(mb: AlignedMicroBatch, cp: int, rank: int) -> Ali
     response rows it holds, and per-token results are summed over CP
     (`rows_over_context_parallel`)."""
     c = mb.input_ids.shape[1] // (2 * cp)
-    last = 2 * cp - 1 - rank
-    ids = torch.cat(
-        [mb.input_ids[:, rank * c : (rank + 1) * c], mb.input_ids[:, last * c : (last + 1) * c]],
-        dim=1,
-    )
+    ids = torch.cat([mb.input_ids[:, g * c : (g + 1) * c] for g in cp_chunks(cp, rank)], dim=1)
     return AlignedMicroBatch(
         ids.contiguous(),
         mb.response_index,
