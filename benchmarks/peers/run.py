@@ -1,5 +1,5 @@
-"""Tandem's GRPO beside TRL's GRPOTrainer: the same workload, the same random weights, the
-same GPU(s), one table.
+"""Tandem's GRPO beside TRL's GRPOTrainer (and verl's, `--systems tandem trl verl`): the same
+workload, the same random weights, the same GPU(s), one table.
 
     python -m benchmarks.peers.run --workload 0p5b --runs 2 --gpus 0,1
 
@@ -8,8 +8,11 @@ random weights from transformers' own init, bf16, Tandem's character tokenizer),
 arithmetic task into the output directory; both systems read those files. Each run starts
 Tandem (`python -m trainer.main`) and TRL (`benchmarks/peers/trl_grpo.py`) as their own
 processes. With two GPUs they run at the same time, one per GPU, and swap GPUs for the next
-run; with one GPU, one after the other (the order alternating). A run already on disk is
-read, not rerun (`--fresh` reruns it), so a long benchmark can be finished in several calls.
+run; with one GPU, one after the other (the order alternating). verl
+(`benchmarks/peers/verl_grpo.py`, GPU only) runs alone: after the pair on two GPUs (on the
+first GPU in even runs, the second in odd ones), in turn with the others on one. A system
+already on disk for a run is read, not rerun (`--fresh` reruns the run), so a long benchmark
+can be finished in several calls, and verl added to runs of the other two.
 Reported per system: seconds per step (each run's mean of the measured steps; min / median /
 max over runs), generated tokens/s over the whole step and over the generation call alone,
 each system's phase times, the peak GPU memory in use during the run (nvidia-smi: torch,
@@ -85,7 +88,10 @@ VERSIONS = (
     "trl",
     "accelerate",
     "datasets",
+    "verl",
+    "ray",
 )
+SYSTEMS = {"tandem": "Tandem", "trl": "TRL", "verl": "verl"}
 
 
 # ---- inputs both systems read ----------------------------------------------------------------
@@ -167,6 +173,30 @@ def trl_command(python: str, w: Workload, model: Path, train: Path, out: Path) -
     cmd = [python, "-m", "benchmarks.peers.trl_grpo"]
     cmd += [str(x) for kv in flags.items() for x in kv]
     return cmd
+
+
+def verl_command(
+    site: str, timeout: float, w: Workload, model: Path, train: Path, out: Path
+) -> list[str]:
+    flags = {
+        "--model": model,
+        "--train-file": train,
+        "--out": out,
+        "--site": site,
+        "--timeout": timeout,
+        "--steps": w.steps,
+        "--prompts": w.prompts,
+        "--n": w.n,
+        "--response-length": w.response_length,
+        "--max-prompt-length": w.max_prompt_length,
+        "--micro-batch": w.micro_batch,
+        "--max-model-len": w.max_model_len,
+        "--lr": w.lr,
+        "--kl-coef": w.kl_coef,
+        "--gpu-memory-utilization": w.gpu_memory_utilization,
+    }
+    cmd = [sys.executable, "-m", "benchmarks.peers.verl_grpo"]
+    return cmd + [str(x) for kv in flags.items() for x in kv]
 
 
 # ---- running them ----------------------------------------------------------------------------
@@ -289,6 +319,25 @@ def trl_steps(path: Path, w: Workload) -> dict[int, dict]:
     return steps
 
 
+def verl_steps(path: Path, w: Workload) -> dict[int, dict]:
+    """The same, from verl_grpo.py's JSON: verl's own `timing_s/*` (`gen` is the wait for the
+    rollouts, rewards included, and the engine's sleep; the wake and weight sync are
+    `update_weights`, at the end of the step before)."""
+    steps = {}
+    for s in json.loads(path.read_text())["steps"]:
+        logs = s["logs"]
+        phases = dict(s["phases"])
+        phases.update({f"memory/{k}": v for k, v in logs.items() if k.startswith("perf/max_mem")})
+        steps[s["step"]] = {
+            "seconds": s["seconds"],
+            "tokens": logs["response_length/mean"] * w.prompts * w.n,
+            "gen_seconds": phases["gen"],
+            "entropy": logs["actor/entropy"],
+            "phases": phases,
+        }
+    return steps
+
+
 def run_summary(steps: dict[int, dict], w: Workload) -> dict:
     """One run: the means over the measured steps; the first step's entropy (the same
     weights on the same prompts give about the same value in both systems)."""
@@ -369,6 +418,9 @@ def report(w: Workload, runs: dict[str, list[dict]], meta: dict) -> str:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"GPU: {meta['gpu']}; Tandem commit {meta['commit']}",
     ]
+    if meta.get("verl_versions"):
+        verl_env = ", ".join(f"{k} {v}" for k, v in meta["verl_versions"].items())
+        out.append(f"verl ran with: {verl_env}")
     return "\n".join(out)
 
 
@@ -404,28 +456,39 @@ def describe_host() -> dict:
 
 
 def run_once(r: int, args: argparse.Namespace, w: Workload, inputs: tuple, gpus: list) -> dict:
-    """Run r: both systems (on two GPUs at once, swapped on odd runs; on one GPU one after
-    the other, the order alternating). A run whose jobs.json is on disk is read, not rerun."""
+    """Run r: Tandem and TRL on two GPUs at once, swapped on odd runs, then verl alone (GPU r
+    mod 2); on one GPU one after the other, the order reversed on odd runs. Systems whose
+    result is in the run's jobs.json are read, not rerun (`--fresh` reruns the whole run)."""
     model, train, val = inputs
     run_dir = args.out / f"run{r}"
     record = run_dir / "jobs.json"
-    if record.exists() and not args.fresh:
-        return json.loads(record.read_text())
-    shutil.rmtree(run_dir, ignore_errors=True)
-    tandem_gpu, trl_gpu = gpus[r % len(gpus)], gpus[(r + 1) % len(gpus)]
-    tandem = tandem_command(w, model, train, val, run_dir / "tandem")
-    trl = trl_command(args.trl_python, w, model, train, run_dir / "trl.json")
+    if args.fresh or not record.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished there: start clean
+    done = json.loads(record.read_text()) if record.exists() else {}
+    commands = {
+        "Tandem": lambda: tandem_command(w, model, train, val, run_dir / "tandem"),
+        "TRL": lambda: trl_command(args.trl_python, w, model, train, run_dir / "trl.json"),
+        "verl": lambda: verl_command(
+            args.verl_site, args.verl_timeout, w, model, train, run_dir / "verl.json"
+        ),
+    }
     jobs = [
-        ("Tandem", tandem, tandem_gpu, run_dir / "tandem.log"),
-        ("TRL", trl, trl_gpu, run_dir / "trl.log"),
+        (name, commands[name](), gpus[(r + i) % len(gpus)], run_dir / f"{name.lower()}.log")
+        for i, name in enumerate(SYSTEMS[s] for s in args.systems)
+        if name not in done
     ]
+    if not jobs:
+        return done
+    run_dir.mkdir(parents=True, exist_ok=True)
     if len(gpus) == 2:
-        done = run_jobs(jobs)
+        pair = [j for j in jobs if j[0] != "verl"]
+        alone = [(name, cmd, gpus[r % 2], log) for name, cmd, _, log in jobs if name == "verl"]
+        batches = ([pair] if pair else []) + [[j] for j in alone]
     else:
-        done = {}
-        for job in jobs if r % 2 == 0 else jobs[::-1]:
-            done.update(run_jobs([job]))
-    record.write_text(json.dumps(done))
+        batches = [[j] for j in (jobs if r % 2 == 0 else jobs[::-1])]
+    for batch in batches:
+        done.update(run_jobs(batch))
+        record.write_text(json.dumps(done))  # after each: a later failure keeps what ran
     return done
 
 
@@ -437,27 +500,42 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="default: runs/peers/<workload>")
     p.add_argument("--fresh", action="store_true", help="rerun the runs already on disk")
     p.add_argument("--trl-python", default=sys.executable, help="a Python with TRL installed")
+    p.add_argument(
+        "--systems", nargs="+", choices=list(SYSTEMS), default=["tandem", "trl"], help="in order"
+    )
+    p.add_argument(
+        "--verl-site",
+        default="/tmp/verlsite",
+        help="verl's PYTHONPATH-first folder (transformers 5.9, tokenizers 0.22.2, tensordict 0.10)",
+    )
+    p.add_argument("--verl-timeout", type=float, default=1200, help="seconds, then verl is killed")
     args = p.parse_args()
     w = WORKLOADS[args.workload]
     args.out = (args.out or REPO / "runs" / "peers" / args.workload).resolve()
     gpus = args.gpus.split(",") if has_gpus() else [None]
     if len(gpus) > 2:
         raise SystemExit("--gpus: one or two GPUs")
+    if "verl" in args.systems and not has_gpus():
+        raise SystemExit("verl runs on a GPU only (FSDP2 and vLLM's CUDA build)")
 
     model = write_checkpoint(w.preset, default_cache_dir() / f"peers_{w.preset}_bf16")
     inputs = (model, *write_task(args.out / "data"))
-    runs: dict[str, list[dict]] = {"Tandem": [], "TRL": []}
+    readers = {
+        "Tandem": lambda d: tandem_steps(d / "tandem", w),
+        "TRL": lambda d: trl_steps(d / "trl.json", w),
+        "verl": lambda d: verl_steps(d / "verl.json", w),
+    }
+    runs: dict[str, list[dict]] = {SYSTEMS[s]: [] for s in args.systems}
     for r in range(args.runs):
         done = run_once(r, args, w, inputs, gpus)
-        run_dir = args.out / f"run{r}"
-        measured = {
-            "Tandem": tandem_steps(run_dir / "tandem", w),
-            "TRL": trl_steps(run_dir / "trl.json", w),
-        }
-        for system, steps in measured.items():
+        for system in runs:
+            steps = readers[system](args.out / f"run{r}")
             runs[system].append({**run_summary(steps, w), **done[system], "steps": steps})
 
     meta = describe_host()
+    if "verl" in runs:
+        verl_json = json.loads((args.out / "run0" / "verl.json").read_text())
+        meta["verl_versions"] = verl_json["versions"]
     (args.out / "summary.json").write_text(
         json.dumps({"workload": asdict(w), "meta": meta, "runs": runs}, indent=1)
     )
