@@ -111,15 +111,21 @@ def model_dir(model: ModelConfig, cache_dir: str | os.PathLike | None = None) ->
 
 # ---- building presets ------------------------------------------------------------------------
 def build_char_tokenizer():
-    """A character-level fast tokenizer with chat special tokens, built in memory."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A character-level fast tokenizer with chat special tokens, built in memory: one token
+    per printable ASCII character, no merges. Characters are spelled in GPT-2's byte-level
+    alphabet (" " is "Ġ", "\\n" is "Ċ") behind a ByteLevel step, because transformers 5 loads a
+    qwen2/qwen3 directory's tokenizer as Qwen2Tokenizer, which puts that step in front of any
+    vocabulary: a plain-spelled one lost every space and newline there."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    spell = bytes_to_unicode()
+    chars = [spell[ord(c)] for c in string.printable if c not in "\x0b\x0c\r"]
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",

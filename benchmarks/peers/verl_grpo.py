@@ -9,14 +9,10 @@ transformers 5.9 checks tokenizers <=0.23.0 at import, so that folder holds tran
 tokenizers 0.22.2 and tensordict 0.10.0 (install_verl.sh writes it). Tandem and TRL never see it.
 
 What verl reads, written into `--work`:
-- `model/`: the checkpoint the other systems read, its config and safetensors *linked* (the same
-  bytes), and a tokenizer with the same ids spelled in the byte-level alphabet. Transformers 5
-  reads a qwen2 directory's tokenizer as Qwen2Tokenizer, with a ByteLevel pre-tokenizer in front
-  of Tandem's character vocabulary (the shared checkpoint's tokenizer.json was saved so): " "
-  and "\\n" become "Ġ" and "Ċ", which it lacks, and vanish. Tandem and TRL run with that (both
-  lose them alike), but verl's prompt builder for qwen2 refuses a tokenizer whose "\\n" is not
-  one token. Here each character keeps its id (checked) and is spelled as ByteLevel spells it,
-  no merges: verl's prompts keep their spaces and newlines (~62 tokens, the others' ~51).
+- `model/`: the checkpoint the other systems read, every file linked (the same bytes). Its
+  tokenizer is Tandem's character tokenizer, spelled in the byte-level alphabet so that
+  transformers 5's Qwen2Tokenizer keeps " " and "\\n" (archs/checkpoints.py); verl's prompt
+  builder for qwen2 refuses a tokenizer whose "\\n" is not one token, which is checked here.
 - `reward.py`: `compute_score` calling Tandem's `trainer.rewards.arith`.
 - the task is Tandem's parquet itself: its columns (data_source, prompt, ability, reward_model,
   extra_info) are verl's.
@@ -32,7 +28,6 @@ import importlib.metadata
 import json
 import os
 import re
-import string
 import subprocess
 import sys
 import time
@@ -82,49 +77,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- what verl reads ------------------------------------------------------------------------
-def byte_level_tokenizer(model: Path):
-    """Tandem's character tokenizer with the same ids, spelled in GPT-2's byte-level alphabet
-    (one token per character, no merges), so Qwen2Tokenizer's ByteLevel step keeps " " and
-    "\\n". The ids are checked against `model`'s tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+def check_tokenizer(model: Path) -> None:
+    """verl's qwen2 prompt builder needs spaces and newlines to survive a round trip."""
+    from transformers import AutoTokenizer
 
-    from archs.checkpoints import CHAT_TEMPLATE, SPECIAL_TOKENS
-
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    spell = bytes_to_unicode()
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + [spell[ord(c)] for c in chars])}
-    theirs = json.loads((model / "tokenizer.json").read_text())["model"]["vocab"]
-    mine = dict(zip(SPECIAL_TOKENS + chars, vocab.values(), strict=True))
-    if mine != theirs:
-        raise SystemExit(f"{model}/tokenizer.json is not Tandem's character vocabulary")
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="<|im_end|>",
-        bos_token=None,
-        unk_token="<pad>",
-        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
-    )
-    hf_tok.chat_template = CHAT_TEMPLATE
-    return hf_tok
+    tok = AutoTokenizer.from_pretrained(model)
+    text = "What is 1 + 2?\n"
+    if tok.decode(tok.encode(text)) != text:
+        raise SystemExit(
+            f"{model}: its tokenizer loses spaces or newlines (rebuild the checkpoint)"
+        )
 
 
 def write_inputs(model: Path, work: Path) -> tuple[Path, Path]:
-    """verl's model directory (the same weights, linked; the byte-level tokenizer) and its
-    reward file."""
+    """verl's model directory (the shared checkpoint's files, linked) and its reward file."""
+    check_tokenizer(model)
     vmodel = work / "model"
     vmodel.mkdir(parents=True, exist_ok=True)
     for f in model.iterdir():
-        if f.suffix in (".safetensors", ".json") and not f.name.startswith("tokenizer"):
+        if f.is_file():
             link = vmodel / f.name
             link.unlink(missing_ok=True)
             link.symlink_to(f.resolve())
-    byte_level_tokenizer(model).save_pretrained(vmodel)
     reward = work / "reward.py"
     reward.write_text(REWARD.format(repo=str(REPO)))
     return vmodel, reward

@@ -37,6 +37,22 @@ def _row(content="What is 1 + 1?", truth="2"):
     }
 
 
+@pytest.mark.parametrize("preset", ["qwen2_0p5b", "tiny_llama_tied"])
+def test_character_tokenizer_survives_a_saved_directory(preset, tok, tmp_path):
+    """As the trainer loads it (AutoTokenizer over a written directory): the in-memory ids, and
+    spaces and newlines kept. Transformers 5 loads a qwen2 directory's tokenizer as
+    Qwen2Tokenizer, whose ByteLevel step once dropped both from a plain-spelled vocabulary."""
+    from transformers import AutoTokenizer
+
+    import archs
+
+    loaded = AutoTokenizer.from_pretrained(archs.ensure_preset_dir(preset, tmp_path, weights=False))
+    text = "What is 13 + 7?\n\tok <|im_end|>"
+    assert loaded.encode(text) == tok.encode(text)
+    assert loaded.decode(loaded.encode(text)) == text
+    assert len(tok.encode("a b")) == 3
+
+
 # ---- the arithmetic task ---------------------------------------------------------------------
 def test_write_arith_task(tmp_path, arith_files):
     train, val = arith_files
