@@ -209,6 +209,15 @@ def cp_chunks(cp: int, rank: int) -> tuple[int, int]:
     return rank, 2 * cp - 1 - rank
 
 
+def cp_local_positions(index: torch.Tensor, chunk: int, cp: int, rank: int):
+    """Where sequence positions `index` sit in this CP rank's [chunk r | chunk 2·CP-1-r]
+    slice: (local position, whether it is local)."""
+    which, offset = index // chunk, index % chunk
+    first, second = (which == g for g in cp_chunks(cp, rank))
+    local = torch.where(second, chunk + offset, offset)
+    return local, first | second
+
+
 def dp_size() -> int:
     from megatron.core import parallel_state as mpu
 

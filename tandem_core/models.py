@@ -34,7 +34,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from tandem_core import cpu_compat
 from tandem_core.config import ParallelConfig
-from tandem_core.distributed import cp_chunks
+from tandem_core.distributed import cp_chunks, cp_local_positions
 from tandem_core.model_args import ModelArgs
 from tandem_core.moe import TorchGroupedMLP, fix_router_without_te
 from tandem_core.registry import Registry
@@ -219,15 +219,6 @@ def context_parallel_attention(query, key, value, scale: float, packed=None) -> 
     if packed is not None:
         return out[:, 0].reshape(out.shape[0], -1)
     return out.reshape(out.shape[0], out.shape[1], -1)
-
-
-def cp_local_positions(index: torch.Tensor, chunk: int, cp: int, rank: int):
-    """Where sequence positions `index` sit in this CP rank's [chunk r | chunk 2·CP-1-r]
-    slice: (local position, whether it is local)."""
-    which, offset = index // chunk, index % chunk
-    first, second = (which == g for g in cp_chunks(cp, rank))
-    local = torch.where(second, chunk + offset, offset)
-    return local, first | second
 
 
 @functools.cache

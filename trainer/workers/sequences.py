@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem_core.distributed import cp_chunks
+from tandem_core.distributed import cp_chunks, cp_local_positions
 
 
 @dataclass
@@ -58,8 +58,6 @@ class AlignedMicroBatch:
         its output layer ran on (tandem_core/models.py local_response_rows); None without CP."""
         if self.context_parallel is None:
             return None
-        from tandem_core.models import cp_local_positions
-
         cp, rank = self.context_parallel
         return cp_local_positions(self.response_index, self.input_ids.shape[1] // 2, cp, rank)[1]
 
