@@ -10,6 +10,7 @@ transformer-engine's THD attention, absent on CPU).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,10 +53,11 @@ class AlignedMicroBatch:
         starts = cu[:-1].repeat_interleave(cu.diff(), output_size=int(cu[-1]))
         return (positions - starts[positions])[None]
 
-    @property
+    @functools.cached_property
     def local_response_rows(self) -> torch.Tensor | None:
         """[b, R] bool, under CP: the response rows whose positions this rank holds, the rows
-        its output layer ran on (tandem_core/models.py local_response_rows); None without CP."""
+        its output layer ran on (tandem_core/models.py local_response_rows); None without CP.
+        Computed once per micro-batch (labels, log-probs and entropy each ask for it)."""
         if self.context_parallel is None:
             return None
         cp, rank = self.context_parallel
