@@ -5,7 +5,8 @@ hands it to the engine's loader, which slices it again for the engine's TP: one 
 chain per tensor, every iteration. When the engine is sharded like megatron (same TP, the HF
 row order inside each of its parameters), most of that is a fixed mapping from a piece of one
 megatron shard to a piece of one engine parameter. This module computes that mapping once, as
-two lists of views, and each later sync is one `torch._foreach_copy_`:
+two lists of views, and each later sync copies them at close to the device's copy bandwidth
+(see `CopyRuns`):
 
 - replicated tensors (norms) map for any pair of TP sizes;
 - row, column and fused gate/up tensors map block for block at equal TP;
@@ -50,6 +51,7 @@ class _Bucket:
     dst: list[torch.Tensor] = field(default_factory=list)
     src: list[torch.Tensor] = field(default_factory=list)  # views of the receive buffer
     names: list[str] = field(default_factory=list)
+    runs: CopyRuns | None = None  # planned while the buffers hold memory
 
 
 @dataclass
@@ -89,6 +91,7 @@ class DirectCopies:
     names: list[str] = field(default_factory=list)  # the megatron tensor of each pair
     remaining: list[str] = field(default_factory=list)
     gather: _GatherStage | None = None
+    runs: CopyRuns | None = None  # the pairs as copied when no filter is given
 
     @property
     def planned(self) -> set[str]:
@@ -106,11 +109,17 @@ class DirectCopies:
 
     @torch.no_grad()
     def copy(self, keep: Callable[[str], bool] | None = None) -> None:
-        """Every pair (or those whose megatron name `keep` accepts): one fused copy, and one
-        more per gathered bucket (the gathers run regardless: they are collectives)."""
-        _copy_pairs(self.dst, self.src, self.names, keep)
+        """Every pair (or those whose megatron name `keep` accepts), then each gathered bucket's
+        (the gathers run regardless: they are collectives)."""
+        if keep is None:
+            (self.runs or CopyRuns.plan(self.dst, self.src)).copy()
+        else:
+            _copy_pairs(self.dst, self.src, self.names, keep)
         if self.gather is not None:
-            self.gather.run(lambda b: _copy_pairs(b.dst, b.src, b.names, keep))
+            if keep is None:
+                self.gather.run(lambda b: (b.runs or CopyRuns.plan(b.dst, b.src)).copy())
+            else:
+                self.gather.run(lambda b: _copy_pairs(b.dst, b.src, b.names, keep))
 
     @torch.no_grad()
     def first_mismatch(self) -> str | None:
@@ -121,6 +130,83 @@ class DirectCopies:
             self.gather.run(lambda b: gathered.append(_mismatch(b.dst, b.src, b.names)))
             found = found or next((n for n in gathered if n), None)
         return found
+
+
+BIG_COPY_BYTES = 4 * 2**20
+"""A run this large gets its own `copy_` (the device's full copy bandwidth, and its launch is
+shorter than the copy); smaller runs share one `torch._foreach_copy_` launch."""
+
+
+@dataclass
+class CopyRuns:
+    """The pairs as one sync copies them. Consecutive pairs whose engine pieces and megatron
+    pieces both lie back to back in one storage are merged into one flat pair (a fused gate/up
+    block, a whole stack of experts); runs of `BIG_COPY_BYTES` or more are copied one `copy_`
+    each, the rest by one `_foreach_copy_`. One foreach over every pair reaches ~60 % of the
+    device's copy bandwidth on an H200 (0.79 ms for 0.99 GB against 0.50 ms for one copy);
+    the copy kernel of a large contiguous pair runs at full bandwidth.
+
+    Written by hand: torch has no copy of a list of ranges at full bandwidth."""
+
+    big: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    small_dst: list[torch.Tensor] = field(default_factory=list)
+    small_src: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def plan(cls, dst: list[torch.Tensor], src: list[torch.Tensor]) -> CopyRuns:
+        """Cut while both sides hold memory (views of a released buffer all look alike)."""
+        runs = cls()
+        for d, s in _merge_adjacent(dst, src):
+            if d.is_contiguous() and s.is_contiguous() and _nbytes(d) >= BIG_COPY_BYTES:
+                runs.big.append((d, s))
+            else:
+                runs.small_dst.append(d)
+                runs.small_src.append(s)
+        return runs
+
+    @property
+    def launches(self) -> int:
+        return len(self.big) + bool(self.small_dst)
+
+    def copy(self) -> None:
+        # The foreach first: the device works through it while the host queues the big copies.
+        if self.small_dst:
+            torch._foreach_copy_(self.small_dst, self.small_src)
+        for d, s in self.big:
+            d.copy_(s)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """`b` starts where `a` ends, in the same storage, both contiguous."""
+    return (
+        a.is_contiguous()
+        and b.is_contiguous()
+        and a.dtype == b.dtype
+        and a.device == b.device
+        and a.untyped_storage().data_ptr() != 0
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() + a.numel() == b.storage_offset()
+    )
+
+
+def _merge_adjacent(dst: list[torch.Tensor], src: list[torch.Tensor]):
+    merged: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for d, s in zip(dst, src, strict=True):
+        if merged and _follows(merged[-1][0], d) and _follows(merged[-1][1], s):
+            pd, ps = merged[-1]
+            merged[-1] = (_span(pd, d), _span(ps, s))
+        else:
+            merged.append((d, s))
+    return merged
+
+
+def _span(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """One flat view from `a`'s first element to `b`'s last (`_follows(a, b)`)."""
+    return a.as_strided((a.numel() + b.numel(),), (1,), a.storage_offset())
 
 
 def _copy_pairs(dst, src, names, keep) -> None:
@@ -284,6 +370,7 @@ def plan_direct_copies(
         )
         planned = {n for b in plan.gather.buckets for n in b.names}
         plan.remaining += [n for n, _ in to_gather if n not in planned]
+    plan.runs = CopyRuns.plan(plan.dst, plan.src)
     return plan
 
 
@@ -325,6 +412,7 @@ def _plan_gather(
                 bucket.dst.append(dst)
                 bucket.src.append(src)
                 bucket.names.append(name)
+        bucket.runs = CopyRuns.plan(bucket.dst, bucket.src)
         buckets.append(bucket)
     return _GatherStage(group, release_storage(send), release_storage(recv), buckets)
 
