@@ -75,8 +75,12 @@ def sync_vs_copy(manager, rollout, repeat: int) -> dict:
     direct = manager.direct  # megatron's DirectCopies (gathered copies counted), FSDP2's views
     if isinstance(direct, dict):
         planned = sum(t.numel() * t.element_size() for t in direct.values())
+        out["launches"] = len(direct)
     else:
         planned = direct.nbytes
+        buckets = direct.gather.buckets if direct.gather else []
+        own = direct.runs.launches if direct.runs else 0
+        out["launches"] = own + sum(b.runs.launches for b in buckets)
     out["direct_share"] = planned / nbytes
     out["direct_s"] = C.best_of(manager.sync_weights, repeat, warmup=1)
     rollout.sleep(level=manager.sleep_level)
@@ -201,7 +205,7 @@ def main() -> None:
         ],
         [
             f"weight sync as the manager runs it ({100 * sync['direct_share']:.0f} % of the "
-            "bytes by direct copy, the rest by loader)",
+            f"bytes by direct copy in {sync['launches']} copy launches, the rest by loader)",
             f"{sync_s * 1e3:,.2f} ms",
             f"{gbs / sync_s:.1f}",
             f"{sync_s / copy_s:.2f}× the copy",

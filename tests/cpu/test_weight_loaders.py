@@ -263,6 +263,35 @@ def test_copy_runs_merge_what_lies_back_to_back_on_both_sides(monkeypatch):
     assert torch.equal(dst, want)
 
 
+def test_copy_runs_stack_every_expert_of_a_layer_into_one_copy(monkeypatch):
+    """megatron's grouped experts hold each expert's fc1/fc2 transposed ([h, E·2f], [E·f, h]);
+    vLLM stacks them as w13 [E, 2f, h] and w2 [E, h, f]. The 3·E per-expert transposing pairs
+    (gate, up, down) become one strided copy per tensor, and fill the engine exactly; below
+    the size of a copy of its own, a strided stack goes back to its pieces in the foreach."""
+    from weight_loaders.stream import ExpertShard, per_expert
+
+    E, h, f = 4, 8, 3
+    weight1, weight2 = torch.randn(h, E * 2 * f), torch.randn(E * f, h)
+    w13, w2 = torch.zeros(E, 2 * f, h), torch.zeros(E, h, f)
+    dst, src = [], []
+    shard = ExpertShard(E, 0)
+    for e, (_, fc1) in enumerate(per_expert("mlp.experts.weight1", weight1, shard)):
+        dst += [w13[e, :f], w13[e, f:]]
+        src += [fc1[:f], fc1[f:]]
+    for e, (_, fc2) in enumerate(per_expert("mlp.experts.weight2", weight2, shard)):
+        dst.append(w2[e])
+        src.append(fc2)
+    small = wl.direct_copy.CopyRuns.plan(dst, src)
+    assert small.launches == 1 and len(small.small_dst) == 3 * E
+    monkeypatch.setattr(wl.direct_copy, "BIG_COPY_BYTES", 64)
+    runs = wl.direct_copy.CopyRuns.plan(dst, src)
+    assert runs.launches == 2 and not runs.small_dst
+    assert [d.numel() for d, _ in runs.big] == [E * 2 * f * h, E * h * f]
+    runs.copy()
+    assert torch.equal(w13, weight1.view(E, h, 2 * f).transpose(1, 2))
+    assert torch.equal(w2, weight2.view(E, f, h).transpose(1, 2))
+
+
 def test_experts_under_training_ep_stay_with_the_loader():
     """At EP 2 a rank holds half of every layer's experts and the engine all of them: copying
     this rank's would leave the other half stale (seen on CUDA vLLM: log-probs off by 0.014
