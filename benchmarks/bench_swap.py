@@ -11,6 +11,8 @@ Measured side by side in one run, with the device synchronised around every timi
   (`rollout.load_weights` of the manager's HF stream: TP gather, QKV/gate-up conversion,
   buckets), and as the manager syncs after its first sync (direct copies into the engine's
   parameters where planned, the loader for the rest); best of `--repeat` each, after a warm-up;
+  on CUDA also a candidate, the same planned pieces by one Triton launch
+  (weight_loaders/copy_kernel.py), checked to write every piece it takes;
 - swap: `with manager: pass`, i.e. enter (gather, free grads, wake the engine's weights, sync,
   wake its KV cache) + exit (engine sleep, grads back), from the engine asleep as in the trainer;
   best of `--repeat` after one warm-up; the sync inside it is reported too;
@@ -83,10 +85,39 @@ def sync_vs_copy(manager, rollout, repeat: int) -> dict:
         out["launches"] = own + sum(b.runs.launches for b in buckets)
     out["direct_share"] = planned / nbytes
     out["direct_s"] = C.best_of(manager.sync_weights, repeat, warmup=1)
+    if C.on_cuda() and not isinstance(direct, dict):
+        out["kernel"] = one_kernel_copy(direct, repeat)
+        manager.sync_weights()  # the engine as the manager leaves it
     rollout.sleep(level=manager.sleep_level)
     if gathered is not None:
         gathered.release()
     return out
+
+
+def one_kernel_copy(direct, repeat: int) -> dict | None:
+    """The manager's planned pairs (merged as CopyRuns merges them) by one Triton launch
+    (weight_loaders/copy_kernel.py), a candidate for the sync: checked to write every piece
+    it takes, then timed; None without Triton or without a piece it can take."""
+    try:
+        from weight_loaders.copy_kernel import RangeCopy
+    except ImportError:
+        return None
+    from weight_loaders.direct_copy import merge_pairs
+
+    merged = merge_pairs(list(zip(direct.dst, direct.src, strict=True)))
+    fit = [(d, s) for d, s, _ in merged if RangeCopy.fits(d, s)]
+    if not fit:
+        return None
+    kernel = RangeCopy(fit)
+    with torch.no_grad():
+        for d, _ in fit:
+            d.zero_()
+        kernel.copy()
+        if not all(torch.equal(d, s) for d, s in fit):
+            raise RuntimeError("the range-copy kernel left a planned piece unwritten")
+    seconds = C.best_of(kernel.copy, repeat, warmup=1)
+    share = kernel.nbytes / direct.nbytes
+    return {"s": seconds, "share": share, "ranges": len(fit), "gb": kernel.nbytes / 1e9}
 
 
 def main() -> None:
@@ -210,6 +241,19 @@ def main() -> None:
             f"{gbs / sync_s:.1f}",
             f"{sync_s / copy_s:.2f}× the copy",
         ],
+        *(
+            [
+                [
+                    f"candidate: one Triton kernel over {k['ranges']} planned ranges "
+                    f"({100 * k['share']:.0f} % of the direct-copy bytes)",
+                    f"{k['s'] * 1e3:,.2f} ms",
+                    f"{k['gb'] / k['s']:.1f}",
+                    f"{k['s'] / copy_s:.2f}× the copy",
+                ]
+            ]
+            if (k := sync.get("kernel"))
+            else []
+        ),
         [
             f"swap: enter + exit (its sync: {min(inner_sync) * 1e3:,.1f} ms)",
             f"{swap_s * 1e3:,.1f} ms",

@@ -151,7 +151,9 @@ class CopyRuns:
     it would cost a launch of its own). One foreach over every pair reaches ~60 % of the
     device's copy bandwidth on an H200 (0.79 ms for 0.99 GB against 0.50 ms for one copy).
 
-    Written by hand: torch has no copy of a list of ranges at full bandwidth."""
+    Written by hand: torch has no copy of a list of ranges at full bandwidth. copy_kernel.py
+    holds a candidate that copies all contiguous pieces in one Triton launch; bench_swap times
+    it beside this on GPUs, and it is not used here until it is measured faster."""
 
     big: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     small_dst: list[torch.Tensor] = field(default_factory=list)

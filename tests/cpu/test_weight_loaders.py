@@ -292,6 +292,38 @@ def test_copy_runs_stack_every_expert_of_a_layer_into_one_copy(monkeypatch):
     assert torch.equal(w2, weight2.view(E, f, h).transpose(1, 2))
 
 
+def test_one_kernel_copies_every_planned_range(monkeypatch):
+    """The Triton range copy (a candidate for the sync, timed by bench_swap on GPUs), run by
+    Triton's interpreter: every range lands where its pair says and nothing else is written;
+    pairs it cannot copy as whole aligned words of one dtype are refused."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from weight_loaders import copy_kernel
+
+    copy_kernel._kernel.cache_clear()
+    try:
+        src = torch.randn(3000, dtype=torch.bfloat16)
+        dst = torch.zeros(3000, dtype=torch.bfloat16)
+        cuts = [(0, 2000, 1000), (1000, 0, 400), (1400, 800, 600)]  # (src, dst, length)
+        pairs = [(dst[d : d + n], src[s : s + n]) for s, d, n in cuts]
+        pairs[2] = (pairs[2][0].view(2, 300), pairs[2][1].view(2, 300))
+        copy_kernel.RangeCopy(pairs, block=128).copy()
+        want = torch.zeros_like(dst)
+        for s, d, n in cuts:
+            want[d : d + n] = src[s : s + n]
+        assert torch.equal(dst, want)
+    finally:
+        copy_kernel._kernel.cache_clear()
+    fits = copy_kernel.RangeCopy.fits
+    assert fits(dst[:4], src[4:8])
+    assert not fits(dst[:6], src[:6])  # 12 bytes: not whole words
+    assert not fits(dst[1:5], src[:4])  # not 8-byte aligned
+    assert not fits(dst[:8:2], src[:4])  # strided
+    assert not fits(dst[:4], src[:4].float()[:2])  # a cast is not a byte copy
+    with pytest.raises(ValueError, match="pair 0"):
+        copy_kernel.RangeCopy([(dst[:6], src[:6])])
+
+
 def test_experts_under_training_ep_stay_with_the_loader():
     """At EP 2 a rank holds half of every layer's experts and the engine all of them: copying
     this rank's would leave the other half stale (seen on CUDA vLLM: log-probs off by 0.014
