@@ -257,7 +257,8 @@ def _merge_once(items, stack: bool):
                 sstep = s.storage_offset() - ps.storage_offset()
             if (
                 stack
-                and dstep != 0
+                and dstep > 0  # as_strided takes no negative strides
+                and sstep > 0
                 and _next_in_stack(pd, dstep, count, d)
                 and _next_in_stack(ps, sstep, count, s)
             ):

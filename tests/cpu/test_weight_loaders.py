@@ -247,14 +247,16 @@ def test_copy_runs_merge_what_lies_back_to_back_on_both_sides(monkeypatch):
     monkeypatch.setattr(wl.direct_copy, "BIG_COPY_BYTES", 64 * 4)  # 64 fp32 values
     src, dst = torch.randn(400), torch.zeros(400)
     # (src start, dst start, length): 0-1 adjacent on both sides, 2 follows 1 only in src,
-    # 3 is a 2-D block (gate/up-like rows), 4 follows 3 on both sides.
+    # 3 is a 2-D block (gate/up-like rows), 4 follows 3 on both sides, 5-6 are evenly spaced
+    # but backwards in src (no stack: a view cannot step backwards).
     cuts = [(0, 100, 40), (40, 140, 40), (80, 0, 30), (200, 200, 2 * 20), (240, 240, 60)]
+    cuts += [(360, 300, 20), (340, 320, 20)]
     pairs_dst = [dst[d : d + n] for _, d, n in cuts]
     pairs_src = [src[s : s + n] for s, _, n in cuts]
     pairs_dst[3], pairs_src[3] = pairs_dst[3].view(2, 20), pairs_src[3].view(2, 20)
     runs = wl.direct_copy.CopyRuns.plan(pairs_dst, pairs_src)
     assert [d.numel() for d, _ in runs.big] == [80, 100]  # 0+1 and 3+4 merged
-    assert [d.numel() for d in runs.small_dst] == [30]
+    assert [d.numel() for d in runs.small_dst] == [30, 20, 20]
     assert runs.launches == 3
     runs.copy()
     want = torch.zeros(400)
