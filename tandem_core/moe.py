@@ -6,28 +6,34 @@ megatron's MoE layer computes its routed experts with one of three modules: `Seq
 extension exists on Tandem's machines, and no library we keep runs grouped experts without
 them; `torch._grouped_mm` (torch >= 2.11: the CUTLASS bf16 kernel on CUDA, with a slower
 fallback for fp32; a reference kernel on CPU, bf16 and fp32) does the same job.
-`TorchGroupedMLP` plugs it into megatron's `GroupedMLP`, keeping that class's parameters and
-distributed-checkpoint layout, so a checkpoint saved with `SequentialMLP` experts loads into
-it and back.
+`TorchGroupedMLP` plugs it into megatron's `GroupedMLP`, keeping that class's attributes and
+distributed-checkpoint format, so a checkpoint saved with `SequentialMLP` experts loads into it
+and back.
 
 Use it in the `experts` slot of megatron's MoE layer spec, e.g.
 `get_gpt_layer_local_spec(num_experts=n, moe_grouped_gemm=True)` with the experts
 `ModuleSpec(module=GroupedMLP)` replaced by `ModuleSpec(module=TorchGroupedMLP)`.
 
-Parameter layout (that of `GroupedMLP`; `E` local experts, `f = moe_ffn_hidden_size / expert
-TP`, `h` hidden), stored transposed with respect to `torch.nn.Linear` because the grouped GEMMs
-take `[K, N]` right-hand sides:
-- `weight1` [h, E * 2f] (GLU) or [h, E * f]: viewed as [E, h, 2f]; expert j's block is
-  `[gate_j | up_j]` along the last dim, i.e. `SequentialMLP`'s `local_experts.j.linear_fc1
-  .weight` ([2f, h] = [gate; up] on this expert-TP rank) transposed.
-- `weight2` [E * f, h]: viewed as [E, f, h]; expert j's block is `local_experts.j.linear_fc2
-  .weight` ([h, f]) transposed.
+Parameter layout (`E` local experts, `f = moe_ffn_hidden_size / expert TP`, `h` hidden): each
+expert's weights as `torch.nn.Linear` holds them, stacked expert after expert.
+- `weight1` [E * 2f, h] (GLU) or [E * f, h]: rows j*2f:(j+1)*2f are expert j's fc1, i.e.
+  `SequentialMLP`'s `local_experts.j.linear_fc1.weight` ([gate; up] on this expert-TP rank).
+- `weight2` [E * h, f]: rows j*h:(j+1)*h are expert j's fc2, `local_experts.j.linear_fc2.weight`.
+This is HF's per-expert layout and vLLM's fused `w13` [E, 2f, h] / `w2` [E, h, f], so a weight
+sync copies a layer's experts as one contiguous block. megatron's `GroupedMLP` keeps the
+transposes ([h, E * 2f], [E * f, h]), which made every expert a transposing copy of its own;
+its checkpoint factories are reused here with the layouts converted at their ends. The grouped
+GEMMs take [K, N] right-hand sides, so the forward passes transposed views: torch's grouped GEMM
+reads column-major right-hand sides, and its backward writes their gradients in the parameter's
+own layout (no transposing copy of the expert gradients).
 `sequential_to_grouped` / `grouped_to_sequential` move one layer's weights between the two.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 
 import torch
 import torch.distributed as dist
@@ -49,11 +55,40 @@ def grouped_mm_available() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
-def expert_weights(grouped: GroupedMLP) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of `weight1` as [E, h, fc1 width] and `weight2` as [E, f, h]: per local expert,
-    the right-hand sides of its fc1 and fc2 GEMMs (the layout GroupedMLP's forward uses)."""
-    h, n = grouped.config.hidden_size, grouped.num_local_experts
-    return grouped.weight1.view(n, h, -1), grouped.weight2.view(n, -1, h)
+def expert_blocks(grouped: TorchGroupedMLP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of `weight1` as [E, fc1 width, h] and `weight2` as [E, h, f]: expert j's fc1 and
+    fc2 weights as `torch.nn.Linear` (and SequentialMLP) holds them."""
+    n = grouped.num_local_experts
+    w1, w2 = grouped.weight1, grouped.weight2
+    return w1.view(n, -1, w1.shape[1]), w2.view(n, -1, w2.shape[1])
+
+
+def expert_weights(grouped: TorchGroupedMLP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per local expert, the right-hand sides of its fc1 and fc2 GEMMs, [E, h, fc1 width] and
+    [E, f, h]: the blocks of `expert_blocks` transposed (views)."""
+    w1, w2 = expert_blocks(grouped)
+    return w1.transpose(1, 2), w2.transpose(1, 2)
+
+
+# GroupedMLP's parameters are nominally [h, E * w] (weight1) and [E * f, h] (weight2), and hold
+# per-expert blocks [h, w] / [f, h] one after the other in memory (its forward views them as
+# [E, h, w] / [E, f, h]). TorchGroupedMLP holds each block transposed; these three move between.
+def _grouped_blocks(t: torch.Tensor, n: int, hidden: int, fc1: bool) -> torch.Tensor:
+    """GroupedMLP's per-expert blocks of `t`: [E, h, w] for weight1, [E, f, h] for weight2."""
+    return t.view(n, hidden, -1) if fc1 else t.view(n, -1, hidden)
+
+
+def _from_grouped_layout(t: torch.Tensor, n: int, hidden: int, fc1: bool) -> torch.Tensor:
+    """A tensor in GroupedMLP's layout, copied into TorchGroupedMLP's ([E * w, h] / [E * h, f])."""
+    blocks = _grouped_blocks(t, n, hidden, fc1).transpose(1, 2)
+    return blocks.reshape(-1, blocks.shape[-1])
+
+
+def _to_grouped_layout(t: torch.Tensor, n: int) -> torch.Tensor:
+    """A TorchGroupedMLP-shaped tensor (a parameter or an optimizer state) as the [E, h, w] /
+    [E, f, h] view of GroupedMLP's blocks, without a copy: what its checkpoint factories `view`
+    a parameter as before transposing it to the per-expert checkpoint tensors."""
+    return t.view(n, -1, t.shape[1]).transpose(1, 2)
 
 
 def fix_router_without_te() -> None:
@@ -119,13 +154,48 @@ class TorchGroupedMLP(GroupedMLP):
             pg_collection = get_default_pg_collection()
         with _grouped_gemm_check_skipped():
             super().__init__(num_local_experts, config, pg_collection=pg_collection)
+        # GroupedMLP initialised its transposed blocks; the same values, each block transposed
+        # (module docstring), with its tensor attributes. The expert-TP slices now run along
+        # the other axis.
+        for name, fc1 in (("weight1", True), ("weight2", False)):
+            old = getattr(self, name)
+            new = _from_grouped_layout(old.data, num_local_experts, config.hidden_size, fc1)
+            new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+            new.__dict__.update(old.__dict__)
+            if hasattr(old, "partition_dim"):
+                new.partition_dim = 1 - old.partition_dim
+            setattr(self, name, new)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """GroupedMLP's checkpoint tensors (per-expert, SequentialMLP's keys and shapes): its
+        factories, handed this module's parameters (and optimizer states, which go through the
+        same factories) as the views of its own layout, and merging back into this layout."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        n, hidden = self.num_local_experts, self.config.hidden_size
+
+        def build(key, t, replica_id, flattened_range, *, parent):
+            if flattened_range is None:  # GroupedMLP's factories build whole tensors only
+                t = _to_grouped_layout(t, n)
+            return parent(key, t, replica_id, flattened_range)
+
+        def merge(sub_state_dict, *, parent, fc1):
+            return _from_grouped_layout(parent(sub_state_dict), n, hidden, fc1)
+
+        for name, fc1 in (("weight1", True), ("weight2", False)):
+            factory = state[f"{prefix}{name}"]
+            state[f"{prefix}{name}"] = dataclasses.replace(
+                factory,
+                build_fn=functools.partial(build, parent=factory.build_fn),
+                merge_fn=functools.partial(merge, parent=factory.merge_fn, fc1=fc1),
+            )
+        return state
 
     @property
     def use_grouped_mm(self) -> bool:
         """Whether the grouped kernel can run: read at each forward, since megatron's
         Float16Module casts the weights to bf16 after construction (halving the byte widths)."""
         n, size = self.num_local_experts, self.weight1.element_size()
-        widths = (self.config.hidden_size, self.weight1.shape[1] // n, self.weight2.shape[0] // n)
+        widths = (self.config.hidden_size, self.weight1.shape[0] // n, self.weight2.shape[1])
         return grouped_mm_available() and all(w * size % _ALIGN_BYTES == 0 for w in widths)
 
     def _activation_with_probs(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -195,50 +265,47 @@ class TorchGroupedMLP(GroupedMLP):
 
 
 # ---- weights between SequentialMLP and TorchGroupedMLP, one layer (one rank's experts) -------
-def _check_pair(seq: SequentialMLP, grouped: GroupedMLP) -> None:
+def _check_pair(seq: SequentialMLP, grouped: TorchGroupedMLP) -> None:
     """Raise unless `seq` and `grouped` hold the same experts' shapes (copy_ would broadcast)."""
     if seq.num_local_experts != grouped.num_local_experts:
         raise ValueError(
             f"{seq.num_local_experts} sequential experts vs {grouped.num_local_experts} grouped"
         )
-    w1, w2 = expert_weights(grouped)
+    w1, w2 = expert_blocks(grouped)
     for j, expert in enumerate(seq.local_experts):
         fc1, fc2 = expert.linear_fc1, expert.linear_fc2
         if getattr(fc1, "bias", None) is not None or getattr(fc2, "bias", None) is not None:
             raise ValueError("grouped experts have no biases (add_bias_linear=False)")
-        if fc1.weight.t().shape != w1[j].shape or fc2.weight.t().shape != w2[j].shape:
+        if fc1.weight.shape != w1[j].shape or fc2.weight.shape != w2[j].shape:
             raise ValueError(
                 f"expert {j}: fc1 {tuple(fc1.weight.shape)}, fc2 {tuple(fc2.weight.shape)} do not "
-                f"match grouped blocks {tuple(w1[j].shape)}, {tuple(w2[j].shape)} transposed"
+                f"match grouped blocks {tuple(w1[j].shape)}, {tuple(w2[j].shape)}"
             )
 
 
 @torch.no_grad()
-def sequential_to_grouped(seq: SequentialMLP, grouped: GroupedMLP) -> None:
-    """Copy `seq`'s local experts into `grouped` (a TorchGroupedMLP or GroupedMLP) in place.
+def sequential_to_grouped(seq: SequentialMLP, grouped: TorchGroupedMLP) -> None:
+    """Copy `seq`'s local experts into `grouped` in place.
 
     SequentialMLP keeps expert j as an MLP whose `linear_fc1.weight` is [2f, h] (GLU; [f, h]
-    without), rows [gate; up] of this expert-TP rank's slice, and `linear_fc2.weight` [h, f].
-    GroupedMLP keeps the transposes side by side: `weight1.view(E, h, 2f)[j] = fc1_j.T`, so
-    gate and up are the first and second halves of expert j's columns (the order its GLU
-    chunks them and its `sharded_state_dict` maps them to the checkpoint's `w`/`v` halves),
-    and `weight2.view(E, f, h)[j] = fc2_j.T`.
+    without), rows [gate; up] of this expert-TP rank's slice, and `linear_fc2.weight` [h, f];
+    TorchGroupedMLP stacks the same matrices (`expert_blocks`).
     """
     _check_pair(seq, grouped)
-    w1, w2 = expert_weights(grouped)
+    w1, w2 = expert_blocks(grouped)
     for j, expert in enumerate(seq.local_experts):
-        w1[j].copy_(expert.linear_fc1.weight.t())
-        w2[j].copy_(expert.linear_fc2.weight.t())
+        w1[j].copy_(expert.linear_fc1.weight)
+        w2[j].copy_(expert.linear_fc2.weight)
 
 
 @torch.no_grad()
-def grouped_to_sequential(grouped: GroupedMLP, seq: SequentialMLP) -> None:
+def grouped_to_sequential(grouped: TorchGroupedMLP, seq: SequentialMLP) -> None:
     """The inverse of `sequential_to_grouped`: `grouped`'s experts into `seq`, in place."""
     _check_pair(seq, grouped)
-    w1, w2 = expert_weights(grouped)
+    w1, w2 = expert_blocks(grouped)
     for j, expert in enumerate(seq.local_experts):
-        expert.linear_fc1.weight.copy_(w1[j].t())
-        expert.linear_fc2.weight.copy_(w2[j].t())
+        expert.linear_fc1.weight.copy_(w1[j])
+        expert.linear_fc2.weight.copy_(w2[j])
 
 
 def moe_routers(chunk: torch.nn.Module) -> list[Router]:

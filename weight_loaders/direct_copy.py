@@ -144,11 +144,11 @@ class CopyRuns:
     Pairs are merged while both sides agree: pieces back to back in one storage become one flat
     piece (a fused gate/up block), and equally shaped pieces at an even spacing in one storage
     become one strided view with a leading dimension (megatron's per-group QKV rows into the
-    engine's q, k, v blocks; every expert of a layer into vLLM's stacked w13/w2, which
-    megatron's grouped experts hold transposed: 1,536 transposing copies for four layers of
-    Qwen3-30B-A3B become eight). Runs of `BIG_COPY_BYTES` or more get one `copy_` each; the
-    small rest share one `_foreach_copy_` (a small strided view as the pieces it covers: alone
-    it would cost a launch of its own). One foreach over every pair reaches ~60 % of the
+    engine's q, k, v blocks; every expert's share of the gate and up rows into an engine TP
+    rank's stacked w13). Every expert of a layer into an engine that holds them all is one flat
+    piece per tensor: the grouped experts stack them as vLLM does. Runs of `BIG_COPY_BYTES` or
+    more get one `copy_` each; the small rest share one `_foreach_copy_` (a small strided view
+    as the pieces it covers: alone it would cost a launch of its own). One foreach over every pair reaches ~60 % of the
     device's copy bandwidth on an H200 (0.79 ms for 0.99 GB against 0.50 ms for one copy).
 
     Written by hand: torch has no copy of a list of ranges at full bandwidth. copy_kernel.py

@@ -72,18 +72,14 @@ def per_expert(name: str, tensor: torch.Tensor, shard: ExpertShard):
     """An experts parameter as (name, tensor) per expert, named as megatron's SequentialMLP
     names them (`mlp.experts.local_experts.{e}.linear_fc1.weight`) with `e` the global expert
     number, whichever experts module holds them: SequentialMLP's own parameters renumbered, or
-    views of the stacked `weight1` [h, E·2f] / `weight2` [E·f, h] of a grouped module
-    (megatron's GroupedMLP layout: expert j's fc1 is view(E, h, -1)[j] transposed)."""
+    views of the stacked `weight1` [E·2f, h] / `weight2` [E·h, f] of the grouped module
+    (tandem_core.moe.TorchGroupedMLP: expert j's fc1 is rows j·2f:(j+1)·2f)."""
     head, _, tail = name.partition("mlp.experts.")
     if tail in ("weight1", "weight2"):
         fc = "linear_fc1" if tail == "weight1" else "linear_fc2"
-        blocks = (
-            tensor.view(shard.local, tensor.shape[0], -1)
-            if tail == "weight1"
-            else tensor.view(shard.local, -1, tensor.shape[1])
-        )
+        blocks = tensor.view(shard.local, -1, tensor.shape[1])
         for j in range(shard.local):  # indexing, not unbind: the views are written in place
-            yield f"{head}mlp.experts.local_experts.{shard.offset + j}.{fc}.weight", blocks[j].t()
+            yield f"{head}mlp.experts.local_experts.{shard.offset + j}.{fc}.weight", blocks[j]
         return
     _, j, rest = tail.split(".", 2)  # local_experts.{j}.<rest>
     yield f"{head}mlp.experts.local_experts.{shard.offset + int(j)}.{rest}", tensor

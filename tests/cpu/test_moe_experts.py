@@ -41,6 +41,7 @@ def test_experts_match_sequential(ep1):
     for config, r in units.items():
         assert_close(r["diffs"], config)
         assert r["weight_grads_present"], config  # T = 0 too: zero, not missing, gradients
+        assert r["weight_grads_contiguous"], config
         # Rows of 6 fp32 (24 bytes) are not 16-byte aligned: the per-expert loop runs.
         assert r["use_grouped_mm"] == (config != "unaligned_loop"), config
 
@@ -51,12 +52,14 @@ def test_sequential_grouped_roundtrip_is_bitwise(ep1):
 
 
 def test_weights_carry_grouped_mlp_attributes(ep1):
+    """GroupedMLP's tensor attributes, the expert-TP axis turned with the layout: weight1
+    [E·2f, h] is split along its rows, weight2 [E·h, f] along its columns."""
     attrs = ep1[1]["attrs"]
     assert attrs["weight1"] == dict(
-        allreduce=True, tensor_model_parallel=True, partition_dim=1, partition_stride=1
+        allreduce=True, tensor_model_parallel=True, partition_dim=0, partition_stride=1
     )
     assert attrs["weight2"] == dict(
-        allreduce=True, tensor_model_parallel=True, partition_dim=0, partition_stride=1
+        allreduce=True, tensor_model_parallel=True, partition_dim=1, partition_stride=1
     )
 
 

@@ -265,33 +265,38 @@ def test_copy_runs_merge_what_lies_back_to_back_on_both_sides(monkeypatch):
     assert torch.equal(dst, want)
 
 
-def test_copy_runs_stack_every_expert_of_a_layer_into_one_copy(monkeypatch):
-    """megatron's grouped experts hold each expert's fc1/fc2 transposed ([h, E·2f], [E·f, h]);
-    vLLM stacks them as w13 [E, 2f, h] and w2 [E, h, f]. The 3·E per-expert transposing pairs
-    (gate, up, down) become one strided copy per tensor, and fill the engine exactly; below
-    the size of a copy of its own, a strided stack goes back to its pieces in the foreach."""
+@pytest.mark.parametrize("engine_tp", [1, 2])
+def test_copy_runs_copy_every_expert_of_a_layer_at_once(monkeypatch, engine_tp):
+    """The grouped experts stack each expert's fc1 [2f, h] and fc2 [h, f] as vLLM's w13
+    [E, 2f, h] and w2 [E, h, f] do: into an engine holding whole experts (TP 1) the 3·E
+    per-expert pairs (gate, up, down) merge into one flat copy per tensor; into an engine TP
+    rank's half (gate and up rows r·f/2…, fc2 columns r·f/2…) they stack into one strided copy
+    per tensor. Below the size of a copy of its own, a strided stack goes back to its pieces in
+    the foreach. Either way the engine's tensors come out exactly."""
     from weight_loaders.stream import ExpertShard, per_expert
 
-    E, h, f = 4, 8, 3
-    weight1, weight2 = torch.randn(h, E * 2 * f), torch.randn(E * f, h)
-    w13, w2 = torch.zeros(E, 2 * f, h), torch.zeros(E, h, f)
+    E, h, f = 4, 8, 4
+    weight1, weight2 = torch.randn(E * 2 * f, h), torch.randn(E * h, f)
+    rows = f // engine_tp  # this engine rank's gate (and up) rows, and fc2 columns
+    w13, w2 = torch.zeros(E, 2 * rows, h), torch.zeros(E, h, rows)
     dst, src = [], []
     shard = ExpertShard(E, 0)
     for e, (_, fc1) in enumerate(per_expert("mlp.experts.weight1", weight1, shard)):
-        dst += [w13[e, :f], w13[e, f:]]
-        src += [fc1[:f], fc1[f:]]
+        dst += [w13[e, :rows], w13[e, rows:]]
+        src += [fc1[:rows], fc1[f : f + rows]]
     for e, (_, fc2) in enumerate(per_expert("mlp.experts.weight2", weight2, shard)):
         dst.append(w2[e])
-        src.append(fc2)
+        src.append(fc2[:, :rows])
     small = wl.direct_copy.CopyRuns.plan(dst, src)
-    assert small.launches == 1 and len(small.small_dst) == 3 * E
-    monkeypatch.setattr(wl.direct_copy, "BIG_COPY_BYTES", 64)
+    assert small.launches == 1
+    monkeypatch.setattr(wl.direct_copy, "BIG_COPY_BYTES", 32)
     runs = wl.direct_copy.CopyRuns.plan(dst, src)
     assert runs.launches == 2 and not runs.small_dst
-    assert [d.numel() for d, _ in runs.big] == [E * 2 * f * h, E * h * f]
+    assert [d.numel() for d, _ in runs.big] == [E * 2 * rows * h, E * h * rows]
+    assert all(s.is_contiguous() == (engine_tp == 1) for _, s in runs.big)
     runs.copy()
-    assert torch.equal(w13, weight1.view(E, h, 2 * f).transpose(1, 2))
-    assert torch.equal(w2, weight2.view(E, f, h).transpose(1, 2))
+    fc1 = weight1.view(E, 2, f, h)[:, :, :rows].reshape(E, 2 * rows, h)
+    assert torch.equal(w13, fc1) and torch.equal(w2, weight2.view(E, h, f)[..., :rows])
 
 
 def test_one_kernel_copies_every_planned_range(monkeypatch):

@@ -107,10 +107,18 @@ def build_experts(config, grouped: bool, num_local: int):
 
 
 def seq_grads(seq):
-    """The sequential experts' weight gradients stacked in the grouped layout ([E, h, ·])."""
-    g1 = torch.stack([e.linear_fc1.weight.grad.t() for e in seq.local_experts])
-    g2 = torch.stack([e.linear_fc2.weight.grad.t() for e in seq.local_experts])
+    """The sequential experts' weight gradients stacked as the grouped experts hold their
+    weights ([E, 2f, h], [E, h, f])."""
+    g1 = torch.stack([e.linear_fc1.weight.grad for e in seq.local_experts])
+    g2 = torch.stack([e.linear_fc2.weight.grad for e in seq.local_experts])
     return g1, g2
+
+
+def grouped_grads(grouped):
+    """The grouped experts' weight gradients per expert, [E, 2f, h] and [E, h, f]."""
+    n = grouped.num_local_experts
+    g1, g2 = grouped.weight1.grad, grouped.weight2.grad
+    return g1.view(n, -1, g1.shape[1]), g2.view(n, -1, g2.shape[1])
 
 
 # ---- units: the experts modules alone (world 1) -----------------------------------------------
@@ -143,7 +151,7 @@ def units() -> dict:
         roundtrip_exact = all(
             torch.equal(a, b) for a, b in zip(seq.parameters(), back.parameters(), strict=True)
         )
-        diffs, weight_grads_present = Diffs(), True
+        diffs, weight_grads_present, grads_contiguous = Diffs(), True, True
         gen = torch.Generator().manual_seed(7)
         for i, pattern in enumerate(PATTERNS):
             t = sum(pattern)
@@ -164,13 +172,18 @@ def units() -> dict:
                 diffs.add(key, ref, got)
             weight_grads_present &= grouped.weight1.grad is not None
             weight_grads_present &= grouped.weight2.grad is not None
+            # torch's grouped GEMM writes the gradients in the weights' own layout.
+            grads_contiguous &= grouped.weight1.grad.is_contiguous()
+            grads_contiguous &= grouped.weight2.grad.is_contiguous()
             g1, g2 = seq_grads(seq)
-            diffs.add("w1_grad", g1, grouped.weight1.grad.view(n, HIDDEN, -1))
-            diffs.add("w2_grad", g2, grouped.weight2.grad.view(n, -1, HIDDEN))
+            w1g, w2g = grouped_grads(grouped)
+            diffs.add("w1_grad", g1, w1g)
+            diffs.add("w2_grad", g2, w2g)
         results[name] = {
             "diffs": diffs,
             "roundtrip_exact": roundtrip_exact,
             "weight_grads_present": bool(weight_grads_present),
+            "weight_grads_contiguous": bool(grads_contiguous),
             "use_grouped_mm": grouped.use_grouped_mm,
         }
     attrs = {
@@ -247,8 +260,7 @@ def layer_parity(out_dir: Path) -> dict:
     out_g, xg_g = run_layer(grp_layer, x, g)
     g1, g2 = seq_grads(seq_layer.experts)
     n = grp_layer.experts.num_local_experts
-    w1g = grp_layer.experts.weight1.grad.view(n, HIDDEN, -1)
-    w2g = grp_layer.experts.weight2.grad.view(n, -1, HIDDEN)
+    w1g, w2g = grouped_grads(grp_layer.experts)
     diffs = Diffs()
     diffs.add("out", out_s, out_g)
     diffs.add("x_grad", xg_s, xg_g)
