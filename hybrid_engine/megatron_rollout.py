@@ -123,6 +123,7 @@ class MegatronShardingManager(BaseShardingManager):
             tp_rank=D.tp_rank(),
             bucket_mb=self.bucket_mb or 256,
             ep_size=D.ep_size(),
+            ep_group=D.ep_group() if D.ep_size() > 1 else None,
         )
         mismatch = plan.first_mismatch()
         agreed = torch.tensor([0 if mismatch else 1], device=cpu_compat.device())

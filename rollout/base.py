@@ -14,6 +14,7 @@ stale is the worst failure an RL loop can have.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,6 +36,28 @@ class EngineParameters:
     packed: dict[str, list[str]]
     """Fused module -> the HF modules it stacks, in row order (vLLM's packed_modules_mapping)."""
     tp_size: int
+
+
+def experts_by_name(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Engines stack a MoE layer's experts as `torch.nn.Linear` holds each: vLLM's
+    `….experts[.routed_experts].w13_weight` and transformers' `….experts.gate_up_proj`
+    [E, 2I, H] (each expert's gate rows, then its up rows), vLLM's `….w2_weight` and
+    transformers' `….experts.down_proj` [E, H, I]. Adds expert e's pieces under the HF
+    per-expert names, as views into those stacks: `….experts.{e}.gate_up_proj.weight` (the
+    packed [gate_proj, up_proj]) and `….experts.{e}.down_proj.weight`, so that direct copies
+    can plan them like any packed parameter."""
+    out = dict(params)
+    for name, stacked in params.items():
+        # vLLM >= 0.24 keeps them in the MoE runner's `routed_experts` module
+        kinds = "w13_weight|w2_weight|gate_up_proj|down_proj"
+        stack = re.fullmatch(rf"(.*)\.experts\.(?:routed_experts\.)?({kinds})", name)
+        if stack is None or stacked.dim() != 3:
+            continue
+        prefix, kind = stack.groups()
+        member = "gate_up_proj" if kind in ("w13_weight", "gate_up_proj") else "down_proj"
+        for e, piece in enumerate(stacked):
+            out[f"{prefix}.experts.{e}.{member}.weight"] = piece
+    return out
 
 
 class BaseRollout(ABC):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from archs import ARCHS
 from rollout.assemble import build_output, prompt_token_lists
-from rollout.base import BaseRollout, EngineParameters, register_rollout
+from rollout.base import BaseRollout, EngineParameters, experts_by_name, register_rollout
 from rollout.sampling import SamplingSettings, checkpoint_defaults, resolve_sampling
 from tandem_core import cpu_compat
 from tandem_core.config import RolloutConfig
@@ -162,7 +162,9 @@ class HFRollout(BaseRollout):
                 params[fused][expert, start : start + rows].copy_(tensor)
 
     def engine_parameters(self) -> EngineParameters | None:
-        return EngineParameters(dict(self.model.named_parameters()), {}, tp_size=1)
+        # transformers 5 stacks a MoE layer's experts ([E, 2I, H] gate/up, [E, H, I] down).
+        params = experts_by_name(dict(self.model.named_parameters()))
+        return EngineParameters(params, {"gate_up_proj": ["gate_proj", "up_proj"]}, tp_size=1)
 
     def sleep(self, level: int = 1) -> None:
         # The static cache lives only inside one generate call. Level 2 drops the weights too

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch.distributed as dist
 
 from rollout import vllm_compat
 from rollout.assemble import build_output, prompt_token_lists
-from rollout.base import BaseRollout, EngineParameters, register_rollout
+from rollout.base import BaseRollout, EngineParameters, experts_by_name, register_rollout
 from rollout.sampling import SamplingSettings, checkpoint_defaults, resolve_sampling
 from tandem_core.config import RolloutConfig
 from tandem_core.distributed import init_distributed
@@ -187,22 +186,3 @@ def sampled_tokens(samples: Sequence) -> tuple[list, list]:
         if x.logprobs.token_ids != list(x.token_ids):
             raise RuntimeError("vLLM's log-probs are not those of its sampled tokens")
     return [x.token_ids for x in samples], [x.logprobs.logprobs for x in samples]
-
-
-def experts_by_name(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """vLLM stacks a MoE layer's experts: `….experts[.routed_experts].w13_weight` [E, 2I, H] (each
-    expert's gate rows, then its up rows) and `….w2_weight` [E, H, I]. Adds expert e's pieces under
-    the HF per-expert names, as views into those stacks: `….experts.{e}.gate_up_proj.weight`
-    (the packed [gate_proj, up_proj]) and `….experts.{e}.down_proj.weight`, so that direct
-    copies can plan them like any packed parameter."""
-    out = dict(params)
-    for name, stacked in params.items():
-        # vLLM >= 0.24 keeps them in the MoE runner's `routed_experts` module
-        stack = re.fullmatch(r"(.*)\.experts\.(?:routed_experts\.)?(w13_weight|w2_weight)", name)
-        if stack is None or stacked.dim() != 3:
-            continue
-        prefix, kind = stack.groups()
-        member = "gate_up_proj" if kind == "w13_weight" else "down_proj"
-        for e, piece in enumerate(stacked):
-            out[f"{prefix}.experts.{e}.{member}.weight"] = piece
-    return out

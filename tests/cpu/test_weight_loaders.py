@@ -205,7 +205,7 @@ def test_direct_copies_fill_stacked_experts(tp, module):
     """vLLM stacks a MoE layer's experts (w13 [E, 2I/TP, H]: each expert's gate rows, then its
     up rows; w2 [E, H, I/TP]); the vLLM backend names each expert's piece like HF's per-expert
     tensors, and every expert's megatron fc1/fc2 shard then tiles them."""
-    from rollout.vllm_rollout import experts_by_name
+    from rollout.base import experts_by_name
 
     args = archs.PRESETS["tiny_qwen3_moe"].args
     E, h, f = args.num_experts, args.hidden_size, args.moe_ffn_hidden_size
@@ -334,9 +334,10 @@ def test_one_kernel_copies_every_planned_range(monkeypatch):
 def test_experts_under_training_ep_stay_with_the_loader():
     """At EP 2 a rank holds half of every layer's experts and the engine all of them: copying
     this rank's would leave the other half stale (seen on CUDA vLLM: log-probs off by 0.014
-    after the first update). The experts go by the stream, which gathers them over EP; the
-    rest still maps."""
-    from rollout.vllm_rollout import experts_by_name
+    after the first update). Without an EP group to gather them over (`ep_group`; the gathers
+    straight into the engine are checked in test_hybrid_engine.py::test_swaps_moe) the
+    experts go by the stream, which gathers them over EP; the rest still maps."""
+    from rollout.base import experts_by_name
 
     args = archs.PRESETS["tiny_qwen3_moe"].args
     E, h, f = args.num_experts, args.hidden_size, args.moe_ffn_hidden_size

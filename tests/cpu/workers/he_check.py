@@ -150,12 +150,12 @@ def check_layout(tp, pp, vpp, ep, rollout, backend, hf_dir, args, tokenizer, las
         assert not direct.planned, direct.planned
     elif tp % rollout.tp_size == 0:  # all but a vocab the engine pads unlike megatron (TP > 1)
         vocab = {"embedding.word_embeddings.weight", "output_layer.weight"}
-        # (vLLM's stacked experts are planned too, but for training EP > 1, where a rank holds
-        # only its share of them; transformers' stacked ones go by its loader)
-        by_loader = backend != "vllm" or ep > 1
-        remaining = {n for n in direct.remaining if not (by_loader and ".experts." in n)}
-        assert direct.planned and remaining <= vocab, direct.remaining
+        # Stacked experts too: under training EP > 1 gathered over EP straight into the stacks.
+        assert direct.planned and set(direct.remaining) <= vocab, direct.remaining
         assert (direct.gather is not None) == (tp > rollout.tp_size)
+        assert bool(direct.experts) == (ep > 1), len(direct.experts)
+        if args.is_moe:
+            result["expert_gathers"] = len(direct.experts)
     else:
         assert direct.planned and all("layernorm" in n for n in direct.planned), direct.planned
 
