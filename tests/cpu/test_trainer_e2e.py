@@ -252,7 +252,12 @@ def test_kill9_then_resume_equals_uninterrupted(model, cache_dir, tmp_path):
     while not (killed / "checkpoints" / "step_1" / "complete.json").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before a checkpoint"
         time.sleep(0.05)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))  # somewhere in steps 2-3
+    # Somewhere in steps 2-3, but never after step 3's checkpoint: on a fast host the whole
+    # run once ended inside the random wait, leaving nothing to resume.
+    end = time.time() + random.Random(os.getpid()).uniform(0.0, 1.5)
+    while time.time() < end and not (killed / "checkpoints" / "step_3" / "complete.json").exists():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = run(1, overrides + [f"trainer.output_dir={killed}"], cache_dir)
