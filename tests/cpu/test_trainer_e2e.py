@@ -402,7 +402,10 @@ def test_ctrl_c_while_building_exits_without_traceback(cache_dir, tmp_path):
     assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode in (0, 130), stdout[-3000:]
+    # 130, or killed by SIGINT (what a shell also reports as 130): interrupted inside an import
+    # of the build, the interpreter ends by SIGINT after main returned 130 (seen on a fast host).
+    assert proc.returncode in (0, 130, -signal.SIGINT), stdout[-3000:]
+    assert "interrupted" in stdout or proc.returncode == 0, stdout[-3000:]
     assert "Traceback" not in stdout and "KeyboardInterrupt" not in stdout, stdout[-3000:]
 
 
