@@ -53,7 +53,7 @@ def sync_vs_copy(manager, rollout, repeat: int) -> dict:
             (n, t.detach().to(dtype=engine_dtype or t.dtype, copy=True))
             for n, t in manager.hf_weights()
         ]
-    nbytes = sum(t.numel() * t.element_size() for _, t in pairs)
+    nbytes = sum(t.nbytes for _, t in pairs)
     dst = [torch.empty_like(t) for _, t in pairs]
 
     @torch.no_grad()
@@ -76,7 +76,7 @@ def sync_vs_copy(manager, rollout, repeat: int) -> dict:
     manager.sync_weights()  # the first sync: the engine's loader, then the direct-copy plan
     direct = manager.direct  # megatron's DirectCopies (gathered copies counted), FSDP2's views
     if isinstance(direct, dict):
-        planned = sum(t.numel() * t.element_size() for t in direct.values())
+        planned = sum(t.nbytes for t in direct.values())
         out["launches"] = len(direct)
     else:
         planned = direct.nbytes

@@ -65,9 +65,9 @@ def expert_blocks(grouped: TorchGroupedMLP) -> tuple[torch.Tensor, torch.Tensor]
 
 def expert_weights(grouped: TorchGroupedMLP) -> tuple[torch.Tensor, torch.Tensor]:
     """Per local expert, the right-hand sides of its fc1 and fc2 GEMMs, [E, h, fc1 width] and
-    [E, f, h]: the blocks of `expert_blocks` transposed (views)."""
-    w1, w2 = expert_blocks(grouped)
-    return w1.transpose(1, 2), w2.transpose(1, 2)
+    [E, f, h]: the blocks of `expert_blocks` transposed (views), which is GroupedMLP's layout."""
+    n = grouped.num_local_experts
+    return _to_grouped_layout(grouped.weight1, n), _to_grouped_layout(grouped.weight2, n)
 
 
 # GroupedMLP's parameters are nominally [h, E * w] (weight1) and [E * f, h] (weight2), and hold

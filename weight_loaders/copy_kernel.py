@@ -60,7 +60,7 @@ class RangeCopy:
             raise ValueError(f"pair {bad}: not contiguous 8-byte words of one dtype and device")
         rows, block_range, block_start = [], [], []
         for i, (d, s) in enumerate(pairs):
-            words = _nbytes(d) // WORD
+            words = d.nbytes // WORD
             rows.append((s.data_ptr(), d.data_ptr(), words))
             starts = range(0, words, block)
             block_range += [i] * len(starts)
@@ -70,7 +70,7 @@ class RangeCopy:
         self.block_range = torch.tensor(block_range, dtype=torch.int32, device=device)
         self.block_start = torch.tensor(block_start, dtype=torch.int64, device=device)
         self.block = block
-        self.nbytes = sum(_nbytes(d) for d, _ in pairs)
+        self.nbytes = sum(d.nbytes for d, _ in pairs)
         self._keep = pairs  # the views (and their storages) the table's addresses point into
 
     @staticmethod
@@ -80,8 +80,8 @@ class RangeCopy:
             and src.is_contiguous()
             and dst.device == src.device
             and dst.dtype == src.dtype  # a byte copy: no casts
-            and _nbytes(dst) == _nbytes(src)
-            and _nbytes(dst) % WORD == 0
+            and dst.nbytes == src.nbytes
+            and dst.nbytes % WORD == 0
             and dst.data_ptr() % WORD == 0
             and src.data_ptr() % WORD == 0
         )
@@ -89,7 +89,3 @@ class RangeCopy:
     def copy(self) -> None:
         grid = (self.block_range.numel(),)
         _kernel()[grid](self.table, self.block_range, self.block_start, BLOCK=self.block)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()

@@ -146,7 +146,7 @@ class DirectCopies:
             self.src + [t for b in self.gather.buckets for t in b.dst] if self.gather else self.src
         )
         pairs = pairs + [g.dst for g in self.experts]
-        return sum(t.numel() * t.element_size() for t in pairs)
+        return sum(t.nbytes for t in pairs)
 
     @torch.no_grad()
     def copy(self, keep: Callable[[str], bool] | None = None) -> None:
@@ -211,7 +211,7 @@ class CopyRuns:
         """Cut while both sides hold memory (views of a released buffer all look alike)."""
         runs = cls()
         for d, s, parts in merge_pairs(list(zip(dst, src, strict=True))):
-            if _nbytes(d) >= BIG_COPY_BYTES:
+            if d.nbytes >= BIG_COPY_BYTES:
                 runs.big.append((d, s))
                 continue
             if not (d.is_contiguous() and s.is_contiguous()):
@@ -235,10 +235,6 @@ class CopyRuns:
             d.copy_(s)
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     ptr = a.untyped_storage().data_ptr()
     return ptr != 0 and ptr == b.untyped_storage().data_ptr() and a.dtype == b.dtype
@@ -255,8 +251,10 @@ def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _back_to_back(tensors: list[torch.Tensor]) -> bool:
-    """Each tensor starts where the one before it ends (`_follows`)."""
-    return all(_follows(a, b) for a, b in itertools.pairwise(tensors))
+    """All contiguous, each starting where the one before it ends (`_follows`)."""
+    return tensors[0].is_contiguous() and all(
+        _follows(a, b) for a, b in itertools.pairwise(tensors)
+    )
 
 
 def _flat_span(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -536,7 +534,6 @@ def _plan_expert_gather(
         engine_tp != 1  # an engine TP rank holds a slice of each expert
         or [e for e, _ in members] != list(range(first, first + count))
         or first != dist.get_rank(group) * count
-        or not shards[0].is_contiguous()
         or not _back_to_back(shards)
     ):
         return None
@@ -547,17 +544,16 @@ def _plan_expert_gather(
         pairs = plan_tensor(name, [shape_of], args, params, packed, engine_tp)
         if pairs is None:
             return None
-        offset = shape_of.storage_offset()
-        for dst, src in pairs:
-            if not (_same_storage(src, shape_of) and src.is_contiguous()):
-                return None
-            if src.storage_offset() != offset:
-                return None
-            offset += src.numel()
-            pieces.append(dst)
-        if offset != shape_of.storage_offset() + numel:
+        srcs = [src for _, src in pairs]  # must cover the tensor in order, unchanged
+        if not (
+            _same_storage(srcs[0], shape_of)
+            and srcs[0].storage_offset() == shape_of.storage_offset()
+            and _back_to_back(srcs)
+            and sum(s.numel() for s in srcs) == numel
+        ):
             return None
-    if not pieces[0].is_contiguous() or not _back_to_back(pieces):
+        pieces += [dst for dst, _ in pairs]
+    if not _back_to_back(pieces):
         return None
     first_dst = pieces[0]
     dst = first_dst.as_strided((len(names) * numel,), (1,), first_dst.storage_offset())
