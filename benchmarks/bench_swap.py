@@ -10,9 +10,10 @@ Measured side by side in one run, with the device synchronised around every timi
   shown beside it; it is not the baseline): through the engine's loader
   (`rollout.load_weights` of the manager's HF stream: TP gather, QKV/gate-up conversion,
   buckets), and as the manager syncs after its first sync (direct copies into the engine's
-  parameters where planned, the loader for the rest); best of `--repeat` each, after a warm-up;
-  on CUDA also a candidate, the same planned pieces by one Triton launch
-  (weight_loaders/copy_kernel.py), checked to write every piece it takes;
+  parameters where planned, on CUDA one Triton launch over their ranges,
+  weight_loaders/copy_kernel.py; the loader for the rest); best of `--repeat` each, after a
+  warm-up; and, where the plan has that launch, the same sync with those ranges copied by
+  torch instead (`copy_` per big run, one `_foreach_copy_` for the rest);
 - swap: `with manager: pass`, i.e. enter (gather, free grads, wake the engine's weights, sync,
   wake its KV cache) + exit (engine sleep, grads back), from the engine asleep as in the trainer;
   best of `--repeat` after one warm-up; the sync inside it is reported too;
@@ -85,8 +86,8 @@ def sync_vs_copy(manager, rollout, repeat: int) -> dict:
         out["launches"] = own + sum(b.runs.launches for b in buckets)
     out["direct_share"] = planned / nbytes
     out["direct_s"] = C.best_of(manager.sync_weights, repeat, warmup=1)
-    if C.on_cuda() and not isinstance(direct, dict):
-        out["kernel"] = one_kernel_copy(direct, repeat)
+    if not isinstance(direct, dict):
+        out["torch_copies"] = torch_copies_sync(manager, repeat)
         manager.sync_weights()  # the engine as the manager leaves it
     rollout.sleep(level=manager.sleep_level)
     if gathered is not None:
@@ -94,33 +95,22 @@ def sync_vs_copy(manager, rollout, repeat: int) -> dict:
     return out
 
 
-def one_kernel_copy(direct, repeat: int) -> dict | None:
-    """The manager's planned pairs (merged as CopyRuns merges them) by one Triton launch
-    (weight_loaders/copy_kernel.py), a candidate for the sync: checked to write every piece
-    it takes, then timed; None without a piece it can take, or when Triton cannot build or run
-    it here (said on stdout: the other rows still stand)."""
-    from weight_loaders.copy_kernel import RangeCopy
-    from weight_loaders.direct_copy import merge_pairs
+def torch_copies_sync(manager, repeat: int) -> dict | None:
+    """The manager's sync with its planned pairs copied by torch (`copy_` per big run, one
+    `_foreach_copy_` for the rest: `CopyRuns.plan(one_launch=False)`), as before the one-launch
+    range copy; None when the manager's plan has no range copy to compare with."""
+    from weight_loaders.direct_copy import CopyRuns
 
-    merged = merge_pairs(list(zip(direct.dst, direct.src, strict=True)))
-    fit = [(d, s) for d, s, _ in merged if RangeCopy.fits(d, s)]
-    if not fit:
+    direct = manager.direct
+    own = direct.runs
+    if own is None or own.ranges is None:
         return None
-    kernel = RangeCopy(fit)
+    direct.runs = CopyRuns.plan(direct.dst, direct.src, one_launch=False)
     try:
-        kernel.copy()  # builds the kernel; the same bytes again, harmless
-    except Exception as e:  # noqa: BLE001 (a candidate: its failure is a result, not a crash)
-        print(f"[bench_swap] the range-copy kernel did not run: {type(e).__name__}: {e}")
-        return None
-    with torch.no_grad():
-        for d, _ in fit:
-            d.zero_()
-        kernel.copy()
-        if not all(torch.equal(d, s) for d, s in fit):
-            raise RuntimeError("the range-copy kernel left a planned piece unwritten")
-    seconds = C.best_of(kernel.copy, repeat, warmup=1)
-    share = kernel.nbytes / direct.nbytes
-    return {"s": seconds, "share": share, "ranges": len(fit), "gb": kernel.nbytes / 1e9}
+        seconds = C.best_of(manager.sync_weights, repeat, warmup=1)
+        return {"s": seconds, "launches": direct.runs.launches, "ranges": len(own.ranges.pairs)}
+    finally:
+        direct.runs = own
 
 
 def main() -> None:
@@ -247,14 +237,14 @@ def main() -> None:
         *(
             [
                 [
-                    f"candidate: one Triton kernel over {k['ranges']} planned ranges "
-                    f"({100 * k['share']:.0f} % of the direct-copy bytes)",
+                    f"the same sync, its {k['ranges']} ranges copied by torch instead "
+                    f"({k['launches']} copy_ / foreach launches)",
                     f"{k['s'] * 1e3:,.2f} ms",
-                    f"{k['gb'] / k['s']:.1f}",
+                    f"{gbs / k['s']:.1f}",
                     f"{k['s'] / copy_s:.2f}× the copy",
                 ]
             ]
-            if (k := sync.get("kernel"))
+            if (k := sync.get("torch_copies"))
             else []
         ),
         [

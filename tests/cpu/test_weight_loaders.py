@@ -331,6 +331,72 @@ def test_one_kernel_copies_every_planned_range(monkeypatch):
         copy_kernel.RangeCopy([(dst[:6], src[:6])])
 
 
+def test_copy_runs_take_every_contiguous_piece_into_one_launch(monkeypatch, caplog):
+    """On CUDA the sync's contiguous pieces (a strided stack as its pieces) go into one
+    RangeCopy launch (here through Triton's interpreter); a cast stays with torch. Its first
+    copy checks every piece; a source buffer released and regrown elsewhere rebuilds the table
+    (not a write through a stale address); and where the kernel cannot run, a warning says so
+    and torch copies the same pieces from then on."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from weight_loaders import copy_kernel
+
+    copy_kernel._kernel.cache_clear()
+    try:
+        buffer, dst = (
+            torch.randn(1200, dtype=torch.bfloat16),
+            torch.zeros(800, dtype=torch.bfloat16),
+        )
+        src = buffer[400:]  # a view into a buffer that will move
+        cast_src, cast_dst = torch.randn(16), torch.zeros(16, dtype=torch.bfloat16)
+        # (src, dst, length): 0-1 back to back on both sides; 2-4 evenly spaced on both sides
+        # (a strided stack); 5 alone
+        cuts = [(0, 100, 40), (40, 140, 40), (200, 400, 16), (232, 432, 16), (264, 464, 16)]
+        cuts.append((500, 600, 64))
+        pairs_dst = [dst[d : d + n] for _, d, n in cuts] + [cast_dst]
+        pairs_src = [src[s : s + n] for s, _, n in cuts] + [cast_src]
+
+        def want() -> torch.Tensor:
+            out = torch.zeros_like(dst)
+            for s, d, n in cuts:
+                out[d : d + n] = src[s : s + n]
+            return out
+
+        runs = wl.direct_copy.CopyRuns.plan(pairs_dst, pairs_src, one_launch=True)
+        assert [d.numel() for d, _ in runs.ranges.pairs] == [80, 16, 16, 16, 64]
+        assert runs.small_dst == [cast_dst] and runs.launches == 2
+        runs.copy()
+        assert runs.ranges_checked and torch.equal(dst, want())
+        assert torch.equal(cast_dst, cast_src.bfloat16())
+
+        old = buffer.data_ptr()
+        buffer.untyped_storage().resize_(0)  # released, as a gathered pipeline stage is
+        with pytest.raises(RuntimeError, match="holds no memory"):
+            runs.copy()
+        keep_alive = torch.empty(10**6)  # so the regrown storage lands elsewhere
+        buffer.untyped_storage().resize_(1200 * 2)
+        assert buffer.data_ptr() != old
+        buffer.normal_()
+        runs.copy()
+        assert torch.equal(dst, want())
+        del keep_alive
+
+        def broken(self):
+            raise RuntimeError("no Triton backend")
+
+        monkeypatch.setattr(copy_kernel.RangeCopy, "copy", broken)
+        fresh = wl.direct_copy.CopyRuns.plan(pairs_dst, pairs_src, one_launch=True)
+        buffer.normal_()
+        with caplog.at_level("WARNING"):
+            fresh.copy()
+        assert "range copy is off (RuntimeError: no Triton backend)" in caplog.text
+        assert fresh.ranges is None and torch.equal(dst, want())
+        assert len(fresh.small_dst) == 6  # the five ranged pieces and the cast
+    finally:
+        copy_kernel._kernel.cache_clear()
+    assert wl.direct_copy.CopyRuns.plan(pairs_dst, pairs_src).ranges is None  # CPU: torch only
+
+
 def test_experts_under_training_ep_stay_with_the_loader():
     """At EP 2 a rank holds half of every layer's experts and the engine all of them: copying
     this rank's would leave the other half stale (seen on CUDA vLLM: log-probs off by 0.014

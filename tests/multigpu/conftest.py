@@ -33,4 +33,7 @@ def tiny_checkpoints():
     won by another rank would hold a checkpoint without them."""
     from archs import ensure_tiny_checkpoint
 
-    return {name: ensure_tiny_checkpoint(name) for name in ("tiny_llama", "tiny_llama_wide")}
+    return {
+        name: ensure_tiny_checkpoint(name)
+        for name in ("tiny_llama", "tiny_llama_wide", "tiny_qwen3_moe")
+    }

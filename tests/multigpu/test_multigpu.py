@@ -2,12 +2,14 @@
 GPUs; each test skips, naming the count it needs, when fewer GPUs are visible).
 
 - 1 GPU: HybridEngine swaps with CUDA vLLM (training 1x1, rollout TP 1: the direct weight
-  copies run against vLLM's own parameters); a short GRPO run with CUDA graphs in the rollout
-  (`rollout.enforce_eager=false`) across sleep/wake; test_kernels_cuda.py checks the fused
-  log-prob kernels and the compiled RoPE;
+  copies run against vLLM's own parameters), also for tiny_qwen3_moe (its experts copied
+  into vLLM's fused w13/w2); a short GRPO run with CUDA graphs in the rollout
+  (`rollout.enforce_eager=false`) across sleep/wake, and one of tiny_qwen3_moe with routing
+  replay; test_kernels_cuda.py checks the fused log-prob kernels and the compiled RoPE;
 - 2 GPUs: megatron TP=2, PP=2, TP=2+SP and DP=2 in bf16 equal one GPU on the same weights;
   HybridEngine swaps with CUDA vLLM (rollout TP 1 and 2) for training layouts 1x1 (DP=2), 2x1,
-  1x2 (TPxPP) on tiny_llama; a short GRPO run end to end (TP=2 training, rollout TP 1);
+  1x2 (TPxPP) on tiny_llama, and tiny_qwen3_moe at EP 2 (experts all-gathered over EP into
+  vLLM's stacks); a short GRPO run end to end (TP=2 training, rollout TP 1);
   checkpoint save → load → step, bitwise equal to an uninterrupted run at TP2, PP2, DP2;
 - 4 GPUs: megatron parity for TP=4, TP2×PP2 and TP2×DP2; swaps for training layouts 4x1, 2x2,
   2x1 (DP=2) and 1x2 (DP=2) with rollout TP 1, 2 and 4 on tiny_llama_wide (8 heads / 8 KV
@@ -38,6 +40,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 REPO = Path(__file__).resolve().parents[2]
 HE_TOL = 3e-3
 WIDE = "tiny_llama_wide"  # archs/llama.py: 8 heads and 8 KV heads, TP up to 8
+MOE = "tiny_qwen3_moe"  # archs/qwen3_moe.py: 8 experts, top-2; vLLM's fused-MoE w13/w2
 
 # ---- megatron parity: (world, TP, PP, SP, worker model); DP = world / (TP × PP) ----------------
 PARITY_LAYOUTS = [
@@ -58,7 +61,12 @@ PARITY_LAYOUTS = [
 def swap_runs(world: int, layouts: str, preset: str | None, rollout_tps: tuple[int, ...]):
     return [
         pytest.param(
-            world, rtp, layouts, preset, id=f"{world}gpu-rollout_tp{rtp}", marks=needs_gpus(world)
+            world,
+            rtp,
+            layouts,
+            preset,
+            id=f"{world}gpu-{preset or 'tiny_llama'}-rollout_tp{rtp}",
+            marks=needs_gpus(world),
         )
         for rtp in rollout_tps
     ]
@@ -66,7 +74,9 @@ def swap_runs(world: int, layouts: str, preset: str | None, rollout_tps: tuple[i
 
 HE_RUNS = [
     *swap_runs(1, "1x1", None, (1,)),
+    *swap_runs(1, "1x1", MOE, (1,)),
     *swap_runs(2, "1x1,2x1,1x2", None, (1, 2)),
+    *swap_runs(2, "1x1e2", MOE, (1,)),
     *swap_runs(4, "4x1,2x2,2x1,1x2", WIDE, (1, 2, 4)),
     *swap_runs(8, "8x1,4x2,2x2", WIDE, (2, 4, 8)),
 ]
@@ -74,6 +84,9 @@ HE_RUNS = [
 # ---- GRPO end to end: (world, hydra overrides on top of grpo_command's) -------------------------
 GRPO_RUNS = [
     pytest.param(1, ["rollout.enforce_eager=false"], id="1gpu-cuda_graphs", marks=needs_gpus(1)),
+    pytest.param(
+        1, [f"model={MOE}", "actor.router_replay=true"], id="1gpu-moe-r3", marks=needs_gpus(1)
+    ),
     pytest.param(2, ["parallel=tp2"], id="2gpu-tp2-rollout_tp1", marks=needs_gpus(2)),
     pytest.param(
         4,
