@@ -28,6 +28,18 @@ def test_swaps_two_ranks(backend, rollout_tp, torchrun):
             assert err <= TOL, (layout, key, err)
 
 
+def test_swaps_with_the_one_launch_range_copy(torchrun):
+    """The sync's one Triton launch over the planned ranges (weight_loaders/copy_kernel.py,
+    what CUDA syncs take), here by Triton's interpreter into the hf engine, whose parameters
+    take direct copies: engine = actor after every sync, partial and skipped syncs caught,
+    training after the swaps bit-identical to a twin."""
+    pytest.importorskip("triton")
+    result = torchrun("he_check.py", 1, "hf", "1", "1x1", timeout=900, env={"HE_RANGE_COPY": "1"})
+    errs = result["1x1"]
+    assert errs.pop("ranged_pieces") > 10, result  # every tensor but the untied vocab's
+    assert all(err <= TOL for err in errs.values()), result
+
+
 @pytest.mark.slow  # the tied re-pack after a reload: test_rollout_conformance (tiny_qwen2), fast
 def test_swaps_tied_embeddings_vllm(torchrun):
     # qkv bias + tied embeddings: the output layer is the embedding, re-packed after a reload

@@ -370,16 +370,17 @@ def test_copy_runs_take_every_contiguous_piece_into_one_launch(monkeypatch, capl
         assert torch.equal(cast_dst, cast_src.bfloat16())
 
         old = buffer.data_ptr()
-        buffer.untyped_storage().resize_(0)  # released, as a gathered pipeline stage is
-        with pytest.raises(RuntimeError, match="holds no memory"):
-            runs.copy()
-        keep_alive = torch.empty(10**6)  # so the regrown storage lands elsewhere
-        buffer.untyped_storage().resize_(1200 * 2)
+        # Grown while it holds memory: its bytes move to a new block (the old one still held
+        # during the allocation), as a released and regrown buffer may.
+        buffer.untyped_storage().resize_(2 * 1200 * 2)
         assert buffer.data_ptr() != old
         buffer.normal_()
         runs.copy()
         assert torch.equal(dst, want())
-        del keep_alive
+        buffer.untyped_storage().resize_(0)  # released, as a gathered pipeline stage is
+        with pytest.raises(RuntimeError, match="holds no memory"):
+            runs.copy()
+        buffer.untyped_storage().resize_(1200 * 2)
 
         def broken(self):
             raise RuntimeError("no Triton backend")

@@ -46,6 +46,15 @@ from trainer.workers.model import build_model_worker  # noqa: E402
 # fp32 on CPU; CUDA vLLM's attention runs fp32 matmuls in TF32 (~1e-3), so GPU runs pass a wider
 # bound through HE_TOL.
 TOL = float(os.environ.get("HE_TOL", "1e-4"))
+# HE_RANGE_COPY=1: each layout reports how many pieces the one-launch range copy of CUDA syncs
+# (weight_loaders/copy_kernel.py) took ("ranged_pieces"); on CPU it is switched on, run by
+# Triton's interpreter.
+RANGE_COPY = os.environ.get("HE_RANGE_COPY") == "1"
+if RANGE_COPY and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+    from weight_loaders import copy_kernel
+
+    copy_kernel.usable = lambda device: True
 GREEDY = {"sampling": {"do_sample": False}}
 
 
@@ -188,6 +197,10 @@ def check_layout(tp, pp, vpp, ep, rollout, backend, hf_dir, args, tokenizer, las
         skip = re.compile(r"\.mlp\.experts\.(local_experts\.)?[4-7]\.")
         some = ("some experts", lambda kv: skip.search(kv[0]) is None)
         assert caught_stale(manager, rollout, actor, batch, out2, [some]) == ["some experts"]
+    if RANGE_COPY:
+        ranges = direct.runs.ranges if direct.runs else None
+        assert ranges is None or direct.runs.ranges_checked  # its first copy was checked
+        result["ranged_pieces"] = len(ranges.pairs) if ranges else 0
     return result
 
 
