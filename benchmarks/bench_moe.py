@@ -4,6 +4,7 @@ pair per expert), side by side in one run, and the grouped update's MFU on activ
 
     python -m benchmarks.bench_moe [--model qwen3_30b_a3b] [--layers 6] [--batch 8]
         [--seq 1024] [--micro-batch 2] [--experts grouped sequential] [--steps 3]
+        [--profile 25]
     python -m benchmarks.bench_moe --ep 2 --layers 12    # two ranks per row, by torchrun
 
 The model is the preset's shape with its first `--layers` layers (random init, bf16 on CUDA),
@@ -14,6 +15,9 @@ optimizer with torch's fused AdamW. Each experts module runs in its own process.
 FLOP count (fwd + bwd = 3 × forward), per step: tokens·(6·N_active + 12·L·q·s) + response
 tokens·6·h·V, with N_active = L·[h·(q + 2·kv) + q·h + E·h + k·3·h·f_moe] (attention, the
 router, the k experts a token is routed to). MFU is against the measured bf16 matmul peak.
+`--profile N` adds, per row, the N kernels with the most device time in one more step
+(torch.profiler; rank 0 at EP > 1), as a share of that step: the "(all kernels)" row's share
+is how busy the device was.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def run_experts(opts, experts: str) -> dict:
     batch = C.training_batch(args.vocab_size, opts.batch, prompt, opts.seq - prompt, n=1)
     first_s = C.timed(lambda: actor.update_policy(batch))
     step_s = C.best_of(lambda: actor.update_policy(batch), opts.steps, warmup=0)
+    step = lambda: actor.update_policy(batch)  # noqa: E731
+    top_kernels = C.profile_kernels(step, opts.profile) if opts.profile else None
     tokens = int(batch["attention_mask"].sum()) * parallel.expert_model_parallel_size
     return {
         "experts": experts,
@@ -73,6 +79,7 @@ def run_experts(opts, experts: str) -> dict:
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if C.on_cuda() else 0.0,
         "layers": args.num_layers,
         "active": active_weights(args),
+        "top_kernels": top_kernels,
     }
 
 
@@ -88,12 +95,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--experts", nargs="+", default=["grouped", "sequential"])
     ap.add_argument("--peak-size", type=int, default=C.pick(1024, 8192))
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="top-N kernel table")
     ap.add_argument("--one", metavar="EXPERTS", help="(internal) run one row in this process")
     opts = ap.parse_args()
     if opts.one:  # one row, in this process (under torchrun for EP > 1)
         C.emit_result(run_experts(opts, opts.one))
         return
-    keys = ("model", "layers", "ep", "batch", "seq", "micro_batch", "dtype", "steps")
+    keys = ("model", "layers", "ep", "batch", "seq", "micro_batch", "dtype", "steps", "profile")
     forwarded = [f"--{k.replace('_', '-')}={getattr(opts, k)}" for k in keys]
     rows = []
     for experts in opts.experts:
@@ -119,6 +127,9 @@ def main() -> None:
             f"{tflops:>9.1f}{tflops / peak:>8.1%}{speedup:>8.2f}x{r['first_s']:>9.1f}"
             f"{r['peak_mem_gib']:>10.1f}"
         )
+    for r in rows:
+        if r["top_kernels"]:
+            lines += ["", f"{r['experts']}: kernels by device time in one step", r["top_kernels"]]
     C.report("\n".join(lines))
 
 
