@@ -195,6 +195,22 @@ LLAMA2_7B = ModelArgs(
 )
 """Llama-2-7B (6.74B parameters, full multi-head attention): the ~7B shape of 4/8-GPU runs."""
 
+LLAMA3_8B = ModelArgs(
+    arch="llama",
+    num_layers=32,
+    hidden_size=4096,
+    num_attention_heads=32,
+    num_query_groups=8,
+    ffn_hidden_size=14336,
+    vocab_size=128256,
+    kv_channels=128,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    norm_eps=1e-5,
+)
+"""Llama-3-8B (8.03B parameters, untied): also Llama-3.1-8B's shape, whose RoPE scaling
+(`rope_type: llama3`) Tandem does not implement; the two-GPU peers benchmark's model."""
+
 LLAMA3_70B = ModelArgs(
     arch="llama",
     num_layers=80,
@@ -238,5 +254,6 @@ def build_smollm2(out_dir):
 
 register_preset(Preset("llama3_1b", LLAMA3_1B, "shape"))
 register_preset(Preset("llama2_7b", LLAMA2_7B, "shape"))
+register_preset(Preset("llama3_8b", LLAMA3_8B, "shape"))
 register_preset(Preset("llama3_70b", LLAMA3_70B, "shape"))
 register_preset(Preset("smollm2_135m", SMOLLM2_135M, "real", build=build_smollm2))

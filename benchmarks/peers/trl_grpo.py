@@ -1,7 +1,9 @@
-"""TRL's GRPOTrainer (vLLM colocate mode) on Tandem's GRPO workload, alone in one process;
+"""TRL's GRPOTrainer (vLLM colocate mode) on Tandem's GRPO workload, in one process or one
+per GPU under `accelerate launch` (each with its own engine, as TRL's colocate mode runs);
 writes per-step wall times, TRL's own phase timings and its logged metrics to a JSON file.
 
     python -m benchmarks.peers.trl_grpo --model DIR --train-file arith_train.parquet --out trl.json
+    accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 ... -m benchmarks.peers.trl_grpo ...
 
 The settings mirror Tandem's GRPO (`configs/algorithm/grpo.yaml`): one optimizer step per
 batch of prompts × n samples (micro-batches accumulated), the sequence-mean token-mean loss
@@ -53,7 +55,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", required=True, help="JSON file of the results")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--prompts", type=int, default=32, help="prompts per optimizer step")
-    p.add_argument("--n", type=int, default=8, help="samples per prompt")
+    # not --n: a launcher's parser (torchrun, accelerate) takes it for a prefix of its own flags
+    p.add_argument("--generations", type=int, default=8, help="samples per prompt")
     p.add_argument("--response-length", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
     p.add_argument("--max-model-len", type=int, default=512)
@@ -66,16 +69,20 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace, output_dir: Path) -> GRPOConfig:
-    samples = args.prompts * args.n
-    if samples % args.micro_batch:
-        raise SystemExit(f"--micro-batch {args.micro_batch} must divide {samples} samples")
+    samples = args.prompts * args.generations
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes under `accelerate launch`
+    if samples % (args.micro_batch * world):
+        raise SystemExit(
+            f"--micro-batch {args.micro_batch} × {world} processes must divide {samples} samples"
+        )
     return GRPOConfig(
         output_dir=str(output_dir),
         max_steps=args.steps,
-        # One generation of prompts × n samples per optimizer step, in micro-batches.
+        # One generation of prompts × n samples per optimizer step, in micro-batches of each
+        # process's share.
         per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=samples // args.micro_batch,
-        num_generations=args.n,
+        gradient_accumulation_steps=samples // (args.micro_batch * world),
+        num_generations=args.generations,
         max_completion_length=args.response_length,
         temperature=1.0,
         top_p=1.0,
@@ -155,6 +162,10 @@ SETTINGS_RECORDED = (
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # under torchrun on CPU accelerate runs every process alone unless told it is a CPU
+        # job (what `accelerate launch --cpu` sets); then its processes form one gloo world
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     ProfilingContext._log_metrics = record_phase
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,8 +189,10 @@ def main() -> None:
         "settings": {k: getattr(config, k) for k in SETTINGS_RECORDED},
         "steps": [timer.steps[k] for k in sorted(timer.steps)],
     }
-    out.write_text(json.dumps(result, indent=1, default=str))
-    print(f"[trl_grpo] {len(result['steps'])} steps -> {out}", flush=True)
+    result["processes"] = trainer.accelerator.num_processes
+    if trainer.accelerator.is_main_process:  # every process timed the same steps
+        out.write_text(json.dumps(result, indent=1, default=str))
+        print(f"[trl_grpo] {len(result['steps'])} steps -> {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""verl 0.9.1's GRPO (FSDP2 actor and reference, vLLM async rollout, one GPU) on Tandem's GRPO
-workload; writes per-step times and verl's logged metrics to a JSON file in trl_grpo.py's shape.
+"""verl 0.9.1's GRPO (FSDP2 actor and reference, vLLM async rollout, `--gpus` GPUs) on Tandem's
+GRPO workload; writes per-step times and verl's logged metrics to a JSON file in trl_grpo.py's shape.
 
     python -m benchmarks.peers.verl_grpo --model DIR --train-file arith_train.parquet --out verl.json
 
@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--kl-coef", type=float, default=0.001, help="k3 KL in the loss; 0: no ref")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.35)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of this node verl trains on")
     p.add_argument("--timeout", type=float, default=1200, help="seconds before verl is killed")
     p.add_argument("--dry-run", action="store_true", help="write the inputs, print the command")
     p.add_argument("extra", nargs="*", help="more hydra overrides for verl")
@@ -106,7 +107,8 @@ def write_inputs(model: Path, work: Path) -> tuple[Path, Path]:
 
 def verl_overrides(a: argparse.Namespace, model: Path, reward: Path, work: Path) -> list[str]:
     """Hydra overrides of verl's ppo_trainer.yaml: Tandem's GRPO workload, FSDP2 without
-    flash-attn (sdpa, padded batches), vLLM async on one GPU; one optimizer step per batch."""
+    flash-attn (sdpa, padded batches), vLLM async (rollout TP 1: an engine per GPU); one
+    optimizer step per batch."""
     samples = a.prompts * a.n
     if samples % a.micro_batch:
         raise SystemExit(f"--micro-batch {a.micro_batch} must divide {samples} samples")
@@ -162,7 +164,7 @@ def verl_overrides(a: argparse.Namespace, model: Path, reward: Path, work: Path)
         "trainer.logger": "[console,file]",
         "trainer.project_name": "tandem_peers",
         "trainer.experiment_name": "verl_grpo",
-        "trainer.n_gpus_per_node": 1,
+        "trainer.n_gpus_per_node": a.gpus,
         "trainer.nnodes": 1,
         "trainer.val_before_train": False,
         "trainer.test_freq": -1,

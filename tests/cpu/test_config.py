@@ -136,7 +136,8 @@ def test_preset_shapes_match_the_built_checkpoints(tiny_ckpt, preset):
 
 
 @pytest.mark.parametrize(
-    "preset", ["qwen2_0p5b", "llama3_1b", "llama2_7b", "llama3_70b", "qwen3_0p6b", "qwen3_8b"]
+    "preset",
+    ["qwen2_0p5b", "llama3_1b", "llama3_8b", "llama2_7b", "llama3_70b", "qwen3_0p6b", "qwen3_8b"],
 )
 def test_shape_dirs_match_the_preset_table(tmp_path, preset):
     """A shape preset's weightless directory (model.random_init) has the table's exact shape,

@@ -1,0 +1,57 @@
+"""benchmarks/peers: the commands each system is started with, checked without the peers
+installed (the runs themselves are GPU benchmarks; `--workload tiny` / `tiny2` are their CPU
+smoke tests, which need TRL). A misspelt Tandem key or a layout Tandem refuses would
+otherwise surface only on a GPU machine."""
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.peers import run
+from trainer.config_check import load_config
+
+PATHS = (Path("/m"), Path("/d/train.parquet"), Path("/d/val.parquet"), Path("/o"))
+# where the commands point at files written at run time
+RUN_TIME_KEYS = ("model.path", "model.random_init", "data.train_files", "data.val_files")
+
+
+@pytest.mark.parametrize("workload", sorted(run.WORKLOADS))
+def test_tandem_command_is_a_config_tandem_accepts(workload):
+    w = run.WORKLOADS[workload]
+    cmd = run.tandem_command(w, *PATHS)
+    launcher = cmd[1 : cmd.index("trainer.main")]
+    if w.gpus > 1:
+        assert launcher[:2] == ["-m", "torch.distributed.run"]
+        assert f"--nproc-per-node={w.gpus}" in launcher
+    else:
+        assert launcher == ["-m"]
+    overrides = [o for o in cmd[cmd.index("trainer.main") + 1 :] if not o.startswith(RUN_TIME_KEYS)]
+    cfg = load_config(overrides, world_size=w.gpus)
+    assert cfg.model.preset == w.preset
+    assert (cfg.data.train_batch_size, cfg.rollout.n) == (w.prompts, w.n)
+    assert cfg.rollout.response_length == w.response_length
+    assert cfg.actor.ppo_mini_batch_size == w.prompts  # one optimizer step per batch
+
+
+def test_two_gpu_workload_starts_each_peer_on_both_gpus(monkeypatch):
+    monkeypatch.setattr(run, "has_gpus", lambda: True)
+    w = run.WORKLOADS["8b"]
+    assert w.gpus == 2
+    cfg = load_config([f"model={w.preset}", *w.tandem_parallel, "rollout=vllm"], world_size=w.gpus)
+    assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.parallel.sequence_parallel
+    trl = run.trl_command("python", w, PATHS[0], PATHS[1], PATHS[3])
+    assert trl[1:4] == ["-m", "accelerate.commands.launch", "--num_processes=2"]
+    assert "--use_fsdp" in trl and "--fsdp_version=2" in trl
+    assert f"--fsdp_transformer_layer_cls_to_wrap={w.trl_fsdp_layer}" in trl
+    # accelerate's and torchrun's parsers read an abbreviated flag (--n) as one of theirs
+    script_flags = [a for a in trl[trl.index("benchmarks.peers.trl_grpo") + 1 :] if a[:2] == "--"]
+    assert "--generations" in script_flags and "--no-vllm" not in script_flags
+    verl = run.verl_command("/site", 600, w, PATHS[0], PATHS[1], PATHS[3])
+    assert verl[verl.index("--gpus") + 1] == "2"
+
+
+def test_cpu_smoke_runs_trl_under_torchrun_without_vllm(monkeypatch):
+    monkeypatch.setattr(run, "has_gpus", lambda: False)
+    trl = run.trl_command("python", run.WORKLOADS["tiny2"], PATHS[0], PATHS[1], PATHS[3])
+    assert trl[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert trl[-1] == "--no-vllm"
