@@ -334,9 +334,9 @@ def test_one_kernel_copies_every_planned_range(monkeypatch):
 def test_copy_runs_take_every_contiguous_piece_into_one_launch(monkeypatch, caplog):
     """On CUDA the sync's contiguous pieces (a strided stack as its pieces) go into one
     RangeCopy launch (here through Triton's interpreter); a cast stays with torch. Its first
-    copy checks every piece; a source buffer released and regrown elsewhere rebuilds the table
-    (not a write through a stale address); and where the kernel cannot run, a warning says so
-    and torch copies the same pieces from then on."""
+    copy checks every piece; a source buffer that moved rebuilds the table (not a write through
+    a stale address), one released is an error; and where the kernel cannot run, a warning says
+    so and torch copies the same pieces from then on."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from weight_loaders import copy_kernel
