@@ -3,7 +3,7 @@ per GPU under `accelerate launch` (each with its own engine, as TRL's colocate m
 writes per-step wall times, TRL's own phase timings and its logged metrics to a JSON file.
 
     python -m benchmarks.peers.trl_grpo --model DIR --train-file arith_train.parquet --out trl.json
-    accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 ... -m benchmarks.peers.trl_grpo ...
+    accelerate launch --num_processes 2 --use_fsdp ... -m benchmarks.peers.trl_grpo ...
 
 The settings mirror Tandem's GRPO (`configs/algorithm/grpo.yaml`): one optimizer step per
 batch of prompts × n samples (micro-batches accumulated), the sequence-mean token-mean loss
