@@ -1,5 +1,6 @@
 """verl 0.9.1's GRPO (FSDP2 actor and reference, vLLM async rollout, `--gpus` GPUs) on Tandem's
-GRPO workload; writes per-step times and verl's logged metrics to a JSON file in trl_grpo.py's shape.
+GRPO workload; writes per-step times and verl's logged metrics to a JSON file in trl_grpo.py's
+shape.
 
     python -m benchmarks.peers.verl_grpo --model DIR --train-file arith_train.parquet --out verl.json
 
