@@ -38,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from archs import ensure_preset_dir
@@ -79,6 +79,20 @@ class Workload:
     printed beside each system's own per-GPU figure."""
 
 
+TINY = Workload(
+    "tiny_qwen2",
+    prompts=4,
+    n=4,
+    response_length=16,
+    max_model_len=256,
+    micro_batch=8,
+    lr=1e-5,
+    steps=3,
+    measured=(2, 3),
+)
+"""The CPU smoke tests' job (`tiny`; `tiny2` on two processes): it checks the plumbing, and
+its numbers mean nothing."""
+
 WORKLOADS = {
     "0p5b": Workload("qwen2_0p5b"),
     # Llama-3.1-8B's shape at 1k-token responses on two GPUs. Its fp32 master weights, grads
@@ -106,29 +120,8 @@ WORKLOADS = {
             1581.0,
         ),
     ),
-    "tiny": Workload(
-        "tiny_qwen2",
-        prompts=4,
-        n=4,
-        response_length=16,
-        max_model_len=256,
-        micro_batch=8,
-        lr=1e-5,
-        steps=3,
-        measured=(2, 3),
-    ),
-    "tiny2": Workload(
-        "tiny_qwen2",
-        prompts=4,
-        n=4,
-        response_length=16,
-        max_model_len=256,
-        micro_batch=4,
-        lr=1e-5,
-        steps=3,
-        measured=(2, 3),
-        gpus=2,
-    ),
+    "tiny": TINY,
+    "tiny2": replace(TINY, micro_batch=4, gpus=2),  # two processes, 2 micro-batches each
 }
 
 VERSIONS = (
@@ -177,6 +170,11 @@ def write_task(out: Path) -> tuple[Path, Path]:
 
 
 # ---- the two commands ------------------------------------------------------------------------
+def torchrun(processes: int) -> list[str]:
+    """The interpreter arguments that start a module under torchrun on this machine."""
+    return ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+
+
 def tandem_command(w: Workload, model: Path, train: Path, val: Path, out: Path) -> list[str]:
     overrides = {
         "model.path": model,
@@ -203,10 +201,7 @@ def tandem_command(w: Workload, model: Path, train: Path, val: Path, out: Path) 
         "trainer.resume": "never",
         "trainer.output_dir": out,
     }
-    head = [sys.executable, "-m", "trainer.main"]
-    if w.gpus > 1:
-        run = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={w.gpus}"]
-        head = [sys.executable, *run, "-m", "trainer.main"]
+    head = [sys.executable, *(torchrun(w.gpus) if w.gpus > 1 else []), "-m", "trainer.main"]
     return [
         *head,
         "algorithm=grpo",
@@ -236,8 +231,7 @@ def trl_command(python: str, w: Workload, model: Path, train: Path, out: Path) -
     if w.gpus > 1 and not has_gpus():
         # accelerate spawns CPU processes only through MPI; its GPU launcher is torchrun, which
         # gives the processes the same environment
-        run = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={w.gpus}"]
-        head = [python, *run, "-m", "benchmarks.peers.trl_grpo"]
+        head = [python, *torchrun(w.gpus), "-m", "benchmarks.peers.trl_grpo"]
     elif w.gpus > 1:
         # accelerate's launcher: one process per GPU, its configuration as flags
         launch = ["-m", "accelerate.commands.launch", f"--num_processes={w.gpus}"]
