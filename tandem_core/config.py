@@ -167,9 +167,10 @@ class ActorConfig:
     param_offload: bool = False
     """fsdp2: keep the parameter shards in host memory (FSDP2's CPUOffloadPolicy)."""
     compile_layers: bool = True
-    """fsdp2 on CUDA: each decoder layer's forward through torch.compile (the update at 0.70×
-    megatron's tokens/s instead of 0.57×, medians of 3 runs, Llama-3.2-1B's shape on an H200;
-    ~20 s to compile at the first step). Ignored on CPU and by the megatron strategy."""
+    """On CUDA, each decoder layer's forward through torch.compile. fsdp2: transformers' layers
+    (the update at 0.70× megatron's tokens/s instead of 0.57×, medians of 3 runs, Llama-3.2-1B's
+    shape on an H200; ~20 s to compile at the first step). megatron: the dense layers of the
+    actor, reference and critic (mixture-of-experts layers stay eager). Ignored on CPU."""
 
 
 @dataclass

@@ -273,6 +273,7 @@ class RotaryQK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, freqs_q, freqs_k, interleaved: bool):
+        freqs_k = freqs_q if freqs_k is None else freqs_k
         ctx.save_for_backward(freqs_q, freqs_k)
         ctx.interleaved = interleaved
         return _rotate_qk_kernel()(q, k, freqs_q, freqs_k, interleaved, 1.0)
@@ -316,7 +317,10 @@ class SDPASelfAttention(SelfAttention):
             return qkv
         query, key, *rest = qkv  # megatron splits q, k, v (+ gate) when handed no RoPE
         interleaved = self.config.rotary_interleaved
-        return *RotaryQK.apply(query, key, freqs[0], freqs[1], interleaved), *rest
+        # One tensor for both when q and k share angles: torch.compile cannot trace an
+        # autograd.Function handed the same tensor twice.
+        freqs_k = None if freqs[1] is freqs[0] else freqs[1]
+        return *RotaryQK.apply(query, key, freqs[0], freqs_k, interleaved), *rest
 
 
 # ---- specs ------------------------------------------------------------------------------------
@@ -600,3 +604,53 @@ def build_gpt_model(
         if cpu_compat.cuda_available():
             model.cuda(torch.cuda.current_device())
     return model
+
+
+# ---- compiled layers --------------------------------------------------------------------------
+def compile_dense_layers(chunks, backend: str = "inductor") -> int:
+    """Each dense decoder layer's forward through torch.compile, as torchtitan compiles each
+    block: the norms, residual adds, RoPE and SwiGLU fuse, and AOT autograd runs the layer's
+    backward as one compiled call, so a step launches fewer kernels and spends less host time
+    on each (the update's spread between runs and hosts was host time: BENCHMARKS.md).
+
+    Only where a layer is one graph with no break (tests/cpu/test_actor.py): TP 1 and CP 1, at
+    any PP, DP, packing or recompute. Under TP megatron's linear layers overlap their backward
+    collectives with `async_op=True`, which dynamo cannot trace (two breaks a layer); CP's
+    all-gathered attention fails to trace. Mixture-of-experts layers stay eager: their token
+    dispatch sizes depend on the data. Returns how many layers were compiled."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    _megatron_traceable()
+    compiled = 0
+    for chunk in chunks:
+        for layer in chunk.modules():
+            if not isinstance(layer, TransformerLayer) or isinstance(layer.mlp, MoELayer):
+                continue
+            if (
+                layer.config.tensor_model_parallel_size > 1
+                or layer.config.context_parallel_size > 1
+            ):
+                continue
+            layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend)
+            compiled += 1
+    return compiled
+
+
+@functools.cache
+def _megatron_traceable() -> None:
+    """megatron's RowParallelLinear asks for its TP group with `tp_group=None` on every forward,
+    and `get_tensor_model_parallel_group_if_none` then calls `warnings.warn`, which dynamo cannot
+    trace: the layer's graph would break in two inside megatron's offloading context manager.
+    In compiled code only, the same lookup without the deprecation warning stands in for it."""
+    from megatron.core import parallel_state, utils
+
+    @torch.compiler.substitute_in_graph(utils.get_tensor_model_parallel_group_if_none)
+    def tp_group_if_none(tp_group, is_expert=False, check_initialized=True):
+        if not torch.distributed.is_initialized():
+            return None
+        if tp_group is not None or not parallel_state.is_initialized():
+            return tp_group
+        if is_expert:
+            return parallel_state.get_expert_tensor_parallel_group(check_initialized)
+        return parallel_state.get_tensor_model_parallel_group(check_initialized)

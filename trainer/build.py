@@ -117,6 +117,7 @@ def megatron_settings(cfg: TandemConfig) -> dict:
         layer_spec=m.layer_spec,
         moe=MoESettings(m.moe_experts, m.moe_aux_loss_coeff, m.moe_z_loss_coeff),
         pack_sequences=m.pack_sequences,
+        compile_layers=cfg.actor.compile_layers,
     )
 
 

@@ -86,3 +86,32 @@ def test_context_parallel_actor_matches_transformers(layout, torchrun, tiny_ckpt
     assert res["logprob_err"] < TOL and res["entropy_err"] < TOL, res
     assert all(err < TOL for err in res["param_err"].values()), res
     assert (res["recomputed_layers"] > 0) == recompute, res
+
+
+COMPILED_LAYOUTS = {  # name: (layout of LAYOUTS, extra env, layers compiled per worker)
+    "tp1": ("tp1", {}, 4),
+    "pp2": ("pp2", {}, 2),  # each stage its own two of the four
+    "tp1_recompute": ("tp1", {"RECOMPUTE": "1"}, 4),
+    # packed rows: the CPU reference attention sizes its mask from the data (a break a layer)
+    "tp1_packed": ("tp1", {"PACK": "1"}, 4),
+    "tp2_sp": ("tp2_sp", {}, 0),  # megatron's async backward collectives: left eager
+}
+
+
+@pytest.mark.parametrize("layout", some_slow(COMPILED_LAYOUTS, {"tp1"}))
+def test_compiled_layers_actor_matches_transformers(layout, torchrun, tiny_ckpt):
+    """actor.compile_layers on the megatron strategy (`compile_dense_layers`): each dense layer
+    traced by dynamo into one graph with no break, run here by AOT autograd's eager backend
+    (inductor's kernels are the GPU suite's), equals the same references to 1e-5; layouts
+    whose layers would break (TP > 1) stay eager."""
+    base, env, per_worker = COMPILED_LAYOUTS[layout]
+    nproc, arch, *layout_args = LAYOUTS[base]
+    tiny_ckpt(arch)
+    res = torchrun(
+        "actor_check.py", nproc, arch, *map(str, layout_args), env={"COMPILE": "aot_eager", **env}
+    )
+    assert res["logprob_err"] < TOL and res["entropy_err"] < TOL, res
+    assert all(err < TOL for err in res["param_err"].values()), res
+    assert res["compiled_layers"] == [per_worker] * 3, res  # the log-prob worker, then mbs 1, 4
+    assert (res["graphs"] > 0) == (per_worker > 0), res
+    assert res["graph_breaks"] == 0 or env.get("PACK"), res

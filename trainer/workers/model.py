@@ -17,7 +17,7 @@ from tandem_core import cpu_compat
 from tandem_core import distributed as D
 from tandem_core.config import OptimConfig, ParallelConfig
 from tandem_core.model_args import ModelArgs
-from tandem_core.models import build_gpt_model, build_transformer_config
+from tandem_core.models import build_gpt_model, build_transformer_config, compile_dense_layers
 from tandem_core.moe import ExpertLoad, moe_routers, replay_routing
 from trainer.workers.checkpoint import load_megatron, save_megatron
 from trainer.workers.optimizer import build_optimizer
@@ -191,7 +191,10 @@ def build_model_worker(
     moe: MoESettings | None = None,
     pack_sequences: bool = False,
     activation_checkpointing: bool = False,
+    compile_layers: bool = False,
 ) -> ModelWorker:
+    """`compile_layers`: on CUDA, each dense decoder layer's forward through torch.compile
+    (tandem_core.models.compile_dense_layers)."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -208,6 +211,8 @@ def build_model_worker(
     chunks = build_model_chunks(args, config, layer_spec, value_head, moe.experts)
     if hf_dir is not None:  # else: megatron's own random init (model.random_init)
         weight_loaders.load_hf_into_megatron(chunks, hf_dir, args, config)
+    if compile_layers and cpu_compat.cuda_available():
+        compile_dense_layers(chunks)
     if optim is None:
         for c in chunks:
             c.requires_grad_(False)

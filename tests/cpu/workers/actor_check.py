@@ -5,6 +5,9 @@ usage: actor_check.py ARCH TP PP SP(0|1) [VPP [EP]]   (VPP 0: none; EP: expert p
        PACK=1 actor_check.py ...   (megatron with packed micro-batches: the same checks, so
                                     packed equals padded through the same references)
        CP=2 actor_check.py ...     (megatron with context parallelism 2: CP2 equals CP1 so)
+       COMPILE=aot_eager actor_check.py ...   (megatron with its dense layers through
+                                    torch.compile on this dynamo backend: one graph a layer,
+                                    no break, the same checks)
 Checks (asserted here, on every rank):
 1. compute_log_prob: log-probs and entropy equal transformers' to 1e-5 (micro-batches of 3,
    and one micro-batch of 8 through actor.log_prob_micro_batch_size);
@@ -33,6 +36,7 @@ import weight_loaders  # noqa: E402
 from archs import ensure_tiny_checkpoint  # noqa: E402
 from tandem_core import distributed as D  # noqa: E402
 from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig  # noqa: E402
+from tandem_core.models import compile_dense_layers  # noqa: E402
 from tandem_core.protocol import Batch  # noqa: E402
 from trainer.workers.actor import PolicyActor  # noqa: E402
 from trainer.workers.fsdp import build_fsdp_worker  # noqa: E402
@@ -60,14 +64,19 @@ STRATEGY = os.environ.get("STRATEGY", "megatron")
 PACK = os.environ.get("PACK") == "1"  # megatron: micro-batches packed into one row each
 CP = int(os.environ.get("CP", "1"))  # megatron: context parallel size
 RECOMPUTE = os.environ.get("RECOMPUTE") == "1"  # megatron: full activation recompute
+COMPILE = os.environ.get("COMPILE")  # megatron: compile_dense_layers on this dynamo backend
+COMPILED = []  # layers compiled, per worker built
 
 
 def build_worker(args, hf_dir, parallel, optim=None, strategy=STRATEGY):
     if strategy == "fsdp2":
         return build_fsdp_worker(args, hf_dir, optim=optim)
-    return build_model_worker(
+    worker = build_model_worker(
         args, hf_dir, parallel, optim=optim, pack_sequences=PACK, activation_checkpointing=RECOMPUTE
     )
+    if COMPILE:  # what compile_layers does on CUDA (inductor), on a backend that runs on CPU
+        COMPILED.append(compile_dense_layers(worker.chunks, backend=COMPILE))
+    return worker
 
 
 def trained_params(worker, args) -> dict:
@@ -193,6 +202,12 @@ def main():
         assert err < 1e-5, (mbs, err)
     result = {"logprob_err": lp_err, "entropy_err": ent_err, "param_err": errors}
     result["recomputed_layers"] = recomputed[0]
+    if COMPILE:
+        from torch._dynamo.utils import counters
+
+        result["compiled_layers"] = COMPILED
+        result["graphs"] = counters["stats"]["unique_graphs"]
+        result["graph_breaks"] = sum(counters["graph_break"].values())
     if STRATEGY == "fsdp2":  # 4. the same update on the megatron path, same ranks (DP)
         worker = build_worker(args, hf_dir, parallel, optim=cfg.optim, strategy="megatron")
         PolicyActor(worker, replace(cfg, micro_batch_size=2)).update_policy(
