@@ -1,14 +1,16 @@
 """Model FLOPs utilisation of the actor update vs plain megatron-core, in one run.
 
     python -m benchmarks.bench_mfu [--model llama3_1b] [--batch 16] [--seq 1024]
-        [--micro-batch 4] [--specs sdpa local megatron] [--steps 3] [--peak-size 8192]
+        [--micro-batch 4] [--specs sdpa sdpa-eager local megatron] [--steps 3] [--peak-size 8192]
         [--profile 20] [--layers N (a shape preset cut to its first N layers)]
 
 Three ways to run the same optimizer step (one mini-batch, one optimizer step):
 - `sdpa`: `PolicyActor.update_policy` with Tandem's default layer spec: forward + backward
   of every micro-batch through megatron's schedule, the LM head on the response rows only,
   the PPO loss on the fused vocab-parallel log-probs, megatron's distributed optimizer step
-  (Adam, fp32 master weights) with torch's fused AdamW kernel (`actor.optim.fused`).
+  (Adam, fp32 master weights) with torch's fused AdamW kernel (`actor.optim.fused`), each
+  decoder layer's forward compiled (`actor.compile_layers`, the default).
+- `sdpa-eager` (on request): the same with the layers eager (`actor.compile_layers=false`).
 - `local`: the same update with megatron's local layer spec (unfused attention): the
   attention alone, everything else shared.
 - `fsdp2` (on request, `--specs sdpa fsdp2`): the same `PolicyActor.update_policy` on the FSDP2
@@ -57,6 +59,7 @@ import torch
 from benchmarks import common as C
 
 BASELINES = {
+    "sdpa-eager": "the same update with its layers eager: what compiling them gives",
     "local": "the same update with unfused attention: attention alone",
     "megatron": "plain megatron-core, the local spec and its full-logit fp32 cross-entropy",
 }
@@ -163,7 +166,8 @@ def run_spec(opts, name: str) -> dict:
             src.weights_dir,
             parallel,
             dtype=opts.dtype,
-            layer_spec="local" if name == "megatron" else name,
+            layer_spec={"megatron": "local", "sdpa-eager": "sdpa"}.get(name, name),
+            compile_layers=name in ("sdpa", "local"),
             # plain megatron-core steps torch's foreach AdamW (its default without TE/apex)
             optim=OptimConfig(lr=1e-6, fused=name != "megatron" and opts.adam == "fused"),
         )
@@ -211,7 +215,7 @@ def main() -> None:
         "--specs",
         nargs="+",
         default=["sdpa", "local", "megatron"],
-        choices=["sdpa", "local", "megatron", "fsdp2", "fsdp2-compiled"],
+        choices=["sdpa", "sdpa-eager", "local", "megatron", "fsdp2", "fsdp2-compiled"],
     )
     ap.add_argument("--batch", type=int, default=C.pick(8, 16), help="sequences per step")
     ap.add_argument("--seq", type=int, default=C.pick(256, 1024), help="tokens per sequence")
