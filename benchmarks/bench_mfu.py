@@ -1,16 +1,17 @@
 """Model FLOPs utilisation of the actor update vs plain megatron-core, in one run.
 
     python -m benchmarks.bench_mfu [--model llama3_1b] [--batch 16] [--seq 1024]
-        [--micro-batch 4] [--specs sdpa sdpa-eager local megatron] [--steps 3] [--peak-size 8192]
+        [--micro-batch 4] [--specs sdpa sdpa-compiled local megatron] [--steps 3] [--peak-size 8192]
         [--profile 20] [--layers N (a shape preset cut to its first N layers)]
 
 Three ways to run the same optimizer step (one mini-batch, one optimizer step):
 - `sdpa`: `PolicyActor.update_policy` with Tandem's default layer spec: forward + backward
   of every micro-batch through megatron's schedule, the LM head on the response rows only,
   the PPO loss on the fused vocab-parallel log-probs, megatron's distributed optimizer step
-  (Adam, fp32 master weights) with torch's fused AdamW kernel (`actor.optim.fused`), each
-  decoder layer's forward compiled (`actor.compile_layers`, the default).
-- `sdpa-eager` (on request): the same with the layers eager (`actor.compile_layers=false`).
+  (Adam, fp32 master weights) with torch's fused AdamW kernel (`actor.optim.fused`), weight
+  gradients accumulated by their GEMMs into the fp32 main grads (tandem_core/wgrad_fusion.py).
+- `sdpa-compiled` (on request): the same with each decoder layer's forward compiled
+  (`actor.compile_layers=true`).
 - `local`: the same update with megatron's local layer spec (unfused attention): the
   attention alone, everything else shared.
 - `fsdp2` (on request, `--specs sdpa fsdp2`): the same `PolicyActor.update_policy` on the FSDP2
@@ -21,9 +22,9 @@ Three ways to run the same optimizer step (one mini-batch, one optimizer step):
   spec, and the loss the way megatron trains a GPTModel (`model(..., labels=...)`: logits for
   every position, megatron's `vocab_parallel_cross_entropy` on them upcast to fp32), the same
   PPO loss on -CE at the response positions, the same schedule and distributed optimizer,
-  stepping with torch's foreach AdamW (megatron's choice without TE/apex). Its loss
-  differs from the others' only where the vocabulary is padded (megatron's softmax includes the
-  padding columns; Llama-3.2's 128,256 needs none).
+  stepping with torch's foreach AdamW and no gradient-accumulation fusion (megatron's
+  choices without TE/apex). Its loss differs from the others' only where the vocabulary is
+  padded (megatron's softmax includes the padding columns; Llama-3.2's 128,256 needs none).
 bf16 on CUDA, fp32 on CPU. Same model shape (random init), same batch (every row full:
 `--seq` tokens, half prompt, half response), one world of one. Each runs in its own process,
 one after the other (so none holds another's memory); the parent then measures this device's
@@ -59,7 +60,7 @@ import torch
 from benchmarks import common as C
 
 BASELINES = {
-    "sdpa-eager": "the same update with its layers eager: what compiling them gives",
+    "sdpa-compiled": "the same update with its layers compiled (the ratio below 1 is their gain)",
     "local": "the same update with unfused attention: attention alone",
     "megatron": "plain megatron-core, the local spec and its full-logit fp32 cross-entropy",
 }
@@ -166,11 +167,15 @@ def run_spec(opts, name: str) -> dict:
             src.weights_dir,
             parallel,
             dtype=opts.dtype,
-            layer_spec={"megatron": "local", "sdpa-eager": "sdpa"}.get(name, name),
-            compile_layers=name in ("sdpa", "local"),
+            layer_spec={"megatron": "local", "sdpa-compiled": "sdpa"}.get(name, name),
+            compile_layers=name == "sdpa-compiled",
             # plain megatron-core steps torch's foreach AdamW (its default without TE/apex)
             optim=OptimConfig(lr=1e-6, fused=name != "megatron" and opts.adam == "fused"),
         )
+    if name == "megatron":  # megatron-core without apex has no gradient-accumulation fusion
+        for module in (m for chunk in worker.chunks for m in chunk.modules()):
+            if hasattr(module, "gradient_accumulation_fusion"):
+                module.gradient_accumulation_fusion = False
     cfg = ActorConfig(ppo_mini_batch_size=opts.batch, micro_batch_size=opts.micro_batch)
     actor = PolicyActor(worker, cfg)
     prompt = opts.seq // 2
@@ -215,7 +220,7 @@ def main() -> None:
         "--specs",
         nargs="+",
         default=["sdpa", "local", "megatron"],
-        choices=["sdpa", "sdpa-eager", "local", "megatron", "fsdp2", "fsdp2-compiled"],
+        choices=["sdpa", "sdpa-compiled", "local", "megatron", "fsdp2", "fsdp2-compiled"],
     )
     ap.add_argument("--batch", type=int, default=C.pick(8, 16), help="sequences per step")
     ap.add_argument("--seq", type=int, default=C.pick(256, 1024), help="tokens per sequence")

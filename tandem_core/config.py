@@ -166,11 +166,14 @@ class ActorConfig:
     What lets long sequences train: activations per token drop from every layer's to one's."""
     param_offload: bool = False
     """fsdp2: keep the parameter shards in host memory (FSDP2's CPUOffloadPolicy)."""
-    compile_layers: bool = True
-    """On CUDA, each decoder layer's forward through torch.compile. fsdp2: transformers' layers
-    (the update at 0.70× megatron's tokens/s instead of 0.57×, medians of 3 runs, Llama-3.2-1B's
-    shape on an H200; ~20 s to compile at the first step). megatron: the dense layers of the
-    actor, reference and critic (mixture-of-experts layers stay eager). Ignored on CPU."""
+    compile_layers: bool | None = None
+    """On CUDA, each decoder layer's forward through torch.compile; None: the strategy's own
+    default. fsdp2, on by default: transformers' layers (the update at 0.70× megatron's tokens/s
+    instead of 0.57×, medians of 3 runs, Llama-3.2-1B's shape on an H200; ~20 s to compile at
+    the first step). megatron, off by default: the dense layers of the actor, reference and
+    critic at TP 1 and CP 1 (`compile_dense_layers`); on the 1B update it measured level with
+    eager layers (fewer host gaps, but inductor's RoPE costs more than the RotaryQK kernel:
+    BENCHMARKS.md). Ignored on CPU."""
 
 
 @dataclass

@@ -32,7 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from tandem_core import cpu_compat
+from tandem_core import cpu_compat, wgrad_fusion
 from tandem_core.config import ParallelConfig
 from tandem_core.distributed import cp_chunks, cp_local_positions
 from tandem_core.model_args import ModelArgs
@@ -273,7 +273,6 @@ class RotaryQK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, freqs_q, freqs_k, interleaved: bool):
-        freqs_k = freqs_q if freqs_k is None else freqs_k
         ctx.save_for_backward(freqs_q, freqs_k)
         ctx.interleaved = interleaved
         return _rotate_qk_kernel()(q, k, freqs_q, freqs_k, interleaved, 1.0)
@@ -317,10 +316,11 @@ class SDPASelfAttention(SelfAttention):
             return qkv
         query, key, *rest = qkv  # megatron splits q, k, v (+ gate) when handed no RoPE
         interleaved = self.config.rotary_interleaved
-        # One tensor for both when q and k share angles: torch.compile cannot trace an
-        # autograd.Function handed the same tensor twice.
-        freqs_k = None if freqs[1] is freqs[0] else freqs[1]
-        return *RotaryQK.apply(query, key, freqs[0], freqs_k, interleaved), *rest
+        if torch.compiler.is_compiling():  # a compiled layer (compile_dense_layers): dynamo
+            # cannot trace RotaryQK (an autograd.Function around a compiled kernel) on torch
+            # 2.11; inductor fuses the plain math instead (24 ms of the 1B update against 9 ms)
+            return *_rotate_qk(query, key, freqs[0], freqs[1], interleaved, 1.0), *rest
+        return *RotaryQK.apply(query, key, freqs[0], freqs[1], interleaved), *rest
 
 
 # ---- specs ------------------------------------------------------------------------------------
@@ -432,6 +432,7 @@ def build_transformer_config(
     """`recompute`: megatron's full activation recompute, every layer its own checkpoint (only
     each layer's input is kept; the backward reruns the layer's forward)."""
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    wgrad_fusion.install()
     return TransformerConfig(
         **moe_config_fields(args, moe_aux_loss_coeff, moe_z_loss_coeff),
         **(
@@ -463,7 +464,9 @@ def build_transformer_config(
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        # Weight gradients accumulated by their GEMM into megatron's fp32 main_grad
+        # (tandem_core/wgrad_fusion.py stands in for apex's extension).
+        gradient_accumulation_fusion=True,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
@@ -610,14 +613,17 @@ def build_gpt_model(
 def compile_dense_layers(chunks, backend: str = "inductor") -> int:
     """Each dense decoder layer's forward through torch.compile, as torchtitan compiles each
     block: the norms, residual adds, RoPE and SwiGLU fuse, and AOT autograd runs the layer's
-    backward as one compiled call, so a step launches fewer kernels and spends less host time
-    on each (the update's spread between runs and hosts was host time: BENCHMARKS.md).
+    backward as compiled calls, so a step launches fewer kernels and spends less host time on
+    each. On request (actor.compile_layers=true): on the 1B update it measured level with eager
+    layers (BENCHMARKS.md).
 
-    Only where a layer is one graph with no break (tests/cpu/test_actor.py): TP 1 and CP 1, at
-    any PP, DP, packing or recompute. Under TP megatron's linear layers overlap their backward
-    collectives with `async_op=True`, which dynamo cannot trace (two breaks a layer); CP's
-    all-gathered attention fails to trace. Mixture-of-experts layers stay eager: their token
-    dispatch sizes depend on the data. Returns how many layers were compiled."""
+    At TP 1 and CP 1, at any PP, DP, packing or recompute (tests/cpu/test_actor.py). Under TP
+    megatron's linear layers overlap their backward collectives with `async_op=True`, which
+    dynamo cannot trace (two breaks a layer); CP's all-gathered attention fails to trace.
+    Mixture-of-experts layers stay eager: their token dispatch sizes depend on the data. The
+    linear layers' fused weight-gradient accumulation (it writes main_grad and marks the
+    weight) also breaks the graph around each GEMM's backward. Returns how many layers were
+    compiled."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.transformer_layer import TransformerLayer
 

@@ -117,7 +117,7 @@ def megatron_settings(cfg: TandemConfig) -> dict:
         layer_spec=m.layer_spec,
         moe=MoESettings(m.moe_experts, m.moe_aux_loss_coeff, m.moe_z_loss_coeff),
         pack_sequences=m.pack_sequences,
-        compile_layers=cfg.actor.compile_layers,
+        compile_layers=bool(cfg.actor.compile_layers),  # megatron: off unless asked
     )
 
 
@@ -164,7 +164,7 @@ def fsdp2_policy(cfg: TandemConfig, args: ModelArgs, hf_dir: Path, steps: int):
         activation_checkpointing=a.activation_checkpointing,
         param_offload=a.param_offload,
         random_init=random_init,
-        compile_layers=a.compile_layers,
+        compile_layers=a.compile_layers is not False,  # fsdp2: on unless turned off
     )
     ref_worker = None
     if _needs_reference(cfg):

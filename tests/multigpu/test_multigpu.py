@@ -205,10 +205,11 @@ def run_grpo(world: int, out: Path, overrides: list[str]) -> dict[int, dict]:
 
 @needs_gpus(1)
 def test_compiled_layers_match_eager(torchrun, tiny_checkpoints):
-    """actor.compile_layers (inductor's kernels, the default on CUDA) against the same layers
-    eager, fp32 on one GPU: log-probs, the gradient norm of three updates, the parameters."""
+    """actor.compile_layers=true on the megatron strategy (inductor's kernels) against the same
+    layers eager, fp32 on one GPU: log-probs, the gradient norm of three updates, the
+    parameters."""
     res = torchrun("compile_check.py", 1, "tiny_llama", "inductor", "float32")
-    assert res["compiled_layers"] == 4 and res["graph_breaks"] == 0, res
+    assert res["compiled_layers"] == 4, res
     assert res["logprob_err"] < 2e-4, res
     assert all(abs(c / e - 1) < 1e-3 for e, c in zip(*res["grad_norms"], strict=True)), res
     # Adam moves a weight at most ~lr a step whatever its gradient: 3 steps at lr 1e-4

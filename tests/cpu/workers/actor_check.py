@@ -23,6 +23,7 @@ import os
 import re
 import sys
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -129,6 +130,24 @@ def count_recomputed_layers() -> list[int]:
     return calls
 
 
+def count_fused_wgrads() -> list[int]:
+    """How many weight gradients megatron's linear layers accumulated straight into main_grad
+    (tandem_core/wgrad_fusion.py; a fusion that never engaged would pass every check)."""
+    from megatron.core.tensor_parallel import layers
+
+    from tandem_core import wgrad_fusion
+
+    wgrad_fusion.install()  # what building a megatron model does
+    calls, fused = [0], layers.fused_weight_gradient_mlp_cuda
+
+    def counted(*args):
+        calls[0] += 1
+        return fused.wgrad_gemm_accum_fp32(*args)
+
+    layers.fused_weight_gradient_mlp_cuda = SimpleNamespace(wgrad_gemm_accum_fp32=counted)
+    return calls
+
+
 def main():
     recomputed = count_recomputed_layers()
     arch, tp, pp, sp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))
@@ -163,6 +182,8 @@ def main():
         ent_err = (out["entropy"] - want_ent).abs().max().item()
         assert lp_err < 1e-5 and ent_err < 1e-5, (log_prob_mbs, lp_err, ent_err)
     assert not in_train_mode(ref_worker), "train mode after a forward-only pass"
+
+    fused_wgrads = count_fused_wgrads()
 
     # 2. one PPO update, two mini-batches, vs plain PyTorch
     g = torch.Generator().manual_seed(1)
@@ -202,6 +223,7 @@ def main():
         assert err < 1e-5, (mbs, err)
     result = {"logprob_err": lp_err, "entropy_err": ent_err, "param_err": errors}
     result["recomputed_layers"] = recomputed[0]
+    result["fused_wgrads"] = fused_wgrads[0]
     if COMPILE:
         from torch._dynamo.utils import counters
 
