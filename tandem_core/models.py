@@ -465,7 +465,8 @@ def build_transformer_config(
         apply_rope_fusion=False,
         persist_layer_norm=False,
         # Weight gradients accumulated by their GEMM into megatron's fp32 main_grad
-        # (tandem_core/wgrad_fusion.py stands in for apex's extension).
+        # (tandem_core/wgrad_fusion.py stands in for apex's extension). A layer trained
+        # outside megatron's DDP, which gives each weight its main_grad, must turn it off.
         gradient_accumulation_fusion=True,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,

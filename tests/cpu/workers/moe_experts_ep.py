@@ -69,6 +69,8 @@ def moe_config(num_experts=NUM_EXPERTS, **overrides):
         moe_router_load_balancing_type="none",
         moe_token_dispatcher_type="alltoall",
         expert_model_parallel_size=ep,
+        # bare layers, no megatron DDP: their weights have no main_grad to accumulate into
+        gradient_accumulation_fusion=False,
     )
     fields.update(overrides)
     return dataclasses.replace(base, **fields)
