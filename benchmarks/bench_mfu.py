@@ -10,6 +10,8 @@ Three ways to run the same optimizer step (one mini-batch, one optimizer step):
   the PPO loss on the fused vocab-parallel log-probs, megatron's distributed optimizer step
   (Adam, fp32 master weights) with torch's fused AdamW kernel (`actor.optim.fused`), weight
   gradients accumulated by their GEMMs into the fp32 main grads (tandem_core/wgrad_fusion.py).
+- `sdpa-unfused` (on request): the same with megatron's weight gradients unfused (each
+  layer's bf16 gradient added into its fp32 main grad by megatron's DDP hook, as without apex).
 - `sdpa-compiled` (on request): the same with each decoder layer's forward compiled
   (`actor.compile_layers=true`).
 - `local`: the same update with megatron's local layer spec (unfused attention): the
@@ -47,7 +49,10 @@ every token of the batch (all rows are full). MFU = achieved FLOP/s / peak, agai
 measured peak and against 989 TFLOP/s (H100/H200 SXM dense bf16, nominal; CUDA only).
 
 `--profile N` adds, per row, the N kernels with the most device time in one more step
-(torch.profiler), as a share of that step.
+(torch.profiler), as a share of that step; `--gaps N` (CUDA) one more profiled step's idle
+time, by what the host was running when each gap ended (benchmarks/host_gaps.py). Every timed
+step's time is in the row's result line (`steps_s`); "host µs/launch" is the row process's host
+time per queued one-element op (`common.host_launch_us`), the speed a launch-bound step follows.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ import torch
 from benchmarks import common as C
 
 BASELINES = {
+    "sdpa-unfused": "the same update with the weight gradients unfused: the fusion's gain",
     "sdpa-compiled": "the same update with its layers compiled (the ratio below 1 is their gain)",
     "local": "the same update with unfused attention: attention alone",
     "megatron": "plain megatron-core, the local spec and its full-logit fp32 cross-entropy",
@@ -167,12 +173,12 @@ def run_spec(opts, name: str) -> dict:
             src.weights_dir,
             parallel,
             dtype=opts.dtype,
-            layer_spec={"megatron": "local", "sdpa-compiled": "sdpa"}.get(name, name),
+            layer_spec="local" if name in ("local", "megatron") else "sdpa",
             compile_layers=name == "sdpa-compiled",
             # plain megatron-core steps torch's foreach AdamW (its default without TE/apex)
             optim=OptimConfig(lr=1e-6, fused=name != "megatron" and opts.adam == "fused"),
         )
-    if name == "megatron":  # megatron-core without apex has no gradient-accumulation fusion
+    if name in ("megatron", "sdpa-unfused"):  # megatron-core without apex: no wgrad fusion
         for module in (m for chunk in worker.chunks for m in chunk.modules()):
             if hasattr(module, "gradient_accumulation_fusion"):
                 module.gradient_accumulation_fusion = False
@@ -188,9 +194,17 @@ def run_spec(opts, name: str) -> dict:
         else:
             metrics.append(actor.update_policy(batch))
 
+    launch_us = C.host_launch_us()
     first_s = C.timed(step)  # includes torch.compile's builds for this shape
-    step_s = C.best_of(step, opts.steps, warmup=max(opts.warmup - 1, 0))
+    for _ in range(max(opts.warmup - 1, 0)):
+        step()
+    steps_s = [C.timed(step) for _ in range(max(opts.steps, 1))]
     top_kernels = C.profile_kernels(step, opts.profile) if opts.profile else None
+    gaps = None
+    if opts.gaps and C.on_cuda():
+        from benchmarks.host_gaps import profile_host_gaps
+
+        gaps = profile_host_gaps(step, opts.gaps, tag=name)
     skipped = sum(m["actor/skipped_steps"] for m in metrics)
     if skipped:
         raise RuntimeError(f"{name}: {skipped:g} of {len(metrics)} steps skipped (non-finite loss)")
@@ -198,12 +212,15 @@ def run_spec(opts, name: str) -> dict:
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if C.on_cuda() else 0.0
     return {
         "spec": name,
-        "step_s": step_s,
+        "step_s": min(steps_s),
+        "steps_s": [round(t, 4) for t in steps_s],
+        "launch_us": launch_us,
         "first_s": first_s,
         "tokens": tokens,
         "flops": step_flops(args, opts.batch, opts.seq, opts.seq - prompt),
         "matmul_weights": matmul_weights(args),
         "top_kernels": top_kernels,
+        "host_gaps": gaps,
         "peak_mem_gib": peak_mem,
         "pg_loss": metrics[-1]["actor/pg_loss"],
         "layers": args.num_layers,
@@ -220,7 +237,15 @@ def main() -> None:
         "--specs",
         nargs="+",
         default=["sdpa", "local", "megatron"],
-        choices=["sdpa", "sdpa-compiled", "local", "megatron", "fsdp2", "fsdp2-compiled"],
+        choices=[
+            "sdpa",
+            "sdpa-unfused",
+            "sdpa-compiled",
+            "local",
+            "megatron",
+            "fsdp2",
+            "fsdp2-compiled",
+        ],
     )
     ap.add_argument("--batch", type=int, default=C.pick(8, 16), help="sequences per step")
     ap.add_argument("--seq", type=int, default=C.pick(256, 1024), help="tokens per sequence")
@@ -231,6 +256,9 @@ def main() -> None:
     ap.add_argument("--peak-size", type=int, default=C.pick(1024, 8192))
     ap.add_argument("--peak-repeats", type=int, default=10)
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="top-N kernel table")
+    ap.add_argument(
+        "--gaps", type=int, default=0, metavar="N", help="CUDA: the N largest host-gap sources"
+    )
     ap.add_argument("--adam", default="fused", choices=["fused", "foreach"], help="sdpa/local")
     ap.add_argument("--one", metavar="SPEC", help="(internal) run one row in this process")
     opts = ap.parse_args()
@@ -253,6 +281,7 @@ def main() -> None:
             "warmup",
             "steps",
             "profile",
+            "gaps",
             "adam",
         )
     ]
@@ -292,10 +321,11 @@ def main() -> None:
                 nominal,
                 f"{r['peak_mem_gib']:.1f}",
                 f"{r['first_s']:.1f} s",
+                f"{r['launch_us']:.1f}",
             ]
         )
     header = ["update", "step", "tokens/s", "TFLOP/s", "MFU vs measured peak"]
-    header += ["MFU vs 989 nominal", "peak mem GiB", "first step (compiles)"]
+    header += ["MFU vs 989 nominal", "peak mem GiB", "first step (compiles)", "host µs/launch"]
     lines.append(C.markdown_table(header, rows))
     for baseline, what in BASELINES.items():
         if "sdpa" in results and baseline in results:
@@ -305,6 +335,12 @@ def main() -> None:
         if "sdpa" in results and fsdp in results:
             ratio = results["sdpa"]["step_s"] / results[fsdp]["step_s"]
             lines.append(f"\n{fsdp} / sdpa (tokens/s): {ratio:.2f}× (FSDP2 vs megatron's path)")
+    for spec, r in results.items():
+        if r.get("host_gaps"):
+            lines.append(
+                f"\n{spec}: where the device waited for the host (benchmarks/host_gaps.py)\n"
+            )
+            lines.append(r["host_gaps"])
     for spec, r in results.items():
         if r["top_kernels"]:
             lines.append(f"\n{spec}: kernels with the most device time in one step\n")

@@ -111,6 +111,21 @@ def interleaved_best(fns: dict[str, Callable[[], object]], repeats: int) -> dict
     return best
 
 
+def host_launch_us(n: int = 2000) -> float:
+    """This process's host time per queued device op (µs): `n` one-element adds, timed on
+    the host before the device drains them. What a launch-bound step's time follows."""
+    x = torch.zeros(1, device=device())
+    synchronize()
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x.add_(1)
+        best = min(best, time.perf_counter() - t0)
+        synchronize()
+    return round(best / n * 1e6, 2)
+
+
 def profile_kernels(fn: Callable[[], object], top: int) -> str:
     """Markdown table of the `top` kernels (CPU: operators) by self device time in one call of
     fn, each with its share of the call's wall time."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 import archs
 import weight_loaders
@@ -98,16 +99,18 @@ class ModelWorker:
             if self.routers is not None:
                 replay_routing(self.routers[id(model)], mb.routing, self.config.sequence_parallel)
             # The last stage's output: [b, R, ...] at the response rows (ResponseRowsGPTModel).
-            output = model(
-                mb.input_ids,
-                mb.position_ids,
-                None,
-                response_index=mb.response_index,
-                packed_seq_params=packed_seq_params(mb),
-            )
+            with record_function("tandem.forward"):  # the phases benchmarks/host_gaps.py names
+                output = model(
+                    mb.input_ids,
+                    mb.position_ids,
+                    None,
+                    response_index=mb.response_index,
+                    packed_seq_params=packed_seq_params(mb),
+                )
 
             def loss_func(out):
-                loss, extra = loss_fn(mb, out)
+                with record_function("tandem.loss"):
+                    loss, extra = loss_fn(mb, out)
                 # megatron scales each rank's loss by CP (its CP ranks hold partial losses);
                 # here every CP rank computes the whole loss (per-token results summed over CP)
                 return loss * n / cp, extra

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from tandem_core import cpu_compat
 from tandem_core import distributed as D
@@ -233,14 +234,18 @@ def train_step(worker: TrainingWorker, micro_batches, loss_fn: LossFn, max_nan_s
     `max_nan_steps` skips in a row abort the run. Returns (outputs, grad_norm, skipped).
     """
     worker.train(True)
-    worker.zero_grad()
-    outputs = worker.run_micro_batches(micro_batches, loss_fn, forward_only=False)
-    bad = torch.zeros(1, device=cpu_compat.device())
-    for out in outputs:
-        if not torch.isfinite(out["loss"]).all():
-            bad.fill_(1.0)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item() > 0:
+    with record_function("tandem.zero_grad"):  # the phases benchmarks/host_gaps.py names
+        worker.zero_grad()
+    with record_function("tandem.forward_backward"):
+        outputs = worker.run_micro_batches(micro_batches, loss_fn, forward_only=False)
+    with record_function("tandem.check_finite"):
+        bad = torch.zeros(1, device=cpu_compat.device())
+        for out in outputs:
+            if not torch.isfinite(out["loss"]).all():
+                bad.fill_(1.0)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad = bad.item()
+    if bad > 0:
         worker.skipped_in_a_row += 1
         worker.zero_grad()
         if worker.skipped_in_a_row >= max_nan_steps:
@@ -251,7 +256,8 @@ def train_step(worker: TrainingWorker, micro_batches, loss_fn: LossFn, max_nan_s
             )
         return outputs, float("nan"), True
     worker.skipped_in_a_row = 0
-    return outputs, worker.optimizer_step(), False
+    with record_function("tandem.optimizer_step"):
+        return outputs, worker.optimizer_step(), False
 
 
 def reduce_metrics(outputs: list[dict], keys: list[str]) -> dict[str, float]:
@@ -349,10 +355,12 @@ def update_over_mini_batches(
             seqs = len(mini) / D.dp_size()
             local = dp_slice(mini)
             layout = micro_batch_layout(worker, local)
-            mbs = make_micro_batches(local, plan.micro_batch_size, plan.max_tokens, **layout)
+            with record_function("tandem.micro_batches"):
+                mbs = make_micro_batches(local, plan.micro_batch_size, plan.max_tokens, **layout)
             loss_fn = make_loss_fn(tokens, seqs, len(mbs))
             outputs, grad_norm, skipped = train_step(worker, mbs, loss_fn, plan.max_nan_steps)
-            step = reduce_metrics(outputs, metric_keys)
+            with record_function("tandem.metrics"):
+                step = reduce_metrics(outputs, metric_keys)
             step.update(
                 grad_norm=grad_norm,
                 skipped_steps=float(skipped),
