@@ -32,7 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from tandem_core import cpu_compat, wgrad_fusion
+from tandem_core import cpu_compat, rope_kernel, swiglu_kernel, wgrad_fusion
 from tandem_core.config import ParallelConfig
 from tandem_core.distributed import cp_chunks, cp_local_positions
 from tandem_core.model_args import ModelArgs
@@ -275,14 +275,24 @@ class RotaryQK(torch.autograd.Function):
     def forward(ctx, q, k, freqs_q, freqs_k, interleaved: bool):
         ctx.save_for_backward(freqs_q, freqs_k)
         ctx.interleaved = interleaved
-        return _rotate_qk_kernel()(q, k, freqs_q, freqs_k, interleaved, 1.0)
+        return _rotate(q, k, freqs_q, freqs_k, interleaved, 1.0)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         freqs_q, freqs_k = ctx.saved_tensors
-        rotate = _rotate_qk_kernel()
-        grad_q, grad_k = rotate(grad_q, grad_k, freqs_q, freqs_k, ctx.interleaved, -1.0)
+        grad_q, grad_k = _rotate(grad_q, grad_k, freqs_q, freqs_k, ctx.interleaved, -1.0)
         return grad_q, grad_k, None, None, None
+
+
+def _rotate(q, k, freqs_q, freqs_k, interleaved: bool, sign: float):
+    """The Triton kernel where it applies (CUDA, one angle row per position: tens of µs of
+    host time a call), else the compiled `_rotate_qk` (~0.1-0.3 ms a call)."""
+    if rope_kernel.usable(q, freqs_q) and rope_kernel.usable(k, freqs_k):
+        return (
+            rope_kernel.rotate(q, freqs_q, interleaved, sign),
+            rope_kernel.rotate(k, freqs_k, interleaved, sign),
+        )
+    return _rotate_qk_kernel()(q, k, freqs_q, freqs_k, interleaved, sign)
 
 
 class SDPASelfAttention(SelfAttention):
@@ -433,6 +443,7 @@ def build_transformer_config(
     each layer's input is kept; the backward reruns the layer's forward)."""
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     wgrad_fusion.install()
+    swiglu_kernel.install()  # megatron's SwiGLU by Triton on CUDA (host time)
     return TransformerConfig(
         **moe_config_fields(args, moe_aux_loss_coeff, moe_z_loss_coeff),
         **(

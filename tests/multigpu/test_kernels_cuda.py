@@ -1,5 +1,6 @@
-"""Tandem's compiled kernels on CUDA equal the eager math they replace: the fused log-prob/
-entropy kernels (vs eager on CPU) and the sdpa spec's RoPE (vs megatron's unfused RoPE)."""
+"""Tandem's kernels on CUDA equal the eager math they replace: the fused log-prob/entropy
+kernels (vs eager on CPU), the sdpa spec's RoPE (Triton, vs megatron's unfused RoPE) and the
+Triton SwiGLU handed to megatron (vs its math in fp32)."""
 
 import pytest
 import torch
@@ -38,8 +39,8 @@ def test_fused_kernels_match_eager(with_entropy):
     assert got[2][:, vocab:].abs().max() == 0
 
 
-def test_compiled_rope_matches_megatron_eager():
-    """RotaryQK (compiled forward, backward = rotation by -θ) vs megatron's eager RoPE under
+def test_rope_kernel_matches_megatron_eager():
+    """RotaryQK (the Triton kernel, backward = rotation by -θ) vs megatron's eager RoPE under
     autograd, on q and k with grouped heads."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
@@ -60,6 +61,34 @@ def test_compiled_rope_matches_megatron_eager():
 
     got = run(lambda x, y: M.RotaryQK.apply(x, y, freqs, freqs, False))
     want = run(lambda x, y: [_apply_rotary_pos_emb_bshd(t, freqs, False) for t in (x, y)])
-    # bf16: the compiled kernel rounds once, megatron's eager ops after every step.
+    # bf16: the kernel rounds once, megatron's eager ops after every step.
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
+def test_swiglu_kernel_matches_megatron(monkeypatch):
+    """megatron's SwiGLUFunction with the Triton kernels installed vs the same math in fp32
+    under autograd, bf16 inputs, a width that does not fill the last block."""
+    from megatron.core.fusions import fused_bias_swiglu as fused
+
+    from tandem_core import swiglu_kernel
+
+    swiglu_kernel.install()
+    calls = []
+    for name in ("swiglu", "swiglu_back"):
+        kernel = getattr(swiglu_kernel, name)
+        monkeypatch.setattr(
+            swiglu_kernel, name, lambda *a, k=kernel, n=name: calls.append(n) or k(*a)
+        )
+    torch.manual_seed(0)
+    y = torch.randn(3, 700, 2 * 2900, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(3, 700, 2900, device="cuda", dtype=torch.bfloat16)
+    x = y.clone().requires_grad_()
+    out = fused.SwiGLUFunction.apply(x, False, False)
+    out.backward(g)
+    assert calls == ["swiglu", "swiglu_back"]  # megatron's function went through the kernels
+    want_out = (torch.nn.functional.silu(y.float()[..., :2900]) * y.float()[..., 2900:]).bfloat16()
+    ref = y.float().requires_grad_()
+    (torch.nn.functional.silu(ref[..., :2900]) * ref[..., 2900:]).backward(g.float())
+    torch.testing.assert_close(out, want_out, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(x.grad.float(), ref.grad, rtol=2e-2, atol=2e-2)
