@@ -172,8 +172,9 @@ class ActorConfig:
     instead of 0.57×, medians of 3 runs, Llama-3.2-1B's shape on an H200; ~20 s to compile at
     the first step). megatron, off by default: the dense layers of the actor, reference and
     critic at TP 1 and CP 1 (`compile_dense_layers`); on the 1B update it measured level with
-    eager layers (fewer host gaps, but inductor's RoPE costs more than the RotaryQK kernel:
-    BENCHMARKS.md). Ignored on CPU."""
+    eager layers (fewer host gaps, but inductor's RoPE costs more than RotaryQK's kernel:
+    BENCHMARKS.md), before the eager layers' RoPE and SwiGLU became Triton launches. Ignored
+    on CPU."""
 
 
 @dataclass

@@ -4,8 +4,8 @@ Variation is a spec, not a flag inside a layer (STYLE habit 7):
 - `local`: megatron's own local spec, but with Tandem's SP-capable RMSNorm (megatron's
   WrappedTorchNorm refuses sequence parallelism); the baseline.
 - `sdpa`: the same with core attention through torch's fused
-  `scaled_dot_product_attention` (flash kernels on GPU) and RoPE on q and k as one compiled
-  kernel each way (`RotaryQK`); the default without TE.
+  `scaled_dot_product_attention` (flash kernels on GPU) and RoPE on q and k by one Triton
+  launch each way on CUDA (`RotaryQK`, tandem_core/rope_kernel.py); the default without TE.
 - `te`: megatron's transformer-engine spec, when transformer_engine imports.
 
 Sequences reach these models right-padded (real tokens from position 0, see
@@ -32,7 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from tandem_core import cpu_compat, rope_kernel, swiglu_kernel, wgrad_fusion
+from tandem_core import cpu_compat, multi_tensor, rope_kernel, swiglu_kernel, wgrad_fusion
 from tandem_core.config import ParallelConfig
 from tandem_core.distributed import cp_chunks, cp_local_positions
 from tandem_core.model_args import ModelArgs
@@ -257,10 +257,10 @@ def _rotate_qk(q, k, freqs_q, freqs_k, interleaved: bool, sign: float):
 
 @functools.cache
 def _rotate_qk_kernel():
-    """On CUDA, `_rotate_qk` compiled for inference only: one kernel call for q and k instead of
-    six eager passes each. Autograd is `RotaryQK`'s, so inductor never partitions a joint
-    forward/backward graph (with dynamic shapes that compile took ~46 s of a run's first
-    update) and each direction is one compiled call (each call costs ~0.1 ms of host time)."""
+    """On CUDA, `_rotate_qk` compiled for inference only: RotaryQK's fallback where the Triton
+    kernel does not apply (freqs not one row per position). Autograd is `RotaryQK`'s, so
+    inductor never partitions a joint forward/backward graph (with dynamic shapes that compile
+    took ~46 s of a run's first update); each call costs 0.1-0.3 ms of host time."""
     if cpu_compat.cuda_available():
         return torch.compile(_rotate_qk, dynamic=True)
     return _rotate_qk
@@ -327,8 +327,9 @@ class SDPASelfAttention(SelfAttention):
         query, key, *rest = qkv  # megatron splits q, k, v (+ gate) when handed no RoPE
         interleaved = self.config.rotary_interleaved
         if torch.compiler.is_compiling():  # a compiled layer (compile_dense_layers): dynamo
-            # cannot trace RotaryQK (an autograd.Function around a compiled kernel) on torch
-            # 2.11; inductor fuses the plain math instead (24-27 ms of the 1B update against 9)
+            # could not trace RotaryQK (then an autograd.Function around a compiled kernel) on
+            # torch 2.11; inductor fuses the plain math instead (24-27 ms of the 1B update
+            # against 9 for RotaryQK's kernels)
             return *_rotate_qk(query, key, freqs[0], freqs[1], interleaved, 1.0), *rest
         return *RotaryQK.apply(query, key, freqs[0], freqs[1], interleaved), *rest
 
@@ -444,6 +445,7 @@ def build_transformer_config(
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     wgrad_fusion.install()
     swiglu_kernel.install()  # megatron's SwiGLU by Triton on CUDA (host time)
+    multi_tensor.install()  # the optimizer's grad norm without a sync per gradient
     return TransformerConfig(
         **moe_config_fields(args, moe_aux_loss_coeff, moe_z_loss_coeff),
         **(

@@ -116,3 +116,43 @@ def test_swiglu_kernel_equals_autograd_of_silu_gate(monkeypatch, dtype):
     swiglu_kernel.install()
     assert fused.swiglu.tandem_kernel and fused.swiglu_back.tandem_kernel
     assert not swiglu_kernel._takes(y)  # a CPU tensor: megatron's own function
+
+
+def test_multi_tensor_standins_equal_megatrons_fallbacks_without_a_sync_per_tensor():
+    """tandem_core/multi_tensor.py against megatron's own no-apex fallbacks: the same L2 norm
+    and scaled copies (a cast, in place), and the norm asks the host for no value at all
+    (megatron's asks once per tensor)."""
+    from megatron.core import utils
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tandem_core import cpu_compat, multi_tensor
+
+    class CountSyncs(TorchDispatchMode):
+        syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountSyncs.syncs += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    grads = [torch.randn(n) * (i + 1) for i, n in enumerate((7, 300, 1, 64))]
+    with CountSyncs():
+        got, each = multi_tensor.l2_norm(2048, None, [grads], True)
+    assert CountSyncs.syncs == 0
+    with cpu_compat.megatron_device_scope():  # megatron's fallback names "cuda"
+        want, _ = utils.local_multi_tensor_applier(
+            utils.local_multi_tensor_l2_norm, None, [grads], False
+        )
+    torch.testing.assert_close(got, want.to(got.device), rtol=1e-6, atol=0)
+    torch.testing.assert_close(each, torch.stack([g.norm() for g in grads]))
+
+    halves = [torch.empty(g.shape, dtype=torch.bfloat16) for g in grads]
+    multi_tensor.scale(2048, None, [grads, halves], 1.0)  # fp32 main params -> bf16 model params
+    assert all(torch.equal(h, g.bfloat16()) for h, g in zip(halves, grads, strict=True))
+    scaled = [torch.empty_like(g) for g in grads]
+    multi_tensor.scale(2048, None, [grads, scaled], 0.25)
+    assert all(torch.equal(s, g * 0.25) for s, g in zip(scaled, grads, strict=True))
+    before = [g.clone() for g in grads]
+    multi_tensor.scale(2048, None, [grads, grads], 0.5)  # clipping: in place
+    assert all(torch.equal(g, b * 0.5) for g, b in zip(grads, before, strict=True))
