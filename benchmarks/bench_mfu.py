@@ -1,8 +1,8 @@
 """Model FLOPs utilisation of the actor update vs plain megatron-core, in one run.
 
     python -m benchmarks.bench_mfu [--model llama3_1b] [--batch 16] [--seq 1024]
-        [--micro-batch 4] [--specs sdpa sdpa-compiled local megatron] [--steps 3] [--peak-size 8192]
-        [--profile 20] [--layers N (a shape preset cut to its first N layers)]
+        [--micro-batch 4] [--specs sdpa sdpa-unfused sdpa-compiled local megatron] [--steps 3] [--peak-size 8192]
+        [--profile 20] [--gaps 20] [--layers N (a shape preset cut to its first N layers)]
 
 Three ways to run the same optimizer step (one mini-batch, one optimizer step):
 - `sdpa`: `PolicyActor.update_policy` with Tandem's default layer spec: forward + backward
