@@ -24,9 +24,11 @@ Three ways to run the same optimizer step (one mini-batch, one optimizer step):
   spec, and the loss the way megatron trains a GPTModel (`model(..., labels=...)`: logits for
   every position, megatron's `vocab_parallel_cross_entropy` on them upcast to fp32), the same
   PPO loss on -CE at the response positions, the same schedule and distributed optimizer,
-  stepping with torch's foreach AdamW and no gradient-accumulation fusion (megatron's
-  choices without TE/apex). Its loss differs from the others' only where the vocabulary is
-  padded (megatron's softmax includes the padding columns; Llama-3.2's 128,256 needs none).
+  stepping with torch's foreach AdamW, no gradient-accumulation fusion, megatron's own
+  torch.compile'd SwiGLU and its per-tensor grad-norm fallback (megatron's choices without
+  TE/apex, not the stand-ins Tandem hands megatron). Its loss differs from the others' only
+  where the vocabulary is padded (megatron's softmax includes the padding columns; Llama-3.2's
+  128,256 needs none).
 bf16 on CUDA, fp32 on CPU. Same model shape (random init), same batch (every row full:
 `--seq` tokens, half prompt, half response), one world of one. Each runs in its own process,
 one after the other (so none holds another's memory); the parent then measures this device's
@@ -182,6 +184,11 @@ def run_spec(opts, name: str) -> dict:
         for module in (m for chunk in worker.chunks for m in chunk.modules()):
             if hasattr(module, "gradient_accumulation_fusion"):
                 module.gradient_accumulation_fusion = False
+    if name == "megatron":  # and its own SwiGLU and grad-norm fallbacks, not Tandem's stand-ins
+        from tandem_core import multi_tensor, swiglu_kernel
+
+        swiglu_kernel.uninstall()
+        multi_tensor.uninstall()
     cfg = ActorConfig(ppo_mini_batch_size=opts.batch, micro_batch_size=opts.micro_batch)
     actor = PolicyActor(worker, cfg)
     prompt = opts.seq // 2

@@ -47,3 +47,15 @@ def install() -> None:
     for module in (clip_grads, optimizer):
         if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
             module.multi_tensor_scale_impl = scale
+
+
+def uninstall() -> None:
+    """megatron's own fallbacks back (plain megatron-core's row of bench_mfu)."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    if clip_grads.l2_norm_impl is l2_norm:
+        clip_grads.l2_norm_impl = utils.local_multi_tensor_l2_norm
+    for module in (clip_grads, optimizer):
+        if module.multi_tensor_scale_impl is scale:
+            module.multi_tensor_scale_impl = utils.local_multi_tensor_scale

@@ -108,4 +108,13 @@ def install() -> None:
         return swiglu_back(g, y) if _takes(g, y) else own_backward(g, y)
 
     forward.tandem_kernel = backward.tandem_kernel = True
+    forward.megatron_own, backward.megatron_own = own_forward, own_backward
     fused.swiglu, fused.swiglu_back = forward, backward
+
+
+def uninstall() -> None:
+    """megatron's own functions back (plain megatron-core's row of bench_mfu)."""
+    from megatron.core.fusions import fused_bias_swiglu as fused
+
+    if getattr(fused.swiglu, "tandem_kernel", False):
+        fused.swiglu, fused.swiglu_back = fused.swiglu.megatron_own, fused.swiglu_back.megatron_own

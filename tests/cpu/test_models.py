@@ -156,3 +156,30 @@ def test_multi_tensor_standins_equal_megatrons_fallbacks_without_a_sync_per_tens
     before = [g.clone() for g in grads]
     multi_tensor.scale(2048, None, [grads, grads], 0.5)  # clipping: in place
     assert all(torch.equal(g, b * 0.5) for g, b in zip(grads, before, strict=True))
+
+
+def test_stand_ins_install_and_uninstall_in_megatrons_modules():
+    """What build_transformer_config hands megatron, and plain megatron-core's benchmark row
+    takes back: megatron's own functions again after uninstall, ours after install."""
+    from megatron.core import utils
+    from megatron.core.fusions import fused_bias_swiglu as fused
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    from tandem_core import multi_tensor, swiglu_kernel
+
+    swiglu_kernel.install()
+    multi_tensor.install()
+    own = fused.swiglu.megatron_own
+    try:
+        assert clip_grads.l2_norm_impl is multi_tensor.l2_norm
+        assert clip_grads.multi_tensor_scale_impl is optimizer.multi_tensor_scale_impl
+        assert optimizer.multi_tensor_scale_impl is multi_tensor.scale
+        swiglu_kernel.uninstall()
+        multi_tensor.uninstall()
+        assert fused.swiglu is own and not hasattr(fused.swiglu_back, "tandem_kernel")
+        assert clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm
+        assert optimizer.multi_tensor_scale_impl is utils.local_multi_tensor_scale
+    finally:
+        swiglu_kernel.install()
+        multi_tensor.install()
+    assert fused.swiglu.tandem_kernel and clip_grads.l2_norm_impl is multi_tensor.l2_norm
