@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -30,6 +31,13 @@ _PATCHED = False
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton imports here (the hand-written CUDA kernels need it; cached: their
+    callers sit on the update's hot path)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 class _NullStream:

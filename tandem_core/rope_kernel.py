@@ -5,8 +5,9 @@ host needs about as long to queue a Llama-3.2-1B layer's kernels as the device t
 (benchmarks/host_gaps.py), so each operator's host time is step time. `_rotate_qk` through
 torch.compile is one fused kernel, but each call goes through dynamo's guards and inductor's
 wrapper: ~330 µs of host time a call under the profiler, the most of any operator in the
-forward and the backward. A Triton launch costs a fraction of that; q and k take one each. Written by hand: megatron
-fuses RoPE only through transformer-engine, torch has no RoPE operator.
+forward and the backward. A Triton launch costs a fraction of that; q and k take one each.
+Written by hand: megatron fuses RoPE only through transformer-engine, torch has no RoPE
+operator.
 
 Layout as megatron's `_apply_rotary_pos_emb_bshd`: x [s, b, heads, dim] (any strides with a
 unit last stride: q and k are views of the QKV split), freqs [s, 1, 1, rot] fp32 with each
@@ -17,9 +18,10 @@ channels rotate, the rest pass through. The math runs in fp32 and rounds once.
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
+
+from tandem_core import cpu_compat
 
 
 @functools.cache
@@ -53,9 +55,8 @@ def _kernel():
         mask = (h < heads) & (d < DIM)
         src = x_ptr + s.to(tl.int64) * stride_s + b.to(tl.int64) * stride_b + h * stride_h
         x = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
-        if (
-            INTERLEAVED
-        ):  # pairs (2i, 2i+1): out[2i] = x·cos − x[2i+1]·sin, out[2i+1] = x·cos + x[2i]·sin
+        # pairs (2i, 2i+1): out[2i] = x·cos − x[2i+1]·sin, out[2i+1] = x·cos + x[2i]·sin
+        if INTERLEAVED:
             partner = d ^ 1
             flip = tl.where(d % 2 == 0, -1.0, 1.0)
         else:  # halves: out[i] = x·cos − x[i+rot/2]·sin, out[i+rot/2] = x·cos + x[i]·sin
@@ -74,12 +75,7 @@ def _kernel():
 def usable(x: torch.Tensor, freqs: torch.Tensor) -> bool:
     """Whether `rotate` takes this tensor: CUDA with Triton, x [s, b, h, d] with a unit last
     stride, freqs [s, 1, 1, rot] (one angle row per position) with rot even and ≤ d."""
-    return x.is_cuda and _have_triton() and _fits(x, freqs)
-
-
-@functools.cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return x.is_cuda and cpu_compat.triton_available() and _fits(x, freqs)
 
 
 def _fits(x: torch.Tensor, freqs: torch.Tensor) -> bool:

@@ -14,9 +14,10 @@ leave everything else (CPU, a strided input, a trace in progress) to megatron's 
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
+
+from tandem_core import cpu_compat
 
 BLOCK = 1024
 """Columns of one row per program."""
@@ -56,15 +57,10 @@ def _kernels():
     return forward, backward
 
 
-@functools.cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _takes(*tensors: torch.Tensor) -> bool:
     return (
         all(t.is_cuda and t.is_contiguous() for t in tensors)
-        and _have_triton()
+        and cpu_compat.triton_available()
         and not torch.compiler.is_compiling()
     )
 

@@ -22,9 +22,10 @@ Written by hand: neither torch nor Triton ships a copy of a list of ranges in on
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
+
+from tandem_core import cpu_compat
 
 WORD = 8
 """Bytes per load and store (int64 words)."""
@@ -54,7 +55,7 @@ def _kernel():
 def usable(device: torch.device) -> bool:
     """Whether the sync takes this kernel on `device`: CUDA with Triton installed (on CPU the
     copies stay with torch; the tests run the kernel through Triton's interpreter)."""
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return device.type == "cuda" and cpu_compat.triton_available()
 
 
 class RangeCopy:

@@ -244,8 +244,8 @@ def train_step(worker: TrainingWorker, micro_batches, loss_fn: LossFn, max_nan_s
             if not torch.isfinite(out["loss"]).all():
                 bad.fill_(1.0)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        bad = bad.item()
-    if bad > 0:
+        any_nonfinite = bad.item() > 0
+    if any_nonfinite:
         worker.skipped_in_a_row += 1
         worker.zero_grad()
         if worker.skipped_in_a_row >= max_nan_steps:
