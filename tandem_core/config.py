@@ -126,6 +126,13 @@ class ActorConfig:
     micro-batches fit, and they keep a small model's forward from being host-bound."""
     ppo_epochs: int = 1
     """Passes over each iteration's rollouts."""
+    old_log_prob_pass: str = "auto"
+    """auto | always. auto: when an iteration's rollouts make one optimizer step (one epoch,
+    one mini-batch) and nothing before the update reads them (no KL in the reward, no
+    trainer.debug_check_weight_sync), the old log-probs are the update's own, detached: the
+    same weights give the same numbers, so the forward-only pass over the batch is skipped
+    (its entropy and train/rollout gap metrics come from the update's forward). always: the
+    separate pass every iteration."""
     use_dynamic_bsz: bool = False
     """Form micro-batches by a token budget instead of a fixed count."""
     max_tokens_per_microbatch: int = 2048

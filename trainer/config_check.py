@@ -133,6 +133,7 @@ CHOICES: dict[str, tuple] = {
     "model.layer_spec": ("auto", "local", "sdpa", "te"),
     "model.moe_experts": ("grouped", "sequential"),
     "actor.strategy": ("megatron", "fsdp2"),
+    "actor.old_log_prob_pass": ("auto", "always"),
     "critic.strategy": ("megatron", "fsdp2"),
     "data.overlong_prompt": ("filter", "error"),
     "actor.loss_agg_mode": core_algos.LOSS_AGG_MODES,

@@ -59,6 +59,7 @@ class RLTrainer:
         self.step_no = 0
         self.timing: dict[str, float] = {}
         self.memory = DevicePeakMemory()
+        self.old_log_prob_pass = old_log_probs_needed(cfg)
         parts.sharding_manager.phase_timer = self.timer  # swap_gather, sync inside swap_enter
 
     @contextmanager
@@ -82,7 +83,7 @@ class RLTrainer:
 
     # ---- one iteration -------------------------------------------------------------------
     def step(self) -> dict[str, float]:
-        cfg, p = self.cfg, self.p
+        p = self.p
         self.timing = {}
         self.memory.peaks_gib()  # drop what validation measured since the last step
         metrics: dict[str, float] = {}
@@ -90,17 +91,9 @@ class RLTrainer:
             with self.timer("gen"):
                 batch, gen_metrics = self.generate_training_batch()
             metrics.update(gen_metrics)
-            with self.timer("old_log_prob"):
-                old = p.actor.compute_log_prob(batch, calculate_entropy=True)
-            batch["old_log_probs"] = old["log_probs"]
-            metrics["actor/entropy"] = _masked_mean(old["entropy"], batch["response_mask"])
-            metrics["rollout/logprob_abs_diff"] = _masked_mean(
-                (batch["rollout_log_probs"] - old["log_probs"]).abs(), batch["response_mask"]
-            )
-            if cfg.trainer.debug_check_weight_sync:
-                check_weights_synced(
-                    batch["rollout_log_probs"], old["log_probs"], batch["response_mask"], tol=1e-3
-                )
+            if self.old_log_prob_pass:  # else they are the update's own (old_log_probs_needed)
+                with self.timer("old_log_prob"):
+                    metrics.update(self.compute_old_log_probs(batch))
             if p.ref is not None:
                 with self.timer("ref"):
                     batch["ref_log_probs"] = p.ref.compute_ref_log_prob(batch)["ref_log_probs"]
@@ -121,6 +114,22 @@ class RLTrainer:
         metrics.update(conversation_metrics(batch))
         metrics["training/global_step"] = self.step_no
         return metrics
+
+    def compute_old_log_probs(self, batch: Batch) -> dict[str, float]:
+        """The actor's log-probs of the rollouts before any update, into the batch; their
+        entropy and their gap to the engine's (and, with trainer.debug_check_weight_sync, a
+        gap too large to be numerics is an error: the sync left weights behind)."""
+        old = self.p.actor.compute_log_prob(batch, calculate_entropy=True)
+        batch["old_log_probs"] = old["log_probs"]
+        mask = batch["response_mask"]
+        if self.cfg.trainer.debug_check_weight_sync:
+            check_weights_synced(batch["rollout_log_probs"], old["log_probs"], mask, tol=1e-3)
+        return {
+            "actor/entropy": _masked_mean(old["entropy"], mask),
+            "rollout/logprob_abs_diff": _masked_mean(
+                (batch["rollout_log_probs"] - old["log_probs"]).abs(), mask
+            ),
+        }
 
     def generate_training_batch(self) -> tuple[Batch, dict[str, float]]:
         """Prompts → samples with scores; DAPO's dynamic sampling drops groups whose rewards
@@ -241,6 +250,20 @@ class RLTrainer:
         self.step_no = state["step"]
         self.p.train_loader.load_state_dict(state["train_loader"])
         self.p.kl_ctrl.load_state_dict(state["kl_ctrl"])
+
+
+def old_log_probs_needed(cfg: TandemConfig) -> bool:
+    """Whether an iteration runs the forward-only pass for the old log-probs.
+
+    Not when the rollouts make exactly one optimizer step and nothing reads the old log-probs
+    before it (`actor.old_log_prob_pass=auto`): the update's forward runs the same weights on
+    the same tokens, so the ratio to the old policy is 1 and its gradient that of the detached
+    log-probs (TRL's GRPOTrainer skips it the same way when it is not correcting for vLLM).
+    One forward-only pass over the batch saved (BENCHMARKS.md, beside the peers)."""
+    actor, alg = cfg.actor, cfg.algorithm
+    one_step = actor.ppo_epochs == 1 and actor.ppo_mini_batch_size >= cfg.data.train_batch_size
+    read_before_update = alg.use_kl_in_reward or cfg.trainer.debug_check_weight_sync
+    return actor.old_log_prob_pass == "always" or not one_step or read_before_update
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:

@@ -62,6 +62,20 @@ def test_packed_actor_matches_transformers(layout, torchrun, tiny_ckpt):
     assert all(err < TOL for err in res["param_err"].values()), res
 
 
+@pytest.mark.parametrize("layout", some_slow(["dp2", "pp2", "ep2_moe"], {"pp2", "ep2_moe"}))
+def test_on_policy_step_equals_step_after_old_pass(layout, torchrun, tiny_ckpt):
+    """actor.old_log_prob_pass=auto: one optimizer step over a batch without old log-probs
+    (the update's own, detached) moves the weights as the step given the old pass's
+    log-probs, and reports that pass's entropy and train/rollout gap; ratio 1 exactly."""
+    nproc, arch, *layout_args = LAYOUTS[layout]
+    tiny_ckpt(arch)
+    res = torchrun("actor_check.py", nproc, arch, *map(str, layout_args), env={"ON_POLICY": "1"})
+    assert res["param_err"] < 1e-6 and res["grad_norm_err"] < 1e-5, res
+    assert res["entropy_err"] < 1e-6 and res["gap_err"] < 1e-6, res
+    assert res["ppo_kl"] == 0.0 and res["pg_clipfrac"] == 0.0, res
+    assert res["refused_two_steps"], res
+
+
 CP_LAYOUTS = {  # name: (layout of LAYOUTS, packed, activation recompute)
     "cp2": ("tp1", False, False),
     "cp2_tp2_sp": ("tp2_sp", False, False),

@@ -222,6 +222,7 @@ BAD = [
     (["critic.optim.lr_decay_style=step"], 1, "critic.optim.lr_decay_style"),
     (["algorithm.kl_ctrl_type=pid"], 1, "algorithm.kl_ctrl_type"),
     (["logger.backends=[console,mlflow]"], 1, "logger.backends"),
+    (["actor.old_log_prob_pass=never"], 1, "actor.old_log_prob_pass"),
     # numeric ranges
     (["actor.optim.lr=-1e-6"], 1, "actor.optim.lr"),
     (["actor.clip_ratio_low=0"], 1, "actor.clip_ratio_low"),
@@ -292,6 +293,25 @@ def test_kl_estimator_aliases_are_accepted(alias):
         [f"actor.kl_loss_type={alias}", f"algorithm.kl_penalty={alias}"], world_size=1
     )
     assert cfg.actor.kl_loss_type == alias
+
+
+@pytest.mark.parametrize(
+    "overrides, needed",
+    [
+        ([], False),  # GRPO's default: 8 prompts, one mini-batch of 8, one epoch
+        (["actor.old_log_prob_pass=always"], True),
+        (["actor.ppo_mini_batch_size=4"], True),  # the second mini-batch is off-policy
+        (["actor.ppo_epochs=2"], True),
+        (["algorithm=ppo"], True),  # its KL penalty in the reward reads them first
+        (["algorithm=ppo", "algorithm.use_kl_in_reward=false"], False),  # critic, GAE do not
+        (["trainer.debug_check_weight_sync=true"], True),  # compared with the engine's first
+        (["algorithm=dapo"], False),  # refilled groups keep the batch at train_batch_size
+    ],
+)
+def test_old_log_prob_pass_runs_only_when_the_update_cannot_stand_in(overrides, needed):
+    from trainer.loop import old_log_probs_needed
+
+    assert old_log_probs_needed(load_config(overrides, world_size=1)) is needed
 
 
 def test_critic_dynamic_batches_skip_the_micro_batch_rule():

@@ -349,6 +349,8 @@ def test_random_init_runs_synced(rollout, cache_dir, tmp_path):
     for key in ("swap_enter", "swap_exit", "sync", "generate", "gen"):
         assert metrics[2][f"timing_s/{key}"] >= 0
     assert metrics[2]["timing_s/gen"] >= metrics[2]["timing_s/generate"]
+    # one optimizer step a batch: the gap above is the update's own forward's, no old pass
+    assert "timing_s/old_log_prob" not in metrics[2] and "timing_s/ref" in metrics[2]
 
 
 def start(overrides, cache):

@@ -11,6 +11,8 @@ log-probs computed from vocab-parallel logits by `trainer/workers/logprobs.py`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tandem_core import distributed as D
@@ -79,7 +81,12 @@ class PolicyActor:
 
     # ---- update ---------------------------------------------------------------------------
     def update_policy(self, batch: Batch) -> dict[str, float]:
-        """PPO epochs over mini-batches of `ppo_mini_batch_size × n` sequences (global)."""
+        """PPO epochs over mini-batches of `ppo_mini_batch_size × n` sequences (global).
+
+        A batch without `old_log_probs` is one on-policy optimizer step (the trainer skipped
+        their pass, `actor.old_log_prob_pass=auto`): the loss takes the update's own log-probs,
+        detached, as the old ones (ratio 1, the same gradient), and the update reports the
+        entropy and the train/rollout gap that pass would have."""
         cfg = self.cfg
         plan = MiniBatching(
             mini_batch_size=cfg.ppo_mini_batch_size * int(batch.meta_info.get("n", 1)),
@@ -88,27 +95,47 @@ class PolicyActor:
             max_tokens=cfg.max_tokens_per_microbatch if cfg.use_dynamic_bsz else None,
             max_nan_steps=cfg.max_nan_steps,
         )
+        on_policy = "old_log_probs" not in batch
+        if on_policy and (plan.epochs > 1 or len(batch) > plan.mini_batch_size):
+            raise ValueError(
+                "update_policy: the batch has no old_log_probs, and they are the update's own "
+                f"only for one optimizer step ({plan.epochs} epochs of {len(batch)} rows in "
+                f"mini-batches of {plan.mini_batch_size})"
+            )
+        keys = ["pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower", "kl_loss"]
+        if cfg.entropy_coeff or on_policy:
+            keys.append("entropy")
+        if on_policy and "rollout_log_probs" in batch:
+            keys.append("rollout_gap")
         metrics = update_over_mini_batches(
-            self.worker,
-            batch,
-            plan,
-            self._policy_loss_fn,
-            ["pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower", "kl_loss"]
-            + (["entropy"] if cfg.entropy_coeff else []),
+            self.worker, batch, plan, functools.partial(self._policy_loss_fn, on_policy), keys
         )
-        return {f"actor/{k}": v for k, v in metrics.items()}
+        out = {f"actor/{k}": v for k, v in metrics.items() if k != "rollout_gap"}
+        if "rollout_gap" in metrics:  # the name the trainer logs it under from the old pass
+            out["rollout/logprob_abs_diff"] = metrics["rollout_gap"]
+        return out
 
-    def _policy_loss_fn(self, global_tokens: float, global_seqs: float, n_micro: int):
+    def _policy_loss_fn(
+        self, on_policy: bool, global_tokens: float, global_seqs: float, n_micro: int
+    ):
+        """The loss of one mini-batch's micro-batches (update_over_mini_batches' make_loss_fn,
+        once `on_policy` is bound): with `on_policy` the old log-probs are the update's own,
+        detached, and the entropy and the train/rollout gap are reported as token means."""
         cfg = self.cfg
         policy_loss = core_algos.POLICY_LOSSES[cfg.policy_loss]
         norm = dict(global_tokens=global_tokens, global_seqs=global_seqs)
 
+        def token_mean(x, mb):  # a share of the mini-batch's token mean, as the losses are
+            return core_algos.agg_loss(x.detach(), mb.response_mask, "token-mean", **norm)
+
         def loss_fn(mb: AlignedMicroBatch, logits):
-            # Entropy only when it is in the loss (the trainer logs it from the old-log-prob pass).
-            logp, entropy = self._logprobs(mb, logits, with_entropy=bool(cfg.entropy_coeff))
+            # Entropy when it is in the loss, or to log it in place of the old-log-prob pass's
+            # (the same fused read of the logits; no backward through it unless in the loss).
+            with_entropy = bool(cfg.entropy_coeff) or on_policy
+            logp, entropy = self._logprobs(mb, logits, with_entropy=with_entropy)
             f = mb.fields
             pg_loss, pg_metrics = policy_loss(
-                f["old_log_probs"],
+                logp.detach() if on_policy else f["old_log_probs"],
                 logp,
                 f["advantages"],
                 mb.response_mask,
@@ -137,6 +164,11 @@ class PolicyActor:
             }
             if cfg.entropy_coeff:
                 out["entropy"] = ent.detach() * n_micro
+            elif on_policy:
+                out["entropy"] = token_mean(entropy, mb) * n_micro
+            if on_policy and "rollout_log_probs" in f:
+                gap = (logp - f["rollout_log_probs"]).abs()
+                out["rollout_gap"] = token_mean(gap, mb) * n_micro
             out.update({k: v.detach() for k, v in pg_metrics.items()})
             return loss, out
 

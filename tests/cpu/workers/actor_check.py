@@ -8,6 +8,7 @@ usage: actor_check.py ARCH TP PP SP(0|1) [VPP [EP]]   (VPP 0: none; EP: expert p
        COMPILE=aot_eager actor_check.py ...   (megatron with its dense layers through
                                     torch.compile on this dynamo backend: one graph a layer,
                                     no break, the same checks)
+       ON_POLICY=1 actor_check.py ...   (check 1, then only check 5)
 Checks (asserted here, on every rank):
 1. compute_log_prob: log-probs and entropy equal transformers' to 1e-5 (micro-batches of 3,
    and one micro-batch of 8 through actor.log_prob_micro_batch_size);
@@ -17,6 +18,10 @@ Checks (asserted here, on every rank):
 3. forward-only passes leave the model in eval mode, and an update after one runs in train
    mode;
 4. (fsdp2) the update also equals the megatron path's update on the same data to 1e-5.
+5. (ON_POLICY) one optimizer step over a batch without old_log_probs (the trainer's
+   actor.old_log_prob_pass=auto) gives the parameters of the same step given the old pass's
+   log-probs, to 1e-6, and reports that pass's entropy and train/rollout gap (1e-6); with two
+   mini-batches it refuses.
 """
 
 import os
@@ -148,6 +153,63 @@ def count_fused_wgrads() -> list[int]:
     return calls
 
 
+def check_on_policy_step(args, hf_dir, parallel, data: dict) -> dict:
+    """Check 5: the update's own detached log-probs as the old ones, against the old pass."""
+    g = torch.Generator().manual_seed(2)
+    shape = data["response_mask"].shape
+    data = {
+        **data,
+        "ref_log_probs": -3.0 + 0.1 * torch.randn(shape, generator=g),
+        "rollout_log_probs": -3.0 + 0.1 * torch.randn(shape, generator=g),
+        "advantages": torch.randn(shape, generator=g),
+    }
+    cfg = ActorConfig(
+        ppo_mini_batch_size=len(data["input_ids"]),
+        micro_batch_size=3,
+        optim=OptimConfig(lr=LR, eps=EPS, clip_grad=CLIP),
+        use_kl_loss=True,
+        kl_loss_coef=0.1,
+    )
+    with_pass = build_worker(args, hf_dir, parallel, optim=cfg.optim)
+    actor = PolicyActor(with_pass, cfg)
+    old = actor.compute_log_prob(Batch.from_dict(data), calculate_entropy=True)
+    want = actor.update_policy(
+        Batch.from_dict({**data, "old_log_probs": old["log_probs"]}, meta_info={"n": 1})
+    )
+    without = build_worker(args, hf_dir, parallel, optim=cfg.optim)
+    got = PolicyActor(without, cfg).update_policy(Batch.from_dict(data, meta_info={"n": 1}))
+    mask = data["response_mask"].float()
+
+    def masked_mean(x):
+        return float((x * mask).sum() / mask.sum())
+
+    result = {
+        "param_err": max(
+            (a - b).abs().max().item()
+            for a, b in zip(
+                trained_params(with_pass, args).values(),
+                trained_params(without, args).values(),
+                strict=True,
+            )
+        ),
+        "entropy_err": abs(got["actor/entropy"] - masked_mean(old["entropy"])),
+        "gap_err": abs(
+            got["rollout/logprob_abs_diff"]
+            - masked_mean((data["rollout_log_probs"] - old["log_probs"]).abs())
+        ),
+        "grad_norm_err": abs(got["actor/grad_norm"] / want["actor/grad_norm"] - 1),
+        "ppo_kl": got["actor/ppo_kl"],
+        "pg_clipfrac": got["actor/pg_clipfrac"],
+    }
+    halves = replace(cfg, ppo_mini_batch_size=len(data["input_ids"]) // 2)
+    try:
+        PolicyActor(without, halves).update_policy(Batch.from_dict(data, meta_info={"n": 1}))
+        result["refused_two_steps"] = False
+    except ValueError as err:
+        result["refused_two_steps"] = "old_log_probs" in str(err)
+    return result
+
+
 def main():
     recomputed = count_recomputed_layers()
     arch, tp, pp, sp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))
@@ -182,6 +244,10 @@ def main():
         ent_err = (out["entropy"] - want_ent).abs().max().item()
         assert lp_err < 1e-5 and ent_err < 1e-5, (log_prob_mbs, lp_err, ent_err)
     assert not in_train_mode(ref_worker), "train mode after a forward-only pass"
+    if os.environ.get("ON_POLICY") == "1":
+        write_result(check_on_policy_step(args, hf_dir, parallel, data))
+        D.destroy()
+        return
 
     fused_wgrads = count_fused_wgrads()
 
