@@ -447,6 +447,26 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
     return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
 
+def step_ratios(runs: dict[str, list[dict]]) -> list[str]:
+    """Each peer's seconds a step over Tandem's: the ratio of the medians over runs (the
+    issue's goal), and run by run (run r of each system ran on the same machine, in turn or
+    side by side)."""
+    if "Tandem" not in runs:
+        return []
+    ours = [r["step_s"] for r in runs["Tandem"]]
+    lines = []
+    for system, rs in runs.items():
+        if system == "Tandem":
+            continue
+        theirs = [r["step_s"] for r in rs]
+        by_run = [t / o for t, o in zip(theirs, ours, strict=True)]
+        lines.append(
+            f"- {system} / Tandem, seconds a step: {statistics.median(theirs) / statistics.median(ours):.2f}× "
+            f"(medians of runs); run by run {spread(by_run)}×"
+        )
+    return lines
+
+
 def report(w: Workload, runs: dict[str, list[dict]], meta: dict) -> str:
     first, last = w.measured
     rows = []
@@ -489,6 +509,7 @@ def report(w: Workload, runs: dict[str, list[dict]], meta: dict) -> str:
             rows,
         ),
     ]
+    out += ["", *step_ratios(runs)]
     if w.published:
         source, per_gpu = w.published
         out += ["", f"{source}: {per_gpu:,.0f} generated tok/s per GPU. Here, per GPU:"]

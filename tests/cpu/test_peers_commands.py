@@ -55,3 +55,16 @@ def test_cpu_smoke_runs_trl_under_torchrun_without_vllm(monkeypatch):
     trl = run.trl_command("python", run.WORKLOADS["tiny2"], PATHS[0], PATHS[1], PATHS[3])
     assert trl[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     assert trl[-1] == "--no-vllm"
+
+
+def test_step_ratios_are_peer_over_tandem_medians_and_run_by_run():
+    from benchmarks.peers.run import step_ratios
+
+    runs = {
+        "Tandem": [{"step_s": 4.0}, {"step_s": 5.0}, {"step_s": 4.5}],
+        "TRL": [{"step_s": 8.0}, {"step_s": 6.0}, {"step_s": 9.0}],
+    }
+    (line,) = step_ratios(runs)
+    assert line.startswith("- TRL / Tandem, seconds a step: 1.78× (medians of runs)"), line
+    assert line.endswith("run by run 1.20 / 2.00 / 2.00×"), line
+    assert step_ratios({"TRL": runs["TRL"]}) == []
