@@ -261,6 +261,52 @@ def test_signal_handler_sets_flag():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+SECOND_CTRL_C_DURING_A_SAVE = """
+import multiprocessing, subprocess, sys, time
+from trainer.state.signals import install_signal_handlers
+install_signal_handlers()
+queue = multiprocessing.get_context("spawn").Manager().Queue()  # as megatron's async writer
+sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+pids = [child.pid for child in multiprocessing.active_children()] + [sleeper.pid]
+print("ready", *pids, flush=True)
+while True:
+    time.sleep(0.01)
+"""
+
+
+def test_second_ctrl_c_kills_the_processes_it_started():
+    """A second Ctrl-C during a checkpoint save: exit 130 at once, and the children (megatron's
+    writer's Manager, a worker) die with the process instead of holding its output pipe open."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SECOND_CTRL_C_DURING_A_SAVE],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        ready = proc.stdout.readline().split()
+        assert ready[:1] == ["ready"], ready
+        children = [int(pid) for pid in ready[1:]]
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=30)  # EOF: nothing holds the pipe any more
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, output
+    assert "exiting now" in output and "Traceback" not in output, output
+    for pid in children:  # gone, or a zombie waiting for init to reap it
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                assert f.read().rsplit(")", 1)[1].split()[0] == "Z", pid
+        except FileNotFoundError:
+            pass
+
+
 def test_sigterm_on_one_rank_checkpoints_all_and_exits_cleanly(tmp_path):
     """SIGTERM to rank 1 only: both ranks save the same step and torchrun exits 0."""
     env = {

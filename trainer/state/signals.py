@@ -2,11 +2,13 @@
 
 SIGTERM and SIGUSR1 (slurm's pre-emption and time-limit warnings) and a first Ctrl-C (SIGINT)
 set a flag the loop reads once per step; it then checkpoints and exits with status 0. A second
-Ctrl-C ends the process at once (status 130), without a traceback.
+Ctrl-C ends the process at once (status 130), without a traceback, and kills the processes it
+started.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
@@ -32,6 +34,7 @@ class StopRequest:
         if signum == signal.SIGINT and self.requested:
             print("\n[tandem] second Ctrl-C: exiting now, without a checkpoint", file=sys.stderr)
             sys.stderr.flush()
+            kill_child_processes()
             os._exit(EXIT_INTERRUPTED)  # at once: no unwinding through engine threads
         self.requested = True
         self.signal_name = signal.Signals(signum).name
@@ -56,6 +59,27 @@ class StopRequest:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         self.previous.clear()
+
+
+def kill_child_processes() -> None:
+    """SIGKILL every process this one started: megatron's checkpoint writers and the
+    multiprocessing Manager its async writer keeps for the whole run, the reward workers.
+    os._exit skips the shutdown that would stop them, and an orphan lives on, holding the
+    launcher's output pipe open and printing a traceback when it finds its parent gone.
+    /proc lists a child as soon as it is forked (multiprocessing's own list only once its
+    start() returns); multiprocessing's list is the fallback where there is no /proc."""
+    pids = set()
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(int(pid) for pid in f.read().split())
+    except OSError:
+        pids.update(child.pid for child in multiprocessing.active_children())
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # already gone
+            pass
 
 
 def install_signal_handlers(
