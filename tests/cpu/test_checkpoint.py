@@ -307,6 +307,44 @@ def test_second_ctrl_c_kills_the_processes_it_started():
             pass
 
 
+WRITER_MANAGER = """
+import multiprocessing, os
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from trainer.workers.checkpoint import writer_results_queue
+queue = writer_results_queue()
+assert filesystem_async._get_write_results_queue() is queue  # what megatron's writer uses
+queue.put("written")
+assert queue.get() == "written"
+print(*[child.pid for child in multiprocessing.active_children()], flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_checkpoint_writer_manager_dies_with_a_killed_trainer():
+    """megatron's writer keeps a spawned Manager for the run; after kill -9 of the trainer it
+    must not live on as an orphan."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # an orphan would hold inherited pipes open: read one line, wait for the exit, not for EOF
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER_MANAGER], env=env, stdout=subprocess.PIPE, text=True
+    )
+    pids = proc.stdout.readline().split()
+    assert proc.wait(timeout=120) == -signal.SIGKILL and len(pids) == 1, pids
+    manager = int(pids[0])
+    try:
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{manager}"):
+            with open(f"/proc/{manager}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # dead, not yet reaped by init
+                    break
+            assert time.monotonic() < deadline, f"the writer's Manager {manager} outlived us"
+            time.sleep(0.05)
+    finally:
+        if os.path.exists(f"/proc/{manager}"):
+            os.kill(manager, signal.SIGKILL)
+        proc.stdout.close()
+
+
 def test_sigterm_on_one_rank_checkpoints_all_and_exits_cleanly(tmp_path):
     """SIGTERM to rank 1 only: both ranks save the same step and torchrun exits 0."""
     env = {

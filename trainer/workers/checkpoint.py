@@ -7,6 +7,10 @@ manifest and rotation are trainer/state/checkpoints.py's, which knows nothing of
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 
 import torch
@@ -45,6 +49,42 @@ def _sharded_state_dict(chunks, optimizer, scheduler, counters, sharding, is_loa
     return state
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """In the writer's Manager process: the kernel SIGKILLs it when its parent dies (Linux)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: it outlives a killed parent, as megatron's
+        return
+    if os.getppid() != parent_pid:  # the parent died before the call above
+        os._exit(0)
+
+
+_writer_manager = None
+
+
+def writer_results_queue():
+    """The results queue of megatron's checkpoint writer, from a Manager that dies with us.
+
+    megatron's writer (`filesystem_async._get_write_results_queue`) spawns one
+    multiprocessing Manager per process at the first save and keeps it for the whole run: a
+    fresh interpreter that re-imports the launcher's `__main__` (~300 MB for trainer.main).
+    Nothing stops it when this process is killed (kill -9, the OOM killer): it lives on as an
+    orphan. The same spawned Manager, told to die with its parent, takes its place; megatron
+    reuses whatever queue its module holds. (The kernel watches the thread that started it:
+    saves run on the main thread.)"""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    global _writer_manager
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(_die_with_parent, (os.getpid(),))
+        _writer_manager = manager  # referenced for the run: collecting it shuts it down
+        filesystem_async._results_queue = manager.Queue()
+    return filesystem_async._results_queue
+
+
 def save_megatron(
     path: Path, chunks, optimizer, scheduler, counters: dict, sharding: str = "dp_reshardable"
 ) -> None:
@@ -60,6 +100,7 @@ def save_megatron(
         path.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
+    writer_results_queue()
     with cpu_compat.megatron_device_scope():
         state = _sharded_state_dict(chunks, optimizer, scheduler, counters, sharding, False)
         dist_checkpointing.save(state, str(path), sharded_strategy=("torch_dist", 1))
