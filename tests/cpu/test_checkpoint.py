@@ -261,6 +261,15 @@ def test_signal_handler_sets_flag():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie left for init to reap."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 SECOND_CTRL_C_DURING_A_SAVE = """
 import multiprocessing, subprocess, sys, time
 from trainer.state.signals import install_signal_handlers
@@ -299,12 +308,7 @@ def test_second_ctrl_c_kills_the_processes_it_started():
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, output
     assert "exiting now" in output and "Traceback" not in output, output
-    for pid in children:  # gone, or a zombie waiting for init to reap it
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                assert f.read().rsplit(")", 1)[1].split()[0] == "Z", pid
-        except FileNotFoundError:
-            pass
+    assert all(_gone(pid) for pid in children), children
 
 
 WRITER_MANAGER = """
@@ -333,14 +337,11 @@ def test_checkpoint_writer_manager_dies_with_a_killed_trainer():
     manager = int(pids[0])
     try:
         deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{manager}"):
-            with open(f"/proc/{manager}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # dead, not yet reaped by init
-                    break
+        while not _gone(manager):
             assert time.monotonic() < deadline, f"the writer's Manager {manager} outlived us"
             time.sleep(0.05)
     finally:
-        if os.path.exists(f"/proc/{manager}"):
+        if not _gone(manager):
             os.kill(manager, signal.SIGKILL)
         proc.stdout.close()
 
