@@ -14,9 +14,10 @@ run; with one GPU, one after the other (the order alternating). verl
 first GPU in even runs, the second in odd ones), in turn with the others on one. A workload of
 two GPUs per system (`8b`) runs every system alone on both, one after the other (the order
 alternating): Tandem under torchrun, TRL under `accelerate launch` (FSDP2), verl with two GPUs
-per node. A system
-already on disk for a run is read, not rerun (`--fresh` reruns the run), so a long benchmark
-can be finished in several calls, and verl added to runs of the other two.
+per node. A system already on disk for a run is read, not rerun (`--fresh` reruns the run), so
+a long benchmark can be finished in several calls, and verl added to runs of the other two;
+`--deadline S` starts no system that took longer in an earlier run than what is left of S
+seconds (exit 75), so a call's time limit does not cut one halfway.
 Reported per system: seconds per step (each run's mean of the measured steps; min / median /
 max over runs), generated tokens/s over the whole step and over the generation call alone,
 each system's phase times, the peak GPU memory in use during the run (nvidia-smi: torch,
@@ -567,6 +568,32 @@ def describe_host() -> dict:
     }
 
 
+class OutOfTime(Exception):
+    """`--deadline`: the next batch would not finish in the seconds left."""
+
+
+def expected_wall_s(out: Path, name: str) -> float | None:
+    """The shortest wall time `name` took in the runs already on disk (None before its first):
+    later runs on the same machine skip the first one's compiles."""
+    walls = [
+        json.loads(record.read_text()).get(name, {}).get("wall_s")
+        for record in out.glob("run*/jobs.json")
+    ]
+    walls = [wall for wall in walls if wall]
+    return min(walls) if walls else None
+
+
+def check_time_left(out: Path, names: list[str], deadline: float | None, started: float) -> None:
+    """Raise OutOfTime unless the slowest of `names` (as measured before, +15 %) fits before
+    `deadline` seconds after `started`: a system cut by a call's time limit is lost whole."""
+    if deadline is None:
+        return
+    left = deadline - (time.monotonic() - started)
+    need = max((expected_wall_s(out, name) or 0.0) for name in names) * 1.15
+    if need > left:
+        raise OutOfTime(f"{' and '.join(names)} took ~{need:.0f} s, {left:.0f} s are left")
+
+
 def run_once(r: int, args: argparse.Namespace, w: Workload, inputs: tuple, gpus: list) -> dict:
     """Run r: Tandem and TRL on two GPUs at once, swapped on odd runs, then verl alone (GPU r
     mod 2); on one GPU one after the other, the order reversed on odd runs; a workload of two
@@ -604,6 +631,7 @@ def run_once(r: int, args: argparse.Namespace, w: Workload, inputs: tuple, gpus:
     else:
         batches = [[j] for j in (jobs if r % 2 == 0 else jobs[::-1])]
     for batch in batches:
+        check_time_left(args.out, [name for name, *_ in batch], args.deadline, args.started)
         done.update(run_jobs(batch))
         record.write_text(json.dumps(done))  # after each: a later failure keeps what ran
     return done
@@ -630,7 +658,14 @@ def main() -> None:
         help="verl's PYTHONPATH-first folder (transformers 5.9, tokenizers 0.22.2, tensordict 0.10)",
     )
     p.add_argument("--verl-timeout", type=float, default=1200, help="seconds, then verl is killed")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds: start no system that took longer (in an earlier run) than what is left",
+    )
     args = p.parse_args()
+    args.started = time.monotonic()
     w = WORKLOADS[args.workload]
     args.out = (args.out or REPO / "runs" / "peers" / args.workload).resolve()
     gpus = args.gpus.split(",") if has_gpus() else [None]
@@ -650,7 +685,15 @@ def main() -> None:
     }
     runs: dict[str, list[dict]] = {SYSTEMS[s]: [] for s in args.systems}
     for r in range(args.runs):
-        done = run_once(r, args, w, inputs, gpus)
+        try:
+            done = run_once(r, args, w, inputs, gpus)
+        except OutOfTime as e:
+            print(
+                f"[peers] stopped before run {r}'s next system: {e}; the same command "
+                "continues (finished systems are read, not rerun)",
+                flush=True,
+            )
+            sys.exit(75)
         for system in runs:
             steps = readers[system](args.out / f"run{r}")
             runs[system].append({**run_summary(steps, w), **done[system], "steps": steps})

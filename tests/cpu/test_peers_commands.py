@@ -3,6 +3,9 @@ installed (the runs themselves are GPU benchmarks; `--workload tiny` / `tiny2` a
 smoke tests, which need TRL). A misspelt Tandem key or a layout Tandem refuses would
 otherwise surface only on a GPU machine."""
 
+import argparse
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +71,37 @@ def test_step_ratios_are_peer_over_tandem_medians_and_run_by_run():
     assert line.startswith("- TRL / Tandem, seconds a step: 1.78× (medians of runs)"), line
     assert line.endswith("run by run 1.20 / 2.00 / 2.00×"), line
     assert step_ratios({"TRL": runs["TRL"]}) == []
+
+
+def test_deadline_starts_no_system_that_would_not_finish(tmp_path, monkeypatch):
+    """--deadline: a system is started only if its shortest earlier wall time (+15 %) fits in
+    what is left; one never measured is started."""
+    for r, jobs in enumerate([{"Tandem": 266.0, "TRL": 130.0}, {"Tandem": 108.0}]):
+        (tmp_path / f"run{r}").mkdir()
+        record = {name: {"gpu": "0", "wall_s": wall} for name, wall in jobs.items()}
+        (tmp_path / f"run{r}" / "jobs.json").write_text(json.dumps(record))
+    assert run.expected_wall_s(tmp_path, "Tandem") == 108.0
+    assert run.expected_wall_s(tmp_path, "verl") is None
+    now = time.monotonic()
+    run.check_time_left(tmp_path, ["TRL"], 160, now)  # 149.5 s needed
+    with pytest.raises(run.OutOfTime, match="TRL took ~150 s"):
+        run.check_time_left(tmp_path, ["TRL"], 140, now)
+    with pytest.raises(run.OutOfTime, match="Tandem and TRL"):
+        run.check_time_left(tmp_path, ["Tandem", "TRL"], 140, now)
+    run.check_time_left(tmp_path, ["verl"], 1, now)
+    run.check_time_left(tmp_path, ["TRL"], None, now - 1e6)
+
+    # run 1 on one GPU: TRL first (odd run), and it does not fit: nothing starts, Tandem's
+    # record stays
+    started = []
+    monkeypatch.setattr(run, "run_jobs", lambda batch: started.append(batch) or {})
+    args = argparse.Namespace(
+        out=tmp_path, fresh=False, systems=["tandem", "trl"], trl_python="python",
+        verl_site="/v", verl_timeout=1.0, deadline=140.0, started=now,
+    )  # fmt: skip
+    with pytest.raises(run.OutOfTime):
+        run.run_once(1, args, run.WORKLOADS["0p5b"], PATHS[:3], ["0"])
+    assert started == [] and (tmp_path / "run1" / "jobs.json").exists()
+    args.deadline = 1000.0
+    assert run.run_once(1, args, run.WORKLOADS["0p5b"], PATHS[:3], ["0"])["Tandem"]
+    assert [name for ((name, *_),) in started] == ["TRL"]
