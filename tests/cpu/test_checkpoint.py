@@ -261,6 +261,11 @@ def test_signal_handler_sets_flag():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+def _repo_env() -> dict:
+    """This process's environment with the repo first on the import path of a child Python."""
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
 def _gone(pid: int) -> bool:
     """No such process, or a zombie left for init to reap."""
     try:
@@ -286,10 +291,9 @@ while True:
 def test_second_ctrl_c_kills_the_processes_it_started():
     """A second Ctrl-C during a checkpoint save: exit 130 at once, and the children (megatron's
     writer's Manager, a worker) die with the process instead of holding its output pipe open."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
         [sys.executable, "-c", SECOND_CTRL_C_DURING_A_SAVE],
-        env=env,
+        env=_repo_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -327,10 +331,9 @@ os.kill(os.getpid(), 9)
 def test_checkpoint_writer_manager_dies_with_a_killed_trainer():
     """megatron's writer keeps a spawned Manager for the run; after kill -9 of the trainer it
     must not live on as an orphan."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # an orphan would hold inherited pipes open: read one line, wait for the exit, not for EOF
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER_MANAGER], env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WRITER_MANAGER], env=_repo_env(), stdout=subprocess.PIPE, text=True
     )
     pids = proc.stdout.readline().split()
     assert proc.wait(timeout=120) == -signal.SIGKILL and len(pids) == 1, pids
@@ -348,11 +351,7 @@ def test_checkpoint_writer_manager_dies_with_a_killed_trainer():
 
 def test_sigterm_on_one_rank_checkpoints_all_and_exits_cleanly(tmp_path):
     """SIGTERM to rank 1 only: both ranks save the same step and torchrun exits 0."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
+    env = {**_repo_env(), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
         "-m",

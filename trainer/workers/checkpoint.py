@@ -61,9 +61,6 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-_writer_manager = None
-
-
 def writer_results_queue():
     """The results queue of megatron's checkpoint writer, from a Manager that dies with us.
 
@@ -76,11 +73,10 @@ def writer_results_queue():
     saves run on the main thread.)"""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    global _writer_manager
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
         manager.start(_die_with_parent, (os.getpid(),))
-        _writer_manager = manager  # referenced for the run: collecting it shuts it down
+        # the queue's proxy holds its manager, which lives as long as megatron's module does
         filesystem_async._results_queue = manager.Queue()
     return filesystem_async._results_queue
 
