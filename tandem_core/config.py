@@ -52,6 +52,11 @@ class ModelConfig:
     moe_experts: str = "grouped"
     """Mixture-of-experts layers: grouped (all local experts in one grouped matmul,
     tandem_core/moe.py) | sequential (megatron's SequentialMLP, one expert after another)."""
+    moe_dispatcher: str = "device"
+    """How tokens reach the experts: device (megatron's all-to-all dispatcher with its token
+    permutations as device index tensors, tandem_core/moe.py: no host synchronisation at EP 1,
+    one a layer at EP > 1) | megatron (its own, unfused without transformer-engine: three to
+    four a layer)."""
     moe_aux_loss_coeff: float = 0.0
     """Weight of the router's load-balancing loss (megatron's aux_loss) in every trained role;
     0 = off (RL from a balanced pretrained router usually keeps it off)."""

@@ -29,6 +29,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
@@ -36,7 +37,7 @@ from tandem_core import cpu_compat, multi_tensor, rope_kernel, swiglu_kernel, wg
 from tandem_core.config import ParallelConfig
 from tandem_core.distributed import cp_chunks, cp_local_positions
 from tandem_core.model_args import ModelArgs
-from tandem_core.moe import TorchGroupedMLP, fix_router_without_te
+from tandem_core.moe import DeviceIndexMoELayer, TorchGroupedMLP, fix_router_without_te
 from tandem_core.registry import Registry
 
 
@@ -342,7 +343,17 @@ EXPERTS.add("sequential", lambda mlp_spec: mlp_spec.submodules.experts)
 EXPERTS.add("grouped", lambda mlp_spec: ModuleSpec(module=TorchGroupedMLP))
 
 
-def _local_layer_spec(config: TransformerConfig, moe: bool, experts: str) -> ModuleSpec:
+DISPATCHERS = Registry("token dispatcher")
+"""model.moe_dispatcher -> the MoE layer class: device keeps megatron's all-to-all dispatcher
+with its token permutations as device index tensors (no host synchronisation at EP 1);
+megatron is its own (unfused without transformer-engine: several a layer)."""
+DISPATCHERS.add("device", DeviceIndexMoELayer)
+DISPATCHERS.add("megatron", MoELayer)
+
+
+def _local_layer_spec(
+    config: TransformerConfig, moe: bool, experts: str, dispatcher: str
+) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts if moe else None,
         normalization="RMSNorm",
@@ -355,6 +366,7 @@ def _local_layer_spec(config: TransformerConfig, moe: bool, experts: str) -> Mod
         attention.q_layernorm = attention.k_layernorm = RMSNorm
     if moe:
         spec.submodules.mlp.submodules.experts = EXPERTS[experts](spec.submodules.mlp)
+        spec.submodules.mlp.module = DISPATCHERS[dispatcher]
     return spec
 
 
@@ -370,23 +382,37 @@ def _local_layers(config: TransformerConfig, vp_stage: int | None) -> list[bool]
 
 
 def get_local_block_spec(
-    config: TransformerConfig, vp_stage: int | None, experts: str = "grouped"
+    config: TransformerConfig,
+    vp_stage: int | None,
+    experts: str = "grouped",
+    dispatcher: str = "device",
 ) -> TransformerBlockSubmodules:
-    layers = [_local_layer_spec(config, moe, experts) for moe in _local_layers(config, vp_stage)]
+    layers = [
+        _local_layer_spec(config, moe, experts, dispatcher)
+        for moe in _local_layers(config, vp_stage)
+    ]
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=RMSNorm)
 
 
 def get_sdpa_block_spec(
-    config: TransformerConfig, vp_stage: int | None, experts: str = "grouped"
+    config: TransformerConfig,
+    vp_stage: int | None,
+    experts: str = "grouped",
+    dispatcher: str = "device",
 ) -> TransformerBlockSubmodules:
-    block = get_local_block_spec(config, vp_stage, experts)
+    block = get_local_block_spec(config, vp_stage, experts, dispatcher)
     for spec in block.layer_specs:
         spec.submodules.self_attention.module = SDPASelfAttention
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return block
 
 
-def get_te_block_spec(config: TransformerConfig, vp_stage: int | None, experts: str = "grouped"):
+def get_te_block_spec(
+    config: TransformerConfig,
+    vp_stage: int | None,
+    experts: str = "grouped",
+    dispatcher: str = "device",
+):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     return get_gpt_decoder_block_spec(config, use_transformer_engine=True, vp_stage=vp_stage)
@@ -596,14 +622,16 @@ def build_gpt_model(
     vp_stage: int | None = None,
     value_head: bool = False,
     experts: str = "grouped",
+    dispatcher: str = "device",
 ) -> GPTModel:
-    """One model chunk (the layers this PP stage / VPP chunk owns). `experts`: the module of
-    the mixture-of-experts layers (EXPERTS: grouped | sequential)."""
+    """One model chunk (the layers this PP stage / VPP chunk owns). `experts` and `dispatcher`:
+    the mixture-of-experts layers' experts module (EXPERTS: grouped | sequential) and token
+    dispatch (DISPATCHERS: device | megatron)."""
     spec_name = resolve_layer_spec(layer_spec)
     if config.num_moe_experts:
         fix_router_without_te()
     with cpu_compat.megatron_device_scope():
-        spec = LAYER_SPECS[spec_name](config, vp_stage, experts)
+        spec = LAYER_SPECS[spec_name](config, vp_stage, experts, dispatcher)
         model = ResponseRowsGPTModel(
             config=config,
             transformer_layer_spec=spec,

@@ -39,11 +39,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel import (
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.moe import experts as megatron_experts
+from megatron.core.transformer.moe import token_dispatcher as megatron_dispatch
 from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import Router
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from tandem_core import distributed as D
 
@@ -262,6 +269,170 @@ class TorchGroupedMLP(GroupedMLP):
         else:
             out = self._gmm(self._activation_with_probs(fc1, probs), w2, offs, counts)
         return out, None
+
+
+# ---- token dispatch with its permutations as device index tensors -----------------------------
+def _chunk_gather_index(sizes: torch.Tensor, order: torch.Tensor, total: int) -> torch.Tensor:
+    """The rows of `torch.cat([chunks[i] for i in order])`, where `chunks` splits `total` rows
+    by `sizes`, as one index into those rows, computed on the device (megatron's unfused
+    `sort_chunks_by_idxs` splits by `sizes.tolist()`: a host synchronisation)."""
+    sizes = sizes.to(torch.long)
+    starts = torch.cumsum(sizes, 0) - sizes
+    out_sizes = sizes[order]
+    out_starts = torch.cumsum(out_sizes, 0) - out_sizes
+    chunk = torch.repeat_interleave(
+        torch.arange(order.numel(), device=sizes.device), out_sizes, output_size=total
+    )
+    return starts[order][chunk] + torch.arange(total, device=sizes.device) - out_starts[chunk]
+
+
+class DeviceIndexDispatcher(MoEAlltoAllTokenDispatcher):
+    """megatron's all-to-all token dispatcher whose token permutations are index tensors
+    computed on the device, so that a MoE layer's forward synchronises with the host only where
+    the all-to-all needs its split sizes: never at EP 1 and expert-TP 1, once at EP > 1.
+
+    Without transformer-engine's fused permutation (`moe_permute_fusion`) megatron's dispatcher
+    synchronises three to four times a layer: `masked_select` twice (data-dependent output
+    sizes), the expert counts copied to the host, and its sort of the received chunks by local
+    expert (a split by host sizes, 2 × E tensors). A synchronisation drains the launch queue,
+    and the device then idles while the host queues the next kernels. Here:
+    - permutation 1 (tokens sorted by global expert): the routing map's nonzeros in
+      [expert, token] order by `torch.nonzero_static`, its size known in advance (dropless
+      top-k routes every token to exactly k experts), the same order as `masked_select`;
+    - permutation 2 and its inverse (received chunks between [rank, local expert] and [local
+      expert, rank] order): one gather index (`_chunk_gather_index`), skipped at EP 1 and
+      expert-TP 1 where it is the identity;
+    - the expert counts stay on the device (the grouped experts read them there;
+      `SequentialMLP` takes `.tolist()` itself).
+    The numbers are megatron's: the same rows in the same order, the same gradients.
+    Token dropping and padding (capacity factors) keep megatron's own dispatcher.
+    """
+
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
+        super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
+        if self.drop_and_pad or config.moe_expert_capacity_factor is not None:
+            raise ValueError("DeviceIndexDispatcher: dropless routing only (no capacity factor)")
+        if config.moe_permute_fusion or config.moe_router_padding_for_quantization:
+            raise ValueError("DeviceIndexDispatcher: no fused permutation or padding")
+        self._chunk_orders = None  # megatron's chunk orders, moved to the device at first use
+
+    def _orders(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._chunk_orders is None:
+            sort, restore = self.sort_input_by_local_experts, self.restore_output_by_local_experts
+            self._chunk_orders = (sort.to(device), restore.to(device))
+        return self._chunk_orders
+
+    def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
+        tokens_per_expert = super().preprocess(routing_map)
+        # only the all-to-all's split sizes go to the host
+        communicates = self.ep_size > 1 or self.tp_size > 1
+        self.cuda_sync_point = "before_ep_alltoall" if communicates else "no_sync"
+        return tokens_per_expert
+
+    def _maybe_dtoh_and_synchronize(self, point: str, tokens_per_expert=None):
+        """megatron's, less the expert counts: those stay on the device."""
+        if self.cuda_sync_point == "no_sync":
+            return tokens_per_expert
+        if point == self.cuda_dtoh_point:
+            side = torch.cuda.current_stream() != self.cuda_dtoh_stream
+            if side:
+                self.cuda_dtoh_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.cuda_dtoh_stream):
+                for name in ("input_splits", "output_splits", "output_splits_tp"):
+                    value = megatron_dispatch.maybe_move_tensor_to_cpu(
+                        getattr(self, name), as_numpy=True, record_stream=side
+                    )
+                    setattr(self, name, value)
+            self.d2h_event = self.cuda_dtoh_stream.record_event()
+        if point == self.cuda_sync_point:
+            self.d2h_event.synchronize()
+        return tokens_per_expert
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        """megatron's, with permutation 1 by the routing map's static-size nonzeros."""
+        self.hidden_shape = hidden_states.shape
+        self.probs, self.routing_map = probs, routing_map
+        hidden_states = hidden_states.view(-1, self.hidden_shape[-1])
+        self.tokens_per_expert = self.preprocess(routing_map)
+        if self.shared_experts is not None:
+            self.shared_experts.pre_forward_comm(hidden_states.view(self.hidden_shape))
+        self.tokens_per_expert = self._maybe_dtoh_and_synchronize(
+            "before_permutation_1", self.tokens_per_expert
+        )
+        self.hidden_shape_before_permute = hidden_states.shape
+        num_tokens = routing_map.shape[0]
+        # flat positions e * T + t of the [E, T] map's nonzeros: expert-major, tokens ascending
+        flat = torch.nonzero_static(routing_map.T.reshape(-1), size=self.num_out_tokens)[:, 0]
+        token_index = flat % num_tokens
+        self.reversed_local_input_permutation_mapping = token_index
+        permuted_probs = probs.T.reshape(-1)[flat]
+        return hidden_states.index_select(0, token_index), permuted_probs
+
+    def dispatch_postprocess(self, global_input_tokens, global_probs):
+        """megatron's, with permutation 2 (received chunks sorted by local expert) by one
+        device gather."""
+        if self.shared_experts is not None:
+            self.shared_experts.linear_fc1_forward_and_act(global_input_tokens)
+        if self.tp_size > 1:
+            sizes = None if self.output_splits_tp is None else self.output_splits_tp.tolist()
+            global_input_tokens = gather_from_sequence_parallel_region(
+                global_input_tokens, group=self.tp_group, output_split_sizes=sizes
+            )
+            global_probs = gather_from_sequence_parallel_region(
+                global_probs, group=self.tp_group, output_split_sizes=sizes
+            )
+        self._maybe_dtoh_and_synchronize("before_permutation_2", self.tokens_per_expert)
+        if self._sorts_chunks():
+            sort, _ = self._orders(global_input_tokens.device)
+            index = _chunk_gather_index(
+                self.num_global_tokens_per_local_expert.ravel(), sort, global_input_tokens.shape[0]
+            )
+            global_input_tokens = global_input_tokens.index_select(0, index)
+            global_probs = global_probs.index_select(0, index)
+        tokens_per_expert = self._maybe_dtoh_and_synchronize(
+            "before_finish", self.tokens_per_expert
+        )
+        self.tokens_per_expert = None
+        return global_input_tokens, tokens_per_expert, global_probs
+
+    def combine_preprocess(self, hidden_states):
+        """megatron's, with its inverse of permutation 2 by one device gather."""
+        if self._sorts_chunks():
+            _, restore = self._orders(hidden_states.device)
+            index = _chunk_gather_index(
+                self.num_global_tokens_per_local_expert.T.ravel(), restore, hidden_states.shape[0]
+            )
+            hidden_states = hidden_states.index_select(0, index)
+        if self.tp_size > 1:
+            sizes = None if self.output_splits_tp is None else self.output_splits_tp.tolist()
+            hidden_states = reduce_scatter_to_sequence_parallel_region(
+                hidden_states.to(self.probs.dtype), group=self.tp_group, input_split_sizes=sizes
+            ).to(hidden_states.dtype)
+        return hidden_states
+
+    def _sorts_chunks(self) -> bool:
+        """Whether permutation 2 moves anything: tokens arrive from several ranks (EP or
+        expert-TP) for several local experts."""
+        return self.num_local_experts > 1 and self.ep_size * self.tp_size > 1
+
+
+class DeviceIndexMoELayer(MoELayer):
+    """megatron's MoE layer with `DeviceIndexDispatcher` in place of its all-to-all dispatcher
+    (MoELayer builds its dispatcher itself; the spec names this class instead)."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        super().__init__(config, submodules, layer_number, pg_collection)
+        if config.moe_token_dispatcher_type != "alltoall":
+            raise ValueError("DeviceIndexMoELayer needs moe_token_dispatcher_type='alltoall'")
+        shared = self.token_dispatcher.shared_experts
+        self.token_dispatcher = DeviceIndexDispatcher(
+            self.num_local_experts,
+            self.local_expert_indices,
+            config=config,
+            pg_collection=pg_collection or get_default_pg_collection(),
+        )
+        if shared is not None:
+            self.token_dispatcher.set_shared_experts(shared)
 
 
 # ---- weights between SequentialMLP and TorchGroupedMLP, one layer (one rank's experts) -------

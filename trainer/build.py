@@ -115,7 +115,12 @@ def megatron_settings(cfg: TandemConfig) -> dict:
         parallel=cfg.parallel,
         dtype=m.dtype,
         layer_spec=m.layer_spec,
-        moe=MoESettings(m.moe_experts, m.moe_aux_loss_coeff, m.moe_z_loss_coeff),
+        moe=MoESettings(
+            experts=m.moe_experts,
+            dispatcher=m.moe_dispatcher,
+            aux_loss_coeff=m.moe_aux_loss_coeff,
+            z_loss_coeff=m.moe_z_loss_coeff,
+        ),
         pack_sequences=m.pack_sequences,
         compile_layers=bool(cfg.actor.compile_layers),  # megatron: off unless asked
     )

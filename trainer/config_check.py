@@ -132,6 +132,7 @@ CHOICES: dict[str, tuple] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.layer_spec": ("auto", "local", "sdpa", "te"),
     "model.moe_experts": ("grouped", "sequential"),
+    "model.moe_dispatcher": ("device", "megatron"),
     "actor.strategy": ("megatron", "fsdp2"),
     "actor.old_log_prob_pass": ("auto", "always"),
     "critic.strategy": ("megatron", "fsdp2"),

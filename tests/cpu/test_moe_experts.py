@@ -1,7 +1,8 @@
 """TorchGroupedMLP (tandem_core/moe.py): megatron's MoE experts through `torch._grouped_mm`
 equal megatron's SequentialMLP on the same weights (fp32, CPU): the experts alone for several
 activations and token counts (zeros, T = 0), a full MoELayer (softmax top-2 router, alltoall
-dispatcher) at expert parallelism 1 and 2, and dist checkpoints either way.
+dispatcher) at expert parallelism 1 and 2, and dist checkpoints either way; and Tandem's
+DeviceIndexDispatcher equals megatron's all-to-all dispatcher bitwise at EP 1 and 2.
 
 Everything megatron runs in torchrun workers (tests/cpu/workers/moe_experts_ep.py): megatron
 on CPU patches torch.cuda process-wide, which the rest of the suite must not see.
@@ -70,6 +71,24 @@ def test_moe_layer_ep1(ep1):
     assert_close(r["layer"], "MoELayer EP1")
 
 
+def assert_dispatch(r: dict, ep: int) -> None:
+    """DeviceIndexDispatcher = megatron's all-to-all dispatcher, bitwise, for both experts
+    modules; at EP 1 it never synchronises, at EP 2 once (the all-to-all's split sizes), and
+    the received chunks are sorted by local expert on the device."""
+    assert r["chunk_index_equal"]
+    for experts in ("grouped", "sequential"):
+        d = r[experts]
+        assert d["bitwise_equal"], (experts, ep)
+        assert d["counts_are_tensors"], experts
+        assert d["tokens"] > 0, experts
+        assert d["sorts_chunks"] == (ep > 1), (experts, ep)
+        assert d["sync_point"] == ("before_ep_alltoall" if ep > 1 else "no_sync"), (experts, ep)
+
+
+def test_device_index_dispatcher_ep1(ep1):
+    assert_dispatch(ep1[1]["dispatch"], 1)
+
+
 def test_dist_checkpoint_compat_ep1(ep1):
     assert ep1[1]["ckpt"] == {
         "same_ep": {"seq_to_grouped_exact": True, "grouped_to_seq_exact": True}
@@ -85,6 +104,7 @@ def test_moe_layer_ep2(ep1, torchrun, tmp_path):
     assert r["experts_class"] == "TorchGroupedMLP" and r["use_grouped_mm"]
     assert r["allreduce"] == [False, False]  # expert-parallel weights skip the DP all-reduce
     assert_close(r["layer"], "MoELayer EP2")
+    assert_dispatch(r["dispatch"], 2)
     for label in ("same_ep", "other_ep"):
         assert r["ckpt"][label] == {"seq_to_grouped_exact": True, "grouped_to_seq_exact": True}
     ref, got = torch.load(ep1_dir / "moe_ep1.pt"), torch.load(tmp_path / "moe_ep2.pt")

@@ -1,7 +1,8 @@
 """The CUDA path with NCCL on 2, 4 and 8 GPUs: `make test-multigpu` (skips, saying so, without
 GPUs; each test skips, naming the count it needs, when fewer GPUs are visible).
 
-- 1 GPU: HybridEngine swaps with CUDA vLLM (training 1x1, rollout TP 1: the direct weight
+- 1 GPU: the MoE token dispatch without host synchronisations (and at 2 GPUs, EP 2);
+  HybridEngine swaps with CUDA vLLM (training 1x1, rollout TP 1: the direct weight
   copies run against vLLM's own parameters), also for tiny_qwen3_moe (its experts copied
   into vLLM's fused w13/w2); a short GRPO run with CUDA graphs in the rollout
   (`rollout.enforce_eager=false`) across sleep/wake, and one of tiny_qwen3_moe with routing
@@ -254,3 +255,17 @@ def test_moe_gap_at_ep2_equals_ep1(tiny_checkpoints, tmp_path):
         gaps[ep] = metrics[1]["rollout/logprob_abs_diff"]
     print(gaps)
     assert gaps[2] < 1.5 * gaps[1] + 1e-3, gaps
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_moe_dispatch_syncs(world, torchrun):
+    """One MoE layer's forward and backward (grouped experts, top-8 of 64, bf16): Tandem's
+    DeviceIndexDispatcher makes the host wait for the device nowhere at EP 1 and at most once
+    (the all-to-all's split sizes) at EP 2, where megatron's unfused dispatcher waits several
+    times; outputs and gradients bitwise equal (tests/cpu/workers/moe_sync_check.py)."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA GPUs")
+    r = torchrun("moe_sync_check.py", world)
+    assert r["bitwise_equal"], r
+    assert r["device"]["syncs"] <= (0 if world == 1 else 1), r
+    assert r["megatron"]["syncs"] >= 2, r

@@ -32,6 +32,8 @@ class MoESettings:
 
     experts: str = "grouped"
     """grouped (tandem_core/moe.py) | sequential (megatron's SequentialMLP)."""
+    dispatcher: str = "device"
+    """device (tandem_core/moe.py: no host synchronisation at EP 1) | megatron (its own)."""
     aux_loss_coeff: float = 0.0
     z_loss_coeff: float = 0.0
     router_replay: bool = False
@@ -166,7 +168,12 @@ class ModelWorker:
 
 
 def build_model_chunks(
-    args: ModelArgs, config, layer_spec: str, value_head: bool, experts: str = "grouped"
+    args: ModelArgs,
+    config,
+    layer_spec: str,
+    value_head: bool,
+    experts: str = "grouped",
+    dispatcher: str = "device",
 ) -> list:
     from megatron.core import parallel_state as mpu
 
@@ -177,7 +184,9 @@ def build_model_chunks(
         pre = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         chunks.append(
-            build_gpt_model(args, config, layer_spec, pre, post, vp_stage, value_head, experts)
+            build_gpt_model(
+                args, config, layer_spec, pre, post, vp_stage, value_head, experts, dispatcher
+            )
         )
     return chunks
 
@@ -211,7 +220,7 @@ def build_model_worker(
     )
     config.finalize_model_grads_func = finalize_model_grads
     config.moe_enable_routing_replay = moe.router_replay
-    chunks = build_model_chunks(args, config, layer_spec, value_head, moe.experts)
+    chunks = build_model_chunks(args, config, layer_spec, value_head, moe.experts, moe.dispatcher)
     if hf_dir is not None:  # else: megatron's own random init (model.random_init)
         weight_loaders.load_hf_into_megatron(chunks, hf_dir, args, config)
     if compile_layers and cpu_compat.cuda_available():

@@ -12,6 +12,8 @@ of its global name (expert index global), so every EP layout holds the same mode
   moe_ffn 32) built with SequentialMLP and with TorchGroupedMLP from the same weights: the
   differences of output and gradients, and the full output/gradients saved to
   OUT_DIR/moe_ep{world}.pt for the pytest side to compare across EP sizes.
+- `dispatch`: the layer with megatron's all-to-all dispatcher and with Tandem's
+  `DeviceIndexDispatcher`, either experts module: bitwise equal outputs and gradients.
 - `ckpt`: the SequentialMLP layer saved with megatron's dist_checkpointing (torch_dist) loads
   into the TorchGroupedMLP layer (same weights as `sequential_to_grouped` gives, bitwise) and
   back; with CKPT_DIR, a checkpoint saved by another EP size loads too.
@@ -199,7 +201,8 @@ def units() -> dict:
 
 
 # ---- layer: a MoELayer with either experts module ---------------------------------------------
-def build_layer(config, grouped: bool):
+def build_layer(config, grouped: bool, module=None):
+    """megatron's MoELayer (or `module`) with SequentialMLP or TorchGroupedMLP experts."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.moe.experts import GroupedMLP
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -211,6 +214,8 @@ def build_layer(config, grouped: bool):
     if grouped:
         assert mlp.submodules.experts.module is GroupedMLP, mlp.submodules.experts
         mlp.submodules.experts = ModuleSpec(module=TorchGroupedMLP)
+    if module is not None:
+        mlp.module = module
     return build_module(mlp, config=config)
 
 
@@ -294,6 +299,53 @@ def layer_parity(out_dir: Path) -> dict:
     }
 
 
+# ---- dispatch: megatron's all-to-all dispatcher vs DeviceIndexDispatcher ----------------------
+def dispatch_parity() -> dict:
+    """The same MoELayer (either experts module) with megatron's all-to-all dispatcher and with
+    `DeviceIndexDispatcher`: outputs and every gradient bitwise equal; the expert counts the
+    experts got (on the device, not the host); and `_chunk_gather_index` against megatron's
+    `sort_chunks_by_idxs` on chunk sizes with zeros."""
+    from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs
+
+    from tandem_core.moe import DeviceIndexDispatcher, DeviceIndexMoELayer, _chunk_gather_index
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    config = moe_config()
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(SEQ, BATCH, HIDDEN, generator=gen).chunk(world)[rank]
+    g = torch.randn(SEQ, BATCH, HIDDEN, generator=gen).chunk(world)[rank]
+    result = {}
+    for experts in ("grouped", "sequential"):
+        ref = build_layer(config, grouped=experts == "grouped")
+        dev = build_layer(config, grouped=experts == "grouped", module=DeviceIndexMoELayer)
+        assert isinstance(dev.token_dispatcher, DeviceIndexDispatcher)
+        dev.load_state_dict(ref.state_dict())
+        seen = []
+        dev.experts.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[1]))
+        runs = [run_layer(layer, x, g) for layer in (ref, dev)]
+        grads = [[p.grad for p in layer.parameters() if p.grad is not None] for layer in (ref, dev)]
+        equal = all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+        equal &= len(grads[0]) == len(grads[1]) == len(list(ref.parameters()))
+        equal &= all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+        flag = torch.tensor(int(equal))
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        result[experts] = {
+            "bitwise_equal": bool(flag),
+            "sorts_chunks": dev.token_dispatcher._sorts_chunks(),
+            "sync_point": dev.token_dispatcher.cuda_sync_point,
+            "counts_are_tensors": all(torch.is_tensor(t) for t in seen),
+            "tokens": int(sum(t.sum() for t in seen)),
+        }
+    gen = torch.Generator().manual_seed(17)
+    sizes = torch.tensor([3, 0, 2, 5, 0, 1])
+    rows = torch.randn(int(sizes.sum()), 4, generator=gen)
+    order = torch.tensor([0, 3, 1, 4, 2, 5])
+    want, _ = sort_chunks_by_idxs(rows, sizes, order)
+    got = rows[_chunk_gather_index(sizes, order, rows.shape[0])]
+    result["chunk_index_equal"] = torch.equal(want, got)
+    return {"dispatch": result}
+
+
 # ---- ckpt: SequentialMLP's dist checkpoint into TorchGroupedMLP and back ----------------------
 def ckpt_compat(out_dir: Path, other_ckpt: Path | None) -> dict:
     from megatron.core import dist_checkpointing
@@ -363,7 +415,11 @@ def main():
     D.init_model_parallel(ParallelConfig(expert_model_parallel_size=dist.get_world_size()))
     with cpu_compat.megatron_device_scope():
         result = {"world": dist.get_world_size(), "seconds": {}}
-        parts = [("layer", layer_parity, (out_dir,)), ("ckpt", ckpt_compat, (out_dir, other_ckpt))]
+        parts = [
+            ("layer", layer_parity, (out_dir,)),
+            ("dispatch", dispatch_parity, ()),
+            ("ckpt", ckpt_compat, (out_dir, other_ckpt)),
+        ]
         if dist.get_world_size() == 1:
             parts.insert(0, ("units", units, ()))
         for label, part, args in parts:
