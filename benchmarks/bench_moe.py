@@ -10,7 +10,8 @@ and the update's MFU on active parameters.
     python -m benchmarks.bench_moe --ep 2 --layers 12    # two ranks per row, by torchrun
 
 A row is an experts module with a dispatcher (`grouped`, `sequential`: the first of
-`--dispatchers`; then `grouped+megatron` etc. for the others, grouped experts only).
+`--dispatchers`; then `grouped+megatron` etc. for the others, grouped experts only). "vs seq"
+and "vs mcore" are the `sequential+…` and `grouped+megatron` rows' step times over this row's.
 
 The model is the preset's shape with its first `--layers` layers (random init, bf16 on CUDA),
 every row full (`--seq` tokens, half prompt, half response), the same update as
@@ -133,20 +134,24 @@ def main() -> None:
         rows.append(row)
     peak = matmul_peak_tflops(opts.peak_size, C.torch_dtype(opts.dtype), 10)
     base = next((r for r in rows if r["experts"].startswith("sequential")), None)
+    mcore = next((r for r in rows if r["experts"] == "grouped+megatron"), None)
+
+    def ratio(ref, r) -> str:  # ref's step time over r's: how much faster r is
+        return f"{ref['step_s'] / r['step_s']:.2f}x" if ref else "-"
+
     lines = [
         f"{opts.model}, its first {opts.layers} layers, EP {opts.ep}, {opts.dtype}, {opts.batch}"
         f" × {opts.seq} tokens per rank, micro-batch {opts.micro_batch}; measured matmul peak"
         f" {peak:.1f} TFLOP/s (per GPU; tokens/s of all ranks, MFU per GPU)",
-        f"{'experts+dispatcher':<20}{'step s':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>8}{'vs seq':>9}"
-        f"{'first s':>9}{'peak GiB':>10}",
+        f"{'experts+dispatcher':<20}{'step s':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>8}"
+        f"{'vs seq':>9}{'vs mcore':>10}{'first s':>9}{'peak GiB':>10}",
     ]
     for r in rows:
         tflops = r["flops"] / r["step_s"] / 1e12
-        speedup = base["step_s"] / r["step_s"] if base else float("nan")
         lines.append(
             f"{r['experts']:<20}{r['step_s']:>9.3f}{r['tokens'] / r['step_s']:>11.0f}"
-            f"{tflops:>9.1f}{tflops / peak:>8.1%}{speedup:>8.2f}x{r['first_s']:>9.1f}"
-            f"{r['peak_mem_gib']:>10.1f}"
+            f"{tflops:>9.1f}{tflops / peak:>8.1%}{ratio(base, r):>9}{ratio(mcore, r):>10}"
+            f"{r['first_s']:>9.1f}{r['peak_mem_gib']:>10.1f}"
         )
     for r in rows:
         if r["top_kernels"]:
