@@ -298,7 +298,8 @@ class DeviceIndexDispatcher(MoEAlltoAllTokenDispatcher):
     and the device then idles while the host queues the next kernels. Here:
     - permutation 1 (tokens sorted by global expert): the routing map's nonzeros in
       [expert, token] order by `torch.nonzero_static`, its size known in advance (dropless
-      top-k routes every token to exactly k experts), the same order as `masked_select`;
+      top-k routes every token to exactly k distinct experts, replayed routings too:
+      `rollout.assemble.routing_column`), the same order as `masked_select`;
     - permutation 2 and its inverse (received chunks between [rank, local expert] and [local
       expert, rank] order): one gather index (`_chunk_gather_index`), skipped at EP 1 and
       expert-TP 1 where it is the identity;
@@ -361,9 +362,11 @@ class DeviceIndexDispatcher(MoEAlltoAllTokenDispatcher):
         )
         self.hidden_shape_before_permute = hidden_states.shape
         num_tokens = routing_map.shape[0]
-        # flat positions e * T + t of the [E, T] map's nonzeros: expert-major, tokens ascending
+        # flat positions e * T + t of the [E, T] map's nonzeros: expert-major, tokens ascending.
+        # A map with fewer than T * k (a replayed routing naming one expert twice) leaves -1s,
+        # kept out of range so that the gather below fails instead of reading a wrong token.
         flat = torch.nonzero_static(routing_map.T.reshape(-1), size=self.num_out_tokens)[:, 0]
-        token_index = flat % num_tokens
+        token_index = torch.where(flat < 0, flat, flat % num_tokens)
         self.reversed_local_input_permutation_mapping = token_index
         permuted_probs = probs.T.reshape(-1)[flat]
         return hidden_states.index_select(0, token_index), permuted_probs

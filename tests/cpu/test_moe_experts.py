@@ -76,6 +76,7 @@ def assert_dispatch(r: dict, ep: int) -> None:
     modules; at EP 1 it never synchronises, at EP 2 once (the all-to-all's split sizes), and
     the received chunks are sorted by local expert on the device."""
     assert r["chunk_index_equal"]
+    assert r["short_map_raises"]
     for experts in ("grouped", "sequential"):
         d = r[experts]
         assert d["bitwise_equal"], (experts, ep)

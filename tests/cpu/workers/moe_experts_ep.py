@@ -336,6 +336,17 @@ def dispatch_parity() -> dict:
             "counts_are_tensors": all(torch.is_tensor(t) for t in seen),
             "tokens": int(sum(t.sum() for t in seen)),
         }
+    # a routing map naming fewer than k experts for one token fails loudly, not silently
+    dispatcher = dev.token_dispatcher
+    tokens = x.reshape(-1, HIDDEN)
+    bad = torch.zeros(tokens.shape[0], NUM_EXPERTS, dtype=torch.bool)
+    bad[:, :TOPK] = True
+    bad[0, 1] = False
+    try:
+        dispatcher.dispatch_preprocess(tokens, bad, bad.float())
+        result["short_map_raises"] = False
+    except (IndexError, RuntimeError):
+        result["short_map_raises"] = True
     gen = torch.Generator().manual_seed(17)
     sizes = torch.tensor([3, 0, 2, 5, 0, 1])
     rows = torch.randn(int(sizes.sum()), 4, generator=gen)
