@@ -55,8 +55,8 @@ class ModelConfig:
     moe_dispatcher: str = "device"
     """How tokens reach the experts: device (megatron's all-to-all dispatcher with its token
     permutations as device index tensors, tandem_core/moe.py: no host synchronisation at EP 1,
-    one a layer at EP > 1) | megatron (its own, unfused without transformer-engine: three to
-    four a layer)."""
+    one a layer at EP > 1) | megatron (its own, unfused without transformer-engine: three a
+    layer)."""
     moe_aux_loss_coeff: float = 0.0
     """Weight of the router's load-balancing loss (megatron's aux_loss) in every trained role;
     0 = off (RL from a balanced pretrained router usually keeps it off)."""

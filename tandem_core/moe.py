@@ -292,10 +292,11 @@ class DeviceIndexDispatcher(MoEAlltoAllTokenDispatcher):
     the all-to-all needs its split sizes: never at EP 1 and expert-TP 1, once at EP > 1.
 
     Without transformer-engine's fused permutation (`moe_permute_fusion`) megatron's dispatcher
-    synchronises three to four times a layer: `masked_select` twice (data-dependent output
-    sizes), the expert counts copied to the host, and its sort of the received chunks by local
-    expert (a split by host sizes, 2 × E tensors). A synchronisation drains the launch queue,
-    and the device then idles while the host queues the next kernels. Here:
+    synchronises three times a layer (tests/multigpu counts them): `masked_select` twice
+    (data-dependent output sizes) and the wait for the expert counts copied to the host; it then
+    sorts the received chunks by local expert by splitting at those host counts (2 × E tensors,
+    a `torch.cat`, at EP 1 the identity). A synchronisation drains the launch queue, and the
+    device then idles while the host queues the next kernels. Here:
     - permutation 1 (tokens sorted by global expert): the routing map's nonzeros in
       [expert, token] order by `torch.nonzero_static`, its size known in advance (dropless
       top-k routes every token to exactly k distinct experts, replayed routings too:
