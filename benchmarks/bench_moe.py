@@ -122,8 +122,8 @@ def main() -> None:
     if opts.one:  # one row, in this process (under torchrun for EP > 1)
         C.emit_result(run_experts(opts, opts.one))
         return
-    keys = ("model", "layers", "ep", "batch", "seq", "micro_batch", "dtype", "steps", "profile")
-    keys += ("gaps",)
+    keys = ("model", "layers", "ep", "batch", "seq", "micro_batch", "dtype", "steps")
+    keys += ("profile", "gaps")
     forwarded = [f"--{k.replace('_', '-')}={getattr(opts, k)}" for k in keys]
     first, *others = opts.dispatchers
     names = [f"{e}+{first}" for e in opts.experts] + [f"grouped+{d}" for d in others]

@@ -346,7 +346,7 @@ EXPERTS.add("grouped", lambda mlp_spec: ModuleSpec(module=TorchGroupedMLP))
 DISPATCHERS = Registry("token dispatcher")
 """model.moe_dispatcher -> the MoE layer class: device keeps megatron's all-to-all dispatcher
 with its token permutations as device index tensors (no host synchronisation at EP 1);
-megatron is its own (unfused without transformer-engine: several a layer)."""
+megatron is its own (unfused without transformer-engine: three a layer)."""
 DISPATCHERS.add("device", DeviceIndexMoELayer)
 DISPATCHERS.add("megatron", MoELayer)
 

@@ -7,9 +7,8 @@ which warns at every operation that makes the host wait for the device; the warn
 counted, with the first few sources, for megatron's all-to-all dispatcher and for Tandem's
 `DeviceIndexDispatcher`. Outputs and gradients of the two layers (the same weights) are
 compared too, bitwise under torch's deterministic algorithms (megatron's unpermute then adds
-by `index_add_` instead of atomics). Rank 0's
-counts go to $TANDEM_RESULT. Without CUDA it runs the same layers on CPU and counts nothing
-(syncs -1): a smoke test of this file.
+by `index_add_` instead of atomics). Rank 0's counts go to $TANDEM_RESULT. Without CUDA it
+runs the same layers on CPU and counts nothing (syncs -1): a smoke test of this file.
 """
 
 import dataclasses
@@ -64,10 +63,9 @@ def count_syncs(layer, x, g) -> dict:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            tensors = step(layer, x, g)
+            step(layer, x, g)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    del tensors
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     where = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in syncs[:3]]
     return {"syncs": len(syncs), "where": where}
