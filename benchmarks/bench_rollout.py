@@ -3,7 +3,7 @@
     python -m benchmarks.bench_rollout [--models qwen2_0p5b]
         [--backends vllm vllm-bare vllm-bare-seeded vllm-bare-dict-logprobs vllm-bare-no-logprobs]
         [--prompts 256] [--response-length 256]
-        [--stop-at-eos] [--enforce-eager true|false]
+        [--stop-at-eos] [--enforce-eager true|false] [--repeats 2] [--runs 3] [--same-engine]
 
 Each (model, backend) runs in its own process (a world of one), so engines never share a
 process's distributed state or memory. For each model, every backend generates from the same
@@ -13,6 +13,16 @@ token ids for bare vLLM) per second of wall time of one `generate` call: best of
 after one warm-up call on 2 prompts, the device synchronised around each. "engine start" is
 the engine's construction; the first engine on a fresh machine also pays one-off kernel
 caches (seen: 80 s instead of 6-12 s on an H200), so compare starts only within one run.
+Each process reports every timed call too, and the seconds Python's garbage collector ran
+during them (0.02-0.04 s over four calls on an H200: not where processes differ).
+
+`--runs N` starts every backend's process N times, the order reversed on odd runs, and
+reports each run's ratio to bare vLLM and their min / median / max: on an H200 the same
+engine's generate call took 1.7 s in one process and 2.6-2.7 s in the next, on one machine,
+so one pair of processes does not measure our wrapper. `--same-engine` measures it without
+that noise: our backend's process then also calls bare `LLM.generate` on the engine it holds
+(the same requests and SamplingParams as `vllm-bare`), alternating with its own calls, and
+the report gives the ratio of each pair.
 
 `vllm-bare` is `vllm.LLM` + `LLM.generate` called directly, with the engine arguments that
 rollout/vllm_rollout.py passes (skip_tokenizer_init, external_launcher in the same torch.
@@ -40,8 +50,11 @@ new tokens, one timed call.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
+import statistics
+import time
 
 from benchmarks import common as C
 
@@ -56,6 +69,40 @@ BARE_VARIANTS = {
 }
 BARE_KINDS = tuple(BARE_VARIANTS)
 DEFAULT_BARE_KINDS = (BARE, BARE_SEEDED)
+
+
+def _timed_calls(fn, repeats: int) -> dict:
+    """Best of `repeats` calls of `fn`, every call's seconds, and the time Python's garbage
+    collector held the process during them (gc.callbacks): the generate loop is host-bound, so
+    a process whose collector walks a larger heap decodes slower."""
+    pause = {"s": 0.0, "t0": 0.0}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            pause["t0"] = time.perf_counter()
+        else:
+            pause["s"] += time.perf_counter() - pause["t0"]
+
+    calls = []
+    gc.callbacks.append(on_gc)
+    try:
+        for _ in range(max(repeats, 1)):
+            calls.append(C.timed(fn))
+    finally:
+        gc.callbacks.remove(on_gc)
+    return {
+        "gen_s": min(calls),
+        "calls_s": [round(c, 3) for c in calls],
+        "gc_s": round(pause["s"], 3),
+    }
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """One value as itself; several as min / median / max."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    v = sorted(values)
+    return " / ".join(fmt.format(x) for x in (v[0], statistics.median(v), v[-1]))
 
 
 def _prompt_batch(model_path, count: int, seed: int = 0):
@@ -84,6 +131,38 @@ def _prompt_batch(model_path, count: int, seed: int = 0):
     return Batch.from_dict({"input_ids": ids, "attention_mask": mask, "position_ids": pos})
 
 
+def _bare_requests(src: C.ModelSource, prompts, opts, kind: str = BARE):
+    """Bare vLLM's inputs: token-list requests and SamplingParams (one per request for
+    BARE_SEEDED), built as rollout/vllm_rollout.py builds them for this batch."""
+    from vllm import SamplingParams
+
+    from rollout.assemble import prompt_token_lists
+    from rollout.sampling import checkpoint_defaults
+
+    eos_ids, _, _ = checkpoint_defaults(src.hf_dir)
+    requests = [
+        {"prompt_token_ids": t}
+        for t in prompt_token_lists(
+            prompts, max_model_len=opts.max_model_len, response_length=opts.response_length
+        )
+    ]
+    common = dict(
+        n=1,
+        temperature=1.0,
+        max_tokens=opts.response_length,
+        ignore_eos=True,
+        stop_token_ids=list(eos_ids) if opts.stop_at_eos else None,
+        logprobs=0,
+        flat_logprobs=True,
+        detokenize=False,
+    )
+    common.update(BARE_VARIANTS[kind])
+    if kind == BARE_SEEDED:
+        # Per-request seeds: prompt i gets 1 + i (its n samples would get 1 + i + j).
+        return requests, [SamplingParams(**common, seed=1 + i) for i in range(len(requests))]
+    return requests, SamplingParams(**common)
+
+
 def bench_ours(backend: str, src: C.ModelSource, prompts, opts) -> dict:
     from rollout import build_rollout
     from tandem_core.config import RolloutConfig
@@ -109,10 +188,24 @@ def bench_ours(backend: str, src: C.ModelSource, prompts, opts) -> dict:
 
     generate(prompts.index(slice(0, 2)), seed=0)  # warm-up
     outs = []
-    gen_s = C.best_of(lambda: outs.append(generate(prompts, seed=1)), opts.repeats)
+    timing = _timed_calls(lambda: outs.append(generate(prompts, seed=1)), opts.repeats)
     tokens = int(outs[-1]["response_mask"].sum())
+    if opts.same_engine and backend == "vllm":
+        timing.update(_same_engine(ro, lambda: generate(prompts, seed=1), src, prompts, opts))
     ro.sleep(1)
-    return {"start_s": start_s, "gen_s": gen_s, "tokens": tokens}
+    return {"start_s": start_s, "tokens": tokens, **timing}
+
+
+def _same_engine(ro, ours, src: C.ModelSource, prompts, opts) -> dict:
+    """Our backend's call and bare `LLM.generate` on the engine it holds, alternating call by
+    call: the wrapper's cost without the differences between engine processes."""
+    requests, params = _bare_requests(src, prompts, opts)
+    pairs = []
+    for _ in range(max(opts.repeats, 1)):
+        ours_s = C.timed(ours)
+        bare_s = C.timed(lambda: ro.llm.generate(requests, params, use_tqdm=False))
+        pairs.append((round(ours_s, 3), round(bare_s, 3)))
+    return {"same_engine_pairs_s": pairs}
 
 
 def bench_bare(src: C.ModelSource, prompts, opts, kind: str) -> dict:
@@ -121,8 +214,6 @@ def bench_bare(src: C.ModelSource, prompts, opts, kind: str) -> dict:
     SamplingParams per prompt, each with its own seed."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from rollout import vllm_compat
-    from rollout.assemble import prompt_token_lists
-    from rollout.sampling import checkpoint_defaults
     from tandem_core.config import RolloutConfig
     from tandem_core.distributed import init_distributed
 
@@ -130,7 +221,7 @@ def bench_bare(src: C.ModelSource, prompts, opts, kind: str) -> dict:
     defaults = RolloutConfig()
     if not vllm_compat.on_cuda():
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(defaults.cpu_kvcache_space_gb)
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     llm, start_s = C.timed_call(
         lambda: LLM(
@@ -147,36 +238,15 @@ def bench_bare(src: C.ModelSource, prompts, opts, kind: str) -> dict:
             **vllm_compat.platform_engine_kwargs(opts.gpu_memory_utilization, opts.enforce_eager),
         )
     )
-    eos_ids, _, _ = checkpoint_defaults(src.hf_dir)
-    requests = [
-        {"prompt_token_ids": t}
-        for t in prompt_token_lists(
-            prompts, max_model_len=opts.max_model_len, response_length=opts.response_length
-        )
-    ]
-    common = dict(
-        n=1,
-        temperature=1.0,
-        max_tokens=opts.response_length,
-        ignore_eos=True,
-        stop_token_ids=list(eos_ids) if opts.stop_at_eos else None,
-        logprobs=0,
-        flat_logprobs=True,
-        detokenize=False,
-    )
-    common.update(BARE_VARIANTS[kind])
+    requests, params = _bare_requests(src, prompts, opts, kind)
     seeded = kind == BARE_SEEDED
-    # Per-request seeds: prompt i gets 1 + i (its n samples would get 1 + i + j).
-    params = [SamplingParams(**common, seed=1 + i) for i in range(len(requests))]
-    if not seeded:
-        params = SamplingParams(**common)
     llm.generate(requests[:2], params[:2] if seeded else params, use_tqdm=False)
     outs = []
-    gen_s = C.best_of(
+    timing = _timed_calls(
         lambda: outs.append(llm.generate(requests, params, use_tqdm=False)), opts.repeats
     )
     tokens = sum(len(s.token_ids) for out in outs[-1] for s in out.outputs)
-    return {"start_s": start_s, "gen_s": gen_s, "tokens": tokens}
+    return {"start_s": start_s, "tokens": tokens, **timing}
 
 
 def main() -> None:
@@ -198,7 +268,15 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--dtype", default=C.default_dtype(), choices=["float32", "bfloat16"])
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
-    ap.add_argument("--repeats", type=int, default=C.pick(1, 2))
+    ap.add_argument("--repeats", type=int, default=C.pick(1, 2), help="timed calls a process")
+    ap.add_argument(
+        "--runs", type=int, default=1, help="processes per backend, the order alternating"
+    )
+    ap.add_argument(
+        "--same-engine",
+        action="store_true",
+        help="our backend's process also times bare LLM.generate on its engine, calls alternating",
+    )
     ap.add_argument("--stop-at-eos", action="store_true")
     ap.add_argument(
         "--enforce-eager",
@@ -237,40 +315,64 @@ def main() -> None:
             "repeats",
             "enforce_eager",
         )
-    ] + (["--stop-at-eos"] if opts.stop_at_eos else [])
-    results = {}
-    for model in opts.models:
-        for backend in opts.backends:
-            args = ["-m", "benchmarks.bench_rollout", *forwarded, "--one", model, backend]
-            r = C.run_child(args, f"{model}/{backend}")
-            results[model, backend] = r
-            print(f"[bench_rollout] {model} {backend}: {r}", flush=True)
+    ]
+    forwarded += [
+        f"--{k}" for k in ("stop-at-eos", "same-engine") if getattr(opts, k.replace("-", "_"))
+    ]
+    # runs[r][model, backend]: run r's result; odd runs take the backends in reverse order,
+    # since whichever engine starts first on a fresh machine also pays its one-off caches.
+    runs: list[dict] = []
+    for r in range(opts.runs):
+        order = opts.backends if r % 2 == 0 else opts.backends[::-1]
+        results = {}
+        for model in opts.models:
+            for backend in order:
+                args = ["-m", "benchmarks.bench_rollout", *forwarded, "--one", model, backend]
+                res = C.run_child(args, f"{model}/{backend}")
+                results[model, backend] = res
+                print(f"[bench_rollout] run {r} {model} {backend}: {res}", flush=True)
+        runs.append(results)
 
     eos = "stop at EOS" if opts.stop_at_eos else "EOS ignored (fixed lengths)"
     lines = [
         f"{opts.prompts} prompts × up to {opts.response_length} new tokens, {opts.dtype}, "
         f"temperature 1, {eos}, {'eager' if opts.enforce_eager else 'CUDA graphs'}; "
         f"{C.device_name()}, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}",
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}; "
+        f"{opts.runs} run(s), each backend in a process of its own per run, "
+        f"best of {opts.repeats} calls each",
         "",
     ]
     rows = []
-    for (model, backend), r in results.items():
-        vs = ""
-        if backend != BARE and (model, BARE) in results:
-            vs = f"{r['tok_per_s'] / results[model, BARE]['tok_per_s']:.3f}×"
-        rows.append(
-            [
-                model,
-                backend,
-                f"{r['start_s']:.1f} s",
-                f"{r['gen_s']:.2f} s",
-                f"{r['tokens']:,}",
-                f"{r['tok_per_s']:,.1f}",
-                vs,
-            ]
-        )
-    header = ["model", "backend", "engine start", "generate", "tokens", "tokens/s", "vs bare"]
+    for r, results in enumerate(runs):
+        for (model, backend), res in results.items():
+            vs = ""
+            if backend != BARE and (model, BARE) in results:
+                vs = f"{res['tok_per_s'] / results[model, BARE]['tok_per_s']:.3f}×"
+            rows.append(
+                [
+                    r,
+                    model,
+                    backend,
+                    f"{res['start_s']:.1f} s",
+                    f"{res['gen_s']:.2f} s",
+                    " ".join(f"{c:.2f}" for c in res["calls_s"]),
+                    f"{res['tokens']:,}",
+                    f"{res['tok_per_s']:,.1f}",
+                    vs,
+                ]
+            )
+    header = [
+        "run",
+        "model",
+        "backend",
+        "engine start",
+        "generate",
+        "every call s",
+        "tokens",
+        "tokens/s",
+        "vs bare",
+    ]
     lines += [C.markdown_table(header, rows), ""]
     for model in opts.models:
         for name, other in (
@@ -279,15 +381,32 @@ def main() -> None:
             ("bare vLLM with dict log-probs", "vllm-bare-dict-logprobs"),
             ("bare vLLM without log-probs", "vllm-bare-no-logprobs"),
         ):
-            if (model, other) not in results or (model, BARE) not in results:
+            pairs = [
+                (res[model, other], res[model, BARE])
+                for res in runs
+                if (model, other) in res and (model, BARE) in res
+            ]
+            if not pairs:
                 continue
-            r, bare = results[model, other], results[model, BARE]
-            line = (
-                f"{model}: {name} / bare vLLM tokens/s = {r['tok_per_s'] / bare['tok_per_s']:.3f}"
-            )
-            if r["tokens"] == bare["tokens"]:
-                line += f" ({1e3 * (r['gen_s'] - bare['gen_s']):+,.1f} ms a call)"
+            ratios = [o["tok_per_s"] / b["tok_per_s"] for o, b in pairs]
+            line = f"{model}: {name} / bare vLLM tokens/s = {_spread(ratios, '{:.3f}')}"
+            if all(o["tokens"] == b["tokens"] for o, b in pairs):
+                extra = [1e3 * (o["gen_s"] - b["gen_s"]) for o, b in pairs]
+                line += f" ({_spread(extra, '{:+,.1f}')} ms a call)"
             lines.append(line)
+        same = [
+            p for res in runs for p in res.get((model, "vllm"), {}).get("same_engine_pairs_s", [])
+        ]
+        if same:
+            ratios = [bare_s / ours_s for ours_s, bare_s in same]
+            extra = [1e3 * (ours_s - bare_s) for ours_s, bare_s in same]
+            lines.append(
+                f"{model}: our vLLM backend / bare LLM.generate on the same engine, calls "
+                f"alternating = {_spread(ratios, '{:.3f}')} ({_spread(extra, '{:+,.1f}')} ms a "
+                f"call; {len(same)} pairs)"
+            )
+    if opts.runs > 1:
+        lines.append("(min / median / max over runs, each run's ratio from its own processes)")
     C.report("\n".join(lines))
 
 
