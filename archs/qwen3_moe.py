@@ -125,6 +125,29 @@ register_preset(
         "tiny",
     )
 )
+# Qwen3-30B-A3B's routing at the tiny shape: 128 experts of FFN 32, top-8, renormalised, every
+# layer sparse. Expert numbers run past one digit on every EP rank up to EP 8 (at EP 2, rank 1
+# holds 64-127), which tiny_qwen3_moe's 8 experts never do: the EP-gathered weight sync pairs
+# ranks' experts by position and once lost step here (hybrid_engine/allgather_pp.py).
+register_preset(
+    Preset(
+        "tiny_qwen3_moe_128e",
+        llama.tiny_args(
+            arch="qwen3_moe",
+            hidden_size=96,
+            ffn_hidden_size=192,
+            rope_theta=1e6,
+            qk_norm=True,
+            num_experts=128,
+            moe_ffn_hidden_size=32,
+            moe_router_topk=8,
+            moe_norm_topk_prob=True,
+            moe_layers=(1, 1, 1, 1),
+        ),
+        "tiny",
+    )
+)
+
 QWEN3_30B_A3B = ModelArgs(
     arch="qwen3_moe",
     num_layers=48,

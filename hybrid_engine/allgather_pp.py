@@ -158,14 +158,19 @@ class AllGatherPPModel:
         items = list(megatron_named_params(self.own_chunks))
         for stage in self.foreign:
             items += self.stage_views(stage)
+        # A stable sort by section and layer: within a layer the order stays the module's,
+        # the same on every rank. Consumers that gather over EP pair the ranks' tensors by
+        # position (weight_loaders.stream.with_every_expert), and sorting by name would not
+        # keep experts in step: 'local_experts.10' sorts before 'local_experts.2', so EP rank
+        # 0's 2nd expert would meet EP rank 1's 65th where there are 128 experts.
         yield from sorted(items, key=lambda kv: _model_order(kv[0]))
 
 
-def _model_order(name: str) -> tuple[int, int, str]:
+def _model_order(name: str) -> tuple[int, int]:
     if name.startswith("embedding."):
-        return (0, 0, name)
+        return (0, 0)
     if name.startswith("decoder.layers."):
-        return (1, int(name.split(".")[2]), name)
+        return (1, int(name.split(".")[2]))
     if name.startswith("decoder."):
-        return (2, 0, name)
-    return (3, 0, name)
+        return (2, 0)
+    return (3, 0)

@@ -34,10 +34,15 @@ def test_qwen3_moe_import_logits_stream_export(torchrun, tiny_ckpt, tmp_path, la
     assert r["streamed"] == r["per_expert_tensors"] == 113  # 3 MoE layers × 8 experts × 3 + rest
 
 
-def test_the_preset_reads_back_from_its_checkpoint(tiny_ckpt):
-    args = archs.model_args_from_hf(tiny_ckpt("tiny_qwen3_moe"))
-    assert args == archs.PRESETS["tiny_qwen3_moe"].args
-    assert args.moe_layer_pattern() == [1, 1, 0, 1] and args.moe_norm_topk_prob
+@pytest.mark.parametrize(
+    "preset, pattern, experts",
+    [("tiny_qwen3_moe", [1, 1, 0, 1], 8), ("tiny_qwen3_moe_128e", [1, 1, 1, 1], 128)],
+)
+def test_the_preset_reads_back_from_its_checkpoint(tiny_ckpt, preset, pattern, experts):
+    args = archs.model_args_from_hf(tiny_ckpt(preset))
+    assert args == archs.PRESETS[preset].args
+    assert args.moe_layer_pattern() == pattern and args.moe_norm_topk_prob
+    assert args.num_experts == experts
 
 
 @pytest.mark.parametrize(

