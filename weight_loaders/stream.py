@@ -108,8 +108,7 @@ def with_every_expert(
         yield from global_named_params
         return
     rank, local = dist.get_rank(ep_group), args.num_experts // size
-    for name, tensor in global_named_params:
-        pattern, layer, expert = split_layer(name)
+    for name, tensor, pattern, layer, expert in experts_in_step(global_named_params, rank, local):
         if expert is None:
             yield name, tensor
             continue
@@ -118,6 +117,26 @@ def with_every_expert(
         for r, part in enumerate(parts):
             e = expert + (r - rank) * local
             yield pattern.format(i=layer, e=e), part
+
+
+def experts_in_step(named: NamedTensors, ep_rank: int, local: int):
+    """(name, tensor, pattern, layer, expert) for each pair, checking that this EP rank's
+    experts of each layer tensor come in ascending order: `with_every_expert` pairs the EP
+    ranks' tensors by position, so any other order would load one expert's weights under
+    another's name (an order by name did: 'local_experts.10' before 'local_experts.2')."""
+    last: dict[tuple[str, int], int] = {}
+    for name, tensor in named:
+        pattern, layer, expert = split_layer(name)
+        if expert is not None:
+            j = expert - ep_rank * local
+            if not 0 <= j < local or j <= last.get((pattern, layer), -1):
+                raise RuntimeError(
+                    f"{name}: expert {expert} out of order on EP rank {ep_rank} (its experts "
+                    f"are {ep_rank * local}-{(ep_rank + 1) * local - 1}, in ascending order): "
+                    "the EP gather pairs the ranks' experts by position"
+                )
+            last[pattern, layer] = j
+        yield name, tensor, pattern, layer, expert
 
 
 def _gather_tp(shard: torch.Tensor, group) -> list[torch.Tensor]:

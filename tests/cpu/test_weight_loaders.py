@@ -428,6 +428,28 @@ def test_experts_under_training_ep_stay_with_the_loader():
     assert sorted(plan.remaining) == sorted(name for name, _ in shards[:-1])
 
 
+def test_the_ep_gather_refuses_experts_out_of_order():
+    """with_every_expert pairs the EP ranks' experts by position, so each rank must give its
+    experts of a layer tensor in ascending order. EP rank 1 of 128 experts in the order a sort
+    by name gives ('local_experts.100' first, '64' after '127') is refused at the first expert
+    out of place; the module's order passes, the other tensors untouched."""
+    from weight_loaders.stream import experts_in_step
+
+    fc1 = "decoder.layers.3.mlp.experts.local_experts.{e}.linear_fc1.weight"
+    fc2 = "decoder.layers.3.mlp.experts.local_experts.{e}.linear_fc2.weight"
+    mine = range(64, 128)
+    in_order = [(p.format(e=e), None) for e in mine for p in (fc1, fc2)]
+    in_order.append(("decoder.layers.3.mlp.router.weight", None))
+    seen = [(name, expert) for name, _, _, _, expert in experts_in_step(in_order, 1, 64)]
+    assert [e for _, e in seen] == [e for e in mine for _ in (fc1, fc2)] + [None]
+    by_name = sorted(in_order, key=lambda kv: kv[0])
+    assert by_name[0][0] == fc1.format(e=100)
+    with pytest.raises(RuntimeError, match=r"local_experts\.64\.linear_fc1.* out of order"):
+        list(experts_in_step(by_name, 1, 64))
+    with pytest.raises(RuntimeError, match="expert 3 out of order on EP rank 1"):  # rank 0's
+        list(experts_in_step([(fc1.format(e=3), None)], 1, 64))
+
+
 def test_shards_of_two_training_ranks_fill_one_engine_rank():
     """Training TP 2 into a packed engine at TP 1 (what the gathered copies plan from the two
     gathered shards): QKV per group, gate/up, row-parallel columns, vocab rows all tile it."""
