@@ -74,7 +74,7 @@ DEFAULT_BARE_KINDS = (BARE, BARE_SEEDED)
 def _timed_calls(fn, repeats: int) -> dict:
     """Best of `repeats` calls of `fn`, every call's seconds, and the time Python's garbage
     collector held the process during them (gc.callbacks): the generate loop is host-bound, so
-    a process whose collector walks a larger heap decodes slower."""
+    a process whose collector walked a larger heap would decode slower."""
     pause = {"s": 0.0, "t0": 0.0}
 
     def on_gc(phase, info):
