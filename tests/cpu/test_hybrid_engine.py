@@ -53,7 +53,9 @@ def test_swaps_tied_embeddings_vllm(torchrun):
     "backend, rollout_tp, layouts, preset",
     [
         ("vllm", 1, "1x1e2", "tiny_qwen3_moe"),
-        ("hf", 1, "1x1e2", "tiny_qwen3_moe"),
+        # the 128-expert case checks all the 8-expert one does (direct copies, EP gathers, a
+        # some-experts sync caught) and experts numbered past one digit: it keeps the fast slot
+        pytest.param("hf", 1, "1x1e2", "tiny_qwen3_moe", marks=pytest.mark.slow),
         ("hf", 1, "1x1e2", "tiny_qwen3_moe_128e"),
         pytest.param("vllm", 1, "1x1e2", "tiny_qwen3_moe_128e", marks=pytest.mark.slow),
         pytest.param("vllm", 1, "2x1", "tiny_qwen3_moe", marks=pytest.mark.slow),
