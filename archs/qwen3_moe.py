@@ -107,24 +107,19 @@ ARCHS.add("qwen3_moe", Arch("qwen3_moe", model_args, WEIGHT_MAP, hf_config, fuse
 
 # 8 experts of FFN 64, top-2, renormalised; layer 2 of 4 dense (mlp_only_layers), so both kinds
 # of layer and their boundary are exercised; q/k norms and head_dim as tiny_qwen3.
-register_preset(
-    Preset(
-        "tiny_qwen3_moe",
-        llama.tiny_args(
-            arch="qwen3_moe",
-            hidden_size=96,
-            ffn_hidden_size=192,
-            rope_theta=1e6,
-            qk_norm=True,
-            num_experts=8,
-            moe_ffn_hidden_size=64,
-            moe_router_topk=2,
-            moe_norm_topk_prob=True,
-            moe_layers=(1, 1, 0, 1),
-        ),
-        "tiny",
-    )
+TINY_QWEN3_MOE = llama.tiny_args(
+    arch="qwen3_moe",
+    hidden_size=96,
+    ffn_hidden_size=192,
+    rope_theta=1e6,
+    qk_norm=True,
+    num_experts=8,
+    moe_ffn_hidden_size=64,
+    moe_router_topk=2,
+    moe_norm_topk_prob=True,
+    moe_layers=(1, 1, 0, 1),
 )
+register_preset(Preset("tiny_qwen3_moe", TINY_QWEN3_MOE, "tiny"))
 # Qwen3-30B-A3B's routing at the tiny shape: 128 experts of FFN 32, top-8, renormalised, every
 # layer sparse. Expert numbers run past one digit on every EP rank up to EP 8 (at EP 2, rank 1
 # holds 64-127), which tiny_qwen3_moe's 8 experts never do: the EP-gathered weight sync pairs
@@ -132,16 +127,11 @@ register_preset(
 register_preset(
     Preset(
         "tiny_qwen3_moe_128e",
-        llama.tiny_args(
-            arch="qwen3_moe",
-            hidden_size=96,
-            ffn_hidden_size=192,
-            rope_theta=1e6,
-            qk_norm=True,
+        replace(
+            TINY_QWEN3_MOE,
             num_experts=128,
             moe_ffn_hidden_size=32,
             moe_router_topk=8,
-            moe_norm_topk_prob=True,
             moe_layers=(1, 1, 1, 1),
         ),
         "tiny",
