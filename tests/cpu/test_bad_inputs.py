@@ -356,4 +356,5 @@ def test_as_a_command(name, files, ckpts, tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(PROG + key) and detail in lines[0]
-    assert "Traceback" not in proc.stderr and seconds < 10
+    assert "Traceback" not in proc.stderr
+    assert seconds < 30, seconds  # a bound on a hang (9-10 s seen with the 2 cores shared)

@@ -349,6 +349,13 @@ def test_checkpoint_writer_manager_dies_with_a_killed_trainer():
         proc.stdout.close()
 
 
+def _reached(progress: Path, step: int) -> bool:
+    """The worker rewrites its progress file in place: read it once, and an empty read (caught
+    between truncate and write) is not a step."""
+    text = progress.read_text() if progress.exists() else ""
+    return text.isdigit() and int(text) >= step
+
+
 def test_sigterm_on_one_rank_checkpoints_all_and_exits_cleanly(tmp_path):
     """SIGTERM to rank 1 only: both ranks save the same step and torchrun exits 0."""
     env = {**_repo_env(), "OMP_NUM_THREADS": "1"}
@@ -373,7 +380,7 @@ def test_sigterm_on_one_rank_checkpoints_all_and_exits_cleanly(tmp_path):
     try:
         deadline = time.monotonic() + 120
         progress = tmp_path / "progress"
-        while not (progress.exists() and progress.read_text() and int(progress.read_text()) >= 3):
+        while not _reached(progress, 3):
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "the loop never reached step 3"
             time.sleep(0.05)

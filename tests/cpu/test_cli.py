@@ -71,7 +71,9 @@ def test_a_misspelt_name_fails_fast_in_one_line(override, key, known, tmp_path):
     assert lines[0].startswith(f"python -m trainer.main: error: {key}: ")
     assert known in lines[0]  # what is allowed is named
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert seconds < 10, seconds
+    # before megatron, vLLM or a process group (about 5 s of imports on a quiet 2-core host;
+    # 11 s seen with the cores shared): a bound on a hang, not a speed target
+    assert seconds < 30, seconds
     assert not (tmp_path / "run").exists()  # nothing was built or written
 
 
@@ -96,4 +98,5 @@ def test_the_planner_answers_the_same_way():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("python -m trainer.plan: error: actor.")
-    assert "Traceback" not in proc.stderr and seconds < 10
+    assert "Traceback" not in proc.stderr
+    assert seconds < 30, seconds  # a bound on a hang, as above

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write_result  # noqa: E402
+from _common import exit_now, write_result  # noqa: E402
 from _reference import hf_logprobs, reference_ppo_step, synthetic_rollout  # noqa: E402
 
 import archs  # noqa: E402
@@ -310,3 +310,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now()

@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write_result  # noqa: E402
+from _common import exit_now, write_result  # noqa: E402
 from _reference import synthetic_rollout  # noqa: E402
 
 import archs  # noqa: E402
@@ -72,3 +72,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now()

@@ -27,7 +27,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write_result  # noqa: E402
+from _common import exit_now, write_result  # noqa: E402
 
 import archs  # noqa: E402
 import weight_loaders  # noqa: E402
@@ -303,3 +303,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now()

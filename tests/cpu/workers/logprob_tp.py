@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write_result  # noqa: E402
+from _common import exit_now, write_result  # noqa: E402
 
 from trainer.workers.logprobs import vocab_parallel_logprobs  # noqa: E402
 
@@ -45,3 +45,4 @@ for vocab in (40, 30):
 write_result(errors)
 dist.barrier()
 dist.destroy_process_group()
+exit_now()

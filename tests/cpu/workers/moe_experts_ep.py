@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write_result  # noqa: E402
+from _common import exit_now, write_result  # noqa: E402
 
 from tandem_core import cpu_compat  # noqa: E402
 from tandem_core import distributed as D  # noqa: E402
@@ -443,3 +443,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now()

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write_result  # noqa: E402
+from _common import exit_now, write_result  # noqa: E402
 
 from tandem_core import cpu_compat  # noqa: E402
 from tandem_core import distributed as D  # noqa: E402
@@ -127,3 +127,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now()

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write_result  # noqa: E402
+from _common import exit_now, write_result  # noqa: E402
 from he_check import prompts, train_batch  # noqa: E402
 
 import archs  # noqa: E402
@@ -98,3 +98,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now()

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write_result  # noqa: E402
+from _common import exit_now, write_result  # noqa: E402
 
 from tandem_core.protocol import Batch  # noqa: E402
 
@@ -31,3 +31,4 @@ sizes = [None, None]
 dist.all_gather_object(sizes, len(piece))
 write_result({"gathered": len(gathered), "scattered": sizes, "broadcast": got.meta_info["tag"]})
 dist.destroy_process_group()
+exit_now()

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import write_result  # noqa: E402
+from _common import exit_now, write_result  # noqa: E402
 
 import archs  # noqa: E402
 from archs import ensure_tiny_checkpoint  # noqa: E402
@@ -201,3 +201,4 @@ def check_layout(tp, ep, args, hf_dir, batch, routed, moe_layers) -> dict:
 
 if __name__ == "__main__":
     main()
+    exit_now()

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np
 import torch
 import torch.distributed as dist
-from _common import write_result
+from _common import exit_now, write_result
 
 from rollout import build_rollout
 from rollout.assemble import cut_at_eos
@@ -312,3 +312,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now()

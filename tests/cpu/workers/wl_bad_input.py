@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import write_result  # noqa: E402
+from _common import exit_now, write_result  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from wl_common import build_chunks, setup  # noqa: E402
 
@@ -68,3 +68,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now()

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _common import write_result  # noqa: E402
+from _common import exit_now, write_result  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from wl_common import hf_logits, megatron_logits, read_all  # noqa: E402
 
@@ -128,3 +128,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now()

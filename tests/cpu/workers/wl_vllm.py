@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import write_result  # noqa: E402
+from _common import exit_now, write_result  # noqa: E402
 from wl_common import build_chunks, setup  # noqa: E402
 
 import archs  # noqa: E402
@@ -141,3 +141,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_now()
