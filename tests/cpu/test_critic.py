@@ -39,7 +39,8 @@ def _check_numbers(res: dict, checks: str) -> None:
         assert "2 consecutive" in res["nan_message"], res
 
 
-@pytest.mark.parametrize("layout", some_slow(LAYOUTS, {"tp2", "pp2"}))
+# tied embeddings: the actor's case (test_actor.py) is in the fast set
+@pytest.mark.parametrize("layout", some_slow(LAYOUTS, {"tp2", "pp2", "tp1_tied"}))
 def test_critic_reference_and_batching(layout, torchrun, tiny_ckpt):
     nproc, arch, tp, pp, sp, checks = LAYOUTS[layout]
     tiny_ckpt(arch)  # built once here, not by every rank at once
