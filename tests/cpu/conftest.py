@@ -93,6 +93,23 @@ def run_torchrun(worker: str, nproc: int, *args: str, timeout: int = 600, env=No
         return json.loads(result.read_text()) if result.exists() else {}
 
 
+def run_cases(worker: str, cases: dict[str, tuple[int, list[str], dict]]) -> dict:
+    """Cases {id: (ranks, argv, env)} of one worker script, one torchrun launch per number of
+    ranks (workers/_cases.py: the imports and the process group paid once, not per case).
+    Returns {id: rank 0's result}; a failing case fails them all, naming the launch."""
+    results = {}
+    for nproc in sorted({n for n, _, _ in cases.values()}):
+        group = {
+            case_id: {"argv": [str(a) for a in argv], "env": {k: str(v) for k, v in env.items()}}
+            for case_id, (n, argv, env) in cases.items()
+            if n == nproc
+        }
+        results.update(
+            run_torchrun("_cases.py", nproc, str(WORKERS / worker), json.dumps(group), timeout=900)
+        )
+    return results
+
+
 @pytest.fixture
 def torchrun():
     return run_torchrun
