@@ -6,7 +6,7 @@ offload mechanism is also tested alone on a plain module, on CPU and (when prese
 
 import pytest
 import torch
-from conftest import some_slow
+from conftest import run_cases, some_slow
 
 from tandem_core.config import RefConfig
 from trainer.workers.model import ModelWorker
@@ -39,12 +39,30 @@ def _check_numbers(res: dict, checks: str) -> None:
         assert "2 consecutive" in res["nan_message"], res
 
 
+@pytest.fixture(scope="module")
+def two_rank_results(tiny_ckpt) -> dict:
+    """The fast set's 2-rank checks in one torchrun launch (conftest.run_cases): a launch's
+    imports cost more than these checks."""
+    tiny_ckpt("tiny_llama")  # built once here, not by every rank at once
+    return run_cases(
+        "critic_check.py",
+        {
+            "dp2": (2, ["tiny_llama", 1, 1, 0, LAYOUTS["dp2"][5]], {}),
+            "pp2_vpp2": (2, ["tiny_llama", 1, 2, 0, "critic,ref", 2], {}),
+            "tp2_sp": (2, ["tiny_llama", 2, 1, 1, "critic"], {}),
+        },
+    )
+
+
 # tied embeddings: the actor's case (test_actor.py) is in the fast set
 @pytest.mark.parametrize("layout", some_slow(LAYOUTS, {"tp2", "pp2", "tp1_tied"}))
-def test_critic_reference_and_batching(layout, torchrun, tiny_ckpt):
+def test_critic_reference_and_batching(layout, request, torchrun, tiny_ckpt):
     nproc, arch, tp, pp, sp, checks = LAYOUTS[layout]
-    tiny_ckpt(arch)  # built once here, not by every rank at once
-    res = torchrun("critic_check.py", nproc, arch, str(tp), str(pp), str(sp), checks)
+    if layout == "dp2":
+        res = request.getfixturevalue("two_rank_results")["dp2"]
+    else:
+        tiny_ckpt(arch)  # built once here, not by every rank at once
+        res = torchrun("critic_check.py", nproc, arch, str(tp), str(pp), str(sp), checks)
     _check_numbers(res, checks)
 
 
@@ -82,17 +100,13 @@ def test_context_parallel_critic_and_dynamic_batching(torchrun, tiny_ckpt):
     _check_numbers(res, checks)
 
 
-def test_critic_and_reference_interleaved_vpp(torchrun, tiny_ckpt):
+def test_critic_and_reference_interleaved_vpp(two_rank_results):
     """PP 2 × 2 VPP chunks: the value head sits on the last chunk of the last stage."""
-    tiny_ckpt("tiny_llama")
-    res = torchrun("critic_check.py", 2, "tiny_llama", "1", "2", "0", "critic,ref", "2")
-    _check_numbers(res, "critic,ref")
+    _check_numbers(two_rank_results["pp2_vpp2"], "critic,ref")
 
 
-def test_critic_tp2_sequence_parallel(torchrun, tiny_ckpt):
-    tiny_ckpt("tiny_llama")
-    res = torchrun("critic_check.py", 2, "tiny_llama", "2", "1", "1", "critic")
-    _check_numbers(res, "critic")
+def test_critic_tp2_sequence_parallel(two_rank_results):
+    _check_numbers(two_rank_results["tp2_sp"], "critic")
 
 
 # ---- the offload mechanism alone ---------------------------------------------------------------
