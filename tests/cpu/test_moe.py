@@ -6,7 +6,7 @@ The experts module itself against megatron's SequentialMLP: tests/cpu/test_moe_e
 from __future__ import annotations
 
 import pytest
-from conftest import some_slow
+from conftest import run_cases, some_slow
 
 import archs
 from tandem_core.config import ConfigError
@@ -21,12 +21,30 @@ LAYOUTS = {  # name: (processes, TP, PP, EP)
 }
 
 
-# TP 2 and EP 2 in the fast set; one rank, PP 2 and TP 2 × EP 2 (4 ranks) in the slow set.
-@pytest.mark.parametrize("layout", some_slow(LAYOUTS, {"single", "pp2", "tp2_ep2"}))
-def test_qwen3_moe_import_logits_stream_export(torchrun, tiny_ckpt, tmp_path, layout):
-    nproc, tp, pp, ep = LAYOUTS[layout]
+# TP 2 and EP 2 in the fast set, in one torchrun launch (a launch's imports cost more than
+# these checks); one rank, PP 2 and TP 2 × EP 2 (4 ranks) in the slow set.
+SLOW_LAYOUTS = {"single", "pp2", "tp2_ep2"}
+
+
+@pytest.fixture(scope="module")
+def fast_layouts(tiny_ckpt, tmp_path_factory) -> dict:
     tiny_ckpt("tiny_qwen3_moe")
-    r = torchrun("wl_moe.py", nproc, str(tp), str(pp), str(ep), str(tmp_path))
+    cases = {
+        name: (nproc, [tp, pp, ep, tmp_path_factory.mktemp(name)], {})
+        for name, (nproc, tp, pp, ep) in LAYOUTS.items()
+        if name not in SLOW_LAYOUTS
+    }
+    return run_cases("wl_moe.py", cases)
+
+
+@pytest.mark.parametrize("layout", some_slow(LAYOUTS, SLOW_LAYOUTS))
+def test_qwen3_moe_import_logits_stream_export(request, torchrun, tiny_ckpt, tmp_path, layout):
+    nproc, tp, pp, ep = LAYOUTS[layout]
+    if layout in SLOW_LAYOUTS:
+        tiny_ckpt("tiny_qwen3_moe")
+        r = torchrun("wl_moe.py", nproc, str(tp), str(pp), str(ep), str(tmp_path))
+    else:
+        r = request.getfixturevalue("fast_layouts")[layout]
     for label in ("per_expert", "stacked"):
         assert r[f"logits_max_abs_diff_{label}"] < 1e-5, r
         assert r[f"export_bitwise_{label}"] and r[f"hf_reload_equal_{label}"], r
