@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import some_slow
+from conftest import run_cases, some_slow
 
 import archs
 import weight_loaders as wl
@@ -548,20 +548,40 @@ def test_name_check_names_the_missing_and_the_unexpected(tiny_ckpt):
 
 
 # ---- real megatron-core layouts ---------------------------------------------------------------
+# (TP, PP, VPP, ranks) of the fast set, run in one torchrun launch (a launch's imports cost
+# more than these checks); PP 2 with interleaved chunks holds plain PP 2's numbering and more.
+FAST_LAYOUTS = [(2, 1, 0, 2), (1, 2, 2, 2)]
+
+
+@pytest.fixture(scope="module")
+def fast_layouts(tiny_ckpt, tmp_path_factory) -> dict:
+    for p in PRESETS:
+        tiny_ckpt(p)  # build in this process, not racing in the workers
+    cases = {
+        f"{tp}-{pp}-{vpp}": (nproc, [tp, pp, vpp, tmp_path_factory.mktemp("layout"), *PRESETS], {})
+        for tp, pp, vpp, nproc in FAST_LAYOUTS
+    }
+    return run_cases("wl_layout.py", cases)
+
+
 @pytest.mark.parametrize(
     "tp,pp,vpp,nproc",
     [
         pytest.param(1, 1, 0, 1, marks=pytest.mark.slow),
-        (2, 1, 0, 2),
-        (1, 2, 2, 2),  # PP 2 with interleaved chunks: plain PP 2's numbering and more
+        *FAST_LAYOUTS,
         pytest.param(2, 2, 0, 4, marks=pytest.mark.slow),
         pytest.param(1, 2, 0, 2, marks=pytest.mark.slow),
     ],
 )
-def test_layout_import_logits_stream_export(torchrun, tiny_ckpt, tmp_path, tp, pp, vpp, nproc):
-    for p in PRESETS:
-        tiny_ckpt(p)  # build in this process, not racing in the workers
-    res = torchrun("wl_layout.py", nproc, str(tp), str(pp), str(vpp), str(tmp_path), *PRESETS)
+def test_layout_import_logits_stream_export(
+    request, torchrun, tiny_ckpt, tmp_path, tp, pp, vpp, nproc
+):
+    if (tp, pp, vpp, nproc) in FAST_LAYOUTS:
+        res = request.getfixturevalue("fast_layouts")[f"{tp}-{pp}-{vpp}"]
+    else:
+        for p in PRESETS:
+            tiny_ckpt(p)  # build in this process, not racing in the workers
+        res = torchrun("wl_layout.py", nproc, str(tp), str(pp), str(vpp), str(tmp_path), *PRESETS)
     for preset in PRESETS:
         r = res[preset]
         assert r["logits_max_abs_diff"] < 1e-5
