@@ -9,7 +9,6 @@ then the loop runs (trainer/loop.py).
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -128,15 +127,7 @@ def run(overrides: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from trainer.cli import exit_without_teardown
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    code = main()
-    # Everything the run owns is closed by now (fit's `finally`), but for the checkpoint
-    # writer's Manager, stopped here. What Python's teardown would add is vLLM's engine
-    # shutdown and a final garbage collection over torch's, megatron's and vLLM's objects,
-    # 3-7 s per process on a 2-core host, freeing only what the exit frees anyway.
-    for child in multiprocessing.active_children():
-        child.terminate()
-        child.join(timeout=10)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_without_teardown(main())

@@ -44,10 +44,11 @@ def two_rank_results(tiny_ckpt) -> dict:
     """The fast set's 2-rank checks in one torchrun launch (conftest.run_cases): a launch's
     imports cost more than these checks."""
     tiny_ckpt("tiny_llama")  # built once here, not by every rank at once
+    nproc, *dp2 = LAYOUTS["dp2"]
     return run_cases(
         "critic_check.py",
         {
-            "dp2": (2, ["tiny_llama", 1, 1, 0, LAYOUTS["dp2"][5]], {}),
+            "dp2": (nproc, dp2, {}),
             "pp2_vpp2": (2, ["tiny_llama", 1, 2, 0, "critic,ref", 2], {}),
             "tp2_sp": (2, ["tiny_llama", 2, 1, 1, "critic"], {}),
         },

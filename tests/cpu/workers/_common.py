@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import sys
 
 import torch.distributed as dist
 
@@ -18,15 +16,7 @@ def write_result(payload: dict) -> None:
 
 
 def exit_now() -> None:
-    """End a worker that finished: its result is written and its process groups are done.
-    Python's teardown would add vLLM's engine shutdown and a final garbage collection over
-    torch's, megatron's and vLLM's objects, 3-7 s per process on a 2-core host (trainer.main
-    ends the same way). The one child a worker may still have, megatron's checkpoint writer's
-    Manager (workers that call dist_checkpointing directly), is stopped first: the teardown
-    skipped here is what would have stopped it."""
-    for child in multiprocessing.active_children():
-        child.terminate()
-        child.join(timeout=10)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    """End a worker that finished (its result written) as trainer.main ends a run."""
+    from trainer.cli import exit_without_teardown
+
+    exit_without_teardown(0)
