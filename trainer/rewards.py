@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from tandem_core.lifetime import exit_when_orphaned
 from tandem_core.registry import Registry
 
 if TYPE_CHECKING:  # torch is imported lazily: reward workers stay light and start fast.
@@ -196,7 +197,10 @@ def _recv(fd: int) -> Any:
 
 
 def _serve() -> None:
-    """Worker main loop: `python -c 'from trainer.rewards import _serve; _serve()' SPEC`."""
+    """Worker main loop: `python -c 'from trainer.rewards import _serve; _serve()' SPEC PID`.
+    Its stdin closing ends it, and so does its parent (PID) dying: a process the trainer
+    forked may hold a copy of the pipe and keep it open after a kill -9."""
+    exit_when_orphaned(int(sys.argv[2]))
     out_fd = os.dup(1)
     os.dup2(2, 1)  # a print() in a reward function goes to stderr, never into the protocol
     fn = resolve_reward_fn(sys.argv[1])
@@ -225,7 +229,13 @@ class _Worker:
             "OMP_NUM_THREADS": "1",
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from trainer.rewards import _serve; _serve()", spec],
+            [
+                sys.executable,
+                "-c",
+                "from trainer.rewards import _serve; _serve()",
+                spec,
+                str(os.getpid()),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 from multiprocessing.managers import SyncManager
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tandem_core import cpu_compat
+from tandem_core.lifetime import die_with_parent, forked_children_die_with_us
 from trainer.workers.optimizer import (
     init_empty_adam_state,
     load_scheduler_state,
@@ -49,18 +49,6 @@ def _sharded_state_dict(chunks, optimizer, scheduler, counters, sharding, is_loa
     return state
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """In the writer's Manager process: the kernel SIGKILLs it when its parent dies (Linux)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: it outlives a killed parent, as megatron's
-        return
-    if os.getppid() != parent_pid:  # the parent died before the call above
-        os._exit(0)
-
-
 def writer_results_queue():
     """The results queue of megatron's checkpoint writer, from a Manager that dies with us.
 
@@ -70,12 +58,15 @@ def writer_results_queue():
     Nothing stops it when this process is killed (kill -9, the OOM killer): it lives on as an
     orphan. The same spawned Manager, told to die with its parent, takes its place; megatron
     reuses whatever queue its module holds. (The kernel watches the thread that started it:
-    saves run on the main thread.)"""
+    saves run on the main thread.) The file writers megatron forks at every save
+    (`write_preloaded_data_multiproc`) are told the same, through a fork hook."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    forked_children_die_with_us()
 
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(_die_with_parent, (os.getpid(),))
+        manager.start(die_with_parent, (os.getpid(),))
         # the queue's proxy holds its manager, which lives as long as megatron's module does
         filesystem_async._results_queue = manager.Queue()
     return filesystem_async._results_queue

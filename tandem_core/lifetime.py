@@ -1,0 +1,87 @@
+"""Helper processes that never outlive the process they serve.
+
+A trainer killed with kill -9 (or by the OOM killer, or a scheduler's preemption) runs no
+cleanup, so whatever it started must notice on its own. Three kinds of helper do:
+
+- a multiprocessing child that dies by the kernel's hand (`die_with_parent`): the checkpoint
+  writer's Manager (trainer/workers/checkpoint.py);
+- a child forked from the main thread once `forked_children_die_with_us()` has run: megatron's
+  checkpoint writer forks its file writers at every save, and such a fork also holds copies of
+  every pipe the trainer had open, so a fork left hanging kept the reward workers below from
+  ever reading end-of-file;
+- a plain interpreter that polls for its parent (`exit_when_orphaned`): the reward workers,
+  which any thread of the trainer may start, where the kernel's rule (below) would misfire.
+
+Linux only (prctl); elsewhere a helper outlives a killed parent, as it always did.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+
+PR_SET_PDEATHSIG = 1
+
+
+def _prctl():
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    return prctl
+
+
+def die_with_parent(parent_pid: int, prctl=None) -> None:
+    """In a child: the kernel SIGKILLs it when its parent dies. The kernel watches the parent's
+    *thread* that started the child, not its process: only for children started by a thread
+    that lives as long as the parent (its main thread)."""
+    prctl = prctl or _prctl()
+    if prctl is None:
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the call above
+        os._exit(0)
+
+
+_registered = False
+
+
+def forked_children_die_with_us() -> None:
+    """From now on every child this process forks from its main thread (multiprocessing's fork
+    context, `os.fork`) is killed when this process dies. Forks from other threads are left as
+    they are, since their thread may end before them. Children started by exec (subprocess,
+    multiprocessing's spawn) never run these hooks."""
+    global _registered
+    prctl = _prctl()
+    if _registered or prctl is None:
+        return
+    _registered = True
+    # Resolved here, in the parent: a dlopen right after a fork of a threaded process can
+    # deadlock on a lock another thread held at the fork.
+    forking: dict[str, int | bool] = {}
+
+    def before() -> None:
+        forking["parent"] = os.getpid()
+        forking["main"] = threading.current_thread() is threading.main_thread()
+
+    def after_in_child() -> None:
+        if forking.get("main"):
+            die_with_parent(int(forking["parent"]), prctl)
+
+    os.register_at_fork(before=before, after_in_child=after_in_child)
+
+
+def exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> None:
+    """A daemon thread that ends this process (`os._exit`) once `parent_pid` is no longer its
+    parent. Needs no help from the kernel or the parent, whichever thread of it started us."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-when-orphaned", daemon=True).start()

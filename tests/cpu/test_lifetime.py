@@ -1,0 +1,119 @@
+"""A killed trainer leaves nothing running: its reward workers and what it forked die with it
+(tandem_core/lifetime.py). Each check kills a small parent process with SIGKILL, as kill -9 or
+the OOM killer would, and watches its helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def gone_within(pids: list[int], seconds: float) -> list[int]:
+    """The pids still running after `seconds` (an empty list once all have ended)."""
+    deadline = time.monotonic() + seconds
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if running(p)]
+
+
+def kill_quietly(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def run_and_get_pids(script: str, tmp_path: Path) -> list[int]:
+    """Run `script` (which prints pids, then SIGKILLs itself); the pids it printed. Its output
+    goes to a file: a pipe would stay open in the children it leaves behind."""
+    out = tmp_path / "out.txt"
+    with open(out, "w") as sink:
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(script)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+        )
+    assert proc.returncode == -9, out.read_text()[-3000:]
+    return [int(p) for p in out.read_text().split()]
+
+
+def test_reward_workers_exit_when_the_trainer_is_killed(tmp_path):
+    # A forked child of the trainer holds copies of the workers' pipes, as megatron's forked
+    # checkpoint writer did when it hung: the workers never see end-of-file on their stdin.
+    workers_and_holder = run_and_get_pids(
+        """
+        import os, signal, time
+        from trainer.rewards import RewardScorer
+
+        scorer = RewardScorer("arith", num_workers=2)
+        assert scorer.score([("the answer is 4", "4")])[0] == [1.0]
+        holder = os.fork()
+        if holder == 0:
+            time.sleep(60)
+            os._exit(0)
+        print(*[w.proc.pid for w in scorer._workers], holder, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """,
+        tmp_path,
+    )
+    *workers, holder = workers_and_holder
+    try:
+        assert len(workers) == 2
+        assert gone_within(workers, 10) == [], "reward workers outlived the killed trainer"
+        assert running(holder)  # the pipes stayed open the whole time
+    finally:
+        kill_quietly(workers_and_holder)
+
+
+def test_forks_of_the_main_thread_die_with_the_process(tmp_path):
+    main_and_thread_child = run_and_get_pids(
+        """
+        import multiprocessing, os, signal, threading, time
+        from tandem_core.lifetime import forked_children_die_with_us
+
+        forked_children_die_with_us()
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()  # as megatron's checkpoint writer forks its file writers
+
+        def fork_here(out):
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(60)
+                os._exit(0)
+            out.append(pid)
+
+        from_thread = []
+        thread = threading.Thread(target=fork_here, args=(from_thread,))
+        thread.start()
+        thread.join()
+        print(child.pid, from_thread[0], flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """,
+        tmp_path,
+    )
+    main_child, thread_child = main_and_thread_child
+    try:
+        assert gone_within([main_child], 10) == [], "a fork of the main thread outlived it"
+        # a fork of another thread is left alone: that thread ended long before the parent
+        assert running(thread_child)
+    finally:
+        kill_quietly(main_and_thread_child)
