@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,23 @@ def some_slow(values, slow) -> list:
     """Parametrize `values`, those in `slow` marked slow: `make test` keeps one case per
     concern within CI's time, `make test-slow` runs the rest."""
     return [pytest.param(v, marks=pytest.mark.slow) if v in slow else v for v in values]
+
+
+def left_running(pids: list[int], within_s: float) -> list[int]:
+    """Those of `pids` still running (zombies do not count: an orphan's reaper may be slow)
+    after waiting up to `within_s` for all of them to end."""
+    import psutil
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + within_s
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if running(p)]
 
 
 @pytest.fixture(scope="session")

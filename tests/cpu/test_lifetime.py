@@ -8,27 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import psutil
+from conftest import left_running
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def gone_within(pids: list[int], seconds: float) -> list[int]:
-    """The pids still running after `seconds` (an empty list once all have ended)."""
-    deadline = time.monotonic() + seconds
-    while any(running(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return [p for p in pids if running(p)]
 
 
 def kill_quietly(pids: list[int]) -> None:
@@ -78,8 +63,8 @@ def test_reward_workers_exit_when_the_trainer_is_killed(tmp_path):
     *workers, holder = workers_and_holder
     try:
         assert len(workers) == 2
-        assert gone_within(workers, 10) == [], "reward workers outlived the killed trainer"
-        assert running(holder)  # the pipes stayed open the whole time
+        assert left_running(workers, 10) == [], "reward workers outlived the killed trainer"
+        assert left_running([holder], 0) == [holder]  # the pipes stayed open the whole time
     finally:
         kill_quietly(workers_and_holder)
 
@@ -112,8 +97,8 @@ def test_forks_of_the_main_thread_die_with_the_process(tmp_path):
     )
     main_child, thread_child = main_and_thread_child
     try:
-        assert gone_within([main_child], 10) == [], "a fork of the main thread outlived it"
+        assert left_running([main_child], 10) == [], "a fork of the main thread outlived it"
         # a fork of another thread is left alone: that thread ended long before the parent
-        assert running(thread_child)
+        assert left_running([thread_child], 0) == [thread_child]
     finally:
         kill_quietly(main_and_thread_child)

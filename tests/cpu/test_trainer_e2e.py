@@ -19,8 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-from conftest import some_slow
+from conftest import left_running, some_slow
 
 import archs
 from trainer.tracking import read_metrics
@@ -298,8 +299,17 @@ def _kill_then_resume(overrides: list[str], killed: Path, cache_dir) -> None:
     while time.time() < end and not (killed / "checkpoints" / "step_3" / "complete.json").exists():
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
+    # what it started (reward workers, checkpoint writers) ends with it: tandem_core/lifetime.py
+    helpers = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            helpers[child.pid] = child.cmdline()[:4]
+        except psutil.Error:  # ended since: a checkpoint's file writer
+            pass
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    alive = left_running(list(helpers), within_s=10)
+    assert not alive, f"left running after kill -9: {[helpers[p] for p in alive]}"
     resumed = run(1, overrides + [f"trainer.output_dir={killed}"], cache_dir)
     assert "resuming from" in resumed.stdout
 
