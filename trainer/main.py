@@ -113,8 +113,8 @@ def run(overrides: list[str]) -> int:
     from trainer.build import build_components
     from trainer.loop import fit
 
-    # A kill -9 runs no cleanup: what this process forks (megatron's checkpoint file writers,
-    # vLLM's engine core when it forks one) dies with it, rather than living on as an orphan.
+    # A kill -9 runs no cleanup: what this process forks (megatron's checkpoint file writers)
+    # dies with it, rather than living on as an orphan.
     forked_children_die_with_us()
     D.init_distributed()
     run_dir = Path(t.output_dir)
