@@ -9,7 +9,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-slow test-multigpu bench bench-gpu lint clean
+.PHONY: install run test test-slow test-multigpu bench bench-gpu bench-gpu2 lint clean
 
 install: $(STAMP)
 
@@ -51,6 +51,10 @@ bench: install
 # GPU set on CUDA (bf16, 0.5B-1B random-weight shapes): mfu, logprob, swap, rollout.
 bench-gpu: install
 	$(PY) -m benchmarks.run_all --gpu $(if $(ONLY),--only $(ONLY))
+
+# Two-GPU set (Qwen3-30B-A3B's shape at expert parallelism 2): moe, swap, r3, grpo.
+bench-gpu2: install
+	$(PY) -m benchmarks.run_all --gpu2 $(if $(ONLY),--only $(ONLY))
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,12 @@
 on the same rollout batches, one process (a world of one):
 
     python -m benchmarks.bench_r3 [--model qwen3_30b_a3b --layers 4] [--backend vllm|hf]
-        [--batches 3] [--prompts 32] [--n 4] [--prompt-len 128] [--response-len 128]
+        [--batches 3] [--prompts 32] [--n 4] [--prompt-len 128] [--response-len 128] [--ep 1]
+    python -m benchmarks.bench_r3 --ep 2     # the experts over 2 ranks, by torchrun
+
+`--ep N`: both actors train with the experts split over N ranks (the benchmark starts itself
+under torchrun), and the engine runs at rollout DP N, one per rank, each sampling its share of
+every batch; the gaps are over the whole gathered batch (rank 0 reports).
 
 The actor is built twice from the same weights, once with `router_replay` (its routers take
 the experts the engine recorded for each token) and once without; the engine gets its weights
@@ -53,17 +58,19 @@ def main() -> None:
     ap.add_argument("--response-len", type=int, default=C.pick(16, 128))
     ap.add_argument("--micro-batch", type=int, default=C.pick(4, 16))
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    ap.add_argument("--ep", type=int, default=1, help="expert parallelism (torchrun ranks)")
     opts = ap.parse_args()
+    C.ranks_or_relaunch("benchmarks.bench_r3", opts.ep)
 
     import archs
     from hybrid_engine import MegatronShardingManager
     from rollout import build_rollout
-    from tandem_core.config import ActorConfig, RolloutConfig
+    from tandem_core.config import ActorConfig, ParallelConfig, RolloutConfig
     from trainer.workers.actor import PolicyActor
     from trainer.workers.model import MoESettings, build_model_worker, copy_weights
 
     src = C.resolve_model(opts.model, opts.layers)
-    parallel = C.init_world()
+    parallel = C.init_world(ParallelConfig(expert_model_parallel_size=opts.ep))
     args = archs.model_args_from_hf(src.hf_dir)
     weights = None if src.random_init else src.hf_dir
     replaying = build_model_worker(
@@ -100,23 +107,24 @@ def main() -> None:
             row[name] = float((out["rollout_log_probs"] - lp).abs()[mask].mean())
         row["ratio"] = row["on"] / row["off"]
         rows.append(row)
-        print(
-            f"batch {seed}: {row['tokens']} response tokens, gap with replay {row['on']:.5f}, "
-            f"without {row['off']:.5f}, ratio {row['ratio']:.3f}",
-            flush=True,
-        )
+        if C.rank() == 0:
+            print(
+                f"batch {seed}: {row['tokens']} response tokens, gap with replay "
+                f"{row['on']:.5f}, without {row['off']:.5f}, ratio {row['ratio']:.3f}",
+                flush=True,
+            )
 
     def mmm(key):
         vals = sorted(r[key] for r in rows)
         return f"{vals[0]:.5f} / {statistics.median(vals):.5f} / {vals[-1]:.5f}"
 
-    print(
+    C.report(
         f"{src.name} ({args.num_experts} experts, top {args.moe_router_topk}), {opts.dtype}, "
-        f"{opts.backend} engine, {opts.batches} batches of {opts.prompts}×{opts.n}: "
+        f"EP {opts.ep}, {opts.backend} engine, {opts.batches} batches of {opts.prompts}×{opts.n}: "
         f"gap with replay {mmm('on')}, without {mmm('off')}, ratio {mmm('ratio')} "
         "(min / median / max)"
     )
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

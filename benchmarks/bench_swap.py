@@ -2,7 +2,13 @@
 
     python -m benchmarks.bench_swap [--model qwen2_0p5b|smollm2_135m|tiny_llama|...]
         [--layers N] [--backend vllm|hf] [--strategy megatron|fsdp2] [--repeat 3]
-        [--gpu-memory-utilization 0.3]
+        [--gpu-memory-utilization 0.3] [--ep 1]
+    python -m benchmarks.bench_swap --model qwen3_30b_a3b --layers 4 --ep 2   # by torchrun
+
+`--ep N` trains with the experts split over N ranks (it starts itself under torchrun), each
+rank with an engine of its own that holds every expert (rollout DP N): its sync gathers the
+other ranks' experts over EP, and the baseline stays one contiguous copy on its own device of
+the bytes its engine receives. Rank 0 reports.
 
 Measured side by side in one run, with the device synchronised around every timing:
 - weight sync, two ways, against the device's limit: one contiguous `copy_` of a buffer of the
@@ -128,18 +134,22 @@ def main() -> None:
     ap.add_argument("--response-len", type=int, default=C.pick(64, 256))
     ap.add_argument("--micro-batch", type=int, default=C.pick(4, 8))
     ap.add_argument("--step-warmup", type=int, default=C.pick(0, 1))
+    ap.add_argument("--ep", type=int, default=1, help="expert parallelism (torchrun ranks)")
     opts = ap.parse_args()
+    if opts.ep > 1 and opts.strategy != "megatron":
+        ap.error("--ep: expert parallelism is megatron's (--strategy megatron)")
+    C.ranks_or_relaunch("benchmarks.bench_swap", opts.ep)
 
     import archs
     from hybrid_engine import FSDPShardingManager, MegatronShardingManager
     from rollout import build_rollout
-    from tandem_core.config import ActorConfig, OptimConfig, RolloutConfig
+    from tandem_core.config import ActorConfig, OptimConfig, ParallelConfig, RolloutConfig
     from trainer.workers.actor import PolicyActor
     from trainer.workers.fsdp import build_fsdp_worker
     from trainer.workers.model import build_model_worker
 
     src = C.resolve_model(opts.model, opts.layers)
-    parallel = C.init_world()
+    parallel = C.init_world(ParallelConfig(expert_model_parallel_size=opts.ep))
     args = archs.model_args_from_hf(src.hf_dir)
     optim = OptimConfig(lr=1e-6)
     if opts.strategy == "fsdp2":
@@ -207,6 +217,7 @@ def main() -> None:
     head = (
         f"model {opts.model} ({init}, {gbs:.3f} GB of HF tensors on {where}), "
         f"backend {opts.backend}, {opts.strategy}, {opts.dtype}, {C.device_name()}"
+        + (f", EP {opts.ep} (rank 0 of {C.world_size()})" if opts.ep > 1 else "")
     )
     rows = [
         [

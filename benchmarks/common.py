@@ -271,6 +271,19 @@ def emit_result(result: dict) -> None:
         print(RESULT_MARK + json.dumps(result), flush=True)
 
 
+def ranks_or_relaunch(module: str, nproc: int) -> None:
+    """A benchmark asked for `nproc` ranks (`--ep 2`, ...) and started alone: run it again
+    under torchrun with that many, exit with its status. Under torchrun, or for one rank,
+    return: this process is one of the ranks."""
+    if nproc <= 1 or "WORLD_SIZE" in os.environ:
+        if world_size() != max(nproc, 1):
+            raise SystemExit(f"{module}: asked for {nproc} ranks, launched with {world_size()}")
+        return
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    argv = [*launcher, f"--nproc-per-node={nproc}", "-m", module, *sys.argv[1:]]
+    sys.exit(subprocess.run(argv).returncode)
+
+
 def run_child(args: list[str], what: str, nproc: int = 1) -> dict:
     """Run `python <args>` (under torchrun with `nproc` > 1) and return the dict it emitted; a
     failure names `what` and shows the child's last output."""
@@ -295,7 +308,10 @@ REPORT_FILE_ENV = "TANDEM_BENCH_REPORT"
 
 
 def report(text: str) -> None:
-    """Print the benchmark's final report (the lines for BENCHMARKS.md)."""
+    """Print the benchmark's final report (the lines for BENCHMARKS.md); under torchrun, rank
+    0's only."""
+    if rank() != 0:
+        return
     print("\n" + text, flush=True)
     path = os.environ.get(REPORT_FILE_ENV)
     if path:

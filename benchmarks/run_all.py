@@ -5,9 +5,14 @@ BENCHMARKS.md. Exits non-zero, naming them, when any benchmark failed (the other
     python -m benchmarks.run_all                 # the CPU set (`make bench`)
     python -m benchmarks.run_all --gpu           # the GPU set (`make bench-gpu`), CUDA only
     python -m benchmarks.run_all --gpu --only mfu,rollout
+    python -m benchmarks.run_all --gpu2          # the two-GPU set (`make bench-gpu2`)
 
 Each benchmark picks its own defaults from the device (bf16 and GPU-sized shapes on CUDA; see
-each script's docstring). To pin the run to one GPU: CUDA_VISIBLE_DEVICES=N.
+each script's docstring). To pin the run to one GPU: CUDA_VISIBLE_DEVICES=N. The two-GPU set is
+the mixture-of-experts table at expert parallelism 2 (Qwen3-30B-A3B's shape cut to what two
+GPUs hold): the update with grouped experts against megatron's SequentialMLP and its MFU, the
+weight sync against one contiguous device copy, routing replay's log-prob gap, and a GRPO
+iteration's phases with replay on and off. Each starts its own torchrun.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from benchmarks import common as C
 
@@ -36,16 +43,29 @@ GPU_SET = {
     "rollout": ["benchmarks.bench_rollout"],
 }
 
+MOE_EP2 = ["model=qwen3_30b_a3b", "model.num_layers=4", "parallel.expert_model_parallel_size=2"]
+GPU2_SET = {
+    "moe": ["benchmarks.bench_moe", "--ep", "2", "--layers", "12", "--batch", "32"]
+    + ["--micro-batch", "16"],
+    "swap": ["benchmarks.bench_swap", "--model", "qwen3_30b_a3b", "--layers", "4", "--ep", "2"],
+    "r3": ["benchmarks.bench_r3", "--ep", "2"],
+    "grpo": ["benchmarks.bench_grpo", "--nproc", "2", "--compare", "actor.router_replay=true,false"]
+    + ["--", *MOE_EP2],
+}
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", help="the GPU set (needs CUDA)")
+    ap.add_argument("--gpu2", action="store_true", help="the two-GPU set (needs 2 CUDA GPUs)")
     ap.add_argument("--only", default="", help="comma-separated names from the set")
     opts = ap.parse_args()
 
-    benchmarks = GPU_SET if opts.gpu else CPU_SET
-    if opts.gpu and not C.on_cuda():
-        print("run_all --gpu: no CUDA device visible (torch.cuda.is_available() is False)")
+    benchmarks = GPU2_SET if opts.gpu2 else GPU_SET if opts.gpu else CPU_SET
+    wanted = 2 if opts.gpu2 else 1 if opts.gpu else 0
+    if wanted and (not C.on_cuda() or torch.cuda.device_count() < wanted):
+        seen = torch.cuda.device_count() if C.on_cuda() else 0
+        print(f"run_all: this set needs {wanted} CUDA GPU(s); {seen} visible")
         return 2
     names = [n for n in opts.only.split(",") if n] or list(benchmarks)
     unknown = [n for n in names if n not in benchmarks]
