@@ -12,6 +12,10 @@ cleanup, so whatever it started must notice on its own. Three kinds of helper do
 - a plain interpreter that polls for its parent (`exit_when_orphaned`): the reward workers,
   which any thread of the trainer may start, where the kernel's rule (below) would misfire.
 
+The trainer's ranks themselves watch torchrun (`exit_with_torchrun`): a kill -9 of torchrun
+runs none of its cleanup, and its ranks would train on without it, holding their GPUs and
+writing checkpoints into an output directory the next run may already be using.
+
 Linux only (prctl); elsewhere a helper outlives a killed parent, as it always did.
 """
 
@@ -75,13 +79,30 @@ def forked_children_die_with_us() -> None:
     os.register_at_fork(before=before, after_in_child=after_in_child)
 
 
-def exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> None:
-    """A daemon thread that ends this process (`os._exit`) once `parent_pid` is no longer its
-    parent. Needs no help from the kernel or the parent, whichever thread of it started us."""
+def exit_when_orphaned(
+    parent_pid: int, poll_s: float = 0.5, message: str | None = None, code: int = 0
+) -> None:
+    """A daemon thread that ends this process (`os._exit(code)`, after `message` on stderr)
+    once `parent_pid` is no longer its parent. Needs no help from the kernel or the parent,
+    whichever thread of it started us."""
 
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(poll_s)
-        os._exit(0)
+        if message:
+            os.write(2, f"{message}\n".encode())
+        os._exit(code)
 
     threading.Thread(target=watch, name="exit-when-orphaned", daemon=True).start()
+
+
+def exit_with_torchrun() -> None:
+    """Under torchrun (TORCHELASTIC_RUN_ID set; its agent started this rank), end this rank,
+    status 1, when the agent dies. Elsewhere nothing: srun's ranks die with their job step,
+    and a plain `nohup python -m trainer.main &` must outlive the shell that started it."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    agent = os.getppid()
+    rank = os.environ.get("RANK", "?")
+    message = f"[tandem] rank {rank}: torchrun (pid {agent}) is gone; this rank exits too"
+    exit_when_orphaned(agent, message=message, code=1)

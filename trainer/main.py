@@ -109,13 +109,14 @@ def run(overrides: list[str]) -> int:
     # Only now does anything heavy happen: process groups, models, the engine.
     import torch.distributed as dist
 
-    from tandem_core.lifetime import forked_children_die_with_us
+    from tandem_core.lifetime import exit_with_torchrun, forked_children_die_with_us
     from trainer.build import build_components
     from trainer.loop import fit
 
     # A kill -9 runs no cleanup: what this process forks (megatron's checkpoint file writers)
-    # dies with it, rather than living on as an orphan.
+    # dies with it, and a rank whose torchrun was killed ends rather than training on.
     forked_children_die_with_us()
+    exit_with_torchrun()
     D.init_distributed()
     run_dir = Path(t.output_dir)
     if dist.get_rank() == 0:

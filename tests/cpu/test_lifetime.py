@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -102,3 +103,46 @@ def test_forks_of_the_main_thread_die_with_the_process(tmp_path):
         assert left_running([thread_child], 0) == [thread_child]
     finally:
         kill_quietly(main_and_thread_child)
+
+
+def test_ranks_exit_when_torchrun_is_killed(tmp_path):
+    """kill -9 of torchrun itself: its ranks (started as trainer.main starts them) end too,
+    rather than training on without it."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, time
+            from tandem_core.lifetime import exit_with_torchrun
+
+            exit_with_torchrun()
+            with open({str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}", "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(60)
+            """
+        )
+    )
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    with open(tmp_path / "log.txt", "w") as log:
+        agent = subprocess.Popen(
+            [*launcher, "--nproc-per-node=2", str(script)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    pid_files = [tmp_path / "rank0", tmp_path / "rank1"]
+    try:
+        deadline = time.monotonic() + 60
+        while not all(f.exists() and f.read_text() for f in pid_files):
+            assert agent.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "log.txt"
+            ).read_text()[-3000:]
+            time.sleep(0.05)
+        ranks = [int(f.read_text()) for f in pid_files]
+        agent.kill()
+        agent.wait()
+        assert left_running(ranks, 10) == [], "ranks outlived their killed torchrun"
+    finally:
+        agent.kill()
+        kill_quietly([int(f.read_text()) for f in pid_files if f.exists() and f.read_text()])
