@@ -87,7 +87,8 @@ def run(overrides: list[str]) -> int:
     from trainer import cli
     from trainer.config_check import load_config
     from trainer.plan import detect_gpu_memory_gb, plan_or_raise
-    from trainer.preflight import check_inputs, discard_checkpoints
+    from trainer.preflight import check_inputs
+    from trainer.state.run_lock import exclusive_output_dir
 
     launch = D.read_launch_env()
     cfg = load_config(overrides, world_size=launch.world_size)  # every name and rule
@@ -106,17 +107,25 @@ def run(overrides: list[str]) -> int:
             )
         return 0
 
-    # Only now does anything heavy happen: process groups, models, the engine.
+    with exclusive_output_dir(t.output_dir, enabled=cli.is_first_rank()):  # one run at a time
+        return train(cfg, plan, model_args)
+
+
+def train(cfg, plan, model_args) -> int:
+    """The run proper, its inputs checked: process groups, models, the engine, the loop."""
     import torch.distributed as dist
 
+    from tandem_core import distributed as D
     from tandem_core.lifetime import exit_with_torchrun, forked_children_die_with_us
     from trainer.build import build_components
     from trainer.loop import fit
+    from trainer.preflight import discard_checkpoints
 
     # A kill -9 runs no cleanup: what this process forks (megatron's checkpoint file writers)
     # dies with it, and a rank whose torchrun was killed ends rather than training on.
     forked_children_die_with_us()
     exit_with_torchrun()
+    t = cfg.trainer
     D.init_distributed()
     run_dir = Path(t.output_dir)
     if dist.get_rank() == 0:

@@ -21,6 +21,7 @@ import pytest
 
 import archs
 from archs import ensure_tiny_checkpoint
+from tandem_core.errors import InputError
 from trainer import main as entry
 from trainer.config_check import load_config
 from trainer.state.checkpoints import CheckpointManager, run_identity
@@ -358,3 +359,47 @@ def test_as_a_command(name, files, ckpts, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(PROG + key) and detail in lines[0]
     assert "Traceback" not in proc.stderr
     assert seconds < 30, seconds  # a bound on a hang (9-10 s seen with the 2 cores shared)
+
+
+# ---- one run at a time in an output directory ---------------------------------------------------
+def test_a_second_run_in_the_same_output_dir_is_refused(tmp_path, capsys, nothing_built):
+    from trainer.state.run_lock import exclusive_output_dir
+
+    out = tmp_path / "run"
+    with exclusive_output_dir(out):  # the first run, training
+        status = entry.main([f"trainer.output_dir={out}"])
+    _, err = capsys.readouterr()
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(PROG + f"trainer.output_dir={out}"), err
+    assert f"another run is using it (pid {os.getpid()} on " in lines[0], lines[0]
+    with exclusive_output_dir(out):  # the first run ended: the directory is free again
+        pass
+
+
+def test_the_lock_dies_with_its_run(tmp_path):
+    """kill -9 leaves no stale lock: the kernel drops it with its holder."""
+    from trainer.state.run_lock import exclusive_output_dir
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from trainer.state.run_lock import exclusive_output_dir\n"
+         f"with exclusive_output_dir({str(out)!r}):\n"
+         "    print('held', flush=True)\n"
+         "    time.sleep(60)"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=f"another run is using it \\(pid {holder.pid} on "):
+            with exclusive_output_dir(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_output_dir(out):
+        pass
