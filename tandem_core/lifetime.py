@@ -16,7 +16,8 @@ The trainer's ranks themselves watch torchrun (`exit_with_torchrun`): a kill -9 
 runs none of its cleanup, and its ranks would train on without it, holding their GPUs and
 writing checkpoints into an output directory the next run may already be using.
 
-Linux only (prctl); elsewhere a helper outlives a killed parent, as it always did.
+The first two are Linux only (prctl); elsewhere those helpers outlive a killed parent, as
+they always did. The polling works on any POSIX system.
 """
 
 from __future__ import annotations

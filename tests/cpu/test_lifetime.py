@@ -1,6 +1,6 @@
-"""A killed trainer leaves nothing running: its reward workers and what it forked die with it
-(tandem_core/lifetime.py). Each check kills a small parent process with SIGKILL, as kill -9 or
-the OOM killer would, and watches its helpers."""
+"""A killed trainer leaves nothing running: its reward workers and what it forked die with it,
+and torchrun's ranks end with torchrun (tandem_core/lifetime.py). Each check kills a small
+parent process with SIGKILL, as kill -9 or the OOM killer would, and watches its helpers."""
 
 from __future__ import annotations
 
