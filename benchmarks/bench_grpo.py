@@ -66,10 +66,10 @@ def run_once(opts, overrides: list[str], out: Path) -> dict[int, dict[str, float
     return read_metrics(out / "metrics.jsonl")
 
 
-def spread(values: list[float], scale: float = 1.0, fmt: str = "{:.3f}") -> str:
+def spread(values: list[float], fmt: str = "{:.3f}") -> str:
     if not values:
         return ""
-    v = sorted(x * scale for x in values)
+    v = sorted(values)
     return " / ".join(fmt.format(x) for x in (v[0], statistics.median(v), v[-1]))
 
 

@@ -43,7 +43,13 @@ GPU_SET = {
     "rollout": ["benchmarks.bench_rollout"],
 }
 
-MOE_EP2 = ["model=qwen3_30b_a3b", "model.num_layers=4", "parallel.expert_model_parallel_size=2"]
+# GRPO on Qwen3-30B-A3B's first 4 layers at EP 2: 32 prompts × 8 samples × 256 tokens, one
+# optimizer step a batch, micro-batches of 16 (the peers' 0.5B workload, benchmarks/peers)
+MOE_EP2 = ["algorithm=grpo", "rollout=vllm", "model=qwen3_30b_a3b", "model.num_layers=4"]
+MOE_EP2 += ["parallel.expert_model_parallel_size=2", "data.train_batch_size=32", "rollout.n=8"]
+MOE_EP2 += ["rollout.response_length=256", "data.max_prompt_length=128", "model.max_seq_len=512"]
+MOE_EP2 += ["actor.ppo_mini_batch_size=32", "actor.micro_batch_size=16"]
+MOE_EP2 += ["rollout.gpu_memory_utilization=0.35"]
 GPU2_SET = {
     "moe": ["benchmarks.bench_moe", "--ep", "2", "--layers", "12", "--batch", "32"]
     + ["--micro-batch", "16"],

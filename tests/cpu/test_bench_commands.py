@@ -30,6 +30,12 @@ def test_the_two_gpu_grpo_run_is_a_config_tandem_accepts(monkeypatch):
         assert cfg.model.preset == "qwen3_30b_a3b" and cfg.model.num_layers == 4
         assert cfg.actor.router_replay == (value == "true")
         assert cfg.trainer.save_freq == 0 and not cfg.trainer.save_at_end
+        assert (cfg.data.train_batch_size, cfg.rollout.n, cfg.rollout.response_length) == (
+            32,
+            8,
+            256,
+        )
+        assert cfg.rollout.name == "vllm"
 
 
 @pytest.mark.slow  # two 2-rank GRPO runs of 3 steps (about two minutes)
