@@ -61,10 +61,12 @@ def forked_children_die_with_us() -> None:
     they are, since their thread may end before them. Children started by exec (subprocess,
     multiprocessing's spawn) never run these hooks."""
     global _registered
-    prctl = _prctl()
-    if _registered or prctl is None:
+    if _registered:  # called before every checkpoint save: once is enough
         return
     _registered = True
+    prctl = _prctl()
+    if prctl is None:
+        return
     # Resolved here, in the parent: a dlopen right after a fork of a threaded process can
     # deadlock on a lock another thread held at the fork.
     forking: dict[str, int | bool] = {}
