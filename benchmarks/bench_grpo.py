@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -66,13 +65,6 @@ def run_once(opts, overrides: list[str], out: Path) -> dict[int, dict[str, float
     return read_metrics(out / "metrics.jsonl")
 
 
-def spread(values: list[float], fmt: str = "{:.3f}") -> str:
-    if not values:
-        return ""
-    v = sorted(values)
-    return " / ".join(fmt.format(x) for x in (v[0], statistics.median(v), v[-1]))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nproc", type=int, default=1, help="ranks (torchrun when > 1)")
@@ -108,20 +100,20 @@ def main() -> None:
 
     header = ["phase (s, min / median / max)"] + [f"{key}={v}" if key else "" for v in values]
     rows = [
-        [label] + [spread(pooled(v, f"timing_s/{phase}")) for v in values]
+        [label] + [C.spread(pooled(v, f"timing_s/{phase}")) for v in values]
         for phase, label in PHASES
         if any(pooled(v, f"timing_s/{phase}") for v in values)
     ]
     rows.append(
         ["train/rollout log-prob gap, step 1 (the same batch)"]
         + [
-            spread([run[1][GAP] for run in runs[v] if GAP in run.get(1, {})], fmt="{:.5f}")
+            C.spread([run[1][GAP] for run in runs[v] if GAP in run.get(1, {})], fmt="{:.5f}")
             for v in values
         ]
     )
     rows.append(
         [f"gap, steps {opts.first}-{opts.steps}"]
-        + [spread(pooled(v, GAP), fmt="{:.5f}") for v in values]
+        + [C.spread(pooled(v, GAP), fmt="{:.5f}") for v in values]
     )
     peaks = {
         v: [
@@ -135,7 +127,7 @@ def main() -> None:
     if any(peaks.values()):
         rows.append(
             ["peak device memory, GiB (max over phases)"]
-            + [spread(peaks[v], fmt="{:.1f}") for v in values]
+            + [C.spread(peaks[v], fmt="{:.1f}") for v in values]
         )
     lines = [
         f"python -m trainer.main {' '.join(opts.overrides)} ({opts.nproc} rank(s), "

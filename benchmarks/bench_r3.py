@@ -25,7 +25,6 @@ routed experts), a smoke test of the pipeline rather than a measurement.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
@@ -115,8 +114,7 @@ def main() -> None:
             )
 
     def mmm(key):
-        vals = sorted(r[key] for r in rows)
-        return f"{vals[0]:.5f} / {statistics.median(vals):.5f} / {vals[-1]:.5f}"
+        return C.spread([r[key] for r in rows], "{:.5f}")
 
     C.report(
         f"{src.name} ({args.num_experts} experts, top {args.moe_router_topk}), {opts.dtype}, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -297,6 +298,14 @@ def run_child(args: list[str], what: str, nproc: int = 1) -> dict:
 
 
 # ---- output -----------------------------------------------------------------------------------
+def spread(values: list[float], fmt: str = "{:.3f}") -> str:
+    """min / median / max of `values` ("" for none)."""
+    if not values:
+        return ""
+    v = sorted(values)
+    return " / ".join(fmt.format(x) for x in (v[0], statistics.median(v), v[-1]))
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
