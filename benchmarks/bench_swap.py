@@ -2,13 +2,16 @@
 
     python -m benchmarks.bench_swap [--model qwen2_0p5b|smollm2_135m|tiny_llama|...]
         [--layers N] [--backend vllm|hf] [--strategy megatron|fsdp2] [--repeat 3]
-        [--gpu-memory-utilization 0.3] [--ep 1]
+        [--gpu-memory-utilization 0.3] [--ep 1] [--engine-ep]
     python -m benchmarks.bench_swap --model qwen3_30b_a3b --layers 4 --ep 2   # by torchrun
 
 `--ep N` trains with the experts split over N ranks (it starts itself under torchrun), each
 rank with an engine of its own that holds every expert (rollout DP N): its sync gathers the
 other ranks' experts over EP, and the baseline stays one contiguous copy on its own device of
-the bytes its engine receives. Rank 0 reports.
+the bytes its engine receives. With `--engine-ep` the N ranks run one engine instead (rollout
+TP N, vLLM's expert parallelism: each rank's engine holds its own experts whole, so the sync
+copies them locally), and the baseline is the bytes of that rank's engine parameters. Rank 0
+reports.
 
 Measured side by side in one run, with the device synchronised around every timing:
 - weight sync, two ways, against the device's limit: one contiguous `copy_` of a buffer of the
@@ -61,6 +64,14 @@ def sync_vs_copy(manager, rollout, repeat: int) -> dict:
             for n, t in manager.hf_weights()
         ]
     nbytes = sum(t.nbytes for _, t in pairs)
+    engine = rollout.engine_parameters()
+    if engine is not None and engine.expert_parallel:
+        # vLLM's EP: this rank's engine holds a TP slice of each dense tensor and its own experts
+        # whole, not the whole stream; the bytes it receives are its own parameters' (without
+        # the per-expert views `experts_by_name` adds).
+        from weight_loaders.direct_copy import ENGINE_EXPERT
+
+        nbytes = sum(t.nbytes for n, t in engine.params.items() if not ENGINE_EXPERT.search(n))
     dst = [torch.empty_like(t) for _, t in pairs]
 
     @torch.no_grad()
@@ -135,9 +146,16 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=C.pick(4, 8))
     ap.add_argument("--step-warmup", type=int, default=C.pick(0, 1))
     ap.add_argument("--ep", type=int, default=1, help="expert parallelism (torchrun ranks)")
+    ap.add_argument(
+        "--engine-ep",
+        action="store_true",
+        help="vLLM's expert parallelism over the --ep ranks (one engine, rollout TP = --ep)",
+    )
     opts = ap.parse_args()
     if opts.ep > 1 and opts.strategy != "megatron":
         ap.error("--ep: expert parallelism is megatron's (--strategy megatron)")
+    if opts.engine_ep and (opts.ep < 2 or opts.backend != "vllm"):
+        ap.error("--engine-ep: vLLM's expert parallelism, over --ep 2 or more ranks")
     C.ranks_or_relaunch("benchmarks.bench_swap", opts.ep)
 
     import archs
@@ -161,6 +179,8 @@ def main() -> None:
     seq = opts.prompt_len + opts.response_len
     rcfg = RolloutConfig(
         name=opts.backend,
+        tensor_model_parallel_size=opts.ep if opts.engine_ep else 1,
+        enable_expert_parallel=opts.engine_ep,
         response_length=16,
         load_format=src.load_format,
         gpu_memory_utilization=opts.gpu_memory_utilization,

@@ -54,6 +54,8 @@ GPU2_SET = {
     "moe": ["benchmarks.bench_moe", "--ep", "2", "--layers", "12", "--batch", "32"]
     + ["--micro-batch", "16"],
     "swap": ["benchmarks.bench_swap", "--model", "qwen3_30b_a3b", "--layers", "4", "--ep", "2"],
+    "swap_engine_ep": ["benchmarks.bench_swap", "--model", "qwen3_30b_a3b", "--layers", "4"]
+    + ["--ep", "2", "--engine-ep"],
     "r3": ["benchmarks.bench_r3", "--ep", "2"],
     "grpo": ["benchmarks.bench_grpo", "--nproc", "2", "--compare", "actor.router_replay=true,false"]
     + ["--", *MOE_EP2],

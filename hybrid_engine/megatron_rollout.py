@@ -108,8 +108,10 @@ class MegatronShardingManager(BaseShardingManager):
         """Planned right after the engine's own loader wrote every tensor, and kept only if each
         planned piece equals what that loader wrote, on every rank; else all goes by stream."""
         engine = self.rollout.engine_parameters()
-        params, packed, tp = (
-            (engine.params, engine.packed, engine.tp_size) if engine else ({}, {}, 0)
+        params, packed, tp, engine_ep = (
+            (engine.params, engine.packed, engine.tp_size, engine.expert_parallel)
+            if engine
+            else ({}, {}, 0, False)
         )
         named = list(self.allgather.named_parameters())
         plan = plan_direct_copies(
@@ -124,6 +126,7 @@ class MegatronShardingManager(BaseShardingManager):
             bucket_mb=self.bucket_mb or 256,
             ep_size=D.ep_size(),
             ep_group=D.ep_group() if D.ep_size() > 1 else None,
+            engine_ep=engine_ep,
         )
         mismatch = plan.first_mismatch()
         agreed = torch.tensor([0 if mismatch else 1], device=cpu_compat.device())

@@ -36,16 +36,23 @@ class EngineParameters:
     packed: dict[str, list[str]]
     """Fused module -> the HF modules it stacks, in row order (vLLM's packed_modules_mapping)."""
     tp_size: int
+    expert_parallel: bool = False
+    """The engine splits each MoE layer's experts over its TP ranks, whole (vLLM's expert
+    parallelism): this rank's stacks hold some experts, named in `params` by global id."""
 
 
-def experts_by_name(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def experts_by_name(
+    params: dict[str, torch.Tensor], expert_ids: dict[str, list[int]] | None = None
+) -> dict[str, torch.Tensor]:
     """Engines stack a MoE layer's experts as `torch.nn.Linear` holds each: vLLM's
     `….experts[.routed_experts].w13_weight` and transformers' `….experts.gate_up_proj`
     [E, 2I, H] (each expert's gate rows, then its up rows), vLLM's `….w2_weight` and
     transformers' `….experts.down_proj` [E, H, I]. Adds expert e's pieces under the HF
     per-expert names, as views into those stacks: `….experts.{e}.gate_up_proj.weight` (the
     packed [gate_proj, up_proj]) and `….experts.{e}.down_proj.weight`, so that direct copies
-    can plan them like any packed parameter."""
+    can plan them like any packed parameter. `expert_ids`: a stack's global expert ids, for
+    stacks that hold only some of the layer's experts (the engine's expert parallelism); the
+    others hold every expert in order."""
     out = dict(params)
     for name, stacked in params.items():
         # vLLM >= 0.24 keeps them in the MoE runner's `routed_experts` module
@@ -55,7 +62,8 @@ def experts_by_name(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         prefix, kind = stack.groups()
         member = "gate_up_proj" if kind in ("w13_weight", "gate_up_proj") else "down_proj"
-        for e, piece in enumerate(stacked):
+        ids = (expert_ids or {}).get(name) or range(stacked.shape[0])
+        for e, piece in zip(ids, stacked, strict=True):
             out[f"{prefix}.experts.{e}.{member}.weight"] = piece
     return out
 

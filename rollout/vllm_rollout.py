@@ -99,6 +99,7 @@ class VLLMRollout(BaseRollout):
                 load_format=self.cfg.load_format,  # "dummy": weights come from the first sync
                 # R3: each output carries the experts every token was routed to.
                 enable_return_routed_experts=self.routed_experts,
+                **({"enable_expert_parallel": True} if self.cfg.enable_expert_parallel else {}),
                 **vllm_compat.platform_engine_kwargs(
                     self.cfg.gpu_memory_utilization, self.cfg.enforce_eager
                 ),
@@ -160,13 +161,14 @@ class VLLMRollout(BaseRollout):
 
         def describe(model):
             packed = getattr(model, "packed_modules_mapping", None) or {}
-            params = experts_by_name(dict(model.named_parameters()))
+            named = dict(model.named_parameters())
+            params = experts_by_name(named, local_expert_ids(model, named))
             packed = {k: list(v) for k, v in packed.items()}
             packed.setdefault("gate_up_proj", ["gate_proj", "up_proj"])
             return params, packed
 
         params, packed = self.llm.apply_model(describe)[0]
-        return EngineParameters(params, packed, self.tp_size)
+        return EngineParameters(params, packed, self.tp_size, self.cfg.enable_expert_parallel)
 
     def sleep(self, level: int = 1) -> None:
         # Level 1 offloads weights to host memory and drops the KV cache; level 2 drops both,
@@ -177,6 +179,27 @@ class VLLMRollout(BaseRollout):
         self.llm.wake_up(tags=tags)
         if self.cfg.enable_prefix_caching:
             self.llm.reset_prefix_cache()  # cached blocks may hold pre-update KV
+
+
+def local_expert_ids(model, named: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Stacked expert tensor -> the global id of each expert it holds, for the MoE layers whose
+    experts vLLM's expert parallelism split over the engine's ranks. vLLM keeps the split as an
+    `expert_map` beside the stacks (global id -> local index, -1 where another rank holds it;
+    on the module that owns w13/w2, and on its `expert_map_manager` in 0.24 and 0.32)."""
+    out = {}
+    for name, stacked in named.items():
+        if stacked.dim() != 3 or not name.endswith(("w13_weight", "w2_weight")):
+            continue
+        owner = model.get_submodule(name.rpartition(".")[0])
+        manager = getattr(owner, "expert_map_manager", None)
+        expert_map = getattr(manager or owner, "expert_map", None)
+        if expert_map is None:
+            continue  # no expert parallelism: the stack holds every expert, in order
+        local = sorted((int(i), g) for g, i in enumerate(expert_map.tolist()) if i >= 0)
+        if [i for i, _ in local] != list(range(stacked.shape[0])):
+            raise RuntimeError(f"{name}: vLLM's expert_map does not index its stacked experts")
+        out[name] = [g for _, g in local]
+    return out
 
 
 def sampled_tokens(samples: Sequence) -> tuple[list, list]:

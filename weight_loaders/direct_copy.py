@@ -18,7 +18,11 @@ two lists of views, and each later sync copies them at the device's copy bandwid
 - under training expert parallelism, where a rank holds 1/EP of every layer's experts and an
   engine that holds whole experts (TP 1) holds all of them stacked as the grouped experts stack
   theirs, each layer's fc1 (and fc2) is all-gathered over EP straight into the engine's
-  stacked tensor: one collective a tensor, no copy.
+  stacked tensor: one collective a tensor, no copy;
+- under the engine's expert parallelism (its TP ranks hold whole experts, some each), the
+  experts this rank holds whole in training are copied into the engine's pieces of the same
+  global experts, when that covers every expert the engine rank holds (training EP equal to
+  the engine's, or no training EP): local copies, no collective.
 
 What does not map (an engine TP larger than training's or not dividing it, different vocab
 padding, an engine parameter whose shape disagrees) stays with the engine's loader. An engine
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -474,6 +479,7 @@ def plan_direct_copies(
     bucket_mb: float = 256,
     ep_size: int = 1,
     ep_group=None,
+    engine_ep: bool = False,
 ) -> DirectCopies:
     """Direct copies for every tensor of `named_shards` (megatron names under global layer
     and expert numbering, this rank's TP shards) that maps onto `params`; the rest in
@@ -484,7 +490,8 @@ def plan_direct_copies(
     (`ep_size` > 1) this rank holds only its share of the experts while the engine holds all
     of them: with `ep_group` each layer's experts are gathered over EP into the engine's stack
     (`_ExpertGather`) where the layouts allow; the rest, and all of them without `ep_group`,
-    stay with the loader, whose stream gathers them over EP."""
+    stay with the loader, whose stream gathers them over EP. `engine_ep`: the engine's ranks
+    hold whole experts, some each (`_plan_engine_experts`); decided with every rank."""
     plan = DirectCopies()
     can_gather = tp_group is not None and train_tp > engine_tp > 0 and train_tp % engine_tp == 0
     to_gather: list[tuple[str, torch.Tensor]] = []
@@ -492,7 +499,7 @@ def plan_direct_copies(
     for name, shard in named_shards:
         if name == "output_layer.weight" and args.tie_word_embeddings:
             continue  # the engine ties it to the embedding, which is copied
-        if ep_size > 1 and split_layer(name)[2] is not None:
+        if (engine_ep or ep_size > 1) and split_layer(name)[2] is not None:
             local_experts.append((name, shard))
             continue
         replicated = not LAYOUTS[lookup(weight_map(args), name)[0].layout].gathered
@@ -518,6 +525,15 @@ def plan_direct_copies(
         )
         planned = {n for b in plan.gather.buckets for n in b.names}
         plan.remaining += [n for n, _ in to_gather if n not in planned]
+    if engine_ep:
+        pairs = _plan_engine_experts(local_experts, args, params, packed)
+        for dst, src, name in pairs if pairs is not None else []:
+            plan.dst.append(dst)
+            plan.src.append(src)
+            plan.names.append(name)
+        if pairs is None:
+            plan.remaining += [n for n, _ in local_experts]
+        local_experts = []
     if local_experts and ep_group is not None:
         plan.experts = _plan_expert_gathers(
             local_experts, args, params, packed, engine_tp, ep_group
@@ -526,6 +542,38 @@ def plan_direct_copies(
     plan.remaining += [n for n, _ in local_experts if n not in gathered]
     plan.runs = CopyRuns.plan(plan.dst, plan.src)
     return plan
+
+
+ENGINE_EXPERT = re.compile(r"\.experts\.\d+\.(gate_up_proj|down_proj)\.weight$")
+"""The per-expert pieces `rollout.base.experts_by_name` adds to an engine's parameters."""
+
+
+def _plan_engine_experts(
+    experts: list[tuple[str, torch.Tensor]], args, params, packed
+) -> list[tuple[torch.Tensor, torch.Tensor, str]] | None:
+    """(engine piece, training tensor, name) for every expert this rank holds in training that
+    the engine rank holds too, each whole on both sides; experts the engine rank does not hold
+    are another engine rank's and need nothing here. None, on every rank alike, unless each
+    rank's pairs fill every expert piece its engine rank holds: then all experts go to the
+    loader (its stream gathers them, a collective every rank must join)."""
+    hf_names = weight_map(args)
+    pairs, filled = [], set()
+    ok = True
+    for name, shard in experts:
+        targets = [engine_target(h, params, packed) for h in lookup(hf_names, name)[1]]
+        if all(t is None for t in targets):
+            continue  # another engine rank's expert
+        found = plan_tensor(name, [shard], args, params, packed, 1)
+        if found is None:
+            ok = False
+            break
+        pairs += [(dst, src, name) for dst, src in found]
+        filled.update(t[0] for t in targets if t is not None)
+    ok = ok and all(n in filled for n in params if ENGINE_EXPERT.search(n))
+    device = experts[0][1].device if experts else next(iter(params.values())).device
+    agreed = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return pairs if agreed.item() else None
 
 
 def _plan_expert_gathers(

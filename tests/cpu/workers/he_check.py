@@ -55,6 +55,9 @@ if RANGE_COPY and not torch.cuda.is_available():
     from weight_loaders import copy_kernel
 
     copy_kernel.usable = lambda device: True
+# HE_ENGINE_EP=1: the vllm engine splits the experts over its TP ranks (rollout.
+# enable_expert_parallel; CUDA only), and direct copies fill them from the experts a rank trains.
+ENGINE_EP = os.environ.get("HE_ENGINE_EP") == "1"
 GREEDY = {"sampling": {"do_sample": False}}
 
 
@@ -165,6 +168,10 @@ def check_layout(tp, pp, vpp, ep, rollout, backend, hf_dir, args, tokenizer, las
         assert bool(direct.experts) == (ep > 1), len(direct.experts)
         if args.is_moe:
             result["expert_gathers"] = len(direct.experts)
+    elif ENGINE_EP:  # norms, routers and every expert; the sliced tensors by the loader
+        assert not any(".experts." in n for n in direct.remaining), direct.remaining
+        kinds = ("layernorm", ".router.", ".experts.")
+        assert all(any(k in n for k in kinds) for n in direct.planned), direct.planned
     else:
         assert direct.planned and all("layernorm" in n for n in direct.planned), direct.planned
 
@@ -274,6 +281,7 @@ def main():
             tensor_model_parallel_size=rollout_tp,
             response_length=8,
             enforce_eager=True,
+            enable_expert_parallel=ENGINE_EP,
         ),
         hf_dir,
         max_model_len=128,
