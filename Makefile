@@ -52,7 +52,7 @@ bench: install
 bench-gpu: install
 	$(PY) -m benchmarks.run_all --gpu $(if $(ONLY),--only $(ONLY))
 
-# Two-GPU set (Qwen3-30B-A3B's shape at expert parallelism 2): moe, swap, r3, grpo.
+# Two-GPU set (Qwen3-30B-A3B's shape at expert parallelism 2): moe, swap, swap_engine_ep, r3, grpo.
 bench-gpu2: install
 	$(PY) -m benchmarks.run_all --gpu2 $(if $(ONLY),--only $(ONLY))
 
