@@ -55,8 +55,8 @@ if RANGE_COPY and not torch.cuda.is_available():
     from weight_loaders import copy_kernel
 
     copy_kernel.usable = lambda device: True
-# HE_ENGINE_EP=1: the vllm engine splits the experts over its TP ranks (rollout.
-# enable_expert_parallel; CUDA only), and direct copies fill them from the experts a rank trains.
+# HE_ENGINE_EP=1: the vllm engine splits the experts over its TP ranks (CUDA only; the
+# `rollout.enable_expert_parallel` key), and direct copies fill them from a rank's own experts.
 ENGINE_EP = os.environ.get("HE_ENGINE_EP") == "1"
 GREEDY = {"sampling": {"do_sample": False}}
 
