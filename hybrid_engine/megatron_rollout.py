@@ -38,6 +38,7 @@ import torch.distributed as dist
 from hybrid_engine.allgather_pp import AllGatherPPModel
 from hybrid_engine.base import BaseShardingManager
 from hybrid_engine.memory import OptimizerOffload, release_grad_buffers, restore_grad_buffers
+from rollout.base import EngineParameters
 from tandem_core import cpu_compat
 from tandem_core import distributed as D
 from weight_loaders import (
@@ -107,26 +108,22 @@ class MegatronShardingManager(BaseShardingManager):
     def _plan_direct_copies(self) -> DirectCopies:
         """Planned right after the engine's own loader wrote every tensor, and kept only if each
         planned piece equals what that loader wrote, on every rank; else all goes by stream."""
-        engine = self.rollout.engine_parameters()
-        params, packed, tp, engine_ep = (
-            (engine.params, engine.packed, engine.tp_size, engine.expert_parallel)
-            if engine
-            else ({}, {}, 0, False)
-        )
+        # An engine without writable parameters: nothing maps, every tensor goes by stream.
+        engine = self.rollout.engine_parameters() or EngineParameters({}, {}, tp_size=0)
         named = list(self.allgather.named_parameters())
         plan = plan_direct_copies(
             named,
             self.worker.args,
-            params,
-            packed,
+            engine.params,
+            engine.packed,
             D.tp_size(),
-            tp,
+            engine.tp_size,
             tp_group=D.tp_group(),
             tp_rank=D.tp_rank(),
             bucket_mb=self.bucket_mb or 256,
             ep_size=D.ep_size(),
             ep_group=D.ep_group() if D.ep_size() > 1 else None,
-            engine_ep=engine_ep,
+            engine_ep=engine.expert_parallel,
         )
         mismatch = plan.first_mismatch()
         agreed = torch.tensor([0 if mismatch else 1], device=cpu_compat.device())

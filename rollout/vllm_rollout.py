@@ -99,7 +99,7 @@ class VLLMRollout(BaseRollout):
                 load_format=self.cfg.load_format,  # "dummy": weights come from the first sync
                 # R3: each output carries the experts every token was routed to.
                 enable_return_routed_experts=self.routed_experts,
-                **({"enable_expert_parallel": True} if self.cfg.enable_expert_parallel else {}),
+                enable_expert_parallel=self.cfg.enable_expert_parallel,
                 **vllm_compat.platform_engine_kwargs(
                     self.cfg.gpu_memory_utilization, self.cfg.enforce_eager
                 ),

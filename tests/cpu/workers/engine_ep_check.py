@@ -47,12 +47,9 @@ def engine_expert_ids(hf_dir) -> dict[str, list[int]]:
     )[0]
 
 
-def engine_like_cuda(hf_dir, ids: dict[int, list[int]]) -> dict[str, torch.Tensor]:
-    """vLLM's stacks of this rank's experts, per layer, from transformers' stacks
+def engine_like_cuda(hf, ids: dict[int, list[int]]) -> dict[str, torch.Tensor]:
+    """vLLM's stacks of this rank's experts, per layer, from transformers' stacks of `hf`
     (gate_up_proj [E, 2I, H]: each expert's gate rows, then its up rows; down_proj [E, H, I])."""
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     params = {}
     for i in ids:
         experts = hf.model.layers[i].mlp.experts
@@ -62,14 +59,14 @@ def engine_like_cuda(hf_dir, ids: dict[int, list[int]]) -> dict[str, torch.Tenso
     return params
 
 
-def check_layout(ep: int, hf_dir, args, ids: dict[int, list[int]], swapped: list[int]) -> dict:
+def check_layout(ep: int, hf_dir, hf, args, ids: dict[int, list[int]], swapped: list[int]) -> dict:
     parallel = ParallelConfig(expert_model_parallel_size=ep)
     D.init_model_parallel(parallel)
     worker = build_model_worker(args, hf_dir, parallel)
     named = list(megatron_named_params(worker.chunks))
 
     def plan(layer_ids):
-        stacks = engine_like_cuda(hf_dir, layer_ids)
+        stacks = engine_like_cuda(hf, layer_ids)
         by_stack = {name: layer_ids[int(name.split(".")[2])] for name in stacks}
         params = experts_by_name(stacks, by_stack)
         return params, plan_direct_copies(
@@ -124,13 +121,16 @@ def main():
     hf_dir = ensure_tiny_checkpoint("tiny_qwen3_moe")
     args = archs.model_args_from_hf(hf_dir)
     stacks = engine_expert_ids(hf_dir)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)  # the checkpoint
     ids = {int(name.split(".")[2]): experts for name, experts in stacks.items()}
     rank = torch.distributed.get_rank()
     results = {"engine_ids": sorted({tuple(v) for v in ids.values()})}
     per_rank = args.num_experts // 2
     swapped = list(range((1 - rank) * per_rank, (2 - rank) * per_rank))
     for layout in layouts:
-        results[layout] = check_layout(int(layout[1:]), hf_dir, args, ids, swapped)
+        results[layout] = check_layout(int(layout[1:]), hf_dir, hf, args, ids, swapped)
     gathered = [None, None]
     torch.distributed.all_gather_object(gathered, results)
     write_result({"ranks": gathered})
